@@ -1,0 +1,83 @@
+# lomar_fast: the user's verbs. `make setup` once, then `make test`, `make pretrain`, `make bench`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+PIP       := $(VENV)/bin/pip
+PYTHON    ?= python3
+APT_PKGS  := pkg-config libopencv-dev libturbojpeg0-dev
+STAMP     := $(VENV)/.setup-stamp
+
+# demo / real-job knobs (override on the command line)
+DATA_DIR     ?= data
+IMAGENET_DIR ?=
+DATA         ?= $(DATA_DIR)/demo/train.beton
+MODEL        ?= lomar_vit_tiny_patch16
+DS_CONFIG    ?= ds_configs/cpu.json
+OUTPUT       ?= output/demo
+NPROC        ?= 1
+PRETRAIN_ARGS ?=
+PYTEST_ARGS  ?=
+
+.PHONY: help setup apt-deps test pretrain demo-data prep-imagenet bench wheelhouse clean
+
+help:
+	@echo "make setup          create .venv with torch, deepspeed, ffcv, timm (idempotent)"
+	@echo "make test           setup, then the whole pytest suite"
+	@echo "make demo-data      build the built-in demo dataset under $(DATA_DIR)/demo"
+	@echo "make pretrain       short LoMaR pretraining of a tiny ViT on the demo data"
+	@echo "make prep-imagenet IMAGENET_DIR=/path/to/imagenet DATA_DIR=/path/to/out"
+	@echo "make bench          throughput benchmarks (LoMaR vs MAE)"
+	@echo "make wheelhouse     wheels for an offline Python 3.12 GPU host, in .whl/"
+
+apt-deps:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    echo "installing apt packages:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null || \
+	      { echo "apt-get install$$missing failed"; exit 1; }; \
+	  else \
+	    echo "FFCV needs the apt packages:$$missing"; \
+	    echo "run as root: apt-get install -y$$missing   (then rerun make setup)"; exit 1; \
+	  fi; \
+	fi
+
+$(STAMP): pyproject.toml | apt-deps
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch, torchvision, sys; sys.exit(0 if (torch.__version__.startswith('2.14.1') and torchvision.__version__.startswith('0.29.1')) else 1)" 2>/dev/null || \
+	  { $(PIP) install -q --upgrade pip wheel setuptools && $(PIP) install -q torch==2.14.1 torchvision==0.29.1; }
+	$(PIP) install -q -e '.[test]'
+	@touch $(STAMP)
+
+setup: apt-deps $(STAMP)
+	@echo "setup ok: $(VENV)"
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo-data: setup
+	$(PY) -m data_prep.make_demo --out $(DATA_DIR)/demo
+
+prep-imagenet: setup
+	@if [ -z "$(IMAGENET_DIR)" ]; then \
+	  echo "prep-imagenet needs IMAGENET_DIR=/path/to/imagenet (with train/ and val/ class folders)"; \
+	  echo "  e.g. make prep-imagenet IMAGENET_DIR=/datasets/imagenet DATA_DIR=/fast/ffcv"; exit 2; fi
+	$(PY) -m data_prep.write_beton --src $(IMAGENET_DIR) --out $(DATA_DIR) --splits train val
+
+pretrain: setup
+	@bash benchmarks/../lomar_fast/scripts/pretrain_demo.sh "$(DATA)" "$(MODEL)" "$(DS_CONFIG)" "$(OUTPUT)" "$(NPROC)" "$(DATA_DIR)" $(PRETRAIN_ARGS)
+
+bench: setup
+	$(PY) -m benchmarks.throughput $(BENCH_ARGS)
+
+wheelhouse:
+	@mkdir -p .whl
+	$(PIP) wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
+	$(PIP) download --no-deps -d .whl --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+	  hjson pydantic pydantic-core annotated-types typing-inspection
+	@ls .whl
+
+clean:
+	rm -rf build *.egg-info .pytest_cache
