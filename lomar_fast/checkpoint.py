@@ -1,0 +1,90 @@
+"""Read and write the published LoMaR checkpoint layout: ``{"model": state_dict, ...}``.
+
+The pretraining model's state dict uses exactly the published names (see DESIGN.md), so writing is
+a float32 copy and reading is a strict check: every missing, unexpected or misshaped key is listed
+in one error.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint's keys or shapes do not fit the model."""
+
+
+def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """The model state dict out of a loaded checkpoint: ``{"model": sd}``, ``{"module": sd}`` or ``sd``."""
+    if isinstance(obj, Mapping):
+        for key in ("model", "module", "state_dict"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+        sd = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if sd:
+            return sd
+    raise CheckpointMismatch("checkpoint holds no state dict: expected {'model': state_dict} or a state dict")
+
+
+def load_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a ``.pth`` on the CPU and return its model state dict (clear error for a missing file)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {p} does not exist; pass the path of a .pth written by "
+                                f"lomar_fast.export or a published LoMaR checkpoint")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means an unreadable file
+        raise CheckpointMismatch(f"checkpoint {p} cannot be read ({type(e).__name__}: {e})") from e
+    return extract_state_dict(obj)
+
+
+def compare_keys(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> list[str]:
+    """Problems between two state dicts: missing, unexpected and misshaped keys (empty when they fit)."""
+    problems = []
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing:
+        problems.append("missing keys: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected keys: " + ", ".join(unexpected))
+    for k in sorted(set(expected) & set(given)):
+        if tuple(expected[k].shape) != tuple(given[k].shape):
+            problems.append(f"misshaped key {k}: checkpoint {tuple(given[k].shape)}, model {tuple(expected[k].shape)}")
+    return problems
+
+
+def published_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The pretraining model's weights as float32 CPU tensors under the published names."""
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(model_or_state: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike,
+                    **extra: Any) -> Path:
+    """Write ``{"model": fp32 state dict, **extra}`` atomically (temporary name, then rename)."""
+    sd = published_state_dict(model_or_state) if isinstance(model_or_state, nn.Module) else {
+        k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
+        for k, v in model_or_state.items()}
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    torch.save({"model": sd, **extra}, tmp)
+    os.replace(tmp, p)
+    return p
+
+
+def load_checkpoint(model: nn.Module, path_or_state: str | os.PathLike | Mapping[str, Any]) -> None:
+    """Load a published-layout checkpoint into the pretraining model, exactly.
+
+    Raises CheckpointMismatch listing every missing, unexpected or misshaped key.
+    """
+    sd = extract_state_dict(path_or_state) if isinstance(path_or_state, Mapping) else load_file(path_or_state)
+    problems = compare_keys(model.state_dict(), sd)
+    if problems:
+        raise CheckpointMismatch("checkpoint does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(sd, strict=True)

@@ -1,0 +1,45 @@
+"""Kernel switch shared by the ops: ``LOMAR_KERNELS=on|off|auto`` or :func:`set_kernels`.
+
+* ``off``  - always the pure-PyTorch reference path.
+* ``on``   - the CUDA kernel for every CUDA tensor (an error if it cannot be built).
+* ``auto`` - the kernel only where a committed GPU benchmark showed it correct and faster
+  (each op names its own ``auto`` choice); otherwise the reference path.
+
+CPU tensors always take the reference path.
+"""
+from __future__ import annotations
+
+import os
+
+_VALID = ("on", "off", "auto")
+_override: str | None = None
+
+
+def set_kernels(mode: str | None) -> None:
+    """Set the kernel mode for this process (``None`` returns to the environment variable)."""
+    global _override
+    if mode is not None and mode not in _VALID:
+        raise ValueError(f"kernel mode {mode!r} is not one of {_VALID}; pass on, off or auto")
+    _override = mode
+
+
+def kernel_mode() -> str:
+    """The active mode: the value given to :func:`set_kernels`, else ``$LOMAR_KERNELS``, else ``auto``."""
+    if _override is not None:
+        return _override
+    mode = os.environ.get("LOMAR_KERNELS", "auto").strip().lower()
+    if mode not in _VALID:
+        raise ValueError(f"LOMAR_KERNELS={mode!r} is not one of {_VALID}; set it to on, off or auto")
+    return mode
+
+
+def use_kernel(*tensors, auto_default: bool) -> bool:
+    """Whether an op should launch its CUDA kernel for these tensors."""
+    if not all(t.is_cuda for t in tensors):
+        return False
+    mode = kernel_mode()
+    if mode == "off":
+        return False
+    if mode == "on":
+        return True
+    return auto_default
