@@ -1,0 +1,182 @@
+"""Training components with one job each: distributed start, optimizer groups, lr schedule,
+DeepSpeed config resolution. The entry points (pretrain.py, finetune.py) compose them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+
+class ConfigError(ValueError):
+    """A setting, file or combination of them that cannot work; the message names it and the fix."""
+
+
+# ---------------------------------------------------------------------------------------- distributed
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: torch.device) -> tuple[int, int, int]:
+    """Start torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); returns (rank, world, local_rank).
+
+    Works under the ``deepspeed`` launcher, ``torchrun``, and a plain one-process ``python`` start.
+    """
+    import deepspeed
+
+    if "WORLD_SIZE" not in os.environ:  # plain python: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def pick_device(requested: str | None) -> torch.device:
+    """``cuda`` (this rank's GPU) when available or asked for, else ``cpu``."""
+    if requested == "cpu" or (requested is None and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {requested} asked for a GPU but torch sees none; pass --device cpu")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+def param_groups_weight_decay(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()) -> list[dict]:
+    """Two groups: decay for matrices/tensors, none for 1-D parameters, biases and ``skip`` names.
+
+    Frozen parameters are left out.
+    """
+    skip = set(skip)
+    decay, no_decay, names_decay, names_no = [], [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or name in skip:
+            no_decay.append(p)
+            names_no.append(name)
+        else:
+            decay.append(p)
+            names_decay.append(name)
+    return [
+        {"params": no_decay, "weight_decay": 0.0, "names": names_no},
+        {"params": decay, "weight_decay": weight_decay, "names": names_decay},
+    ]
+
+
+def build_adamw(groups: list[dict], lr: float, betas=(0.9, 0.95), device: torch.device | None = None):
+    """AdamW (fused on GPU) over the groups; the ``names`` lists are kept out of the optimizer."""
+    clean = [{k: v for k, v in g.items() if k != "names"} for g in groups if g["params"]]
+    kwargs: dict[str, Any] = {}
+    if device is not None and device.type == "cuda":
+        kwargs["fused"] = True
+    return torch.optim.AdamW(clean, lr=lr, betas=betas, **kwargs)
+
+
+def effective_lr(blr: float, lr: float | None, effective_batch: int) -> float:
+    """lr = blr * effective batch / 256 unless an absolute lr is given."""
+    return lr if lr is not None else blr * effective_batch / 256
+
+
+def lr_at(step: float, steps_per_epoch: int, lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
+    """Per-iteration schedule: linear warmup for ``warmup_epochs``, then half-cosine down to ``min_lr``."""
+    epoch = step / max(1, steps_per_epoch)
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    span = max(epochs - warmup_epochs, 1e-12)
+    progress = min(1.0, (epoch - warmup_epochs) / span)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Apply ``lr`` to every param group, times the group's ``lr_scale`` (layer decay) when it has one."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+# ---------------------------------------------------------------------------------------- DeepSpeed
+def load_ds_config(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--deepspeed_config {p} does not exist; pick one of ds_configs/*.json")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed_config {p} is not valid JSON: {e}") from e
+
+
+def resolve_ds_config(ds: dict[str, Any], *, batch_size: int, accum_iter: int, world_size: int,
+                      explicit: set[str], zero_stage: int | None, device: torch.device,
+                      source: str = "the DeepSpeed config") -> tuple[dict[str, Any], int, int]:
+    """Make the flags the single source of truth for batch sizes.
+
+    A concrete value in the JSON that contradicts a flag the user gave is an error naming both; one the
+    user did not override is adopted. Returns (config, micro batch, accumulation steps).
+    """
+    ds = json.loads(json.dumps(ds))
+
+    def concrete(key):
+        v = ds.get(key)
+        return None if v in (None, "auto") else int(v)
+
+    for key, flag, value in (("train_micro_batch_size_per_gpu", "batch_size", batch_size),
+                             ("gradient_accumulation_steps", "accum_iter", accum_iter)):
+        js = concrete(key)
+        if js is not None and js != value:
+            if flag in explicit:
+                raise ConfigError(f"{source} sets {key}={js} but --{flag} {value} was given; the flags decide batch "
+                                  f"sizes: remove {key} from the JSON or set it to \"auto\"")
+            if flag == "batch_size":
+                batch_size = js
+            else:
+                accum_iter = js
+    total = batch_size * accum_iter * world_size
+    js_total = concrete("train_batch_size")
+    if js_total is not None and js_total != total:
+        raise ConfigError(f"{source} sets train_batch_size={js_total} but batch_size {batch_size} x accum_iter "
+                          f"{accum_iter} x world size {world_size} = {total}; remove train_batch_size or set it to \"auto\"")
+    ds["train_micro_batch_size_per_gpu"] = batch_size
+    ds["gradient_accumulation_steps"] = accum_iter
+    ds["train_batch_size"] = total
+    if zero_stage is not None:
+        if zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero_stage {zero_stage} must be 0, 1, 2 or 3")
+        ds.setdefault("zero_optimization", {})["stage"] = zero_stage
+    if device.type == "cpu" and ds.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"{source} enables fp16, which needs a GPU; use ds_configs/cpu.json on the CPU")
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds, batch_size, accum_iter
+
+
+def compute_dtype(ds: dict[str, Any]) -> torch.dtype:
+    if ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and prove it is writable, before any training work."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write_probe_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--output_dir {p} is not writable ({e.strerror}); pass a directory you can write to") from e
+    return p

@@ -1,0 +1,92 @@
+"""Consolidate a DeepSpeed pretraining checkpoint into fp32 weights in the published LoMaR layout.
+
+``python -m lomar_fast.export --checkpoint OUTPUT_DIR [--tag epoch0399] --out model.pth``
+
+ZeRO 1/2/3 shards are merged from the fp32 master copies; a stage-0 checkpoint takes the module
+weights. The result is ``{"model": state_dict, "args": pretraining config, "epoch": E}``, checked
+key-by-key against the model the config describes, and loadable by ``lomar_fast.checkpoint`` and by
+the fine-tuning model.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from lomar_fast.checkpoint import CheckpointMismatch, compare_keys, save_checkpoint
+
+
+def _resolve(checkpoint: str, tag: str | None) -> tuple[Path, str]:
+    root = Path(checkpoint)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--checkpoint {root} is not a directory; pass the --output_dir of a pretraining run")
+    if tag is None and not (root / "latest").is_file() and (root.parent / "latest").is_file():
+        return root.parent, root.name  # a tag directory was given
+    if tag is None:
+        if not (root / "latest").is_file():
+            raise FileNotFoundError(f"--checkpoint {root} has no 'latest' file; pass --tag or a run's --output_dir")
+        tag = (root / "latest").read_text().strip()
+    if not (root / tag).is_dir():
+        raise FileNotFoundError(f"--checkpoint {root}: no checkpoint tag {tag}")
+    return root, tag
+
+
+def consolidate(checkpoint: str, tag: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(fp32 state dict, client state) of a DeepSpeed checkpoint."""
+    root, tag = _resolve(checkpoint, tag)
+    states = sorted((root / tag).glob("mp_rank_*_model_states.pt"))
+    if not states:
+        raise FileNotFoundError(f"{root / tag} holds no mp_rank_*_model_states.pt: not a DeepSpeed checkpoint")
+    client = torch.load(states[0], map_location="cpu", weights_only=False)
+    zero_files = list((root / tag).glob("*optim_states.pt"))
+    stage = int(client.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)) if isinstance(
+        client.get("ds_config"), dict) else None
+    if zero_files and stage != 0:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    else:
+        sd = client["module"]
+    sd = {k.removeprefix("module."): v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    meta = {k: client[k] for k in ("epoch", "step", "config") if k in client}
+    return sd, meta
+
+
+def export(checkpoint: str, out: str, tag: str | None = None) -> Path:
+    sd, meta = consolidate(checkpoint, tag)
+    cfg = meta.get("config")
+    if cfg:
+        from lomar_fast.models import create_model
+
+        model = create_model(cfg["model"], img_size=cfg["input_size"], window_size=cfg["window_size"],
+                             num_window=cfg["num_window"], mask_ratio=cfg["mask_ratio"])
+        expected = model.state_dict()
+        problems = compare_keys(expected, sd)
+        if problems:
+            raise CheckpointMismatch(f"{checkpoint}: consolidated weights do not fit {cfg['model']}: " + "; ".join(problems))
+    outp = Path(out)
+    if outp.exists() and outp.is_dir():
+        raise IsADirectoryError(f"--out {outp} is a directory; pass a file name such as model.pth")
+    return save_checkpoint(sd, outp, args=cfg or {}, epoch=meta.get("epoch"), step=meta.get("step"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="the --output_dir of a pretraining run (or one tag directory)")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
+    p.add_argument("--out", required=True, help="output .pth")
+    a = p.parse_args(argv)
+    try:
+        path = export(a.checkpoint, a.out, a.tag)
+    except (FileNotFoundError, CheckpointMismatch, IsADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
