@@ -1,0 +1,150 @@
+"""Run-time build and launch of the CUDA sources in ``cuda/``.
+
+Each ``.cu`` file is compiled at first use with NVRTC through CuPy (``cupy.RawModule``), which caches
+the binary on disk (``$CUPY_CACHE_DIR``, default ``~/.cupy/kernel_cache``), so later processes load it
+without compiling. Kernels are launched on PyTorch's current stream of the tensors' device.
+
+Where the sources are found, first match wins:
+
+1. ``$LOMAR_CUDA_DIR`` (a directory holding the ``.cu`` files);
+2. ``cuda/`` next to the package directory (the repository root of a source or editable install);
+3. ``lomar_fast/cuda/`` inside the package (a wheel that ships the sources as package data).
+
+CuPy is imported lazily: importing this module needs neither CuPy nor a GPU.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Options given to NVRTC (CuPy adds the target architecture and ``-ftz=true``). The tests compile the
+# sources with exactly these options plus an architecture, so NVRTC-only problems show up on CPU.
+NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17",)
+
+# torch dtype -> the C++ type name the kernels use for it
+CUDA_TYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float32: "float",
+    torch.bfloat16: "lomar_bf16",
+    torch.float16: "lomar_f16",
+    torch.uint8: "unsigned char",
+}
+
+_lock = threading.Lock()
+_modules: dict[tuple[str, int], object] = {}
+_sm_counts: dict[int, int] = {}
+
+
+def cuda_source_dirs() -> list[Path]:
+    """Candidate directories for the ``.cu`` sources, in search order."""
+    dirs: list[Path] = []
+    env = os.environ.get("LOMAR_CUDA_DIR")
+    if env:
+        dirs.append(Path(env).expanduser())
+    package_dir = Path(__file__).resolve().parent.parent  # .../lomar_fast
+    dirs.append(package_dir.parent / "cuda")
+    dirs.append(package_dir / "cuda")
+    return dirs
+
+
+def cuda_source_path(filename: str) -> Path:
+    """Path of ``filename`` (e.g. ``"irpe.cu"``), or FileNotFoundError naming where it was looked for."""
+    tried = []
+    for d in cuda_source_dirs():
+        p = d / filename
+        if p.is_file():
+            return p
+        tried.append(str(p))
+    raise FileNotFoundError(
+        f"CUDA source {filename!r} not found; looked at: {', '.join(tried)}. "
+        "Set LOMAR_CUDA_DIR to the directory holding the lomar_fast .cu files, or set LOMAR_KERNELS=off."
+    )
+
+
+def cuda_source(filename: str) -> str:
+    """Text of a CUDA source file."""
+    return cuda_source_path(filename).read_text()
+
+
+def _import_cupy():
+    try:
+        import cupy  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "lomar_fast CUDA kernels need CuPy (pip install 'lomar_fast[gpu]', i.e. cupy-cuda12x); "
+            "or set LOMAR_KERNELS=off to use the PyTorch reference paths"
+        ) from e
+    return cupy
+
+
+def get_module(filename: str, name_expressions: tuple[str, ...], device: torch.device):
+    """The compiled ``cupy.RawModule`` of ``filename`` for ``device`` (compiled once per process and device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (filename, index)
+    mod = _modules.get(key)
+    if mod is not None:
+        return mod
+    cupy = _import_cupy()
+    with _lock:
+        mod = _modules.get(key)
+        if mod is None:
+            with cupy.cuda.Device(index):
+                mod = cupy.RawModule(
+                    code=cuda_source(filename),
+                    options=NVRTC_OPTIONS,
+                    name_expressions=list(name_expressions),
+                )
+                for name in name_expressions:  # compile and load now, not inside a timed launch
+                    mod.get_function(name)
+            _modules[key] = mod
+    return mod
+
+
+def sm_count(device: torch.device) -> int:
+    """Number of streaming multiprocessors of ``device``."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    n = _sm_counts.get(index)
+    if n is None:
+        n = torch.cuda.get_device_properties(index).multi_processor_count
+        _sm_counts[index] = n
+    return n
+
+
+# Kernel-argument helpers: explicit numpy scalars so every argument has the C++ parameter's width.
+def ptr(t: torch.Tensor) -> np.uint64:
+    """Device address of a tensor's first element, for a pointer parameter."""
+    return np.uint64(t.data_ptr())
+
+
+def i32(x: int) -> np.int32:
+    return np.int32(x)
+
+
+def i64(x: int) -> np.int64:
+    return np.int64(x)
+
+
+def f32(x: float) -> np.float32:
+    return np.float32(x)
+
+
+def launch(filename: str, name_expressions: tuple[str, ...], kernel: str, device: torch.device,
+           grid: int, block: int, args: tuple, shared_mem: int = 0) -> None:
+    """Launch ``kernel`` (a name expression of ``filename``) on the current PyTorch stream of ``device``."""
+    if grid <= 0:
+        return
+    cupy = _import_cupy()
+    mod = get_module(filename, name_expressions, device)
+    fn = mod.get_function(kernel)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(index).cuda_stream
+    with cupy.cuda.Device(index):
+        try:
+            ext = cupy.cuda.ExternalStream(stream, index)
+        except TypeError:  # older CuPy: no device_id argument
+            ext = cupy.cuda.ExternalStream(stream)
+        with ext:
+            fn((int(grid),), (int(block),), args, shared_mem=int(shared_mem))
