@@ -41,14 +41,15 @@ def num_buckets(ratio: float = DEFAULT_RATIO, cls_token: bool = True) -> int:
 def _bucket_ids_cpu(height: int, width: int, ratio: float, cls_token: bool) -> torch.Tensor:
     b = int(2.0 * ratio)
     s = 2 * b + 1
-    rows = torch.arange(height).repeat_interleave(width)
-    cols = torch.arange(width).repeat(height)
+    # explicit CPU: the result is cached, so it must not follow an ambient default device (meta, cuda)
+    rows = torch.arange(height, device="cpu").repeat_interleave(width)
+    cols = torch.arange(width, device="cpu").repeat(height)
     dr = piecewise_offset(rows[:, None] - rows[None, :], ratio)
     dc = piecewise_offset(cols[:, None] - cols[None, :], ratio)
     ids = (dr + b) * s + (dc + b)
     if cls_token:
         n = height * width
-        full = torch.full((n + 1, n + 1), s * s, dtype=torch.long)
+        full = torch.full((n + 1, n + 1), s * s, dtype=torch.long, device="cpu")
         full[1:, 1:] = ids
         ids = full
     return ids

@@ -1,0 +1,195 @@
+"""Checkpoints in the published LoMaR layout, and loading them into the fine-tuning classifier."""
+import pytest
+import torch
+
+from lomar_fast.checkpoint import CheckpointMismatch, extract_state_dict, load_checkpoint, load_file, save_checkpoint
+from lomar_fast.models import LoMaR, VisionTransformerRPE, create_model
+
+DIM, DEPTH, HEADS = 64, 2, 2
+
+
+def small_lomar(seed: int) -> LoMaR:
+    torch.manual_seed(seed)
+    return LoMaR(img_size=112, patch_size=16, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, window_size=7,
+                 num_window=1)
+
+
+def published_keys(depth: int) -> set[str]:
+    """The state-dict names DESIGN.md lists for the reference MaskedAutoencoderViT."""
+    keys = {"patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "mask_token", "pos_embed",
+            "norm.weight", "norm.bias", "encoder_pred.weight", "encoder_pred.bias"}
+    for i in range(depth):
+        for sub in ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "attn.qkv.weight", "attn.qkv.bias",
+                    "attn.proj.weight", "attn.proj.bias", "attn.rpe_k.lookup_table_weight", "mlp.fc1.weight",
+                    "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"):
+            keys.add(f"blocks.{i}.{sub}")
+    return keys
+
+
+def with_trained_tables(m: torch.nn.Module) -> torch.nn.Module:
+    """Give the zero-initialised iRPE tables distinct values so copies can be told apart."""
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.attn.rpe_k.lookup_table_weight.normal_()
+    return m
+
+
+def test_state_dict_uses_published_layout():
+    m = small_lomar(0)
+    sd = m.state_dict()
+    assert set(sd) == published_keys(DEPTH)
+    assert sd["patch_embed.proj.weight"].shape == (DIM, 3, 16, 16)
+    assert sd["cls_token"].shape == (1, 1, DIM) and sd["mask_token"].shape == (1, 1, DIM)
+    assert sd["pos_embed"].shape == (1, 7 * 7 + 1, DIM)
+    assert sd["blocks.0.attn.rpe_k.lookup_table_weight"].shape == (1, DIM // HEADS, 50)
+    assert sd["blocks.1.attn.qkv.weight"].shape == (3 * DIM, DIM) and sd["blocks.1.attn.qkv.bias"].shape == (3 * DIM,)
+    assert sd["encoder_pred.weight"].shape == (16 * 16 * 3, DIM)
+
+
+def test_round_trip_is_exact(tmp_path):
+    src = with_trained_tables(small_lomar(0))
+    path = save_checkpoint(src, tmp_path / "sub" / "ckpt.pth", epoch=7)
+    assert path.is_file() and not (tmp_path / "sub" / "ckpt.pth.tmp").exists()
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert raw["epoch"] == 7 and set(raw["model"]) == published_keys(DEPTH)
+    dst = small_lomar(1)
+    assert not torch.equal(dst.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    load_checkpoint(dst, path)
+    a, b = src.state_dict(), dst.state_dict()
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    # the loaded model computes the same loss on the same windows and masks
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 112, 112, 3), dtype=torch.uint8, generator=g)
+    windows, masks = src.sample(2, generator=g)
+    with torch.no_grad():
+        assert torch.equal(src(images, windows, masks)[0], dst(images, windows, masks)[0])
+
+
+def test_round_trip_from_state_dict_and_module_prefix(tmp_path):
+    src = with_trained_tables(small_lomar(0))
+    sd = {"module." + k: v for k, v in src.state_dict().items()}
+    dst = small_lomar(1)
+    load_checkpoint(dst, {"model": sd})
+    assert all(torch.equal(v, dst.state_dict()[k]) for k, v in src.state_dict().items())
+    save_checkpoint(src.state_dict(), tmp_path / "sd.pth")
+    assert set(load_file(tmp_path / "sd.pth")) == published_keys(DEPTH)
+
+
+def test_bf16_model_saves_float32(tmp_path):
+    src = small_lomar(0).to(torch.bfloat16)
+    save_checkpoint(src, tmp_path / "c.pth")
+    sd = load_file(tmp_path / "c.pth")
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    assert torch.equal(sd["cls_token"], src.cls_token.float())
+
+
+def test_wrong_shape_names_the_key(tmp_path):
+    sd = small_lomar(0).state_dict()
+    sd["blocks.1.mlp.fc1.weight"] = torch.zeros(5, DIM)
+    save_checkpoint(sd, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointMismatch, match=r"blocks\.1\.mlp\.fc1\.weight") as e:
+        load_checkpoint(small_lomar(1), tmp_path / "bad.pth")
+    assert "(5, 64)" in str(e.value) and "(256, 64)" in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+def test_missing_and_unexpected_keys_are_listed():
+    sd = small_lomar(0).state_dict()
+    del sd["mask_token"]
+    del sd["blocks.0.attn.rpe_k.lookup_table_weight"]
+    sd["decoder_pred.weight"] = torch.zeros(3)
+    dst = small_lomar(1)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(CheckpointMismatch) as e:
+        load_checkpoint(dst, {"model": sd})
+    msg = str(e.value)
+    assert "missing" in msg and "mask_token" in msg and "blocks.0.attn.rpe_k.lookup_table_weight" in msg
+    assert "unexpected" in msg and "decoder_pred.weight" in msg
+    assert all(torch.equal(v, dst.state_dict()[k]) for k, v in before.items())  # nothing half-loaded
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_file(tmp_path / "nope.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointMismatch, match="junk.pth"):
+        load_file(tmp_path / "junk.pth")
+    with pytest.raises(CheckpointMismatch):
+        extract_state_dict({"epoch": 3})
+
+
+# --------------------------------------------------------------------------- classifier
+
+
+def classifier(img_size: int, seed: int = 5) -> VisionTransformerRPE:
+    torch.manual_seed(seed)
+    return create_model("vit_tiny_patch16", img_size=img_size, embed_dim=DIM, depth=DEPTH, num_heads=HEADS,
+                        num_classes=10, drop_path=0.0)
+
+
+def test_classifier_loads_lomar_weights_and_runs_at_224_and_384(tmp_path):
+    src = with_trained_tables(small_lomar(0))
+    path = save_checkpoint(src, tmp_path / "pre.pth")
+    c224, c384 = classifier(224), classifier(384, seed=6)
+    rep = c224.load_pretrained(path)
+    rep384 = c384.load_pretrained(path)
+    assert rep["used"] == rep384["used"]
+    encoder_keys = {k for k in c224.state_dict() if not k.startswith(("fc_norm.", "head."))}
+    assert set(rep["used"]) == encoder_keys  # every encoder key comes from the checkpoint
+    assert {"mask_token", "encoder_pred.weight", "encoder_pred.bias", "pos_embed"} <= set(rep["dropped"])
+    assert set(rep["dropped"]) | set(rep["used"]) == set(src.state_dict())
+    assert set(rep["initialized"]) == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+    src_sd = src.state_dict()
+    for k in encoder_keys:
+        assert torch.equal(c224.state_dict()[k], src_sd[k]), k
+        assert torch.equal(c384.state_dict()[k], src_sd[k]), k
+    for i in range(DEPTH):
+        t = src.blocks[i].attn.rpe_k.lookup_table_weight
+        assert c224.blocks[i].attn.rpe_k.lookup_table_weight.shape == (1, DIM // HEADS, 50)
+        assert torch.equal(c224.blocks[i].attn.rpe_k.lookup_table_weight, t)
+        assert torch.equal(c384.blocks[i].attn.rpe_k.lookup_table_weight, t)
+    c224.eval(), c384.eval()
+    g = torch.Generator().manual_seed(0)
+    x224, x384 = torch.randn(2, 3, 224, 224, generator=g), torch.randn(1, 3, 384, 384, generator=g)
+    with torch.no_grad():
+        y224 = c224(x224)
+        y384 = c384(x384)
+        assert c224.forward_features(x224).shape == (2, 1 + 14 * 14, DIM)
+        assert c384.forward_features(x384).shape == (1, 1 + 24 * 24, DIM)
+        # a 224 model given 384 inputs builds the 24x24 buckets itself and matches the 384 model
+        c224.load_state_dict(c384.state_dict())
+        y_cross = c224(x384)
+    assert y224.shape == (2, 10) and y384.shape == (1, 10)
+    assert torch.isfinite(y224).all() and torch.isfinite(y384).all()
+    torch.testing.assert_close(y_cross, y384, rtol=1e-5, atol=1e-6)
+
+
+def test_classifier_rejects_misshaped_and_missing_keys():
+    sd = small_lomar(0).state_dict()
+    bad = dict(sd)
+    bad["blocks.0.attn.rpe_k.lookup_table_weight"] = torch.zeros(1, DIM // HEADS, 49)
+    c = classifier(224)
+    with pytest.raises(CheckpointMismatch, match=r"blocks\.0\.attn\.rpe_k\.lookup_table_weight"):
+        c.load_pretrained({"model": bad})
+    missing = dict(sd)
+    del missing["blocks.1.attn.proj.bias"]
+    with pytest.raises(CheckpointMismatch, match=r"blocks\.1\.attn\.proj\.bias"):
+        c.load_pretrained(missing)
+    wide = LoMaR(img_size=112, embed_dim=2 * DIM, depth=DEPTH, num_heads=HEADS, num_window=1).state_dict()
+    with pytest.raises(ValueError, match="cls_token"):
+        c.load_pretrained(wide)
+
+
+def test_classifier_head_and_pooling():
+    c = classifier(224).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        feats = c.forward_features(x)
+        pooled = c.forward_head(feats, pre_logits=True)
+        ref = torch.nn.functional.layer_norm(feats[:, 1:].mean(1), (DIM,), c.fc_norm.weight, c.fc_norm.bias, 1e-6)
+        torch.testing.assert_close(pooled, ref)
+        torch.testing.assert_close(c(x), ref @ c.head.weight.T + c.head.bias)
+    with pytest.raises(ValueError, match="images"):
+        c(torch.randn(1, 3, 100, 100))
