@@ -1,0 +1,604 @@
+"""Fused CUDA kernels (cuda/*.cu) and their torch.library ops.
+
+CPU (always): the sources compile warning-free with nvcc and with NVRTC (the runtime's options) for
+sm_80 and sm_90; the ops are registered, their fake implementations give the right shapes, strides
+and dtypes, opcheck passes, the op's autograd formula matches the reference, CPU tensors take the
+reference path even with LOMAR_KERNELS=on, and the benchmark's code path runs.
+
+GPU (``-m gpu``, skipped without CUDA): kernel vs reference on odd and ViT-B shapes in every dtype,
+values and gradients, non-contiguous inputs, torch.compile, opcheck.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lomar_fast.ops as ops_pkg
+from lomar_fast.ops import _cuda_build as cb
+from lomar_fast.ops import _irpe_cuda, _window_gather_cuda
+from lomar_fast.ops import irpe as irpe_mod
+from lomar_fast.ops import window_gather as wg_mod
+from lomar_fast.ops._dispatch import set_kernels
+
+REPO = Path(__file__).resolve().parent.parent
+KERNEL_MODULES = (_irpe_cuda, _window_gather_cuda)
+ARCHS = (80, 90)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _has_cupy() -> bool:
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gpu_test(fn):
+    """Mark a test as GPU-only: skipped cleanly without a CUDA device (or without CuPy)."""
+    if not _has_cuda():
+        fn = pytest.mark.skip(reason="needs a CUDA device")(fn)
+    elif not _has_cupy():
+        fn = pytest.mark.skip(reason="CuPy is not installed (pip install 'lomar_fast[gpu]')")(fn)
+    return pytest.mark.gpu(fn)
+
+
+@pytest.fixture
+def kernels_on():
+    """LOMAR_KERNELS=on for the test; exact fp32 matmuls (no TF32) so fp32 tolerances stay tight."""
+    set_kernels("on")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    set_kernels(None)
+
+
+# ---------------------------------------------------------------------------------------------
+# input builders
+# ---------------------------------------------------------------------------------------------
+def make_window_inputs(b, k, w, grid, p, mask_ratio=0.8, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (b, grid * p, grid * p, 3), dtype=torch.uint8, generator=g)
+    span = grid - w + 1
+    windows = torch.stack(
+        [
+            torch.stack([torch.randperm(span, generator=g)[:k], torch.randperm(span, generator=g)[:k]], dim=-1)
+            for _ in range(b)
+        ]
+    )
+    n_mask = int(w * w * mask_ratio)
+    masks = torch.zeros(b, k, w * w, dtype=torch.bool)
+    for i in range(b):
+        for j in range(k):
+            masks[i, j, torch.randperm(w * w, generator=g)[:n_mask]] = True
+    return images.to(device), windows.to(device), masks.to(device), n_mask
+
+
+def make_buckets(side, num_buckets=50):
+    """Buckets of a side x side window + cls, from the model's bucket function when available."""
+    try:
+        from lomar_fast.models.irpe import bucket_ids
+
+        buckets = bucket_ids(side, side)
+        if int(buckets.max()) < num_buckets:
+            return buckets
+    except Exception:  # the model code is optional for these tests
+        pass
+    length = side * side + 1
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, num_buckets, (length, length), generator=g)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+# ---------------------------------------------------------------------------------------------
+# compile checks (CPU)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def nvcc_results():
+    """Compile every .cu with nvcc for sm_80 and sm_90 (in parallel, once per session)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found on PATH: cannot check the CUDA sources offline")
+    procs = {}
+    for mod in KERNEL_MODULES:
+        cmd = [nvcc, "-std=c++17"]
+        for arch in ARCHS:
+            cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        cmd += ["-c", str(cb.cuda_source_path(mod.SOURCE)), "-o", "/dev/null",
+                "-Werror", "all-warnings", "-Xptxas", "-Werror"]
+        procs[mod.SOURCE] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    results = {}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=300)
+        results[name] = (proc.returncode, out)
+    return results
+
+
+@pytest.mark.parametrize("mod", KERNEL_MODULES, ids=lambda m: m.SOURCE)
+def test_nvcc_compiles_without_warnings(nvcc_results, mod):
+    rc, out = nvcc_results[mod.SOURCE]
+    assert rc == 0, f"nvcc failed on {mod.SOURCE}:\n{out}"
+    assert "warning" not in out.lower(), f"nvcc warnings in {mod.SOURCE}:\n{out}"
+
+
+def _nvrtc_compile(source: str, filename: str, name_expressions, arch: int):
+    from cuda.bindings import nvrtc
+
+    ok = nvrtc.nvrtcResult.NVRTC_SUCCESS
+    err, prog = nvrtc.nvrtcCreateProgram(source.encode(), filename.encode(), 0, [], [])
+    assert err == ok, err
+    try:
+        for name in name_expressions:
+            (err,) = nvrtc.nvrtcAddNameExpression(prog, name.encode())
+            assert err == ok, (name, err)
+        # the runtime's options; CuPy appends -ftz=true and the architecture
+        opts = [o.encode() for o in (*cb.NVRTC_OPTIONS, "-ftz=true", f"--gpu-architecture=sm_{arch}")]
+        (status,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        err, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        log = log.rstrip(b"\x00 ").decode(errors="replace")
+        lowered = {}
+        if status == ok:
+            for name in name_expressions:
+                err, low = nvrtc.nvrtcGetLoweredName(prog, name.encode())
+                assert err == ok, (name, err)
+                lowered[name] = low
+        return status == ok, log, lowered
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mod", KERNEL_MODULES, ids=lambda m: m.SOURCE)
+def test_nvrtc_compiles_runtime_source(mod, arch):
+    pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-python (cuda.bindings) is not installed")
+    ok, log, lowered = _nvrtc_compile(cb.cuda_source(mod.SOURCE), mod.SOURCE, mod.NAME_EXPRESSIONS, arch)
+    assert ok, f"NVRTC failed on {mod.SOURCE} for sm_{arch}:\n{log}"
+    assert log == "", f"NVRTC log (warnings) for {mod.SOURCE} sm_{arch}:\n{log}"
+    # every kernel the Python side can launch exists under its name expression
+    assert set(lowered) == set(mod.NAME_EXPRESSIONS)
+    assert all(low.startswith(b"_Z") for low in lowered.values())
+
+
+def test_nvrtc_reports_errors():
+    """The NVRTC check above is able to fail: a broken source does not compile."""
+    pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-python (cuda.bindings) is not installed")
+    ok, log, _ = _nvrtc_compile("__global__ void k() { undeclared(); }", "bad.cu", (), 90)
+    assert not ok and "undeclared" in log
+
+
+def test_cuda_sources_found_via_env(tmp_path, monkeypatch):
+    (tmp_path / "irpe.cu").write_text("// from LOMAR_CUDA_DIR\n")
+    monkeypatch.setenv("LOMAR_CUDA_DIR", str(tmp_path))
+    assert cb.cuda_source_path("irpe.cu") == tmp_path / "irpe.cu"
+    assert cb.cuda_source("irpe.cu").startswith("// from LOMAR_CUDA_DIR")
+    # files the env dir lacks come from the repository's cuda/ directory
+    assert cb.cuda_source_path("window_gather.cu") == REPO / "cuda" / "window_gather.cu"
+    with pytest.raises(FileNotFoundError, match="LOMAR_CUDA_DIR"):
+        cb.cuda_source_path("no_such_kernel.cu")
+
+
+def test_cuda_sources_found_in_repo(monkeypatch):
+    monkeypatch.delenv("LOMAR_CUDA_DIR", raising=False)
+    for mod in KERNEL_MODULES:
+        assert cb.cuda_source_path(mod.SOURCE) == REPO / "cuda" / mod.SOURCE
+
+
+def test_kernel_modules_import_without_cupy():
+    code = (
+        "import sys\n"
+        "import lomar_fast.ops._irpe_cuda, lomar_fast.ops._window_gather_cuda\n"
+        "assert 'cupy' not in sys.modules, 'cupy imported at module import'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# ---------------------------------------------------------------------------------------------
+# registration, fake implementations, opcheck (CPU)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["irpe_key_bias", "irpe_bucket_reduce", "gather_windows"])
+def test_ops_registered(name):
+    op = getattr(torch.ops.lomar_fast, name)
+    assert isinstance(op.default, torch._ops.OpOverload)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lomar_fast::{name}", "Meta")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_irpe_fake_shapes(dtype):
+    n, h, length, d, nb = 6, 3, 26, 32, 50
+    q = torch.empty(n, h, length, d, dtype=dtype, device="meta")
+    table = torch.empty(d, nb, dtype=dtype, device="meta")
+    buckets = torch.empty(length, length, dtype=torch.long, device="meta")
+    out = torch.ops.lomar_fast.irpe_key_bias(q, table, buckets)
+    assert out.shape == (n, h, length, length) and out.dtype == dtype
+    assert out.stride() == (h * length * 32, length * 32, 32, 1)  # rows padded 26 -> 32
+    g = torch.ops.lomar_fast.irpe_bucket_reduce(out, buckets, nb)
+    assert g.shape == (n, h, length, nb) and g.dtype == dtype and g.is_contiguous()
+
+
+def test_irpe_fake_under_fake_tensor_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(4, 12, 50, 64, dtype=torch.bfloat16)
+        out = _irpe_cuda.irpe_key_bias(q, torch.empty(64, 50), torch.zeros(50, 50, dtype=torch.long))
+        assert out.shape == (4, 12, 50, 50) and out.dtype == torch.bfloat16
+        assert out.stride() == (12 * 50 * 56, 50 * 56, 56, 1)
+
+
+@pytest.mark.parametrize("visible_only", [False, True])
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_gather_fake_shapes(out_dtype, visible_only):
+    b, k, w, p, n_mask = 3, 2, 5, 16, 20
+    images = torch.empty(b, 144, 144, 3, dtype=torch.uint8, device="meta")
+    windows = torch.empty(b, k, 2, dtype=torch.long, device="meta")
+    masks = torch.empty(b, k, w * w, dtype=torch.bool, device="meta")
+    patches, targets = torch.ops.lomar_fast.gather_windows(
+        images, windows, masks, p, w, True, out_dtype, n_mask, visible_only
+    )
+    rows = w * w - n_mask if visible_only else w * w
+    assert patches.shape == (b * k, rows, p * p * 3) and patches.dtype == out_dtype
+    assert targets.shape == (b * k, n_mask, p * p * 3) and targets.dtype == torch.float32
+
+
+def test_opcheck_irpe_cpu():
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 11, 32, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(32, 13, dtype=torch.float64, requires_grad=True)
+    buckets = torch.randint(0, 13, (11, 11))
+    torch.library.opcheck(torch.ops.lomar_fast.irpe_key_bias, (q, table, buckets))
+    torch.library.opcheck(torch.ops.lomar_fast.irpe_bucket_reduce, (torch.randn(2, 3, 11, 11), buckets, 13))
+
+
+@pytest.mark.parametrize("visible_only", [False, True])
+def test_opcheck_gather_cpu(visible_only):
+    images, windows, masks, n_mask = make_window_inputs(2, 2, 3, 5, 4)
+    torch.library.opcheck(
+        torch.ops.lomar_fast.gather_windows, (images, windows, masks, 4, 3, True, torch.float32, n_mask, visible_only)
+    )
+
+
+def test_irpe_op_cpu_matches_reference_values_and_grads():
+    """The op's autograd (bucket reduction, then dq = G T^T and dT = q^T G) equals the reference's."""
+    torch.manual_seed(0)
+    buckets = make_buckets(5)
+    length = buckets.shape[0]
+    q = torch.randn(6, 3, length, 32, dtype=torch.float64).transpose(1, 2).contiguous().transpose(1, 2)
+    q.requires_grad_(True)
+    table = torch.randn(32, 50, dtype=torch.float64, requires_grad=True)
+    out = _irpe_cuda.irpe_key_bias(q, table, buckets)
+    ref = irpe_mod.irpe_key_bias_reference(q, table, buckets)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(6, 3, length, length, dtype=torch.float64).transpose(-1, -2)  # non-contiguous
+    got = torch.autograd.grad(out, (q, table), grad)
+    want = torch.autograd.grad(ref, (q, table), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_bucket_reduce_cpu_matches_loop():
+    torch.manual_seed(0)
+    buckets = torch.randint(0, 7, (5, 5))
+    grad = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    got = torch.ops.lomar_fast.irpe_bucket_reduce(grad, buckets, 7)
+    want = torch.zeros(2, 3, 5, 7, dtype=torch.float64)
+    for i in range(5):
+        for j in range(5):
+            want[:, :, i, buckets[i, j]] += grad[:, :, i, j]
+    torch.testing.assert_close(got, want)
+
+
+def test_irpe_op_compiles_as_one_node_cpu():
+    """torch.compile keeps the op opaque (fake impl + registered autograd) and matches eager."""
+    torch.manual_seed(0)
+    buckets = make_buckets(3)
+    length = buckets.shape[0]
+    q = torch.randn(2, 3, length, 32, requires_grad=True)
+    table = torch.randn(32, 50, requires_grad=True)
+
+    def f(q, table):
+        return (_irpe_cuda.irpe_key_bias(q, table, buckets) * 1.5).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = compiled(q, table)
+    g_got = torch.autograd.grad(got, (q, table))
+    want = f(q, table)
+    g_want = torch.autograd.grad(want, (q, table))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_gather_op_cpu_matches_reference():
+    images, windows, masks, n_mask = make_window_inputs(3, 2, 5, 9, 4)
+    for norm_pix in (True, False):
+        got = _window_gather_cuda.gather_windows(images, windows, masks, 4, 5, norm_pix, torch.bfloat16)
+        want = wg_mod.gather_windows_reference(images, windows, masks, 4, 5, norm_pix, torch.bfloat16)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    vis, tgt = _window_gather_cuda.gather_windows_visible(images, windows, masks, 4, 5)
+    full, _ = wg_mod.gather_windows_reference(images, windows, masks, 4, 5)
+    flat = masks.reshape(6, -1)
+    for r in range(6):
+        torch.testing.assert_close(vis[r], full[r][~flat[r]])
+    assert tgt.shape == (6, n_mask, 48)
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch (CPU)
+# ---------------------------------------------------------------------------------------------
+class _Boom:
+    def __getattr__(self, name):
+        raise AssertionError(f"CUDA kernel module used for CPU tensors ({name})")
+
+
+def test_cpu_tensors_take_reference_path_with_kernels_on(monkeypatch, kernels_on):
+    monkeypatch.setitem(sys.modules, "lomar_fast.ops._irpe_cuda", _Boom())
+    monkeypatch.setitem(sys.modules, "lomar_fast.ops._window_gather_cuda", _Boom())
+    monkeypatch.setattr(ops_pkg, "_irpe_cuda", _Boom(), raising=False)
+    monkeypatch.setattr(ops_pkg, "_window_gather_cuda", _Boom(), raising=False)
+
+    buckets = make_buckets(5)
+    q = torch.randn(2, 3, buckets.shape[0], 32)
+    table = torch.randn(32, 50)
+    torch.testing.assert_close(
+        irpe_mod.irpe_key_bias(q, table, buckets), irpe_mod.irpe_key_bias_reference(q, table, buckets)
+    )
+    images, windows, masks, _ = make_window_inputs(2, 2, 5, 9, 4)
+    got = wg_mod.gather_windows(images, windows, masks, 4, 5)
+    want = wg_mod.gather_windows_reference(images, windows, masks, 4, 5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_auto_default_stays_off_until_gpu_results():
+    assert irpe_mod.AUTO_USES_KERNEL is False
+    assert wg_mod.AUTO_USES_KERNEL is False
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark code path (CPU)
+# ---------------------------------------------------------------------------------------------
+def test_benchmark_cpu_smoke(tmp_path):
+    from benchmarks import kernels as bench
+
+    bench.main(["--cpu-smoke", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "kernels.json").read_text())
+    assert data["mode"] == "cpu-smoke"
+    assert {"device", "torch", "config", "results"} <= set(data)
+    names = {r["name"] for r in data["results"]}
+    assert {"window_gather", "irpe_fwd", "irpe_fwd_bwd"} <= names
+    for r in data["results"]:
+        assert r["reference_eager"]["median_ms"] > 0 and len(r["reference_eager"]["times_ms"]) >= 1
+        assert r["correct"] is True
+    assert (tmp_path / "kernels.md").read_text().startswith("#")
+
+
+@pytest.mark.skipif(_has_cuda(), reason="checks the message shown without a GPU")
+def test_benchmark_without_gpu_exits_clearly(tmp_path):
+    from benchmarks import kernels as bench
+
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--out", str(tmp_path)])
+    assert "GPU" in str(exc.value.code)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: kernels vs reference
+# ---------------------------------------------------------------------------------------------
+GATHER_TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+}
+TARGET_TOL = dict(rtol=1e-4, atol=1e-4)
+IRPE_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _check_gather(images, windows, masks, p, w, n_mask, out_dtype, norm_pix):
+    got_p, got_t = wg_mod.gather_windows(images, windows, masks, p, w, norm_pix, out_dtype)
+    ref_p, ref_t = wg_mod.gather_windows_reference(images, windows, masks, p, w, norm_pix, out_dtype)
+    assert got_p.dtype == out_dtype and got_p.shape == ref_p.shape
+    assert got_t.dtype == torch.float32 and got_t.shape == ref_t.shape
+    torch.testing.assert_close(got_p.float(), ref_p.float(), **GATHER_TOL[out_dtype])
+    torch.testing.assert_close(got_t, ref_t, **TARGET_TOL)
+    vis_p, vis_t = _window_gather_cuda.gather_windows_visible(images, windows, masks, p, w, norm_pix, out_dtype, n_mask)
+    ref_vp, _ = _window_gather_cuda.gather_visible_reference(images, windows, masks, p, w, norm_pix, out_dtype)
+    torch.testing.assert_close(vis_p.float(), ref_vp.float(), **GATHER_TOL[out_dtype])
+    torch.testing.assert_close(vis_t, ref_t, **TARGET_TOL)
+
+
+@gpu_test
+@pytest.mark.parametrize("norm_pix", [True, False])
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("p", [4, 16])
+def test_gpu_gather_uint8_odd_shapes(kernels_on, p, out_dtype, norm_pix):
+    images, windows, masks, n_mask = make_window_inputs(3, 2, 5, 9, p, device="cuda")
+    _check_gather(images, windows, masks, p, 5, n_mask, out_dtype, norm_pix)
+    assert ("window_gather.cu", torch.cuda.current_device()) in cb._modules  # the kernel ran
+
+
+@gpu_test
+@pytest.mark.parametrize("in_dtype", DTYPES)
+def test_gpu_gather_float_nchw_non_contiguous(kernels_on, in_dtype):
+    images, windows, masks, n_mask = make_window_inputs(3, 2, 5, 9, 16, device="cuda", seed=3)
+    # normalized float NCHW as a channels_last view (non-contiguous NCHW strides)
+    float_images = wg_mod.normalize_images(images).to(in_dtype).contiguous(memory_format=torch.channels_last)
+    assert not float_images.is_contiguous()
+    # windows / masks as non-contiguous views of larger tensors
+    windows_nc = torch.stack([windows, windows + 0], dim=0)[0].transpose(0, 1).contiguous().transpose(0, 1)
+    masks_nc = torch.cat([masks, masks], dim=-1)[..., : masks.shape[-1]]
+    assert not masks_nc.is_contiguous()
+    for out_dtype in DTYPES:
+        _check_gather(float_images, windows_nc, masks_nc, 16, 5, n_mask, out_dtype, True)
+
+
+@gpu_test
+def test_gpu_gather_uint8_non_contiguous_images(kernels_on):
+    images, windows, masks, n_mask = make_window_inputs(3, 2, 5, 9, 16, device="cuda", seed=4)
+    big = torch.zeros(3, 150, 150, 4, dtype=torch.uint8, device="cuda")
+    big[:, 3:147, 2:146, :3] = images
+    view = big[:, 3:147, 2:146, :3]
+    assert not view.is_contiguous()
+    _check_gather(view, windows, masks, 16, 5, n_mask, torch.bfloat16, True)
+
+
+@gpu_test
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_gpu_gather_vit_b_shapes(kernels_on, out_dtype):
+    images, windows, masks, n_mask = make_window_inputs(8, 4, 7, 14, 16, device="cuda", seed=5)
+    assert n_mask == 39
+    _check_gather(images, windows, masks, 16, 7, n_mask, out_dtype, True)
+
+
+def _irpe_truth(q, table, buckets, grad):
+    q64 = q.detach().double().requires_grad_(True)
+    t64 = table.detach().double().requires_grad_(True)
+    out = irpe_mod.irpe_key_bias_reference(q64, t64, buckets)
+    dq, dt = torch.autograd.grad(out, (q64, t64), grad.double())
+    return out, dq, dt
+
+
+def _check_irpe(q, table, buckets, grad):
+    dtype = q.dtype
+    tol = IRPE_TOL[dtype]
+    q = q.detach().requires_grad_(True)
+    table = table.detach().requires_grad_(True)
+    out = irpe_mod.irpe_key_bias(q, table, buckets)
+    n, h, length, _ = q.shape
+    lp = (length + 7) // 8 * 8
+    assert out.dtype == dtype and out.shape == (n, h, length, length)
+    assert out.stride() == (h * length * lp, length * lp, lp, 1)
+    padding = torch.as_strided(out, (n, h, length, lp), out.stride(), out.storage_offset())[..., length:]
+    assert bool((padding == 0).all())
+    dq, dt = torch.autograd.grad(out, (q, table), grad)
+    want, want_dq, want_dt = _irpe_truth(q, table.to(dtype), buckets, grad)
+    ref = irpe_mod.irpe_key_bias_reference(q.detach(), table.detach(), buckets)
+    assert rel_err(out, ref) <= tol, rel_err(out, ref)
+    assert rel_err(out, want) <= tol
+    assert dq.dtype == dtype and dt.dtype == table.dtype
+    assert rel_err(dq, want_dq) <= tol, rel_err(dq, want_dq)
+    assert rel_err(dt, want_dt) <= tol, rel_err(dt, want_dt)
+
+
+@gpu_test
+@pytest.mark.parametrize("head_dim", [32, 64])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_irpe_odd_shapes(kernels_on, dtype, head_dim):
+    torch.manual_seed(0)
+    buckets = make_buckets(5).cuda()  # w=5 -> L=26
+    n, h, length = 3 * 2, 3, buckets.shape[0]
+    q = torch.randn(n, h, length, head_dim, device="cuda", dtype=dtype)
+    table = torch.randn(head_dim, 50, device="cuda") * 0.1
+    grad = torch.randn(n, h, length, length, device="cuda", dtype=dtype)
+    _check_irpe(q, table, buckets, grad)
+    assert ("irpe.cu", torch.cuda.current_device()) in cb._modules  # the kernel ran
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_irpe_vit_b_non_contiguous(kernels_on, dtype):
+    torch.manual_seed(1)
+    buckets = make_buckets(7).cuda()  # L=50
+    n, h, length, d = 32, 12, buckets.shape[0], 64
+    qkv = torch.randn(n, length, 3, h, d, device="cuda", dtype=dtype).permute(2, 0, 3, 1, 4)
+    q = qkv[0]  # (N, H, L, D) with the strides of a fused qkv projection
+    assert not q.is_contiguous()
+    table = (torch.randn(50, d, device="cuda") * 0.1).t()  # non-contiguous table
+    grad = torch.randn(n, h, length, length, device="cuda", dtype=dtype).transpose(-1, -2)  # non-contiguous grad
+    _check_irpe(q, table, buckets, grad)
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_irpe_bias_feeds_sdpa(kernels_on, dtype):
+    """The padded-stride bias works as SDPA's attn_mask and gives the reference's attention and grads."""
+    torch.manual_seed(2)
+    buckets = make_buckets(7).cuda()
+    n, h, length, d = 16, 12, buckets.shape[0], 64
+    q, k, v = (torch.randn(n, h, length, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    table = (torch.randn(d, 50, device="cuda") * 0.1).requires_grad_(True)
+
+    def attn(bias_fn):
+        bias = bias_fn(q, table, buckets)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    go = torch.randn(n, h, length, d, device="cuda", dtype=dtype)
+    got = attn(irpe_mod.irpe_key_bias)
+    g_got = torch.autograd.grad(got, (q, k, v, table), go)
+    want = attn(irpe_mod.irpe_key_bias_reference)
+    g_want = torch.autograd.grad(want, (q, k, v, table), go)
+    assert rel_err(got, want) <= IRPE_TOL[dtype]
+    for a, b in zip(g_got, g_want):
+        assert rel_err(a, b) <= 3 * IRPE_TOL[dtype], rel_err(a, b)
+
+
+class _AttnBlock(torch.nn.Module):
+    def __init__(self, dim=192, heads=3, buckets=None):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+        self.table = torch.nn.Parameter(torch.randn(1, dim // heads, 50) * 0.1)
+        self.register_buffer("buckets", buckets)
+
+    def forward(self, x):
+        b, length, c = x.shape
+        qkv = self.qkv(x).reshape(b, length, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        bias = irpe_mod.irpe_key_bias(q, self.table[0], self.buckets)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(b, length, c))
+
+
+@gpu_test
+def test_gpu_torch_compile_attention_block_matches_eager(kernels_on):
+    torch.manual_seed(3)
+    buckets = make_buckets(5).cuda()
+    block = _AttnBlock(buckets=buckets).cuda()
+    x = torch.randn(6, buckets.shape[0], 192, device="cuda", requires_grad=True)
+    want = block(x)
+    g_want = torch.autograd.grad(want.square().sum(), [x, *block.parameters()])
+    torch._dynamo.reset()
+    compiled = torch.compile(block)
+    got = compiled(x)
+    g_got = torch.autograd.grad(got.square().sum(), [x, *block.parameters()])
+    assert rel_err(got, want) <= 1e-4
+    for a, b in zip(g_got, g_want):
+        assert rel_err(a, b) <= 1e-3, rel_err(a, b)
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_opcheck(dtype):
+    torch.manual_seed(4)
+    buckets = make_buckets(3).cuda()
+    length = buckets.shape[0]
+    q = torch.randn(2, 3, length, 32, device="cuda", dtype=dtype, requires_grad=True)
+    table = torch.randn(32, 50, device="cuda", dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.lomar_fast.irpe_key_bias, (q, table, buckets))
+    grad = torch.randn(2, 3, length, length, device="cuda", dtype=dtype)
+    torch.library.opcheck(torch.ops.lomar_fast.irpe_bucket_reduce, (grad, buckets, 50))
+    images, windows, masks, n_mask = make_window_inputs(2, 2, 3, 5, 4, device="cuda")
+    for visible_only in (False, True):
+        torch.library.opcheck(
+            torch.ops.lomar_fast.gather_windows, (images, windows, masks, 4, 3, True, dtype, n_mask, visible_only)
+        )
