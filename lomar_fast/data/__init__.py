@@ -1,0 +1,35 @@
+"""Data loading: FFCV ``.beton`` files -> uint8 NHWC batches on the device.
+
+Builders (see :mod:`lomar_fast.data.loaders` for pipelines, ordering and resuming)::
+
+    build_pretrain_loader(path, batch_size, input_size=224, ...)  # yields images
+    build_finetune_loader(path, batch_size, input_size=224, ...)  # yields (images, labels)
+    build_val_loader(path, batch_size, input_size=224, ...)       # yields (images, labels)
+
+``dataset_info(path)`` checks a ``.beton`` and returns its size, fields and largest side.
+``.beton`` files are written by ``python -m data_prep.write_beton``.
+"""
+from .beton import BetonError, check_beton, dataset_info
+from .loaders import (
+    CENTER_CROP_RATIO,
+    FINETUNE_SCALE,
+    PRETRAIN_SCALE,
+    RATIO,
+    build_finetune_loader,
+    build_pretrain_loader,
+    build_val_loader,
+    default_num_workers,
+    epoch_order,
+    finetune_pipelines,
+    pretrain_pipelines,
+    set_epoch,
+    val_pipelines,
+)
+
+__all__ = [
+    "BetonError", "check_beton", "dataset_info",
+    "build_pretrain_loader", "build_finetune_loader", "build_val_loader",
+    "pretrain_pipelines", "finetune_pipelines", "val_pipelines",
+    "set_epoch", "epoch_order", "default_num_workers",
+    "PRETRAIN_SCALE", "FINETUNE_SCALE", "RATIO", "CENTER_CROP_RATIO",
+]

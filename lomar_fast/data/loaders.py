@@ -1,0 +1,245 @@
+"""FFCV loaders for pretraining, fine-tuning and validation.
+
+Each use has one builder; its pipeline is a plain list of FFCV operations (see the
+``*_pipelines`` functions). Batches are uint8 NHWC tensors on ``device``; nothing is
+normalized here (the training step normalizes on the device).
+
+=============  ==========================================================  ===============
+builder        image pipeline                                              yields
+=============  ==========================================================  ===============
+pretrain       RandomResizedCrop(S, scale 0.2..1, ratio 3/4..4/3) + flip   images
+finetune       RandomResizedCrop(S, scale 0.08..1, ratio 3/4..4/3) + flip  (images, labels)
+val            center crop (side * 224/256) resized to S                   (images, labels)
+=============  ==========================================================  ===============
+
+images: uint8 (B, S, S, 3); labels: int64 (B,). Resizing is OpenCV INTER_AREA (FFCV).
+
+Order and resuming. With ``order='random'`` FFCV draws epoch e's order from
+``default_rng(seed + e)`` (single process) or from ``DistributedSampler(seed=seed)`` with
+``set_epoch(e)`` (``distributed=True``: each rank gets its own disjoint shard; all ranks
+must pass the same seed). The epoch is the loader's ``next_epoch`` counter, which FFCV
+advances each time an epoch starts. To resume at epoch E, build the loader with the same
+seed and call :func:`set_epoch` (or pass ``start_epoch=E``): the next ``for`` loop then
+replays exactly epoch E's order. Random crops and flips are drawn by Numba's per-thread
+generators and are not reproduced.
+
+Batches are views into FFCV's ring of ``batches_ahead + 2`` buffers: ``clone()`` a batch
+you want to keep past the next few iterations.
+"""
+from __future__ import annotations
+
+import os
+from typing import Union
+
+import numpy as np
+import torch
+
+from .beton import IMAGE_FIELD, LABEL_FIELD, check_beton
+
+PRETRAIN_SCALE = (0.2, 1.0)
+FINETUNE_SCALE = (0.08, 1.0)
+RATIO = (3 / 4, 4 / 3)
+CENTER_CROP_RATIO = 224 / 256
+
+Device = Union[str, torch.device]
+
+
+def default_num_workers() -> int:
+    """Usable cores divided among the ranks of this node (LOCAL_WORLD_SIZE)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        cores = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cores // max(1, local))
+
+
+def _order(order, distributed: bool):
+    from ffcv.loader import OrderOption
+
+    if isinstance(order, str):
+        key = order.strip().upper().replace("-", "_")
+        if key not in OrderOption.__members__:
+            raise ValueError(f"order must be one of 'random', 'quasi_random', 'sequential'; got {order!r}")
+        order = OrderOption[key]
+    if not isinstance(order, OrderOption):
+        raise ValueError(f"order must be a string or ffcv OrderOption, got {order!r}")
+    if distributed and order == OrderOption.QUASI_RANDOM:
+        raise ValueError("order='quasi_random' cannot be used with distributed=True "
+                         "(FFCV has no distributed quasi-random order); use order='random'")
+    return order
+
+
+def _to_device(device: Device):
+    from ffcv.transforms import ToDevice
+
+    dev = torch.device(device)
+    return ToDevice(dev, non_blocking=dev.type == "cuda")
+
+
+def pretrain_pipelines(input_size: int, device: Device = "cpu") -> dict:
+    """{'image': [...], 'label': None}: RandomResizedCrop(scale 0.2..1) + flip, uint8 NHWC."""
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.transforms import RandomHorizontalFlip, ToTensor
+
+    return {
+        IMAGE_FIELD: [
+            RandomResizedCropRGBImageDecoder((input_size, input_size), scale=PRETRAIN_SCALE, ratio=RATIO),
+            RandomHorizontalFlip(),
+            ToTensor(),
+            _to_device(device),
+        ],
+        LABEL_FIELD: None,
+    }
+
+
+def _label_pipeline(device: Device) -> list:
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.transforms import Squeeze, ToTensor
+
+    return [IntDecoder(), ToTensor(), Squeeze(1), _to_device(device)]
+
+
+def finetune_pipelines(input_size: int, device: Device = "cpu") -> dict:
+    """RandomResizedCrop(scale 0.08..1) + flip; labels int64 (B,)."""
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.transforms import RandomHorizontalFlip, ToTensor
+
+    return {
+        IMAGE_FIELD: [
+            RandomResizedCropRGBImageDecoder((input_size, input_size), scale=FINETUNE_SCALE, ratio=RATIO),
+            RandomHorizontalFlip(),
+            ToTensor(),
+            _to_device(device),
+        ],
+        LABEL_FIELD: _label_pipeline(device),
+    }
+
+
+def val_pipelines(input_size: int, device: Device = "cpu") -> dict:
+    """Center crop of side int(min(H, W) * 224/256), resized to input_size; labels int64 (B,)."""
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.transforms import ToTensor
+
+    return {
+        IMAGE_FIELD: [
+            CenterCropRGBImageDecoder((input_size, input_size), ratio=CENTER_CROP_RATIO),
+            ToTensor(),
+            _to_device(device),
+        ],
+        LABEL_FIELD: _label_pipeline(device),
+    }
+
+
+class _FirstOutput:
+    """Wraps FFCV's epoch iterator to yield the only output instead of a 1-tuple."""
+
+    def __init__(self, it):
+        self._it = it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)[0]
+
+    def close(self):
+        self._it.close()
+
+
+def _image_only_loader_class():
+    from ffcv.loader import Loader
+
+    class ImageLoader(Loader):
+        """An ffcv Loader whose iteration yields the image batch alone."""
+
+        def __iter__(self):
+            return _FirstOutput(super().__iter__())
+
+    return ImageLoader
+
+
+def _build(path, fields, pipelines, batch_size, num_workers, distributed, seed, order, os_cache,
+           batches_ahead, drop_last, start_epoch, image_only=False):
+    from ffcv.loader import Loader
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = _order(order, distributed)
+    if distributed:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("distributed=True needs torch.distributed to be initialized "
+                             "(init_process_group) before the loader is built")
+    # Disable every stored field the pipelines do not use.
+    full = {name: None for name in fields}
+    full.update({k: v for k, v in pipelines.items() if k in fields})
+    cls = _image_only_loader_class() if image_only else Loader
+    loader = cls(str(path), batch_size=batch_size,
+                 num_workers=num_workers if num_workers and num_workers > 0 else default_num_workers(),
+                 os_cache=os_cache, order=order, distributed=distributed,
+                 seed=int(seed), pipelines=full, drop_last=drop_last, batches_ahead=batches_ahead)
+    set_epoch(loader, start_epoch)
+    return loader
+
+
+def build_pretrain_loader(path: str | os.PathLike, batch_size: int, input_size: int = 224,
+                          num_workers: int | None = None, device: Device = "cpu",
+                          distributed: bool = False, seed: int = 0, order="random",
+                          os_cache: bool = True, batches_ahead: int = 3, drop_last: bool = True,
+                          start_epoch: int = 0):
+    """Pretraining loader: iterating yields uint8 image batches of shape (B, S, S, 3) on ``device``.
+
+    RandomResizedCrop to input_size (scale 0.2..1, ratio 3/4..4/3), horizontal flip p=0.5.
+    Labels are not read. Raises FileNotFoundError / BetonError for a bad file or an
+    input_size larger than the stored images, ValueError for a bad order/distributed combo.
+    """
+    info = check_beton(path, need_label=False, input_size=input_size)
+    return _build(path, info["fields"], pretrain_pipelines(input_size, device), batch_size, num_workers,
+                  distributed, seed, order, os_cache, batches_ahead, drop_last, start_epoch,
+                  image_only=True)
+
+
+def build_finetune_loader(path: str | os.PathLike, batch_size: int, input_size: int = 224,
+                          num_workers: int | None = None, device: Device = "cpu",
+                          distributed: bool = False, seed: int = 0, order="random",
+                          os_cache: bool = True, batches_ahead: int = 3, drop_last: bool = True,
+                          start_epoch: int = 0):
+    """Fine-tuning loader: yields (images uint8 (B, S, S, 3), labels int64 (B,)) on ``device``.
+
+    RandomResizedCrop (scale 0.08..1, ratio 3/4..4/3) + horizontal flip.
+    """
+    info = check_beton(path, need_label=True, input_size=input_size)
+    return _build(path, info["fields"], finetune_pipelines(input_size, device), batch_size, num_workers,
+                  distributed, seed, order, os_cache, batches_ahead, drop_last, start_epoch)
+
+
+def build_val_loader(path: str | os.PathLike, batch_size: int, input_size: int = 224,
+                     num_workers: int | None = None, device: Device = "cpu",
+                     distributed: bool = False, seed: int = 0, order="sequential",
+                     os_cache: bool = True, batches_ahead: int = 3, drop_last: bool = False,
+                     start_epoch: int = 0):
+    """Validation loader: yields (images uint8 (B, S, S, 3), labels int64 (B,)) on ``device``.
+
+    Center crop of side int(min(H, W) * 224/256), resized to input_size. Sequential order and
+    no dropped tail by default, so every image is seen once (with ``distributed=True``
+    FFCV's sampler pads the last shard with repeated images, as DistributedSampler does).
+    """
+    info = check_beton(path, need_label=True, input_size=input_size)
+    return _build(path, info["fields"], val_pipelines(input_size, device), batch_size, num_workers,
+                  distributed, seed, order, os_cache, batches_ahead, drop_last, start_epoch)
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """Makes the loader's next iteration replay epoch ``epoch``'s order (see module doc)."""
+    if int(epoch) < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    loader.next_epoch = int(epoch)
+
+
+def epoch_order(loader, epoch: int) -> np.ndarray:
+    """Sample indices (into the .beton) this loader/rank reads in ``epoch``, before batching."""
+    order = np.asarray(loader.traversal_order.sample_order(int(epoch)))
+    n = len(loader) * loader.batch_size if loader.drop_last else len(order)
+    return order[:n]

@@ -1,0 +1,449 @@
+"""Tests of data_prep (ImageFolder -> .beton) and lomar_fast.data (FFCV loaders). CPU only.
+
+FFCV compiles each loader's pipeline with Numba (seconds each), so the tests share a few
+loaders and small images.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("ffcv")
+
+import data_prep.write_beton as wb  # noqa: E402
+from data_prep.write_beton import DataPrepError, WriteOptions, write_dataset  # noqa: E402
+from lomar_fast.data import (  # noqa: E402
+    BetonError, build_finetune_loader, build_pretrain_loader, build_val_loader, dataset_info,
+    epoch_order, finetune_pipelines, pretrain_pipelines, set_epoch,
+)
+
+CLASSES = ["apple", "bird", "car"]
+SIZES = [(96, 72), (72, 96), (100, 100), (120, 80)]  # (W, H)
+
+
+def gradient_image(w: int, h: int, k: int) -> np.ndarray:
+    """R grows left->right (0..255), G top->bottom, B a texture that depends on k."""
+    x = np.linspace(0, 255, w)[None, :].repeat(h, 0)
+    y = np.linspace(0, 255, h)[:, None].repeat(w, 1)
+    yy, xx = np.mgrid[0:h, 0:w]
+    b = 128 + 80 * np.sin(xx / (4 + k % 3)) * np.cos(yy / 6)
+    return np.stack([x, y, b], -1).round().clip(0, 255).astype(np.uint8)
+
+
+def make_tree(root: Path, per_split=(("train", 8), ("val", 4))) -> Path:
+    for split, n in per_split:
+        for c, cls in enumerate(CLASSES):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                w, h = SIZES[(i + c) % len(SIZES)]
+                Image.fromarray(gradient_image(w, h, i + c)).save(d / f"{cls}_{i:04d}.png")
+    return root
+
+
+def expected_samples(root: Path, split: str) -> list[tuple[Path, int]]:
+    out = []
+    for c, cls in enumerate(sorted(CLASSES)):
+        out += [(p, c) for p in sorted((root / split / cls).iterdir())]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny ImageFolder tree (PNG) and its raw-mode .beton files."""
+    base = tmp_path_factory.mktemp("tiny")
+    tree = make_tree(base / "src")
+    out = base / "beton"
+    write_dataset(tree, out, ("train", "val"),
+                  WriteOptions(write_mode="raw", workers=2, progress=False))
+    return tree, out
+
+
+def read_raw_images(beton: Path) -> tuple[list[np.ndarray], np.ndarray]:
+    """Decodes a raw-mode .beton without FFCV's pipeline: (images, labels)."""
+    from ffcv.reader import Reader
+
+    r = Reader(str(beton))
+    mm = np.memmap(beton, dtype=np.uint8, mode="r")
+    meta = {name: r.metadata[r.metadata.dtype.names[i]] for i, name in enumerate(r.field_names)}
+    imgs = []
+    for m in meta["image"]:
+        assert m["mode"] == 1  # raw
+        n = int(m["height"]) * int(m["width"]) * 3
+        p = int(m["data_ptr"])
+        imgs.append(np.array(mm[p:p + n]).reshape(int(m["height"]), int(m["width"]), 3))
+    return imgs, np.array(meta["label"])
+
+
+# ----------------------------------------------------------------------------- writer
+
+def test_writer_outputs_match_sources(tiny):
+    tree, out = tiny
+    assert json.loads((out / "classes.json").read_text()) == sorted(CLASSES)
+    for split in ("train", "val"):
+        exp = expected_samples(tree, split)
+        imgs, labels = read_raw_images(out / f"{split}.beton")
+        assert labels.tolist() == [c for _, c in exp]
+        for img, (p, _) in zip(imgs, exp):
+            np.testing.assert_array_equal(img, np.asarray(Image.open(p)))
+        rep = json.loads((out / f"{split}.report.json").read_text())
+        assert rep["num_written"] == len(exp) and rep["num_skipped"] == 0
+    info = dataset_info(out / "train.beton")
+    assert info["num_images"] == 24 and info["max_side"] == 120 and info["min_side"] == 72
+    assert info["fields"] == {"image": "RGBImageField", "label": "IntField"}
+    assert info["classes"] == sorted(CLASSES)
+
+
+def test_writer_converts_or_skips_bad_files(tmp_path):
+    d = tmp_path / "src" / "train" / "odd"
+    d.mkdir(parents=True)
+    rgb = gradient_image(40, 30, 0)
+    Image.fromarray(rgb[..., 0]).save(d / "a_gray.jpg", quality=95)
+    Image.fromarray(rgb).convert("CMYK").save(d / "b_cmyk.jpg", quality=95)
+    Image.fromarray(rgb).save(d / "c_png_named.JPEG", format="PNG")
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(d / "d_rgba.png")
+    Image.fromarray(rgb).save(tmp_path / "full.jpg", quality=95)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (d / "e_truncated.jpg").write_bytes(data[: len(data) // 2])
+    (d / "f_garbage.jpg").write_bytes(os.urandom(2000))
+    (d / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    write_dataset(tmp_path / "src", out, ("train",),
+                  WriteOptions(write_mode="raw", workers=2, progress=False))
+    rep = json.loads((out / "train.report.json").read_text())
+    assert rep["num_found"] == 6 and rep["num_ignored_non_image_files"] == 1
+    assert rep["num_skipped"] == 2 and rep["num_written"] == 4
+    assert sorted(Path(s["path"]).name for s in rep["skipped"]) == ["e_truncated.jpg", "f_garbage.jpg"]
+    imgs, labels = read_raw_images(out / "train.beton")
+    assert len(imgs) == 4 and labels.tolist() == [0, 0, 0, 0]
+    assert all(im.shape == (30, 40, 3) for im in imgs)
+    gray = imgs[0].astype(int)
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+    assert np.abs(imgs[1].astype(int) - rgb).mean() < 8  # CMYK converted back to RGB
+    np.testing.assert_array_equal(imgs[2], rgb)  # PNG content behind a .JPEG name
+    np.testing.assert_array_equal(imgs[3], rgb)  # alpha dropped
+
+
+def test_writer_resizes_to_max_side(tmp_path):
+    d = tmp_path / "src" / "train" / "x"
+    d.mkdir(parents=True)
+    Image.fromarray(gradient_image(300, 200, 0)).save(d / "big.jpg", quality=95)
+    out = tmp_path / "out"
+    write_dataset(tmp_path / "src", out, ("train",),
+                  WriteOptions(max_side=64, jpeg_quality=90, workers=1, progress=False))
+    info = dataset_info(out / "train.beton")
+    assert (info["max_width"], info["max_height"]) == (64, 42) and info["jpeg_fraction"] == 1.0
+
+
+@pytest.mark.parametrize("case", ["missing_split", "empty_class", "src_is_file", "unreadable",
+                                  "classes_differ", "unknown_class"])
+def test_writer_rejects_bad_trees_before_writing(tmp_path, monkeypatch, case):
+    src = make_tree(tmp_path / "src", per_split=(("train", 1), ("val", 1)))
+    opts = WriteOptions(workers=1, progress=False)
+    splits = ("train", "val")
+    if case == "missing_split":
+        splits = ("train", "test")
+    elif case == "empty_class":
+        (src / "val" / "zebra").mkdir()
+        (src / "train" / "zebra").mkdir()
+        (src / "train" / "zebra" / "x.png").write_bytes(b"")
+    elif case == "src_is_file":
+        src = src / "train" / "apple" / "apple_0000.png"
+    elif case == "unreadable":
+        real = os.scandir
+
+        def denied(path):
+            if str(path).endswith("bird"):
+                raise PermissionError(13, "Permission denied")
+            return real(path)
+        monkeypatch.setattr(wb.os, "scandir", denied)
+    elif case == "classes_differ":
+        (src / "val" / "car").rename(src / "val" / "cow")
+    elif case == "unknown_class":
+        opts.classes = ["apple", "dog"]
+    out = tmp_path / "out"
+    with pytest.raises(DataPrepError) as e:
+        write_dataset(src, out, splits, opts)
+    msg = str(e.value)
+    expected = {"missing_split": "test", "empty_class": "zebra", "src_is_file": "apple_0000.png",
+                "unreadable": "bird", "classes_differ": "class folders differ",
+                "unknown_class": "dog"}[case]
+    assert expected in msg
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_writer_class_subset_and_limit(tmp_path):
+    src = make_tree(tmp_path / "src", per_split=(("train", 5),))
+    out = tmp_path / "out"
+    write_dataset(src, out, ("train",), WriteOptions(write_mode="raw", classes=["car", "bird"],
+                                                     max_per_class=2, workers=1, progress=False))
+    assert json.loads((out / "classes.json").read_text()) == ["bird", "car"]
+    imgs, labels = read_raw_images(out / "train.beton")
+    assert labels.tolist() == [0, 0, 1, 1]
+    np.testing.assert_array_equal(imgs[2], np.asarray(Image.open(src / "train/car/car_0000.png")))
+
+
+def test_writer_refuses_to_overwrite_without_force(tiny, tmp_path):
+    tree, _ = tiny
+    out = tmp_path / "out"
+    assert wb.main(["--src", str(tree), "--out", str(out), "--splits", "val", "--quiet",
+                    "--write-mode", "raw", "--workers", "1"]) == 0
+    before = (out / "val.beton").read_bytes()
+    assert wb.main(["--src", str(tree), "--out", str(out), "--splits", "val", "--quiet",
+                    "--workers", "1"]) == 2
+    assert (out / "val.beton").read_bytes() == before
+    assert wb.main(["--src", str(tree), "--out", str(out), "--splits", "val", "--quiet",
+                    "--workers", "1", "--force"]) == 0  # jpg now
+    assert dataset_info(out / "val.beton")["jpeg_fraction"] == 1.0
+
+
+def test_interrupted_write_leaves_no_beton(tiny, tmp_path, monkeypatch):
+    tree, _ = tiny
+    real = wb.load_rgb
+
+    def crash(path, max_side=0):
+        if path.endswith("bird_0003.png"):
+            os._exit(3)  # a writer process dies mid-write
+        return real(path, max_side)
+
+    monkeypatch.setattr(wb, "load_rgb", crash)
+    out = tmp_path / "out"
+    with pytest.raises(DataPrepError, match="died"):
+        write_dataset(tree, out, ("train",), WriteOptions(workers=2, progress=False))
+    assert not (out / "train.beton").exists()
+    assert [p.name for p in out.iterdir() if "beton" in p.name] == []
+
+
+# ----------------------------------------------------------------------------- bad .beton
+
+def test_bad_beton_files_raise_clear_errors(tiny, tmp_path):
+    _, out = tiny
+    good = (out / "val.beton").read_bytes()
+    with pytest.raises(FileNotFoundError, match="nope.beton"):
+        build_val_loader(tmp_path / "nope.beton", 4, 32)
+    cut = tmp_path / "cut.beton"
+    cut.write_bytes(good[: len(good) // 2])
+    with pytest.raises(BetonError, match="cut.beton.*(truncated|unfinished)"):
+        build_pretrain_loader(cut, 4, 32)
+    tiny_file = tmp_path / "tiny.beton"
+    tiny_file.write_bytes(good[:10])
+    with pytest.raises(BetonError, match="truncated"):
+        dataset_info(tiny_file)
+    junk = tmp_path / "junk.beton"
+    junk.write_bytes(os.urandom(5000))
+    with pytest.raises(BetonError, match="junk.beton"):
+        dataset_info(junk)
+    with pytest.raises(BetonError, match="crop size 500 is larger.*120 px"):
+        build_pretrain_loader(out / "val.beton", 4, 500)
+
+
+def test_beton_without_label_field(tmp_path):
+    from ffcv.fields import RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    class Images:
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return (gradient_image(50, 40, i),)
+
+    path = tmp_path / "nolabel.beton"
+    DatasetWriter(str(path), {"image": RGBImageField(write_mode="raw")}, num_workers=1
+                  ).from_indexed_dataset(Images())
+    assert dataset_info(path)["fields"] == {"image": "RGBImageField"}
+    with pytest.raises(BetonError, match="nolabel.beton.*'label'"):
+        build_val_loader(path, 2, 32)
+    with pytest.raises(BetonError, match="nolabel.beton.*'label'"):
+        build_finetune_loader(path, 2, 32)
+
+
+def test_quasi_random_refused_when_distributed(tiny):
+    _, out = tiny
+    with pytest.raises(ValueError, match="quasi_random"):
+        build_pretrain_loader(out / "train.beton", 4, 32, distributed=True, order="quasi_random")
+
+
+# ----------------------------------------------------------------------------- loaders
+
+def reference_center_crop(img: np.ndarray, size: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    c = int(224 / 256 * min(h, w))
+    top, left = (h - c) // 2, (w - c) // 2
+    crop = Image.fromarray(img[top:top + c, left:left + c])
+    return np.asarray(crop.resize((size, size), Image.BOX)).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def val_loader(tiny):
+    _, out = tiny
+    return build_val_loader(out / "train.beton", batch_size=8, input_size=48, num_workers=2,
+                            order="random", seed=3)
+
+
+def test_val_round_trip_matches_reference(tiny, val_loader):
+    tree, _ = tiny
+    exp = expected_samples(tree, "train")
+    order = epoch_order(val_loader, 0)
+    assert sorted(order.tolist()) == list(range(len(exp)))
+    seen = []
+    for images, labels in val_loader:
+        assert images.dtype == torch_uint8() and images.shape[1:] == (48, 48, 3)
+        assert labels.dtype == torch_int64() and labels.ndim == 1
+        seen += list(zip(images.numpy().astype(np.int16), labels.tolist()))
+    assert len(seen) == len(exp)
+    for (img, label), ix in zip(seen, order):
+        path, cls = exp[ix]
+        assert label == cls
+        ref = reference_center_crop(np.asarray(Image.open(path)), 48)
+        diff = np.abs(img - ref)
+        # PIL BOX vs OpenCV INTER_AREA: mean |diff| <= 1.1 here; a crop 1 px off gives >= 2.6
+        assert diff.mean() < 1.6 and diff.max() <= 12, (path, diff.mean(), diff.max())
+
+
+def test_resume_at_epoch_reproduces_order(tiny, val_loader):
+    _, out = tiny
+
+    set_epoch(val_loader, 0)
+    epochs = []
+    for _ in range(3):
+        epochs.append(np.concatenate([x.numpy().reshape(len(x), -1)[:, ::97].copy()
+                                      for x, _ in val_loader]))
+    assert val_loader.next_epoch == 3
+    assert not np.array_equal(epochs[0], epochs[1])  # the order changes between epochs
+    set_epoch(val_loader, 1)  # resume at epoch 1
+    again = np.concatenate([x.numpy().reshape(len(x), -1)[:, ::97].copy() for x, _ in val_loader])
+    np.testing.assert_array_equal(again, epochs[1])
+    # A fresh loader with the same seed, set to epoch 2, replays epoch 2's order.
+    fresh = build_val_loader(out / "train.beton", batch_size=8, input_size=48, num_workers=2,
+                             order="random", seed=3, start_epoch=2)
+    np.testing.assert_array_equal(epoch_order(fresh, fresh.next_epoch), epoch_order(val_loader, 2))
+    other_seed = build_val_loader(out / "train.beton", batch_size=8, input_size=48,
+                                  num_workers=2, order="random", seed=4)
+    assert not np.array_equal(epoch_order(other_seed, 2), epoch_order(val_loader, 2))
+
+
+def torch_uint8():
+    import torch
+    return torch.uint8
+
+
+def torch_int64():
+    import torch
+    return torch.int64
+
+
+def test_pipeline_declarations():
+    pre = pretrain_pipelines(64)
+    fin = finetune_pipelines(64)
+    assert pre["label"] is None
+    assert tuple(pre["image"][0].scale) == (0.2, 1.0) and tuple(fin["image"][0].scale) == (0.08, 1.0)
+    assert np.allclose(pre["image"][0].ratio, (3 / 4, 4 / 3))
+    assert type(pre["image"][1]).__name__ == "RandomHorizontalFlip"
+    assert type(fin["image"][1]).__name__ == "RandomHorizontalFlip"
+
+
+def test_pretrain_pipeline(tiny):
+    import torch
+
+    _, out = tiny
+    loader = build_pretrain_loader(out / "train.beton", batch_size=12, input_size=64,
+                                   num_workers=2, order="sequential")
+    assert len(loader) == 2
+    sizes = [SIZES[(i % 8 + i // 8) % len(SIZES)] for i in range(24)]  # (W, H) of sample i
+    epochs = []
+    for _ in range(3):
+        batches = [x.clone() for x in loader]
+        assert all(isinstance(x, torch.Tensor) for x in batches)
+        x = torch.cat(batches)
+        assert x.shape == (24, 64, 64, 3) and x.dtype == torch.uint8 and x.device.type == "cpu"
+        epochs.append(x)
+    x = torch.cat(epochs).numpy().astype(np.float64)
+    assert x.max() > 150 and x.min() < 100  # real pixels, not normalized or zeros
+    assert not torch.equal(epochs[0], epochs[1])  # new random crops every epoch
+    # R grows left->right in every source image: a flipped crop has it decreasing.
+    slope = x[:, :, -8:, 0].mean((1, 2)) - x[:, :, :8, 0].mean((1, 2))
+    assert (slope > 0).sum() >= 10 and (slope < 0).sum() >= 10
+    # Crop width / image width >= sqrt(0.2 * 3/4 * H / W) for scale >= 0.2, ratio >= 3/4.
+    span = np.abs(x[:, :, -1, 0].mean(1) - x[:, :, 0, 0].mean(1)) / 255.0
+    bound = np.array([np.sqrt(0.15 * h / w) for w, h in sizes] * 3)
+    assert (span >= bound - 0.06).all(), (span - bound).min()
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def _dist_rank(rank: int, port: int, beton: str, result_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        loader = build_val_loader(beton, batch_size=4, input_size=32, num_workers=1,
+                                  distributed=True, order="random", seed=0, drop_last=False)
+        orders = {e: epoch_order(loader, e).tolist() for e in (0, 1)}
+        labels = [y.tolist() for _, y in loader]
+        Path(result_dir, f"rank{rank}.json").write_text(
+            json.dumps({"orders": orders, "labels": sum(labels, [])}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_ranks_read_disjoint_shards(tiny, tmp_path):
+    import torch.multiprocessing as tmp_mp
+
+    tree, out = tiny
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp_mp.spawn(_dist_rank, args=(port, str(out / "train.beton"), str(tmp_path)), nprocs=2)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    all_labels = [c for _, c in expected_samples(tree, "train")]
+    for e in ("0", "1"):
+        a, b = r0["orders"][e], r1["orders"][e]
+        assert len(a) == len(b) == 12
+        assert not set(a) & set(b) and sorted(a + b) == list(range(24))
+    assert r0["orders"]["0"] != r0["orders"]["1"]
+    # what each rank actually read is the shard its sampler gave it
+    assert r0["labels"] == [all_labels[i] for i in r0["orders"]["0"]]
+    assert r1["labels"] == [all_labels[i] for i in r1["orders"]["0"]]
+
+
+# ----------------------------------------------------------------------------- demo + bench
+
+def test_make_demo_is_quick_and_idempotent(tmp_path, capsys):
+    from data_prep import make_demo
+
+    out = tmp_path / "demo"
+    assert make_demo.main(["--out", str(out), "--train-per-class", "3", "--val-per-class", "1",
+                           "--quiet"]) == 0
+    classes = json.loads((out / "classes.json").read_text())
+    assert len(classes) >= 8
+    train = sorted((out / "imagefolder" / "train").glob("*/*.jpg"))
+    assert len(train) == 3 * len(classes)
+    assert all(300 <= max(Image.open(p).size) <= 500 for p in train)
+    assert dataset_info(out / "train.beton")["num_images"] == len(train)
+    assert dataset_info(out / "val.beton")["num_images"] == len(classes)
+    stamp = (out / "train.beton").stat().st_mtime_ns
+    assert make_demo.main(["--out", str(out)]) == 0
+    assert "already present" in capsys.readouterr().err
+    assert (out / "train.beton").stat().st_mtime_ns == stamp
+
+
+def test_loader_benchmark_quick(tmp_path):
+    from benchmarks import loader as bench
+
+    res_path = tmp_path / "loader_quick.json"
+    assert bench.main(["--quick", "--cache-dir", str(tmp_path / "cache"), "--out", str(res_path)]) == 0
+    res = json.loads(res_path.read_text())
+    assert res["config"]["quick"] is True and res["cpu"]["cores"] >= 1
+    run = res["results"][0]
+    assert run["images_per_epoch"] == run["batches_per_epoch"] * res["config"]["batch_size"] > 0
+    assert len(run["epoch_seconds"]) == res["config"]["epochs"]
+    assert run["images_per_sec"] > 0 and res["decode_only"]["images_per_sec"] > 0
