@@ -18,7 +18,13 @@ DS_CONFIG    ?= ds_configs/cpu.json
 OUTPUT       ?= output/demo
 NPROC        ?= 1
 PRETRAIN_ARGS ?=
+DEMO_DATA    := $(DATA_DIR)/demo/train.beton
+# the demo: a tiny ViT, small windows, a short schedule that fits a few minutes on 2 CPU cores
+DEMO_ARGS    ?= --input_size 160 --window_size 5 --num_window 3 --batch_size 32 --epochs 8 \
+                --warmup_epochs 1 --blr 2e-3 --num_workers 2 --log_every 4 --save_every 4
+DS_ACCEL     ?= $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 PYTEST_ARGS  ?=
+VIS_IMAGE    ?=
 
 .PHONY: help setup apt-deps test pretrain demo-data prep-imagenet bench wheelhouse clean
 
@@ -67,7 +73,18 @@ prep-imagenet: setup
 	$(PY) -m data_prep.write_beton --src $(IMAGENET_DIR) --out $(DATA_DIR) --splits train val
 
 pretrain: setup
-	@bash benchmarks/../lomar_fast/scripts/pretrain_demo.sh "$(DATA)" "$(MODEL)" "$(DS_CONFIG)" "$(OUTPUT)" "$(NPROC)" "$(DATA_DIR)" $(PRETRAIN_ARGS)
+	@if [ "$(DATA)" = "$(DATA_DIR)/demo/train.beton" ] && [ ! -f "$(DATA)" ]; then \
+	  $(PY) -m data_prep.make_demo --out $(DATA_DIR)/demo; fi
+	@test -f "$(DATA)" || { echo "DATA=$(DATA) does not exist; build it with make prep-imagenet"; exit 2; }
+	DS_ACCELERATOR=$(DS_ACCEL) $(VENV)/bin/deepspeed --num_gpus $(NPROC) lomar_fast/pretrain.py \
+	  --deepspeed_config $(DS_CONFIG) --data_path $(DATA) --model $(MODEL) --output_dir $(OUTPUT) \
+	  $(if $(filter $(DEMO_DATA),$(DATA)),$(DEMO_ARGS)) --resume auto $(PRETRAIN_ARGS)
+	$(PY) -m lomar_fast.export --checkpoint $(OUTPUT) --out $(OUTPUT)/model.pth
+	@img="$(VIS_IMAGE)"; [ -n "$$img" ] || img="$$(find $(DATA_DIR)/demo/imagefolder/val -name '*.jpg' 2>/dev/null | sort | head -1)"; \
+	  if [ -n "$$img" ]; then $(PY) -m lomar_fast.visualize --checkpoint $(OUTPUT)/model.pth --out $(OUTPUT)/recon.png --image "$$img"; \
+	  else echo "no image for the reconstruction PNG: pass VIS_IMAGE=some.jpg"; fi
+	@echo "checkpoints: $(OUTPUT)   weights: $(OUTPUT)/model.pth   reconstruction: $(OUTPUT)/recon.png"
+	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(OUTPUT)/tensorboard"
 
 bench: setup
 	$(PY) -m benchmarks.throughput $(BENCH_ARGS)

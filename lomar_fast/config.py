@@ -49,6 +49,8 @@ class PretrainConfig:
     save_every: int = 20
     log_every: int = 20
     max_steps_per_epoch: int | None = None
+    exit_after_epochs: int | None = None
+    record_data_order: bool = False
     deepspeed_config: str = "ds_configs/zero2.json"
     zero_stage: int | None = None
     kernels: str | None = None
@@ -82,6 +84,9 @@ HELP = {
     "save_every": "save a checkpoint every N epochs (and at the end)",
     "log_every": "read the loss back every N steps (no host sync in between)",
     "max_steps_per_epoch": "cap the steps of each epoch (smoke runs)",
+    "exit_after_epochs": "save and exit after this many epochs in this invocation (time-limited jobs; "
+                         "--resume auto continues)",
+    "record_data_order": "write each rank's sample indices per epoch under output_dir/data_order",
     "deepspeed_config": "DeepSpeed JSON (ds_configs/)",
     "zero_stage": "override the ZeRO stage of the JSON",
     "kernels": "fused CUDA kernels: on, off or auto (default: $LOMAR_KERNELS or auto)",

@@ -70,6 +70,18 @@ def find_resume(cfg: PretrainConfig) -> tuple[str, str] | None:
     return str(root), latest.read_text().strip()
 
 
+def epoch_losses(output_dir: str) -> list[tuple[int, float]]:
+    """(epoch, mean loss) of every epoch in the run's JSONL log, the latest record per epoch."""
+    path = Path(output_dir, "log.jsonl")
+    losses: dict[int, float] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("kind") == "epoch":
+                losses[int(rec["epoch"])] = float(rec["loss"])
+    return sorted(losses.items())
+
+
 def build_model(cfg: PretrainConfig):
     return create_model(cfg.model, img_size=cfg.input_size, window_size=cfg.window_size,
                         num_window=cfg.num_window, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss,
@@ -87,12 +99,13 @@ def main(argv: list[str] | None = None) -> dict:
         set_kernels(cfg.kernels)
 
     import deepspeed
-    from lomar_fast.data import build_pretrain_loader, set_loader_epoch
+    from lomar_fast.data import build_pretrain_loader, epoch_order, set_epoch
 
-    rank, world, _ = init_distributed(device)
+    world = int(os.environ.get("WORLD_SIZE", 1))
     ds_cfg, micro, accum = resolve_ds_config(ds_raw, batch_size=cfg.batch_size, accum_iter=cfg.accum_iter,
                                              world_size=world, explicit=cfg.explicit, zero_stage=cfg.zero_stage,
                                              device=device, source=f"--deepspeed_config {cfg.deepspeed_config}")
+    rank, world, _ = init_distributed(device)
     cfg.batch_size, cfg.accum_iter = micro, accum
     eff_batch = micro * accum * world
     base_lr = effective_lr(cfg.blr, cfg.lr, eff_batch)
@@ -131,7 +144,12 @@ def main(argv: list[str] | None = None) -> dict:
     gen = torch.Generator(device=device)
     last = {}
     for epoch in range(start_epoch, cfg.epochs):
-        set_loader_epoch(loader, epoch)
+        set_epoch(loader, epoch)
+        if cfg.record_data_order:
+            order_dir = Path(cfg.output_dir, "data_order")
+            order_dir.mkdir(exist_ok=True)
+            order = epoch_order(loader, epoch)
+            (order_dir / f"rank{rank}_epoch{epoch}.json").write_text(json.dumps([int(i) for i in order]))
         engine.train()
         logger.start_epoch(epoch, steps_per_epoch)
         pending, pending_n, t0 = torch.zeros((), device=device), 0, time.perf_counter()
@@ -167,13 +185,21 @@ def main(argv: list[str] | None = None) -> dict:
         last = dict(epoch=epoch, step=step, loss=epoch_loss / max(epoch_n, 1), epoch_time=epoch_time,
                     images_per_sec=epoch_n * micro * world / max(epoch_time, 1e-9))
         logger.end_epoch(**last)
-        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+        stopping = cfg.exit_after_epochs is not None and epoch + 1 - start_epoch >= cfg.exit_after_epochs
+        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or stopping:
             client = dict(epoch=epoch, step=step, config=cfg.to_dict(), world_size=world)
             engine.save_checkpoint(cfg.output_dir, tag=f"epoch{epoch:04d}", client_state=client)
             logger.info(f"checkpoint {cfg.output_dir}/epoch{epoch:04d}")
+        if stopping:
+            logger.info(f"exiting after {cfg.exit_after_epochs} epoch(s) as asked; --resume auto continues")
+            break
     logger.close()
-    if rank == 0:
+    if rank == 0 and not last:
+        print(f"nothing to train: the run in {cfg.output_dir} already reached epoch {cfg.epochs}")
+    elif rank == 0:
         Path(cfg.output_dir, "summary.json").write_text(json.dumps({**last, "config": cfg.to_dict()}, indent=1))
+    if rank == 0:
+        print("loss by epoch: " + " ".join(f"{e}:{v:.4f}" for e, v in epoch_losses(cfg.output_dir)))
     return last
 
 

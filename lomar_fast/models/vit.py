@@ -157,7 +157,9 @@ def init_vit_weights(module: nn.Module) -> None:
 
 def drop_path_rates(drop_path: float, depth: int) -> list[float]:
     """Stochastic depth rising linearly from 0 to ``drop_path`` over the blocks."""
-    return [float(x) for x in torch.linspace(0, drop_path, depth)] if depth > 1 else [drop_path] * depth
+    if depth <= 1:
+        return [float(drop_path)] * depth
+    return [drop_path * i / (depth - 1) for i in range(depth)]
 
 
 # widths, depths and heads of the standard ViT sizes
