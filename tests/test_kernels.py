@@ -602,3 +602,179 @@ def test_gpu_opcheck(dtype):
         torch.library.opcheck(
             torch.ops.lomar_fast.gather_windows, (images, windows, masks, 4, 3, True, dtype, n_mask, visible_only)
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU emulation of the kernels (catches indexing errors without a GPU)
+# ---------------------------------------------------------------------------------------------
+# The .cu sources are compiled as host C++ with a tiny emulation layer: one std::thread per CUDA
+# thread, std::barrier for __syncthreads and the warp collectives, blocks run one after another
+# (so __shared__ becomes static storage). fp16 conversions (inline PTX) are stubbed out; the
+# fp32 and bf16 paths are exercised for real.
+_EMU_LAYER = r"""#include <thread>
+#include <barrier>
+#include <vector>
+#include <cstring>
+#include <cmath>
+#include <functional>
+#include <algorithm>
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+struct float4 { float x, y, z, w; };
+static dim3 blockIdx, blockDim, gridDim;
+static thread_local dim3 threadIdx;
+static std::barrier<>* g_bar = nullptr;
+static std::barrier<>* g_warp_bar[32];
+static unsigned g_warp_scratch[32][32];
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __restrict__
+inline void __syncthreads() { g_bar->arrive_and_wait(); }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline unsigned __ballot_sync(unsigned, bool pred) {
+  int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  g_warp_scratch[w][l] = pred; g_warp_bar[w]->arrive_and_wait();
+  unsigned r = 0; for (int i = 0; i < 32; ++i) if (g_warp_scratch[w][i]) r |= 1u << i;
+  g_warp_bar[w]->arrive_and_wait(); return r;
+}
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+  int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  g_warp_scratch[w][l] = __float_as_uint(v); g_warp_bar[w]->arrive_and_wait();
+  float r = __uint_as_float(g_warp_scratch[w][l ^ o]);
+  g_warp_bar[w]->arrive_and_wait(); return r;
+}
+alignas(16) float4 g_smem[1 << 14];
+template <typename F> void emu_launch(int grid, int block, F f) {
+  gridDim.x = grid; blockDim.x = block;
+  for (int b = 0; b < grid; ++b) {
+    blockIdx.x = b;
+    std::barrier<> bar(block); g_bar = &bar;
+    std::vector<std::unique_ptr<std::barrier<>>> wb;
+    for (int w = 0; w < block / 32; ++w) { wb.emplace_back(new std::barrier<>(32)); g_warp_bar[w] = wb.back().get(); }
+    std::vector<std::thread> ts;
+    for (int t = 0; t < block; ++t) ts.emplace_back([t, &f] { threadIdx.x = t; f(); });
+    for (auto& t : ts) t.join();
+  }
+}
+"""
+
+_EMU_ENTRY = r"""
+extern "C" {
+void irpe_fwd_f32_32(const float* q, long long a, long long b, long long c, long long d, const float* t,
+                     const long long* bk, float* out, int H, int L, int NB, int Lp, long long M, int grid) {
+  emu_launch(grid, 256, [&] { irpe_ns::irpe_fwd<float, 32>(q, a, b, c, d, t, bk, out, H, L, NB, Lp, M); });
+}
+void irpe_bwd_f32(const float* g, long long a, long long b, long long c, long long d, const long long* bk, float* G,
+                  int H, int L, int NB, long long M, int rows, int parts, int grid) {
+  emu_launch(grid, rows * parts, [&] { irpe_ns::irpe_bwd_reduce<float>(g, a, b, c, d, bk, G, H, L, NB, M, rows, parts); });
+}
+void gather_u8_bf16(const unsigned char* img, long long sb, long long sc, long long sy, long long sx,
+                    const long long* win, const unsigned char* m, window_gather_ns::lomar_bf16* P, float* T,
+                    int K, int p, int w, int nm, int vis, int np_, float m0, float m1, float m2,
+                    float s0, float s1, float s2, int grid) {
+  emu_launch(grid, 256, [&] {
+    window_gather_ns::window_gather<unsigned char, window_gather_ns::lomar_bf16>(
+        img, sb, sc, sy, sx, win, m, P, T, K, p, w, nm, vis, np_, m0, m1, m2, s0, s1, s2);
+  });
+}
+}
+"""
+
+
+def _emulation_source() -> str:
+    import re
+
+    parts = [_EMU_LAYER]
+    for mod, ns in ((_irpe_cuda, "irpe_ns"), (_window_gather_cuda, "window_gather_ns")):
+        src = cb.cuda_source(mod.SOURCE).split("// Explicit instantiations")[0]
+        src = re.sub(r'asm\("cvt\.f32\.f16.*?\);', "f = 0.f;", src)
+        src = re.sub(r'asm\("cvt\.rn\.f16\.f32.*?\);', "r.bits = 0;", src)
+        src = re.sub(r"extern __shared__ float4 (\w+)\[\];", r"float4* \1 = g_smem;", src)
+        src = re.sub(r"extern __shared__ float (\w+)\[\];", r"float* \1 = (float*)g_smem;", src)
+        src = src.replace("__shared__", "static").replace("nullptr", "(TOut*)0")
+        parts.append(f"namespace {ns} {{\n{src}\n}}")
+    parts.append(_EMU_ENTRY)
+    return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def emu_lib(tmp_path_factory):
+    import ctypes
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler for the kernel emulation")
+    d = tmp_path_factory.mktemp("emu")
+    (d / "emu.cpp").write_text(_emulation_source())
+    r = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-o", str(d / "libemu.so"), str(d / "emu.cpp"),
+                        "-lpthread"], capture_output=True, text=True)
+    if r.returncode != 0 and "barrier" in r.stderr:
+        pytest.skip("host compiler lacks C++20 <barrier>")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return ctypes.CDLL(str(d / "libemu.so"))
+
+
+def _c_args(*xs):
+    import ctypes
+
+    out = []
+    for x in xs:
+        if isinstance(x, torch.Tensor):
+            out.append(ctypes.c_void_p(x.data_ptr()))
+        elif isinstance(x, float):
+            out.append(ctypes.c_float(x))
+        elif isinstance(x, tuple) and x[0] == "ll":
+            out.append(ctypes.c_longlong(x[1]))
+        else:
+            out.append(ctypes.c_int(x))
+    return out
+
+
+def test_emulated_irpe_kernels_match_reference(emu_lib):
+    torch.manual_seed(0)
+    n, h, length, d, nb = 1, 2, 26, 32, 50
+    q = torch.randn(n, length, 3, h, d).permute(2, 0, 3, 1, 4)[0]  # fused-qkv strides
+    table = torch.randn(d, nb)
+    buckets = torch.randint(0, nb, (length, length))
+    lp, m = 32, n * h * length
+    buf = torch.full((n, h, length, lp), 7.0)
+    emu_lib.irpe_fwd_f32_32(*_c_args(q, *(("ll", s) for s in q.stride()), table, buckets, buf, h, length, nb, lp,
+                                     ("ll", m), 2))
+    torch.testing.assert_close(buf[..., :length], irpe_mod.irpe_key_bias_reference(q, table, buckets))
+    assert bool((buf[..., length:] == 0).all())
+
+    grad = torch.randn(n, h, length, length).transpose(-1, -2)
+    want = torch.ops.lomar_fast.irpe_bucket_reduce(grad, buckets, nb)
+    for rows in (32, 8):
+        got = torch.full((n, h, length, nb), 5.0)
+        emu_lib.irpe_bwd_f32(*_c_args(grad, *(("ll", s) for s in grad.stride()), buckets, got, h, length, nb,
+                                      ("ll", m), rows, 128 // rows, 2))
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("visible_only,norm_pix", [(False, True), (True, True), (False, False)])
+def test_emulated_window_gather_matches_reference(emu_lib, visible_only, norm_pix):
+    b, k, w, p, grid = 2, 1, 3, 4, 5
+    images, windows, masks, n_mask = make_window_inputs(b, k, w, grid, p, seed=7)
+    big = torch.zeros(b, grid * p + 2, grid * p + 1, 4, dtype=torch.uint8)
+    big[:, 1:-1, 1:, :3] = images
+    view = big[:, 1:-1, 1:, :3]  # non-contiguous NHWC
+    v = p * p * 3
+    rows = w * w - n_mask if visible_only else w * w
+    patches = torch.zeros((b * k, rows, v), dtype=torch.bfloat16)
+    targets = torch.full((b * k, n_mask, v), 9.0)
+    s = view.stride()
+    emu_lib.gather_u8_bf16(*_c_args(view, ("ll", s[0]), ("ll", s[3]), ("ll", s[1]), ("ll", s[2]), windows,
+                                    masks.view(torch.uint8), patches, targets, k, p, w, n_mask, int(visible_only),
+                                    int(norm_pix), *map(float, wg_mod.IMAGENET_MEAN), *map(float, wg_mod.IMAGENET_STD),
+                                    b * k * w * w))
+    ref = _window_gather_cuda.gather_visible_reference if visible_only else wg_mod.gather_windows_reference
+    want_p, want_t = ref(view, windows, masks, p, w, norm_pix, torch.bfloat16)
+    torch.testing.assert_close(patches.float(), want_p.float(), **GATHER_TOL[torch.bfloat16])
+    torch.testing.assert_close(targets, want_t, **TARGET_TOL)
