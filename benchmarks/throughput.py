@@ -1,0 +1,820 @@
+"""Training-step throughput of LoMaR against the MAE baseline on the same DeepSpeed harness.
+
+    python -m benchmarks.throughput --quick                 # GPU: ViT-B/16 at 224/384/448, ~2.5 min on an H200
+    python -m benchmarks.throughput --tiny --device cpu     # CPU smoke run: tiny models, same code path
+
+Each measured configuration (model x image size x variant) builds a fresh DeepSpeed engine (ZeRO stage and
+precision from the DeepSpeed JSON: ds_configs/zero2.json, bf16, on GPU; ds_configs/cpu.json, fp32, on CPU)
+around a fused AdamW, runs warm-up steps, then times the real step - engine forward, backward and
+optimizer step - on a device-resident synthetic uint8 NHWC batch (or a real ``.beton`` with --data_path).
+Windows and masks are drawn on the device with a device generator; nothing in the step waits for the host.
+
+Variants: ``eager`` (reference), ``compile`` (torch.compile per block, or of the whole model with
+--compile_mode model), and either of them ``+kernels`` (the fused CUDA kernels on; without it they are off).
+A variant that fails (kernels missing, out of memory, compile error) is recorded with its error and the run
+goes on.
+
+Reported per configuration: images/sec (median step time over the timed steps, CUDA events on GPU), model
+FLOPs per training image (lomar_fast.flops), achieved TFLOP/s, MFU against the matrix-multiply rate measured
+on the same device in the same run (8192^3 in the compute dtype), peak memory, and host syncs seen in one
+step under torch.cuda.set_sync_debug_mode. Output under --out: <name>.json (device, versions, config, raw
+step times), <name>.md (tables) and <name>.png (bar chart); --profile adds <name>_profile.md.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = "lomar_fast.throughput/1"
+VARIANTS = ("eager", "compile", "eager+kernels", "compile+kernels")
+MODEL_KINDS = ("lomar", "mae")
+
+# published dense bf16 matrix peaks (TFLOP/s), for a second MFU column next to the measured one
+SPEC_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+                    "H200": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
+
+# micro-batch per (model, size) for ViT-B on a GPU: LoMaR's cost per image does not depend on the image size
+# (K windows of 50 tokens), so its batch stays; MAE's grows with (S/16)^2, so its batch shrinks.
+GPU_BATCH = {("lomar", 224): 256, ("lomar", 384): 256, ("lomar", 448): 256,
+             ("mae", 224): 256, ("mae", 384): 128, ("mae", 448): 64}
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODEL_KINDS), choices=MODEL_KINDS)
+    p.add_argument("--arch", default=None, choices=("tiny", "small", "base", "large", "huge"),
+                   help="ViT size (default base; tiny with --tiny)")
+    p.add_argument("--large", action="store_true", help="shortcut for --arch large (batches halved)")
+    p.add_argument("--tiny", action="store_true", help="tiny models at small sizes: the CPU smoke configuration")
+    p.add_argument("--sizes", nargs="+", type=int, default=None, help="image sides (default 224 384 448; 64 with --tiny)")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help=f"any of {', '.join(VARIANTS)} (default: GPU eager compile compile+kernels; CPU eager)")
+    p.add_argument("--compile_mode", default="blocks", choices=("blocks", "model"),
+                   help="torch.compile each ViT block (fast to compile, graphs shared by the blocks) or the whole model")
+    p.add_argument("--batch_size", type=int, default=None, help="micro-batch for every configuration (default: per model/size table)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 with --quick, else 50; 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10 with --quick, else 15; 1 on CPU)")
+    p.add_argument("--quick", action="store_true", help="the short GPU run (< 6 min on one H100): fewer steps, a time budget")
+    p.add_argument("--time_budget", type=float, default=None,
+                   help="seconds after which remaining configurations are skipped (default 320 with --quick)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default cuda when available)")
+    p.add_argument("--ds_config", default=None, help="DeepSpeed JSON (default ds_configs/zero2.json on GPU, cpu.json on CPU)")
+    p.add_argument("--zero_stage", type=int, default=None, help="override the ZeRO stage of the DeepSpeed JSON")
+    p.add_argument("--data_path", default=None, help="feed a real .beton instead of synthetic batches (loader time included)")
+    p.add_argument("--num_workers", type=int, default=8, help="loader workers with --data_path")
+    p.add_argument("--find_max_batch", action="store_true", help="also find the largest micro-batch that fits per model/size")
+    p.add_argument("--max_batch_variant", default="eager", help="variant used by --find_max_batch")
+    p.add_argument("--max_batch_cap", type=int, default=16384, help="stop doubling at this micro-batch")
+    p.add_argument("--profile", action="store_true", help="torch.profiler over a few steps of one configuration")
+    p.add_argument("--profile_target", default=None,
+                   help="model:size:variant to profile (default: the first of the run, preferring a compile variant)")
+    p.add_argument("--profile_steps", type=int, default=3)
+    p.add_argument("--profile_trace", action="store_true", help="also write a Chrome trace of the profiled steps")
+    p.add_argument("--matmul_size", type=int, default=None, help="side of the peak matmul (default 8192 GPU, 1024 CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="output directory")
+    p.add_argument("--name", default=None, help="file stem of the outputs (default throughput_<device type>)")
+    args = p.parse_args(argv)
+
+    for v in args.variants or ():
+        if v not in VARIANTS:
+            p.error(f"--variants {v!r} is unknown; choose from {', '.join(VARIANTS)}")
+    for s in args.sizes or ():
+        if s <= 0 or s % 16:
+            p.error(f"--sizes {s} is not a positive multiple of the patch size 16")
+    for flag in ("batch_size", "steps", "warmup", "profile_steps"):
+        v = getattr(args, flag)
+        if v is not None and (v < (0 if flag == "warmup" else 1)):
+            p.error(f"--{flag} {v} is too small")
+    if args.data_path is not None and not Path(args.data_path).exists():
+        p.error(f"--data_path {args.data_path} does not exist; give the path of a .beton file")
+    if args.ds_config is not None and not Path(args.ds_config).is_file():
+        p.error(f"--ds_config {args.ds_config} does not exist; pick one of ds_configs/*.json")
+    return args
+
+
+def resolve_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
+    """Fill the defaults that depend on the device and the --quick/--tiny switches."""
+    gpu = device.type == "cuda"
+    args.arch = args.arch or ("large" if args.large else ("tiny" if args.tiny else "base"))
+    args.sizes = args.sizes or ([64] if args.tiny else [224, 384, 448])
+    args.variants = args.variants or (["eager", "compile", "compile+kernels"] if gpu else ["eager"])
+    if args.steps is None:
+        args.steps = (20 if args.quick else 50) if gpu else 3
+    if args.warmup is None:
+        args.warmup = (10 if args.quick else 15) if gpu else 1
+    if args.time_budget is None and args.quick:
+        args.time_budget = 320.0
+    args.matmul_size = args.matmul_size or (8192 if gpu else 1024)
+    args.ds_config = args.ds_config or str(REPO / "ds_configs" / ("zero2.json" if gpu else "cpu.json"))
+    args.name = args.name or f"throughput_{device.type}"
+    return args
+
+
+def default_batch(args: argparse.Namespace, kind: str, size: int, device: torch.device) -> int:
+    if args.batch_size is not None:
+        return args.batch_size
+    if device.type != "cuda" or args.tiny:
+        return 4 if device.type != "cuda" else 256
+    b = GPU_BATCH.get((kind, size))
+    if b is None:  # other sizes: scale MAE with the token count, keep LoMaR
+        b = 256 if kind == "lomar" else max(8, int(256 * (224 / size) ** 2) // 8 * 8)
+    if args.arch in ("large", "huge"):
+        b //= 2 if args.arch == "large" else 4
+    return max(1, b)
+
+
+def model_kwargs(kind: str, size: int, tiny: bool) -> dict[str, Any]:
+    """Constructor kwargs; tiny runs at small sizes shrink the window to fit the grid."""
+    kw: dict[str, Any] = {"img_size": size}
+    if kind == "lomar" and tiny:
+        grid = size // 16
+        w = min(7, max(2, grid // 2))
+        kw.update(window_size=w, num_window=min(4, grid - w + 1))
+    return kw
+
+
+# ------------------------------------------------------------------------------------------------ records
+@dataclass
+class Result:
+    model: str
+    kind: str
+    size: int
+    variant: str
+    batch_size: int
+    status: str = "pending"  # ok | error | oom | skipped
+    error: str | None = None
+    images_per_sec: float | None = None
+    step_ms_median: float | None = None
+    step_ms_mean: float | None = None
+    step_times_ms: list[float] = field(default_factory=list)
+    warmup_times_ms: list[float] = field(default_factory=list)
+    first_step_s: float | None = None  # includes compilation for compile variants
+    build_s: float | None = None
+    fwd_flops_per_image: float | None = None
+    train_flops_per_image: float | None = None
+    achieved_tflops: float | None = None
+    mfu: float | None = None
+    mfu_spec: float | None = None
+    peak_mem_gib: float | None = None
+    host_syncs_in_step: int | None = None
+    host_sync_messages: list[str] = field(default_factory=list)
+    loss: float | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def guarded(result: Result, fn: Callable[[], None]) -> Result:
+    """Run ``fn`` (which fills ``result``); any exception becomes the result's status instead of ending the run."""
+    try:
+        fn()
+        result.status = "ok"
+    except BaseException as e:  # noqa: BLE001 - a benchmark variant must never end the whole run
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+        result.status = "oom" if oom else "error"
+        tb = traceback.format_exception(type(e), e, e.__traceback__)
+        result.error = f"{type(e).__name__}: {str(e).strip()[:600]}\n" + "".join(tb[-4:])[-1500:]
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ device info
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"type": device.type}
+    if device.type == "cuda":
+        prop = torch.cuda.get_device_properties(device)
+        info.update(name=prop.name, capability=f"{prop.major}.{prop.minor}", sms=prop.multi_processor_count,
+                    memory_gib=round(prop.total_memory / 2**30, 2), count=torch.cuda.device_count())
+    else:
+        info.update(name=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                    cpus=os.cpu_count())
+    return info
+
+
+def versions() -> dict[str, Any]:
+    out: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "cuda": torch.version.cuda, "platform": platform.platform()}
+    try:
+        out["cudnn"] = torch.backends.cudnn.version()
+    except Exception:  # noqa: BLE001
+        out["cudnn"] = None
+    for mod in ("deepspeed", "timm", "triton", "cupy"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            out[mod] = None
+    try:
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                           timeout=10).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        out["git_commit"] = None
+    return out
+
+
+def spec_tflops(name: str | None) -> float | None:
+    if not name:
+        return None
+    for key, v in sorted(SPEC_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+        if key.lower() in name.lower():
+            return v
+    return None
+
+
+def measure_matmul(device: torch.device, dtype: torch.dtype, n: int, iters: int = 20) -> dict[str, Any]:
+    """Dense n x n x n matmul rate in ``dtype``: the ceiling MFU is measured against."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=torch.float32, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, dtype=torch.float32, generator=gen).to(dtype)
+    iters = iters if device.type == "cuda" else 5
+    for _ in range(3):
+        c = a @ b
+    times = []
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        sync(device)
+        for i in range(iters):
+            starts[i].record()
+            c = a @ b
+            ends[i].record()
+        sync(device)
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    else:
+        for _ in range(iters):
+            t = time.perf_counter()
+            c = a @ b
+            times.append((time.perf_counter() - t) * 1e3)
+    del a, b, c
+    med = statistics.median(times)
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "times_ms": times, "median_ms": med,
+            "tflops": 2 * n**3 / (med * 1e-3) / 1e12}
+
+
+# ------------------------------------------------------------------------------------------------ the step
+class Batches:
+    """Endless device-resident uint8 NHWC batches: two synthetic ones alternating, or a real loader."""
+
+    def __init__(self, args, batch: int, size: int, device: torch.device, world: int):
+        self.loader = None
+        if args.data_path is not None:
+            from lomar_fast.data import build_pretrain_loader  # imported only here: ffcv is optional
+
+            self.loader = build_pretrain_loader(args.data_path, batch_size=batch, input_size=size,
+                                                num_workers=args.num_workers, device=device,
+                                                distributed=world > 1, seed=args.seed)
+            self._it = iter(self.loader)
+        else:
+            gen = torch.Generator(device=device).manual_seed(args.seed)
+            self.synthetic = [torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device,
+                                            generator=gen) for _ in range(2)]
+            self._i = 0
+
+    def next(self) -> torch.Tensor:
+        if self.loader is None:
+            self._i += 1
+            return self.synthetic[self._i % 2]
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self._it = iter(self.loader)
+            batch = next(self._it)
+        return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def apply_compile(model: torch.nn.Module, mode: str) -> None:
+    if mode == "model":
+        model.compile()
+        return
+    for name in ("blocks", "decoder_blocks"):
+        for blk in getattr(model, name, ()):
+            blk.compile()
+
+
+def reset_compiler() -> None:
+    """Fresh dynamo state per variant (the on-disk inductor cache stays, so identical graphs compile fast)."""
+    try:
+        torch._dynamo.reset()
+        cfg = torch._dynamo.config
+        for key in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, key):
+                setattr(cfg, key, max(64, getattr(cfg, key)))
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def set_kernel_mode(mode: str) -> None:
+    from lomar_fast.ops._dispatch import set_kernels
+
+    set_kernels(mode)
+
+
+class Harness:
+    """One configuration: a fresh model + fused AdamW + DeepSpeed engine, and its step."""
+
+    def __init__(self, args, kind: str, size: int, variant: str, batch: int, device: torch.device,
+                 ds_raw: dict, world: int, result: Result):
+        import deepspeed
+
+        from lomar_fast.engine import build_adamw, param_groups_weight_decay, resolve_ds_config
+        from lomar_fast.flops import model_forward_macs, training_flops
+        from lomar_fast.models import create_model
+
+        self.kind, self.device, self.batch = kind, device, batch
+        compile_, kernels = variant.startswith("compile"), variant.endswith("+kernels")
+        set_kernel_mode("on" if kernels else "off")
+        reset_compiler()
+        t0 = time.perf_counter()
+        torch.manual_seed(args.seed)
+        kw = model_kwargs(kind, size, args.tiny)
+        result.model_kwargs = kw
+        model = create_model(f"{kind}_vit_{args.arch}_patch16", **kw)
+        macs = model_forward_macs(model)
+        result.fwd_flops_per_image = 2.0 * macs
+        result.train_flops_per_image = float(training_flops(macs))
+        optimizer = build_adamw(param_groups_weight_decay(model, 0.05), lr=1e-4, device=device)
+        if compile_:
+            apply_compile(model, args.compile_mode)
+        ds_cfg, _, _ = resolve_ds_config(ds_raw, batch_size=batch, accum_iter=1, world_size=world, explicit=set(),
+                                         zero_stage=args.zero_stage, device=device, source=f"--ds_config {args.ds_config}")
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+        self.engine.train()
+        self.batches = Batches(args, batch, size, device, world)
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(args.seed)
+        sync(device)
+        result.build_s = time.perf_counter() - t0
+
+    def step(self) -> torch.Tensor:
+        """One training step; returns the detached loss (no host sync)."""
+        images = self.batches.next()
+        if self.kind == "lomar":
+            windows, masks = self.engine.module.sample(images.shape[0], generator=self.gen, device=self.device)
+            loss, _, _ = self.engine(images, windows, masks, validate=False)
+        else:
+            loss, _, _ = self.engine(images)
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach()
+
+    def close(self) -> None:
+        eng = getattr(self, "engine", None)
+        if eng is not None and hasattr(eng, "destroy"):
+            try:
+                eng.destroy()
+            except Exception:  # noqa: BLE001
+                pass
+        self.engine = self.optimizer = self.batches = None
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def timed_steps(h: Harness, n: int, device: torch.device) -> tuple[list[float], torch.Tensor | None]:
+    """Per-step milliseconds of ``n`` steps: CUDA events between steps, one synchronize at the end."""
+    loss = None
+    if device.type == "cuda":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+        sync(device)
+        events[0].record()
+        for i in range(n):
+            loss = h.step()
+            events[i + 1].record()
+        sync(device)
+        return [events[i].elapsed_time(events[i + 1]) for i in range(n)], loss
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        loss = h.step()
+        times.append((time.perf_counter() - t) * 1e3)
+    return times, loss
+
+
+def count_host_syncs(h: Harness, device: torch.device) -> tuple[int, list[str]]:
+    """Run one step with torch.cuda.set_sync_debug_mode('warn') and count the synchronising calls."""
+    if device.type != "cuda":
+        return 0, []
+    sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            h.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sync(device)
+    msgs = [f"{Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0][:120]}" for w in caught
+            if "synchroniz" in str(w.message).lower()]
+    return len(msgs), sorted(set(msgs))[:10]
+
+
+def skip_reason(kind: str, variant: str, device: torch.device) -> str | None:
+    """Why a configuration is not measured at all, or None."""
+    if variant.endswith("+kernels") and device.type != "cuda":
+        return "fused kernels run on CUDA tensors only"
+    if variant.endswith("+kernels") and kind == "mae":
+        return "MAE uses no fused kernels (same as the variant without +kernels)"
+    return None
+
+
+def run_config(args, kind: str, size: int, variant: str, batch: int, device: torch.device, ds_raw: dict,
+               world: int, peak_tflops: float, spec: float | None, profile: bool) -> tuple[Result, dict | None]:
+    result = Result(model=f"{kind}_vit_{args.arch}_patch16", kind=kind, size=size, variant=variant, batch_size=batch)
+    reason = skip_reason(kind, variant, device)
+    if reason:
+        result.status, result.error = "skipped", reason
+        return result, None
+    prof: dict | None = None
+    holder: dict[str, Harness] = {}
+
+    def body() -> None:
+        nonlocal prof
+        free_memory(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        h = holder["h"] = Harness(args, kind, size, variant, batch, device, ds_raw, world, result)
+        t = time.perf_counter()
+        h.step()
+        sync(device)
+        result.first_step_s = time.perf_counter() - t
+        warm, _ = timed_steps(h, max(0, args.warmup - 1), device)
+        result.warmup_times_ms = [round(x, 4) for x in warm]
+        times, loss = timed_steps(h, args.steps, device)
+        result.step_times_ms = [round(x, 4) for x in times]
+        result.loss = float(loss) if loss is not None else None
+        if result.loss is not None and not math.isfinite(result.loss):
+            raise FloatingPointError(f"loss is {result.loss}")
+        med = statistics.median(times)
+        result.step_ms_median, result.step_ms_mean = med, statistics.fmean(times)
+        result.images_per_sec = batch / (med * 1e-3)  # per device
+        result.achieved_tflops = result.images_per_sec * result.train_flops_per_image / 1e12
+        result.mfu = result.achieved_tflops / peak_tflops if peak_tflops else None
+        result.mfu_spec = result.achieved_tflops / spec if spec else None
+        if device.type == "cuda":
+            result.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        result.host_syncs_in_step, result.host_sync_messages = count_host_syncs(h, device)
+        if profile:
+            prof = profile_steps(h, args, device, result)
+
+    guarded(result, body)
+    if "h" in holder:
+        holder["h"].close()
+    holder.clear()
+    free_memory(device)
+    return result, prof
+
+
+def find_max_batch(args, kind: str, size: int, device: torch.device, ds_raw: dict, world: int,
+                   start: int, deadline: float | None) -> dict[str, Any]:
+    """Double the micro-batch from ``start`` until a step fails (OOM) or the cap; the largest that ran."""
+    tried, best, b = [], None, max(1, start)
+    while b <= args.max_batch_cap:
+        if deadline is not None and time.perf_counter() > deadline:
+            tried.append({"batch": b, "status": "skipped: time budget"})
+            break
+        r = Result(model=f"{kind}_vit_{args.arch}_patch16", kind=kind, size=size, variant=args.max_batch_variant,
+                   batch_size=b)
+        holder: dict[str, Harness] = {}
+
+        def body() -> None:
+            free_memory(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            h = holder["h"] = Harness(args, kind, size, args.max_batch_variant, b, device, ds_raw, world, r)
+            for _ in range(2):
+                h.step()
+            sync(device)
+            if device.type == "cuda":
+                r.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
+
+        guarded(r, body)
+        if "h" in holder:
+            holder["h"].close()
+        holder.clear()
+        free_memory(device)
+        tried.append({"batch": b, "status": r.status, "peak_mem_gib": r.peak_mem_gib,
+                      "error": (r.error or "").split("\n")[0] or None})
+        if r.status != "ok":
+            break
+        best = b
+        b *= 2
+    return {"model": kind, "size": size, "variant": args.max_batch_variant, "max_batch": best, "tried": tried}
+
+
+# ------------------------------------------------------------------------------------------------ profile
+PROFILE_GROUPS = (  # first match wins; kernel names (GPU) or aten op names (CPU)
+    ("optimizer", r"adam|multi_tensor|_foreach_|optimizer"),
+    ("communication", r"nccl|all_reduce|allreduce|reduce_scatter|all_gather|broadcast|gloo"),
+    ("attention", r"flash|fmha|attention|sdpa|efficient_attention|_scaled_dot|cudnn_attn|softmax"),
+    ("matmul", r"gemm|cutlass|xmma|wgmma|nvjet|sm\d\d_|cublas|aten::mm\b|aten::addmm|aten::bmm|aten::matmul|"
+               r"aten::linear|aten::_convolution|aten::convolution|conv"),
+    ("gather", r"gather|scatter|index|window|irpe|take_along|argsort|sort|masked"),
+    ("fused elementwise (triton)", r"^triton_"),
+    ("copy / cast", r"copy|memcpy|memset|_to_copy|contiguous|cat"),
+)
+
+
+def profile_group(name: str) -> str:
+    """The profile summary group of a kernel or op name."""
+    low = name.lower()
+    for group, pat in PROFILE_GROUPS:
+        if re.search(pat, low if group != "fused elementwise (triton)" else name):
+            return group
+    return "other elementwise / norm"
+
+
+def profile_steps(h: Harness, args, device: torch.device, result: Result) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=acts, record_shapes=False) as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.profile_steps):
+            h.step()
+        sync(device)
+        wall_ms = (time.perf_counter() - t0) * 1e3 / args.profile_steps
+    rows = []
+    gpu = device.type == "cuda"
+    for evt in prof.key_averages():
+        if gpu:
+            is_kernel = str(getattr(evt, "device_type", "")).endswith("CUDA")
+            t = getattr(evt, "self_device_time_total", None)
+            if t is None:
+                t = getattr(evt, "self_cuda_time_total", 0)
+            if not is_kernel or t <= 0:
+                continue
+        else:
+            t = evt.self_cpu_time_total
+            if t <= 0:
+                continue
+        rows.append({"name": evt.key, "group": profile_group(evt.key), "time_us": float(t), "calls": int(evt.count)})
+    rows.sort(key=lambda r: -r["time_us"])
+    total = sum(r["time_us"] for r in rows) or 1.0
+    groups: dict[str, float] = {}
+    for r in rows:
+        groups[r["group"]] = groups.get(r["group"], 0.0) + r["time_us"]
+    trace = None
+    if args.profile_trace:
+        trace = str(Path(args.out) / f"{args.name}_trace.json")
+        prof.export_chrome_trace(trace)
+    return {"target": f"{result.kind}:{result.size}:{result.variant}", "batch_size": result.batch_size,
+            "steps": args.profile_steps, "clock": "GPU kernel time" if gpu else "CPU self time",
+            "total_ms_per_step": total / 1e3 / args.profile_steps, "wall_ms_per_step": wall_ms,
+            "busy_share": (total / 1e3 / args.profile_steps) / wall_ms if wall_ms > 0 else None,
+            "groups": {g: {"ms_per_step": t / 1e3 / args.profile_steps, "share": t / total}
+                       for g, t in sorted(groups.items(), key=lambda kv: -kv[1])},
+            "top": [dict(r, share=r["time_us"] / total) for r in rows[:25]], "trace": trace}
+
+
+def profile_markdown(p: dict[str, Any]) -> str:
+    lines = [f"# Profile: {p['target']} (batch {p['batch_size']}, {p['steps']} steps, {p['clock']})", "",
+             f"Total {p['total_ms_per_step']:.2f} ms per step of {p['clock']} in {p['wall_ms_per_step']:.2f} ms of wall "
+             f"time per step (under the profiler)" + (f": the device is busy {100 * p['busy_share']:.0f}% of the step."
+                                                      if p.get("busy_share") and p["clock"].startswith("GPU") else "."), "", "| group | ms / step | share |", "|---|---:|---:|"]
+    lines += [f"| {g} | {v['ms_per_step']:.3f} | {100 * v['share']:.1f}% |" for g, v in p["groups"].items()]
+    lines += ["", "| op / kernel | group | calls | ms / step | share |", "|---|---|---:|---:|---:|"]
+    for r in p["top"]:
+        name = r["name"].replace("|", "/")
+        name = name if len(name) <= 90 else name[:87] + "..."
+        lines.append(f"| `{name}` | {r['group']} | {r['calls']} | {r['time_us'] / 1e3 / p['steps']:.3f} | "
+                     f"{100 * r['share']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ reports
+def _f(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def speedups(results: list[dict]) -> list[dict]:
+    """LoMaR images/sec over MAE's at each size: per variant, and best variant against best variant."""
+    ok = [r for r in results if r["status"] == "ok"]
+    out = []
+    for size in sorted({r["size"] for r in ok}):
+        by = {(r["kind"], r["variant"]): r["images_per_sec"] for r in ok if r["size"] == size}
+        for variant in VARIANTS + ("best",):
+            if variant == "best":
+                lo = max((v for (k, _), v in by.items() if k == "lomar"), default=None)
+                ma = max((v for (k, _), v in by.items() if k == "mae"), default=None)
+            else:
+                lo, ma = by.get(("lomar", variant)), by.get(("mae", variant))
+            if lo and ma:
+                out.append({"size": size, "variant": variant, "lomar_images_per_sec": lo, "mae_images_per_sec": ma,
+                            "lomar_over_mae": lo / ma})
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    d, m, c = report["device"], report["matmul"], report["config"]
+    v = report["versions"]
+    lines = [f"# Training-step throughput: LoMaR vs MAE ({c['arch']}, {d.get('name')})", "",
+             f"Device {d.get('name')} ({d['type']}); torch {v['torch']}, deepspeed {v.get('deepspeed')}; "
+             f"DeepSpeed config `{Path(c['ds_config']).name}` (ZeRO-{c['zero_stage']}, {c['dtype']}); "
+             f"measured {m['dtype']} matmul {m['n']}^3: {m['tflops']:.4g} TFLOP/s"
+             + (f"; spec {report['spec_tflops']:.0f} TFLOP/s" if report.get("spec_tflops") else "") + ".",
+             f"{c['warmup']} warm-up + {c['steps']} timed steps per row; images/sec from the median step; "
+             f"FLOPs = matmul FLOPs per training image (fwd+bwd = 3x fwd); {c['data']}.", "",
+             "| model | size | variant | batch | img/s | step ms (median) | GFLOP/img | TFLOP/s | MFU | peak GiB | syncs/step | status |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in report["results"]:
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r['error'] or '').splitlines()[0][:60]}"
+        lines.append(
+            f"| {r['kind']} | {r['size']} | {r['variant']} | {r['batch_size']} | {_f(r['images_per_sec'], '.1f')} | "
+            f"{_f(r['step_ms_median'], '.2f')} | {_f(r['train_flops_per_image'] and r['train_flops_per_image'] / 1e9, '.1f')} | "
+            f"{_f(r['achieved_tflops'], '.4g')} | {_f(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
+            f"{_f(r['peak_mem_gib'], '.2f')} | {_f(r['host_syncs_in_step'], 'd')} | {status.replace('|', '/')} |")
+    if report["speedups"]:
+        lines += ["", "LoMaR over MAE (images/sec ratio):", "", "| size | variant | LoMaR img/s | MAE img/s | LoMaR / MAE |",
+                  "|---:|---|---:|---:|---:|"]
+        lines += [f"| {s['size']} | {s['variant']} | {s['lomar_images_per_sec']:.1f} | {s['mae_images_per_sec']:.1f} | "
+                  f"{s['lomar_over_mae']:.2f}x |" for s in report["speedups"]]
+    if report.get("max_batch"):
+        lines += ["", "Largest micro-batch that ran (doubling until out of memory):", "",
+                  "| model | size | variant | max batch | tried |", "|---|---:|---|---:|---|"]
+        for mb in report["max_batch"]:
+            tried = ", ".join(f"{t['batch']}:{t['status']}" for t in mb["tried"])
+            lines.append(f"| {mb['model']} | {mb['size']} | {mb['variant']} | {mb['max_batch'] or '-'} | {tried} |")
+    if report.get("skipped_for_time"):
+        lines += ["", f"Skipped for the time budget: {', '.join(report['skipped_for_time'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in report["results"] if r["status"] == "ok"]
+    sizes = sorted({r["size"] for r in report["results"]})
+    series = sorted({(r["kind"], r["variant"]) for r in ok},
+                    key=lambda kv: (MODEL_KINDS.index(kv[0]), VARIANTS.index(kv[1])))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(sizes) * max(1, len(series)) / 3 + 3), 4.5))
+    width = 0.8 / max(1, len(series))
+    for j, (kind, variant) in enumerate(series):
+        vals = []
+        for s in sizes:
+            hit = [r["images_per_sec"] for r in ok if r["size"] == s and r["kind"] == kind and r["variant"] == variant]
+            vals.append(hit[0] if hit else 0.0)
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(sizes))]
+        bars = ax.bar(xs, vals, width, label=f"{kind} {variant}", hatch="//" if kind == "mae" else None)
+        for b, v in zip(bars, vals):
+            if v > 0:
+                ax.annotate(f"{v:.0f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(sizes)), [f"{s}px" for s in sizes])
+    ax.set_ylabel("images / sec (training step)")
+    ax.set_title(f"LoMaR vs MAE, ViT-{report['config']['arch']}/16, {report['device'].get('name')}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(report: dict[str, Any], out: Path, name: str) -> dict[str, str]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md", "png": out / f"{name}.png"}
+    report["files"] = {k: str(v) for k, v in paths.items()}
+    if report.get("profile"):
+        paths["profile"] = out / f"{name}_profile.md"
+        report["files"]["profile"] = str(paths["profile"])
+        paths["profile"].write_text(profile_markdown(report["profile"]))
+    paths["json"].write_text(json.dumps(report, indent=1, default=str))
+    paths["markdown"].write_text(markdown(report))
+    bar_chart(report, paths["png"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+# ------------------------------------------------------------------------------------------------ main
+def pick_device(requested: str | None) -> torch.device:
+    if requested is None:
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(requested)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {requested}: torch sees no GPU; pass --device cpu")
+        dev = torch.device("cuda", dev.index if dev.index is not None else int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    elif dev.type != "cpu":
+        raise SystemExit(f"--device {requested} is not supported; pass cuda or cpu")
+    return dev
+
+
+def profile_choice(args, plan: list[tuple[str, int, str]], device: torch.device) -> tuple[str, int, str] | None:
+    if not args.profile or not plan:
+        return None
+    if args.profile_target:
+        parts = args.profile_target.split(":")
+        if len(parts) != 3:
+            raise SystemExit(f"--profile_target {args.profile_target!r} must be model:size:variant, e.g. lomar:224:compile")
+        target = (parts[0], int(parts[1]), parts[2])
+        if target not in plan:
+            raise SystemExit(f"--profile_target {args.profile_target} is not among the measured configurations")
+        return target
+    runnable = [p for p in plan if not skip_reason(p[0], p[2], device)]
+    if not runnable:
+        return None
+    return next((p for p in runnable if p[2].startswith("compile")), runnable[0])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    req = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if req.startswith("cpu") else "cuda")
+    device = pick_device(args.device)
+    args = resolve_defaults(args, device)
+
+    from lomar_fast.engine import compute_dtype, init_distributed, load_ds_config
+
+    ds_raw = load_ds_config(args.ds_config)
+    dtype = compute_dtype(ds_raw)
+    if device.type == "cpu" and dtype == torch.float16:
+        raise SystemExit(f"--ds_config {args.ds_config} enables fp16, which needs a GPU; use ds_configs/cpu.json")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    _, world, _ = init_distributed(device)
+
+    matmul = measure_matmul(device, dtype, args.matmul_size)
+    dinfo = device_info(device)
+    spec = spec_tflops(dinfo.get("name")) if device.type == "cuda" and dtype == torch.bfloat16 else None
+    print(f"[throughput] {dinfo.get('name')}: {matmul['dtype']} matmul {matmul['n']}^3 = {matmul['tflops']:.4g} TFLOP/s",
+          flush=True)
+
+    # variants outermost: the cheap eager rows of every size come first, then the compiled ones
+    plan = [(k, s, v) for v in args.variants for s in args.sizes for k in args.models]
+    target = profile_choice(args, plan, device)
+    deadline = t_start + args.time_budget if args.time_budget else None
+    results, prof, skipped = [], None, []
+    for kind, size, variant in plan:
+        batch = default_batch(args, kind, size, device)
+        cost = 60.0 if variant.startswith("compile") else 20.0  # rough seconds a configuration needs
+        if deadline is not None and time.perf_counter() + cost > deadline and not skip_reason(kind, variant, device):
+            r = Result(model=f"{kind}_vit_{args.arch}_patch16", kind=kind, size=size, variant=variant, batch_size=batch,
+                       status="skipped", error="time budget spent")
+            skipped.append(f"{kind}:{size}:{variant}")
+        else:
+            r, p = run_config(args, kind, size, variant, batch, device, ds_raw, world, matmul["tflops"], spec,
+                              profile=(kind, size, variant) == target)
+            prof = p or prof
+        results.append(asdict(r))
+        msg = (f"{r.images_per_sec:9.1f} img/s  step {r.step_ms_median:8.2f} ms  MFU {100 * (r.mfu or 0):5.1f}%  "
+               f"first step {r.first_step_s:.1f}s" if r.status == "ok" else f"{r.status}: {(r.error or '').splitlines()[0][:150]}")
+        print(f"[throughput] {kind:5s} {size:4d} {variant:16s} B={batch:<5d} {msg}", flush=True)
+
+    max_batch = []
+    if args.find_max_batch:
+        for kind in args.models:
+            for size in args.sizes:
+                mb = find_max_batch(args, kind, size, device, ds_raw, world, default_batch(args, kind, size, device),
+                                    deadline)
+                max_batch.append(mb)
+                print(f"[throughput] max batch {kind} {size}: {mb['max_batch']}", flush=True)
+
+    zero = ds_raw.get("zero_optimization", {}).get("stage", 0) if args.zero_stage is None else args.zero_stage
+    config = {k: v for k, v in vars(args).items()}
+    config.update(dtype=str(dtype).replace("torch.", ""), zero_stage=zero, world_size=world,
+                  data=f"real batches from {args.data_path}" if args.data_path else "synthetic uint8 NHWC batches on the device")
+    report = {"schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "device": dinfo, "versions": versions(), "config": config, "matmul": matmul, "spec_tflops": spec,
+              "results": results, "speedups": speedups(results), "max_batch": max_batch, "profile": prof,
+              "skipped_for_time": skipped, "wall_s": None}
+    report["wall_s"] = time.perf_counter() - t_start
+    files = write_outputs(report, Path(args.out), args.name)
+    print(markdown(report), flush=True)
+    if prof:
+        print(profile_markdown(prof), flush=True)
+    print(f"[throughput] wrote {', '.join(files.values())} in {report['wall_s']:.0f}s", flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The throughput benchmark: FLOP formulas against hand counts, and one end-to-end CPU run of the harness.
+
+No speed is asserted: images/sec, MFU and memory come from the benchmark's own results, never from tests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lomar_fast import flops
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------- FLOPs
+def hand_vit_b16_224_macs() -> int:
+    """ViT-B/16 at 224 counted by hand: 196 patches + cls = 197 tokens, width 768, 12 blocks, MLP 3072."""
+    tokens, d, hidden = 197, 768, 3072
+    per_block = (tokens * d * 3 * d  # qkv
+                 + 12 * tokens * tokens * 64  # q @ k^T, 12 heads of 64
+                 + 12 * tokens * tokens * 64  # att @ v
+                 + tokens * d * d  # proj
+                 + tokens * d * hidden + tokens * hidden * d)  # fc1, fc2
+    patch_embed = 196 * 768 * (16 * 16 * 3)
+    head = 768 * 1000
+    return 12 * per_block + patch_embed + head
+
+
+def test_vit_b16_forward_macs_match_hand_count():
+    got = flops.vit_forward_macs(224, 16, 768, 12)
+    want = hand_vit_b16_224_macs()
+    assert abs(got - want) / want < 0.01
+    assert 17.4e9 < got < 17.8e9  # the familiar ~17.6 GMACs
+
+
+def test_vit_macs_grow_with_tokens():
+    # attention is quadratic in the tokens, everything else linear: 384 costs more than (384/224)^2 x 224
+    ratio = flops.vit_forward_macs(384) / flops.vit_forward_macs(224)
+    assert ratio > (24 * 24 + 1) / (14 * 14 + 1)
+
+
+def test_lomar_and_mae_training_flops_near_design_numbers():
+    import torch
+
+    from lomar_fast.models import create_model
+
+    with torch.device("meta"):  # shapes only: the formula reads the model's sizes, not its weights
+        lomar = flops.training_flops_per_image(create_model("lomar_vit_base_patch16"))
+        mae = flops.training_flops_per_image(create_model("mae_vit_base_patch16"))
+    assert abs(lomar / 105e9 - 1) < 0.10, lomar
+    assert abs(mae / 59e9 - 1) < 0.10, mae
+    # independent hand count of LoMaR: 4 windows x (49 patch tokens + cls) through 12 blocks + embed + head
+    t, d = 50, 768
+    block = 12 * t * d * d + 2 * t * t * d + t * d * 50  # linear layers, attention, iRPE q@T
+    per_window = 12 * block + 2 * 49 * 768 * 768
+    assert lomar == 2 * 3 * 4 * per_window
+
+
+def test_lomar_flops_do_not_depend_on_image_size_but_mae_flops_do():
+    from lomar_fast.models import create_model
+
+    lomar = [flops.model_forward_macs(create_model("lomar_vit_tiny_patch16", img_size=s)) for s in (224, 448)]
+    mae = [flops.model_forward_macs(create_model("mae_vit_tiny_patch16", img_size=s)) for s in (224, 448)]
+    assert lomar[0] == lomar[1]
+    assert mae[1] > 3.5 * mae[0]
+    # the DESIGN's crossover: MAE costs more than LoMaR per image somewhere between 224 and 384
+    assert flops.mae_forward_macs(224) < flops.lomar_forward_macs() < flops.mae_forward_macs(384)
+
+
+def test_flops_of_unknown_model_is_an_error():
+    with pytest.raises(TypeError, match="no FLOP formula"):
+        flops.model_forward_macs(object())
+
+
+# --------------------------------------------------------------------------------------------- harness pieces
+def test_failing_variant_is_recorded_not_raised():
+    from benchmarks.throughput import Result, guarded
+
+    def boom():
+        raise RuntimeError("CUDA kernel window_gather failed to build")
+
+    r = guarded(Result("m", "lomar", 224, "compile+kernels", 8), boom)
+    assert r.status == "error" and "window_gather failed" in r.error
+    r = guarded(Result("m", "mae", 224, "eager", 8), lambda: (_ for _ in ()).throw(RuntimeError("CUDA out of memory.")))
+    assert r.status == "oom"
+
+
+def test_profile_groups():
+    from benchmarks.throughput import profile_group
+
+    assert profile_group("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert profile_group("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert profile_group("aten::addmm") == "matmul"
+    assert profile_group("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>") == "attention"
+    assert profile_group("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "attention"
+    assert profile_group("void at::native::_fused_adamw_kernel_cuda") == "optimizer"
+    assert profile_group("void at::native::gather_kernel<...>") == "gather"
+    assert profile_group("triton_poi_fused_add_native_layer_norm_3") == "fused elementwise (triton)"
+    assert profile_group("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL") == "communication"
+
+
+def test_speedups_pair_lomar_with_mae_per_size():
+    from benchmarks.throughput import speedups
+
+    rows = [dict(kind="lomar", size=448, variant="eager", status="ok", images_per_sec=300.0),
+            dict(kind="mae", size=448, variant="eager", status="ok", images_per_sec=100.0),
+            dict(kind="lomar", size=448, variant="compile", status="ok", images_per_sec=400.0),
+            dict(kind="mae", size=448, variant="compile", status="error", images_per_sec=None)]
+    out = {(s["variant"]): s["lomar_over_mae"] for s in speedups(rows)}
+    assert out == {"eager": 3.0, "best": 4.0}
+
+
+def test_bad_size_is_rejected_before_any_work():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--sizes", "100", "--device", "cpu"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--sizes 100" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------- end to end
+def test_benchmark_runs_end_to_end_on_cpu(tmp_path):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "benchmarks.throughput", "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1",
+           "--sizes", "64", "--variants", "eager", "compile+kernels", "--profile", "--profile_steps", "1",
+           "--out", str(tmp_path), "--name", "smoke"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    for key in ("schema", "device", "versions", "config", "matmul", "results", "speedups", "profile"):
+        assert key in report
+    assert report["device"]["type"] == "cpu"
+    assert report["versions"]["torch"] and report["versions"]["deepspeed"]
+    assert report["config"]["dtype"] == "float32" and report["matmul"]["tflops"] > 0
+
+    by = {(r["kind"], r["variant"]): r for r in report["results"]}
+    assert set(by) == {("lomar", "eager"), ("mae", "eager"), ("lomar", "compile+kernels"), ("mae", "compile+kernels")}
+    for kind in ("lomar", "mae"):
+        r = by[(kind, "eager")]
+        assert r["status"] == "ok", r["error"]
+        assert r["images_per_sec"] > 0 and len(r["step_times_ms"]) == 2
+        assert r["train_flops_per_image"] > 0 and 0 < r["mfu"]
+        assert r["loss"] is not None and r["loss"] > 0
+        assert by[(kind, "compile+kernels")]["status"] == "skipped"
+    # tiny LoMaR at 64 px shrinks its windows to the 4x4 grid, and the FLOPs follow the model it ran
+    lo = by[("lomar", "eager")]
+    assert lo["model_kwargs"]["window_size"] <= 4
+    w, k = lo["model_kwargs"]["window_size"], lo["model_kwargs"]["num_window"]
+    assert lo["train_flops_per_image"] == flops.training_flops(
+        flops.lomar_forward_macs(16, 192, 12, 768, w, k, 50))
+
+    assert report["profile"]["target"] == "lomar:64:eager" and report["profile"]["groups"]
+    md = (tmp_path / "smoke.md").read_text()
+    assert "| lomar | 64 | eager | 4 |" in md and "LoMaR / MAE" in md
+    png = (tmp_path / "smoke.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+    assert (tmp_path / "smoke_profile.md").read_text().startswith("# Profile: lomar:64:eager")
