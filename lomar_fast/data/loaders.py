@@ -20,8 +20,10 @@ Order and resuming. With ``order='random'`` FFCV draws epoch e's order from
 must pass the same seed). The epoch is the loader's ``next_epoch`` counter, which FFCV
 advances each time an epoch starts. To resume at epoch E, build the loader with the same
 seed and call :func:`set_epoch` (or pass ``start_epoch=E``): the next ``for`` loop then
-replays exactly epoch E's order. Random crops and flips are drawn by Numba's per-thread
-generators and are not reproduced.
+replays exactly epoch E's order. Random crops and flips are reproduced too: the training
+pipelines use :class:`~lomar_fast.data.seeded_crop.SeededRandomResizedCrop`, whose draws are
+a function of (seed, epoch, sample index), so they do not depend on worker threads and a
+resumed run sees the same pixels as the uninterrupted one.
 
 Batches are views into FFCV's ring of ``batches_ahead + 2`` buffers: ``clone()`` a batch
 you want to keep past the next few iterations.
@@ -77,15 +79,16 @@ def _to_device(device: Device):
     return ToDevice(dev, non_blocking=dev.type == "cuda")
 
 
-def pretrain_pipelines(input_size: int, device: Device = "cpu") -> dict:
+def pretrain_pipelines(input_size: int, device: Device = "cpu", seed: int = 0) -> dict:
     """{'image': [...], 'label': None}: RandomResizedCrop(scale 0.2..1) + flip, uint8 NHWC."""
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
-    from ffcv.transforms import RandomHorizontalFlip, ToTensor
+    from ffcv.transforms import ToTensor
+
+    from .seeded_crop import SeededRandomResizedCrop
 
     return {
         IMAGE_FIELD: [
-            RandomResizedCropRGBImageDecoder((input_size, input_size), scale=PRETRAIN_SCALE, ratio=RATIO),
-            RandomHorizontalFlip(),
+            SeededRandomResizedCrop((input_size, input_size), scale=PRETRAIN_SCALE, ratio=RATIO,
+                                    flip_prob=0.5, seed=seed),
             ToTensor(),
             _to_device(device),
         ],
@@ -100,15 +103,16 @@ def _label_pipeline(device: Device) -> list:
     return [IntDecoder(), ToTensor(), Squeeze(1), _to_device(device)]
 
 
-def finetune_pipelines(input_size: int, device: Device = "cpu") -> dict:
+def finetune_pipelines(input_size: int, device: Device = "cpu", seed: int = 0) -> dict:
     """RandomResizedCrop(scale 0.08..1) + flip; labels int64 (B,)."""
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
-    from ffcv.transforms import RandomHorizontalFlip, ToTensor
+    from ffcv.transforms import ToTensor
+
+    from .seeded_crop import SeededRandomResizedCrop
 
     return {
         IMAGE_FIELD: [
-            RandomResizedCropRGBImageDecoder((input_size, input_size), scale=FINETUNE_SCALE, ratio=RATIO),
-            RandomHorizontalFlip(),
+            SeededRandomResizedCrop((input_size, input_size), scale=FINETUNE_SCALE, ratio=RATIO,
+                                    flip_prob=0.5, seed=seed),
             ToTensor(),
             _to_device(device),
         ],
@@ -147,21 +151,24 @@ class _FirstOutput:
         self._it.close()
 
 
-def _image_only_loader_class():
+def _loader_class(image_only: bool):
     from ffcv.loader import Loader
 
-    class ImageLoader(Loader):
-        """An ffcv Loader whose iteration yields the image batch alone."""
+    class SeededLoader(Loader):
+        """An ffcv Loader that tells its seeded operations which epoch each iteration replays
+        (and, for pretraining, yields the image batch alone)."""
 
         def __iter__(self):
-            return _FirstOutput(super().__iter__())
+            for op in getattr(self, "seeded_ops", ()):
+                op.set_epoch(self.next_epoch)
+            it = super().__iter__()
+            return _FirstOutput(it) if image_only else it
 
-    return ImageLoader
+    return SeededLoader
 
 
 def _build(path, fields, pipelines, batch_size, num_workers, distributed, seed, order, os_cache,
            batches_ahead, drop_last, start_epoch, image_only=False):
-    from ffcv.loader import Loader
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -175,11 +182,14 @@ def _build(path, fields, pipelines, batch_size, num_workers, distributed, seed, 
     # Disable every stored field the pipelines do not use.
     full = {name: None for name in fields}
     full.update({k: v for k, v in pipelines.items() if k in fields})
-    cls = _image_only_loader_class() if image_only else Loader
+    cls = _loader_class(image_only)
+    # collected before FFCV takes the lists apart
+    seeded = [op for ops in pipelines.values() if ops for op in ops if hasattr(op, "set_epoch")]
     loader = cls(str(path), batch_size=batch_size,
                  num_workers=num_workers if num_workers and num_workers > 0 else default_num_workers(),
                  os_cache=os_cache, order=order, distributed=distributed,
                  seed=int(seed), pipelines=full, drop_last=drop_last, batches_ahead=batches_ahead)
+    loader.seeded_ops = seeded
     set_epoch(loader, start_epoch)
     return loader
 
@@ -196,7 +206,7 @@ def build_pretrain_loader(path: str | os.PathLike, batch_size: int, input_size: 
     input_size larger than the stored images, ValueError for a bad order/distributed combo.
     """
     info = check_beton(path, need_label=False, input_size=input_size)
-    return _build(path, info["fields"], pretrain_pipelines(input_size, device), batch_size, num_workers,
+    return _build(path, info["fields"], pretrain_pipelines(input_size, device, seed), batch_size, num_workers,
                   distributed, seed, order, os_cache, batches_ahead, drop_last, start_epoch,
                   image_only=True)
 
@@ -211,7 +221,7 @@ def build_finetune_loader(path: str | os.PathLike, batch_size: int, input_size: 
     RandomResizedCrop (scale 0.08..1, ratio 3/4..4/3) + horizontal flip.
     """
     info = check_beton(path, need_label=True, input_size=input_size)
-    return _build(path, info["fields"], finetune_pipelines(input_size, device), batch_size, num_workers,
+    return _build(path, info["fields"], finetune_pipelines(input_size, device, seed), batch_size, num_workers,
                   distributed, seed, order, os_cache, batches_ahead, drop_last, start_epoch)
 
 

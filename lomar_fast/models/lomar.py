@@ -168,7 +168,7 @@ class LoMaR(nn.Module):
 
     def forward_loss(self, pred: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """MSE averaged over masked patches: pred (N, w*w, P), targets (N, n_mask, P), masks (N, w*w)."""
-        pos = masked_positions(masks)
+        pos = masked_positions(masks, targets.shape[1])
         pm = torch.gather(pred, 1, pos[..., None].expand(-1, -1, pred.shape[-1]))
         return (pm.float() - targets).pow(2).mean()
 
@@ -182,6 +182,7 @@ class LoMaR(nn.Module):
             masks: bool (B, K, w*w), True = masked, row-major in the window; drawn when None.
             generator: the RNG stream that draws windows and masks.
             validate: check inputs (host syncs); a training step that built them itself may skip it.
+                Without validation, given masks must mask ``num_masked`` patches per window.
         Returns:
             (loss scalar fp32, pred (B*K, w*w, p*p*3) image-major, masks (B*K, w*w) bool).
         """
@@ -194,8 +195,9 @@ class LoMaR(nn.Module):
             masks = sm if masks is None else masks
         dtype = torch.get_autocast_dtype("cuda") if images.is_cuda and torch.is_autocast_enabled("cuda") else (
             self.patch_embed.proj.weight.dtype)
+        n_mask = None if validate else self.num_masked
         patches, targets = gather_windows(images, windows, masks, self.patch_size, self.window_size,
-                                          self.norm_pix_loss, out_dtype=dtype, validate=validate)
+                                          self.norm_pix_loss, out_dtype=dtype, validate=validate, n_mask=n_mask)
         flat_masks = masks.reshape(b * windows.shape[1], -1)
         x = self.forward_encoder(patches, flat_masks)
         pred = self.encoder_pred(x[:, 1:])

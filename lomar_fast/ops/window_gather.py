@@ -47,9 +47,13 @@ def window_patch_ids(windows: torch.Tensor, window_size: int, grid_w: int) -> to
     return (rows * grid_w + cols).reshape(*windows.shape[:2], window_size * window_size)
 
 
-def masked_positions(masks: torch.Tensor) -> torch.Tensor:
-    """(N, P) bool masks with the same count per row -> (N, n_mask) masked positions, ascending."""
-    n_mask = int(masks[0].sum()) if masks.shape[0] else 0
+def masked_positions(masks: torch.Tensor, n_mask: int | None = None) -> torch.Tensor:
+    """(N, P) bool masks with the same count per row -> (N, n_mask) masked positions, ascending.
+
+    ``n_mask`` (the count per row) avoids a host sync when the caller knows it.
+    """
+    if n_mask is None:
+        n_mask = int(masks[0].sum()) if masks.shape[0] else 0
     order = torch.argsort((~masks).to(torch.int8), dim=1, stable=True)
     return order[:, :n_mask]
 
@@ -69,6 +73,7 @@ def gather_windows_reference(
     window_size: int,
     norm_pix_loss: bool = True,
     out_dtype: torch.dtype = torch.float32,
+    n_mask: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference path: normalize -> patchify -> gather. See :func:`gather_windows`."""
     x = normalize_images(images).float()
@@ -79,7 +84,7 @@ def gather_windows_reference(
     ids = window_patch_ids(windows, window_size, grid_w).reshape(b, -1)  # (B, K*w*w)
     win = torch.gather(patches, 1, ids[..., None].expand(-1, -1, patches.shape[-1]))
     win = win.reshape(b * k, window_size * window_size, -1)
-    pos = masked_positions(masks.reshape(b * k, -1))
+    pos = masked_positions(masks.reshape(b * k, -1), n_mask)
     target = torch.gather(win, 1, pos[..., None].expand(-1, -1, win.shape[-1]))
     if norm_pix_loss:
         target = norm_pix(target)
@@ -134,6 +139,7 @@ def gather_windows(
     norm_pix_loss: bool = True,
     out_dtype: torch.dtype = torch.float32,
     validate: bool = True,
+    n_mask: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Window patches and masked-patch targets in one call.
 
@@ -146,6 +152,7 @@ def gather_windows(
         norm_pix_loss: normalize each target patch by its own mean and unbiased variance.
         out_dtype: dtype of the returned window patches (the model's compute dtype).
         validate: check shapes and ranges (costs host syncs; the training step turns it off).
+        n_mask: masked patches per window when the caller knows it (saves a host sync).
     Returns:
         patches: (B*K, w*w, p*p*3) in ``out_dtype``, image-major (row = b*K + k).
         targets: (B*K, n_mask, p*p*3) float32, the masked patches in ascending position order.
@@ -156,6 +163,7 @@ def gather_windows(
         from . import _window_gather_cuda  # imported lazily: needs CuPy and a GPU
 
         return _window_gather_cuda.gather_windows(
-            images, windows, masks, patch_size, window_size, norm_pix_loss, out_dtype
+            images, windows, masks, patch_size, window_size, norm_pix_loss, out_dtype, n_mask=n_mask
         )
-    return gather_windows_reference(images, windows, masks, patch_size, window_size, norm_pix_loss, out_dtype)
+    return gather_windows_reference(images, windows, masks, patch_size, window_size, norm_pix_loss, out_dtype,
+                                    n_mask)

@@ -1,0 +1,114 @@
+"""A RandomResizedCrop + horizontal-flip decoder whose randomness is a function of
+(seed, epoch, sample index): the same epoch yields the same crops and flips on every run,
+which is what makes a resumed run reproduce the uninterrupted one.
+
+FFCV's own RandomResizedCrop and RandomHorizontalFlip draw from numba's per-thread generators,
+which nothing seeds. Here every image reseeds the calling thread's generator from a hash of
+(seed, epoch, index) right before drawing its crop and flip, so the result does not depend on
+which worker thread decodes which image. The epoch lives in a one-element array that the compiled
+pipeline reads through its address, so changing epochs needs no recompilation.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import carray, types
+from numba.extending import intrinsic
+
+from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder, get_random_crop
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.pipeline.compiler import Compiler
+
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+@intrinsic
+def _int64_ptr(typingctx, address):
+    """Turn an integer address into an ``int64*`` inside compiled code."""
+    sig = types.CPointer(types.int64)(types.intp)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.int64)))
+
+    return sig, codegen
+
+
+def mix_seed(seed: int, epoch: int, index: int) -> int:
+    """32-bit seed of one image's draws (splitmix64 finalizer over the three numbers)."""
+    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 31)) & 0xFFFFFFFF
+
+
+def _mix_seed_jit(seed, epoch, index):
+    z = np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(epoch) * np.uint64(0xBF58476D1CE4E5B9) \
+        + np.uint64(index) * np.uint64(0x94D049BB133111EB)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return (z ^ (z >> np.uint64(31))) & _MASK32
+
+
+def _flip_rows(img):
+    h, w, c = img.shape
+    for r in range(h):
+        for x in range(w // 2):
+            for ch in range(c):
+                t = img[r, x, ch]
+                img[r, x, ch] = img[r, w - 1 - x, ch]
+                img[r, w - 1 - x, ch] = t
+
+
+class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
+    """RandomResizedCrop (scale, ratio) to ``output_size`` plus a flip with probability ``flip_prob``.
+
+    ``set_epoch(e)`` selects the epoch whose draws the next batches use.
+    """
+
+    def __init__(self, output_size, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), flip_prob: float = 0.5, seed: int = 0):
+        super().__init__(output_size, scale=scale, ratio=ratio)
+        self.flip_prob = float(flip_prob)
+        self.seed = int(seed) & 0xFFFFFFFF
+        self._epoch = np.zeros(1, dtype=np.int64)  # read by the compiled code through its address
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch[0] = int(epoch)
+
+    def generate_code(self):
+        jpg = 0  # FFCV's mode id of a JPEG-stored image
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        get_crop_c = Compiler.compile(get_random_crop)
+        mix_c = Compiler.compile(_mix_seed_jit)
+        flip_c = Compiler.compile(_flip_rows)
+        scale = np.array(self.scale, dtype=np.float64)
+        ratio = np.array(self.ratio, dtype=np.float64)
+        flip_prob = self.flip_prob
+        seed = self.seed
+        epoch_addr = self._epoch.ctypes.data  # this object keeps the array alive
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            epoch = carray(_int64_ptr(epoch_addr), (1,))[0]
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                image_data = mem_read(field['data_ptr'], storage_state)
+                height = np.uint32(field['height'])
+                width = np.uint32(field['width'])
+                if field['mode'] == jpg:
+                    buf = temp_storage[dst_ix]
+                    imdecode_c(image_data, buf, height, width, height, width, 0, 0, 1, 1, False, False)
+                    buf = buf.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                else:
+                    buf = image_data.reshape(height, width, 3)
+                np.random.seed(mix_c(seed, epoch, source_ix))
+                i, j, h, w = get_crop_c(height, width, scale, ratio)
+                resize_crop_c(buf, i, i + h, j, j + w, destination[dst_ix])
+                if np.random.random() < flip_prob:
+                    flip_c(destination[dst_ix])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
