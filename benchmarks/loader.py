@@ -1,0 +1,235 @@
+"""Loader throughput: images/sec of the pretraining pipeline (decode + RandomResizedCrop + flip).
+
+Usage::
+
+    python -m benchmarks.loader                    # 1..N workers (N = cores), sizes 224 and 384
+    python -m benchmarks.loader --quick --out /tmp/loader.json
+
+The dataset is built once into ``--cache-dir``: random views of the scikit-image demo
+photos at ImageNet-like sizes (500x375, a quarter of them 375x500 portrait), written as
+JPEG q90 with max side 512 by data_prep.write_beton. For each (size, workers) the loader
+runs one warm-up epoch (it includes Numba compilation), then ``--epochs`` timed epochs;
+the reported rate is the median epoch. ``decode_only`` times libjpeg-turbo full-image
+decodes (FFCV's own decoder, one thread) and ``resize_only`` the crop+resize of decoded
+images, to show where the time goes. Results: ``benchmarks/results/loader_<host>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+TARGET_PER_CORE_224 = 1500
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def versions() -> dict:
+    import cv2
+    import ffcv
+    import numba
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "ffcv": getattr(ffcv, "__version__", "1.0.2"), "numba": numba.__version__,
+            "numpy": np.__version__, "opencv": cv2.__version__}
+
+
+def build_dataset(cache_dir: Path, num_images: int, seed: int = 0) -> Path:
+    """ImageNet-like JPEG q90 .beton (max side 512) from the demo photos, cached."""
+    from PIL import Image
+
+    from data_prep.make_demo import available_photos, random_view
+    from data_prep.write_beton import WriteOptions, write_dataset
+
+    out = cache_dir / f"bench_{num_images}_500x375"
+    beton = out / "train.beton"
+    if beton.exists():
+        return beton
+    src = out / "imagefolder"
+    photos = sorted(available_photos().items())
+    rng = np.random.default_rng(seed)
+    per_class = -(-num_images // len(photos))
+    written = 0
+    for cls, path in photos:
+        with Image.open(path) as im:
+            photo = im.convert("RGB")
+        d = src / "train" / cls
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(min(per_class, num_images - written)):
+            ar = 4 / 3 if rng.random() < 0.75 else 3 / 4  # 500x375 landscape or 375x500 portrait
+            random_view(photo, rng, side_range=(500, 500), ratio=(ar, ar)).save(
+                d / f"{i:05d}.jpg", quality=95)
+            written += 1
+    write_dataset(src, out, ("train",), WriteOptions(max_side=512, write_mode="jpg",
+                                                     jpeg_quality=90, force=True, progress=False))
+    return beton
+
+
+def time_decode_and_resize(beton: Path, size: int, limit: int = 400) -> tuple[dict, dict]:
+    """Single-thread libjpeg-turbo decode of whole images, then crop+resize to ``size``."""
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.reader import Reader
+
+    r = Reader(str(beton))
+    meta = r.metadata[r.metadata.dtype.names[r.field_names.index("image")]][:limit]
+    table = r.alloc_table
+    sizes = dict(zip(table["ptr"].tolist(), table["size"].tolist()))
+    mm = np.memmap(beton, dtype=np.uint8, mode="r")
+    blobs = [np.array(mm[int(m["data_ptr"]):int(m["data_ptr"]) + sizes[int(m["data_ptr"])]])
+             for m in meta]
+    hw = [(int(m["height"]), int(m["width"])) for m in meta]
+    outs = [np.empty((h, w, 3), np.uint8) for h, w in hw]
+    for _ in range(2):  # second pass is the timed one
+        t0 = time.perf_counter()
+        for b, (h, w), o in zip(blobs, hw, outs):
+            imdecode(b, o, h, w, h, w, 0, 0, 1, 1, False, False)
+        dec = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    dst = np.empty((size, size, 3), np.uint8)
+    t0 = time.perf_counter()
+    for (h, w), o in zip(hw, outs):
+        area = h * w * rng.uniform(0.2, 1.0)
+        ar = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw, ch = min(w, int(round(np.sqrt(area * ar)))), min(h, int(round(np.sqrt(area / ar))))
+        i, j = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        resize_crop(o, i, i + ch, j, j + cw, dst)
+    rs = time.perf_counter() - t0
+    n = len(blobs)
+    mean_w, mean_h = float(np.mean([w for _, w in hw])), float(np.mean([h for h, _ in hw]))
+    decode = {"images": n, "seconds": round(dec, 4), "images_per_sec": round(n / dec, 1),
+              "ms_per_image": round(1e3 * dec / n, 3), "mean_width": round(mean_w, 1),
+              "mean_height": round(mean_h, 1),
+              "mean_jpeg_kb": round(float(np.mean([len(b) for b in blobs])) / 1024, 1)}
+    resize = {"size": size, "images": n, "seconds": round(rs, 4),
+              "images_per_sec": round(n / rs, 1), "ms_per_image": round(1e3 * rs / n, 3)}
+    return decode, resize
+
+
+def run_loader(beton: Path, size: int, workers: int, batch_size: int, epochs: int) -> dict:
+    from lomar_fast.data import build_pretrain_loader
+
+    loader = build_pretrain_loader(beton, batch_size=batch_size, input_size=size,
+                                   num_workers=workers, order="random", seed=0)
+    t0 = time.perf_counter()
+    for _ in loader:
+        pass
+    warmup = time.perf_counter() - t0
+    times, count = [], 0
+    for _ in range(epochs):
+        count = 0
+        t0 = time.perf_counter()
+        for x in loader:
+            count += x.shape[0]
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"size": size, "workers": workers, "batches_per_epoch": len(loader),
+            "images_per_epoch": count, "warmup_seconds": round(warmup, 3),
+            "epoch_seconds": [round(t, 4) for t in times],
+            "images_per_sec": round(count / med, 1),
+            "images_per_sec_per_core": round(count / med / workers, 1)}
+
+
+def pipeline_description() -> str:
+    from lomar_fast.data import PRETRAIN_SCALE, RATIO, pretrain_pipelines
+
+    ops = " -> ".join(type(op).__name__ for op in pretrain_pipelines(224)["image"])
+    return f"pretrain: {ops} (scale {PRETRAIN_SCALE}, ratio {RATIO[0]:.3f}-{RATIO[1]:.3f}, device cpu)"
+
+
+def render(res: dict) -> str:
+    lines = ["| size | workers | img/s | img/s per core |", "|---|---|---|---|"]
+    for r in res["results"]:
+        lines.append(f"| {r['size']} | {r['workers']} | {r['images_per_sec']:.0f} | "
+                     f"{r['images_per_sec_per_core']:.0f} |")
+    d = res["decode_only"]
+    rs = ", ".join(f"{r['images_per_sec']:.0f} img/s at {r['size']}" for r in res["resize_only"])
+    lines.append(f"\nfull JPEG decode only (1 thread, {d['mean_width']:.0f}x{d['mean_height']:.0f} "
+                 f"mean): {d['images_per_sec']:.0f} img/s; crop+resize only (INTER_AREA): {rs}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from data_prep.write_beton import usable_cores
+
+    cores = usable_cores()
+    p = argparse.ArgumentParser(prog="python -m benchmarks.loader", description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=None, help="existing .beton to read (default: build one in --cache-dir)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where the benchmark dataset is built (default $XDG_CACHE_HOME/lomar_fast)")
+    p.add_argument("--num-images", type=int, default=1024)
+    p.add_argument("--sizes", type=int, nargs="+", default=[224, 384])
+    p.add_argument("--workers", type=int, nargs="+", default=list(range(1, cores + 1)))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=5, help="timed epochs after one warm-up epoch")
+    p.add_argument("--quick", action="store_true", help="tiny run (64 images, 224, 1 worker, 1 epoch)")
+    p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/loader_<host>.json)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.num_images, a.sizes, a.workers, a.epochs, a.batch_size = 64, [224], [1], 1, 16
+    cache = Path(a.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
+                                             "lomar_fast"))
+    cache.mkdir(parents=True, exist_ok=True)
+    beton = Path(a.data) if a.data else build_dataset(cache, a.num_images)
+    load_before = os.getloadavg()
+    limit = 64 if a.quick else 400
+    timed = [time_decode_and_resize(beton, size, limit) for size in a.sizes]
+    decode, resize = timed[0][0], [r for _, r in timed]
+    results = []
+    for size in a.sizes:
+        for w in a.workers:
+            r = run_loader(beton, size, w, a.batch_size, a.epochs)
+            results.append(r)
+            print(f"size {size} workers {w}: {r['images_per_sec']:.0f} img/s "
+                  f"({r['images_per_sec_per_core']:.0f}/core)", file=sys.stderr)
+    from lomar_fast.data import dataset_info
+
+    info = dataset_info(beton)
+    host = socket.gethostname() or "cpu"
+    res = {
+        "benchmark": "loader",
+        "host": host,
+        "cpu": {"model": cpu_model(), "cores": cores, "load_average_before": load_before,
+                "load_average_after": os.getloadavg()},
+        "versions": versions(),
+        "config": {"quick": a.quick, "pipeline": pipeline_description(), "batch_size": a.batch_size,
+                   "epochs": a.epochs, "warmup_epochs": 1, "sizes": a.sizes, "workers": a.workers,
+                   "order": "random", "os_cache": True},
+        "dataset": {"path": str(beton), "num_images": info["num_images"], "max_side": info["max_side"],
+                    "jpeg_quality": 90, "jpeg_fraction": info["jpeg_fraction"]},
+        "results": results,
+        "decode_only": decode,
+        "resize_only": resize,
+        "target_images_per_sec_per_core_224": TARGET_PER_CORE_224,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    res["table"] = render(res)
+    out = Path(a.out) if a.out else RESULTS_DIR / f"loader_{host if host else 'cpu'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(res["table"], file=sys.stderr)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
