@@ -126,7 +126,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dict]:
     """Each case: name, bytes, tolerance, and callables kernel / reference (returning tensors to compare)."""
     from lomar_fast.ops import _window_gather_cuda as wgc
-    from lomar_fast.ops.irpe import irpe_key_bias_reference
+    from lomar_fast.ops.irpe import irpe_key_bias_bmm, irpe_key_bias_reference
     from lomar_fast.ops.window_gather import gather_windows_reference
 
     b, k, w, p = cfg["batch"], cfg["windows"], cfg["window_size"], cfg["patch_size"]
@@ -235,6 +235,21 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
              compiled=lambda: irpe_fwd_bwd(torch.compile(irpe_key_bias_reference))),
         dict(name="irpe_attention", bytes=None, tol=3 * tol, bytes_note="",
              kernel=attention(kernel_bias) if with_kernels else None,
+             reference=attention(irpe_key_bias_reference),
+             compiled=lambda: attention(irpe_key_bias_reference, compiled_sdpa=True)),
+        # the pure-PyTorch batched-matmul formulation in the "kernel" column (always run)
+        dict(name="irpe_fwd_bwd[bmm path]", bytes=2 * (q_bytes + bias_bytes) + q_bytes, tol=tol,
+             bytes_note="as irpe_fwd_bwd; the kernel column is irpe_key_bias_bmm (pure PyTorch)",
+             kernel=irpe_fwd_bwd(irpe_key_bias_bmm),
+             reference=irpe_fwd_bwd(irpe_key_bias_reference),
+             compiled=lambda: irpe_fwd_bwd(torch.compile(irpe_key_bias_reference))),
+        dict(name="irpe_fwd_bwd[compiled bmm path]", bytes=2 * (q_bytes + bias_bytes) + q_bytes, tol=tol,
+             bytes_note="as irpe_fwd_bwd; the kernel column is torch.compile(irpe_key_bias_bmm)",
+             kernel=irpe_fwd_bwd(torch.compile(irpe_key_bias_bmm)),
+             reference=irpe_fwd_bwd(irpe_key_bias_reference),
+             compiled=lambda: irpe_fwd_bwd(torch.compile(irpe_key_bias_reference))),
+        dict(name="irpe_attention[bmm path]", bytes=None, tol=3 * tol, bytes_note="",
+             kernel=attention(irpe_key_bias_bmm),
              reference=attention(irpe_key_bias_reference),
              compiled=lambda: attention(irpe_key_bias_reference, compiled_sdpa=True)),
     ]

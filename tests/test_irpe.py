@@ -207,3 +207,41 @@ def test_bucket_cache_ignores_ambient_default_device():
     again = bucket_ids(5, 6, 1.9, cls_token=True)
     assert again.device.type == "cpu"
     assert again.tolist() == buckets_ref(5, 6, 1.9, True)
+
+
+# ------------------------------------------------------------------ batched-matmul formulation
+@pytest.mark.parametrize("grid,heads,head_dim", [((5, 5), 3, 16), ((3, 7), 2, 8), ((7, 7), 1, 32)])
+def test_bmm_path_equals_reference_values_and_grads(grid, heads, head_dim):
+    from lomar_fast.ops.irpe import irpe_key_bias_bmm, irpe_key_bias_reference
+
+    gen = torch.Generator().manual_seed(3)
+    buckets = bucket_ids(*grid)
+    L = buckets.shape[0]
+    q = torch.randn(3, heads, L, head_dim, dtype=torch.float64, generator=gen)
+    # non-contiguous queries, as they come out of the qkv split
+    q = q.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+    table = torch.randn(head_dim, 50, dtype=torch.float64, generator=gen, requires_grad=True)
+    ref = irpe_key_bias_reference(q, table, buckets)
+    out = irpe_key_bias_bmm(q, table, buckets)
+    assert out.shape == ref.shape and out.stride(-1) == 1
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn(ref.shape, dtype=torch.float64, generator=gen)
+    for a, b in zip(torch.autograd.grad(ref, (q, table), g), torch.autograd.grad(out, (q, table), g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda qq, tt: irpe_key_bias_bmm(qq, tt, buckets), (q, table))
+
+
+def test_irpe_path_switch(monkeypatch):
+    import lomar_fast.ops.irpe as ops_irpe
+
+    calls = []
+    monkeypatch.setattr(ops_irpe, "irpe_key_bias_bmm", lambda *a: calls.append("bmm") or ops_irpe.irpe_key_bias_reference(*a))
+    q, t, b = torch.randn(1, 1, 10, 4), torch.randn(4, 50), bucket_ids(3, 3)
+    monkeypatch.setenv("LOMAR_IRPE_PATH", "bmm")
+    ops_irpe.irpe_key_bias(q, t, b)
+    monkeypatch.setenv("LOMAR_IRPE_PATH", "reference")
+    ops_irpe.irpe_key_bias(q, t, b)
+    assert calls == ["bmm"]
+    monkeypatch.setenv("LOMAR_IRPE_PATH", "fast")
+    with pytest.raises(ValueError, match="LOMAR_IRPE_PATH"):
+        ops_irpe.irpe_key_bias(q, t, b)

@@ -1,10 +1,13 @@
 """Contextual iRPE on keys: ``bias[n, h, i, j] = sum_d q[n, h, i, d] * T[d, bucket(i, j)]``.
 
 This file owns the operation: :func:`irpe_key_bias` dispatches to the fused CUDA kernel for CUDA
-tensors when kernels are enabled (see :mod:`lomar_fast.ops._dispatch`), and to the reference path
-below otherwise. The reference path defines the meaning.
+tensors when kernels are enabled (see :mod:`lomar_fast.ops._dispatch`), and to a pure-PyTorch path
+otherwise: the reference path (an indexing gather, which defines the meaning) or its batched-matmul
+reformulation :func:`irpe_key_bias_bmm` (``DEFAULT_PATH`` or ``$LOMAR_IRPE_PATH``), which is tested equal to it.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -12,6 +15,16 @@ from ._dispatch import use_kernel
 
 # A kernel becomes the ``auto`` default only after a committed GPU benchmark shows it correct and faster.
 AUTO_USES_KERNEL = False
+# Without the kernel: "bmm" (batched-matmul formulation, no scatter) or "reference" (gather);
+# $LOMAR_IRPE_PATH overrides.
+DEFAULT_PATH = "reference"
+
+
+def irpe_path() -> str:
+    path = os.environ.get("LOMAR_IRPE_PATH", DEFAULT_PATH).strip().lower()
+    if path not in ("bmm", "reference"):
+        raise ValueError(f"LOMAR_IRPE_PATH={path!r} must be 'bmm' or 'reference'")
+    return path
 
 
 def irpe_key_bias_reference(q: torch.Tensor, table: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
@@ -28,6 +41,22 @@ def irpe_key_bias_reference(q: torch.Tensor, table: torch.Tensor, buckets: torch
     n, h, l, _ = qt.shape
     index = buckets.view(1, 1, l, l).expand(n, h, l, l)
     return torch.gather(qt, -1, index)
+
+
+def irpe_key_bias_bmm(q: torch.Tensor, table: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+    """The same term as one batched matmul per query position, with no activation-sized scatter.
+
+    With M[i, :, j] = T[:, bucket(i, j)] (a (L, D, L) tensor built from the small table),
+    bias[n, h, i, :] = q[n, h, i, :] @ M[i]: a bmm over i of (N*H, D) x (D, L). Its backward is two
+    more bmms plus a scatter into the (D, NB) table from the (L, D, L) gradient of M, instead of the
+    reference's scatter-add of an (N, H, L, L) gradient into (N, H, L, NB) (atomics on activations).
+    Shapes and dtypes as :func:`irpe_key_bias_reference`; the result is an (N, H, L, L) view whose
+    last dimension is contiguous.
+    """
+    n, h, l, d = q.shape
+    m = table.to(q.dtype)[:, buckets].permute(1, 0, 2)  # (L, D, L)
+    qi = q.permute(2, 0, 1, 3).reshape(l, n * h, d)
+    return torch.bmm(qi, m).view(l, n, h, l).permute(1, 2, 0, 3)
 
 
 def _check(q: torch.Tensor, table: torch.Tensor, buckets: torch.Tensor) -> None:
@@ -54,4 +83,6 @@ def irpe_key_bias(q: torch.Tensor, table: torch.Tensor, buckets: torch.Tensor) -
         from . import _irpe_cuda  # imported lazily: needs CuPy and a GPU
 
         return _irpe_cuda.irpe_key_bias(q, table, buckets)
+    if irpe_path() == "bmm":
+        return irpe_key_bias_bmm(q, table, buckets)
     return irpe_key_bias_reference(q, table, buckets)
