@@ -369,9 +369,35 @@ def test_cpu_tensors_take_reference_path_with_kernels_on(monkeypatch, kernels_on
         torch.testing.assert_close(a, b)
 
 
-def test_auto_default_stays_off_until_gpu_results():
-    assert irpe_mod.AUTO_USES_KERNEL is False
-    assert wg_mod.AUTO_USES_KERNEL is False
+def test_auto_defaults_follow_committed_gpu_results():
+    """``auto`` turns a kernel on only when the committed GPU result shows it correct and faster than
+    the compiled reference (forward+backward for iRPE, where gradients flow)."""
+    import json
+
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "h200" / "kernels.json"
+    rows = {r["name"]: r for r in json.loads(results.read_text())["results"]}
+
+    def wins(name):
+        r = rows[name]
+        return bool(r["correct"]) and r["kernel_over_compiled"] < 1.0
+
+    assert wg_mod.AUTO_USES_KERNEL is wins("window_gather")
+    assert irpe_mod.AUTO_USES_KERNEL is (wins("irpe_fwd_bwd") and wins("irpe_attention"))
+
+
+def test_auto_falls_back_without_cupy(monkeypatch):
+    from lomar_fast.ops import _dispatch
+
+    class FakeCuda:
+        is_cuda = True
+
+    monkeypatch.setattr(_dispatch, "_cupy_ok", False)
+    monkeypatch.setenv("LOMAR_KERNELS", "auto")
+    assert _dispatch.use_kernel(FakeCuda(), auto_default=True) is False
+    monkeypatch.setattr(_dispatch, "_cupy_ok", True)
+    assert _dispatch.use_kernel(FakeCuda(), auto_default=True) is True
+    monkeypatch.setenv("LOMAR_KERNELS", "off")
+    assert _dispatch.use_kernel(FakeCuda(), auto_default=True) is False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 * ``off``  - always the pure-PyTorch reference path.
 * ``on``   - the CUDA kernel for every CUDA tensor (an error if it cannot be built).
 * ``auto`` - the kernel only where a committed GPU benchmark showed it correct and faster
-  (each op names its own ``auto`` choice); otherwise the reference path.
+  (each op names its own ``auto`` choice) and CuPy is installed; otherwise the PyTorch path.
 
 CPU tensors always take the reference path.
 """
@@ -42,4 +42,17 @@ def use_kernel(*tensors, auto_default: bool) -> bool:
         return False
     if mode == "on":
         return True
-    return auto_default
+    return auto_default and cupy_available()
+
+
+_cupy_ok: bool | None = None
+
+
+def cupy_available() -> bool:
+    """Whether CuPy (which compiles and launches the kernels) can be imported; ``auto`` needs it."""
+    global _cupy_ok
+    if _cupy_ok is None:
+        import importlib.util
+
+        _cupy_ok = importlib.util.find_spec("cupy") is not None
+    return _cupy_ok

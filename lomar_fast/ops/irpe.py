@@ -14,10 +14,13 @@ import torch
 from ._dispatch import use_kernel
 
 # A kernel becomes the ``auto`` default only after a committed GPU benchmark shows it correct and faster.
+# benchmarks/results/h200/kernels.md: correct, but slower than the compiled reference -> off.
 AUTO_USES_KERNEL = False
 # Without the kernel: "bmm" (batched-matmul formulation, no scatter) or "reference" (gather);
 # $LOMAR_IRPE_PATH overrides.
-DEFAULT_PATH = "reference"
+# "bmm" by default: benchmarks/results/h200/throughput_irpe_{reference,bmm}.md measure the compiled
+# LoMaR ViT-B step at 2194 -> 2639 img/s (224) and 2143 -> 2411 img/s (448) on one H200.
+DEFAULT_PATH = "bmm"
 
 
 def irpe_path() -> str:

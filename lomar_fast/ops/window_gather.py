@@ -17,7 +17,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORM_PIX_EPS = 1e-6
 
-AUTO_USES_KERNEL = False
+# On by default: benchmarks/results/h200/kernels.md shows the kernel correct and faster than the
+# torch.compile'd reference (0.31 vs 0.36-0.38 ms at ViT-B shapes, 4x the eager reference).
+AUTO_USES_KERNEL = True
 
 
 def normalize_images(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
