@@ -14,7 +14,7 @@ from torch import nn
 from lomar_fast.checkpoint import CheckpointMismatch, extract_state_dict, load_file
 
 from .irpe import DEFAULT_RATIO, bucket_ids
-from .vit import VIT_SIZES, Block, PatchEmbed, drop_path_rates, init_vit_weights
+from .vit import Block, PatchEmbed, drop_path_rates, init_vit_weights, size_factory
 
 
 class VisionTransformerRPE(nn.Module):
@@ -101,19 +101,12 @@ class VisionTransformerRPE(nn.Module):
         return {"used": sorted(used), "dropped": sorted(dropped), "initialized": sorted(fresh)}
 
 
-def _factory(size: str):
-    def make(**kwargs) -> VisionTransformerRPE:
-        cfg = dict(VIT_SIZES[size], patch_size=16)
-        cfg.update(kwargs)
-        return VisionTransformerRPE(**cfg)
-
-    make.__name__ = f"vit_{size}_patch16"
-    make.__doc__ = f"Fine-tuning ViT-{size}/16 with iRPE ({VIT_SIZES[size]}); kwargs override."
-    return make
+def _vit(**cfg) -> VisionTransformerRPE:
+    return VisionTransformerRPE(**cfg)
 
 
-vit_tiny_patch16 = _factory("tiny")
-vit_small_patch16 = _factory("small")
-vit_base_patch16 = _factory("base")
-vit_large_patch16 = _factory("large")
-vit_huge_patch16 = _factory("huge")
+vit_tiny_patch16 = size_factory(_vit, "tiny", "vit_tiny_patch16", "Fine-tuning ViT with iRPE")
+vit_small_patch16 = size_factory(_vit, "small", "vit_small_patch16", "Fine-tuning ViT with iRPE")
+vit_base_patch16 = size_factory(_vit, "base", "vit_base_patch16", "Fine-tuning ViT with iRPE")
+vit_large_patch16 = size_factory(_vit, "large", "vit_large_patch16", "Fine-tuning ViT with iRPE")
+vit_huge_patch16 = size_factory(_vit, "huge", "vit_huge_patch16", "Fine-tuning ViT with iRPE")

@@ -14,7 +14,7 @@ from torch import nn
 from lomar_fast.ops.window_gather import gather_windows, masked_positions
 
 from .irpe import DEFAULT_RATIO, bucket_ids
-from .vit import VIT_SIZES, Block, PatchEmbed, drop_path_rates, init_vit_weights, sincos_pos_embed_2d
+from .vit import Block, PatchEmbed, drop_path_rates, init_vit_weights, sincos_pos_embed_2d, size_factory
 
 WindowSampling = Literal["per_batch", "per_image"]
 Pairing = Literal["all", "published"]
@@ -205,19 +205,12 @@ class LoMaR(nn.Module):
         return loss, pred, flat_masks
 
 
-def _factory(size: str):
-    def make(**kwargs) -> LoMaR:
-        cfg = dict(VIT_SIZES[size], patch_size=16)
-        cfg.update(kwargs)
-        return LoMaR(**cfg)
-
-    make.__name__ = f"lomar_vit_{size}_patch16"
-    make.__doc__ = f"LoMaR pretraining model, ViT-{size}/16 ({VIT_SIZES[size]}); kwargs override."
-    return make
+def _lomar(**cfg) -> LoMaR:
+    return LoMaR(**cfg)
 
 
-lomar_vit_tiny_patch16 = _factory("tiny")
-lomar_vit_small_patch16 = _factory("small")
-lomar_vit_base_patch16 = _factory("base")
-lomar_vit_large_patch16 = _factory("large")
-lomar_vit_huge_patch16 = _factory("huge")
+lomar_vit_tiny_patch16 = size_factory(_lomar, "tiny", "lomar_vit_tiny_patch16", "LoMaR pretraining model")
+lomar_vit_small_patch16 = size_factory(_lomar, "small", "lomar_vit_small_patch16", "LoMaR pretraining model")
+lomar_vit_base_patch16 = size_factory(_lomar, "base", "lomar_vit_base_patch16", "LoMaR pretraining model")
+lomar_vit_large_patch16 = size_factory(_lomar, "large", "lomar_vit_large_patch16", "LoMaR pretraining model")
+lomar_vit_huge_patch16 = size_factory(_lomar, "huge", "lomar_vit_huge_patch16", "LoMaR pretraining model")

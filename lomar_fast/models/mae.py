@@ -11,7 +11,7 @@ from torch import nn
 
 from lomar_fast.ops.window_gather import norm_pix, normalize_images, patchify
 
-from .vit import VIT_SIZES, Block, PatchEmbed, init_vit_weights, sincos_pos_embed_2d
+from .vit import Block, PatchEmbed, init_vit_weights, sincos_pos_embed_2d, size_factory
 
 
 class MAE(nn.Module):
@@ -118,18 +118,12 @@ class MAE(nn.Module):
         return self.forward_loss(images, pred, mask), pred, mask
 
 
-def _factory(size: str):
-    def make(**kwargs) -> MAE:
-        cfg = dict(VIT_SIZES[size], patch_size=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
-        cfg.update(kwargs)
-        return MAE(**cfg)
-
-    make.__name__ = f"mae_vit_{size}_patch16"
-    make.__doc__ = f"MAE baseline, ViT-{size}/16 encoder, 8x512 decoder; kwargs override."
-    return make
+def _mae(**cfg) -> MAE:
+    return MAE(**cfg)
 
 
-mae_vit_tiny_patch16 = _factory("tiny")
-mae_vit_base_patch16 = _factory("base")
-mae_vit_large_patch16 = _factory("large")
-mae_vit_huge_patch16 = _factory("huge")
+_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+mae_vit_tiny_patch16 = size_factory(_mae, "tiny", "mae_vit_tiny_patch16", "MAE baseline (8x512 decoder)", **_DECODER)
+mae_vit_base_patch16 = size_factory(_mae, "base", "mae_vit_base_patch16", "MAE baseline (8x512 decoder)", **_DECODER)
+mae_vit_large_patch16 = size_factory(_mae, "large", "mae_vit_large_patch16", "MAE baseline (8x512 decoder)", **_DECODER)
+mae_vit_huge_patch16 = size_factory(_mae, "huge", "mae_vit_huge_patch16", "MAE baseline (8x512 decoder)", **_DECODER)

@@ -6,6 +6,8 @@ mlp.fc1 mlp.fc2``), so published checkpoints load without renaming.
 from __future__ import annotations
 
 
+from typing import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -171,3 +173,16 @@ VIT_SIZES = {
     "huge": dict(embed_dim=1280, depth=32, num_heads=16),
 }
 
+
+
+def size_factory(build: Callable[..., nn.Module], size: str, name: str, what: str, **defaults) -> Callable[..., nn.Module]:
+    """A factory ``name(**kwargs)`` building ``build(**VIT_SIZES[size], patch_size=16, **defaults, **kwargs)``."""
+
+    def make(**kwargs) -> nn.Module:
+        cfg = dict(VIT_SIZES[size], patch_size=16, **defaults)
+        cfg.update(kwargs)
+        return build(**cfg)
+
+    make.__name__ = make.__qualname__ = name
+    make.__doc__ = f"{what}, ViT-{size}/16 ({VIT_SIZES[size]}); keyword arguments override."
+    return make
