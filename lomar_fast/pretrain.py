@@ -52,6 +52,20 @@ def validate(cfg: PretrainConfig) -> None:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.warmup_epochs < 0 or cfg.warmup_epochs > cfg.epochs:
         raise ConfigError(f"--warmup_epochs {cfg.warmup_epochs} must be between 0 and --epochs {cfg.epochs}")
+    if cfg.knn_every < 0:
+        raise ConfigError(f"--knn_every {cfg.knn_every} must be 0 (off) or a positive number of epochs")
+    if cfg.knn_every and not (cfg.knn_train and cfg.knn_val):
+        raise ConfigError("--knn_every needs --knn_train and --knn_val: labelled .beton files (make demo-data "
+                          "builds data/demo/train.beton and val.beton)")
+    if (cfg.knn_train or cfg.knn_val) and not cfg.knn_every:
+        raise ConfigError("--knn_train/--knn_val are only read by the k-NN monitor: add --knn_every N")
+    for flag in ("knn_train", "knn_val"):
+        if cfg.knn_every and not Path(getattr(cfg, flag)).is_file():
+            raise ConfigError(f"--{flag} {getattr(cfg, flag)} does not exist")
+        if cfg.knn_every:
+            from lomar_fast.data.beton import check_beton
+
+            check_beton(getattr(cfg, flag), need_label=True, input_size=cfg.input_size)
     check_output_dir(cfg.output_dir)
 
 
@@ -184,6 +198,12 @@ def main(argv: list[str] | None = None) -> dict:
         epoch_time = time.perf_counter() - epoch_t0
         last = dict(epoch=epoch, step=step, loss=epoch_loss / max(epoch_n, 1), epoch_time=epoch_time,
                     images_per_sec=epoch_n * micro * world / max(epoch_time, 1e-9))
+        if cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
+            from lomar_fast.knn import monitor
+
+            knn = monitor(engine.module, cfg.knn_train, cfg.knn_val, cfg.input_size, micro, device,
+                          cfg.num_workers, dtype)  # every rank takes a slice of the images
+            last.update(knn_top1=knn["top1"], knn_top5=knn["top5"], knn_seconds=knn["seconds"])
         logger.end_epoch(**last)
         stopping = cfg.exit_after_epochs is not None and epoch + 1 - start_epoch >= cfg.exit_after_epochs
         if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or stopping:
@@ -209,3 +229,6 @@ if __name__ == "__main__":
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)

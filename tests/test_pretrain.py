@@ -191,3 +191,40 @@ def test_bad_inputs_stop_before_training(demo, tmp_path):
     yaml_cfg = tmp_path / "run.yaml"
     yaml_cfg.write_text("batch_sise: 8\n")
     assert "batch_sise" in _bad([*data, *out, "--config", str(yaml_cfg)], tmp_path)
+
+
+NAN_AFTER = """
+import sys, torch
+import lomar_fast.models.lomar as lm
+import lomar_fast.pretrain as pt
+calls = {"n": 0}
+real = lm.LoMaR.forward_loss
+def forward_loss(self, *a):
+    calls["n"] += 1
+    loss = real(self, *a)
+    return loss * float("nan") if calls["n"] > 2 else loss
+lm.LoMaR.forward_loss = forward_loss
+sys.argv = ["pretrain"] + sys.argv[1:]
+try:
+    pt.main(sys.argv[1:])
+except FloatingPointError as e:
+    print("STOPPED:", e)
+    sys.exit(3)
+"""
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(demo, tmp_path):
+    out = tmp_path / "run"
+    script = tmp_path / "nan_run.py"
+    script.write_text(NAN_AFTER)
+    proc = subprocess.run([sys.executable, str(script), "--data_path", str(demo / "train.beton"),
+                           "--deepspeed_config", "ds_configs/cpu.json", "--batch_size", "16", "--epochs", "3",
+                           "--warmup_epochs", "0", "--max_steps_per_epoch", "2", "--save_every", "1",
+                           "--output_dir", str(out), *SMALL], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "STOPPED: loss became nan at epoch 1 step 3" in proc.stdout
+    assert "--resume auto" in proc.stdout
+    # epoch 0 finished and was saved; nothing after the bad step was written
+    assert (out / "latest").read_text().strip() == "epoch0000"
+    assert not (out / "epoch0001").exists()
