@@ -57,6 +57,10 @@ class PretrainConfig:
     compile: bool = False
     device: str | None = None
     local_rank: int = -1
+    # k-NN representation monitor (off unless --knn_every N > 0)
+    knn_every: int = 0
+    knn_train: str | None = None
+    knn_val: str | None = None
     explicit: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,6 +96,10 @@ HELP = {
     "kernels": "fused CUDA kernels: on, off or auto (default: $LOMAR_KERNELS or auto)",
     "compile": "torch.compile the model",
     "device": "cpu or cuda (default: cuda when available)",
+    "knn_every": "run the k-NN monitor (k=20, T=0.07) every N epochs and log knn_top1 (0: off; needs "
+                 "--knn_train and --knn_val)",
+    "knn_train": "labelled .beton whose features are the k-NN neighbours (e.g. a train subset)",
+    "knn_val": "labelled .beton whose images are classified by k-NN",
 }
 
 _CHOICES = {"window_sampling": ("per_batch", "per_image"), "pairing": ("all", "published"),
@@ -117,7 +125,10 @@ def _parse_bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 
 
-def build_parser(cls=PretrainConfig, description: str = "LoMaR pretraining") -> argparse.ArgumentParser:
+def build_parser(cls=PretrainConfig, description: str = "LoMaR pretraining",
+                 help_text: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """Flags of every field of ``cls``; ``help_text`` entries take precedence over HELP."""
+    helps = {**HELP, **(help_text or {})}
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file with the same keys as the flags (flags override it)")
     for f in dataclasses.fields(cls):
@@ -125,7 +136,7 @@ def build_parser(cls=PretrainConfig, description: str = "LoMaR pretraining") -> 
             continue
         typ = _field_type(f)
         names = [f"--{f.name}"] + ([f"--local-rank"] if f.name == "local_rank" else [])
-        kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=HELP.get(f.name, f.name) + f" (default {f.default})")
+        kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=helps.get(f.name, f.name) + f" (default {f.default})")
         if typ is bool:
             kw.update(nargs="?", const=True, type=_parse_bool)
         else:
@@ -137,9 +148,10 @@ def build_parser(cls=PretrainConfig, description: str = "LoMaR pretraining") -> 
     return p
 
 
-def parse_config(argv: list[str] | None = None, cls=PretrainConfig, description: str = "LoMaR pretraining"):
+def parse_config(argv: list[str] | None = None, cls=PretrainConfig, description: str = "LoMaR pretraining",
+                 help_text: dict[str, str] | None = None):
     """Defaults < YAML (--config) < flags. Unknown YAML keys are an error naming them."""
-    parser = build_parser(cls, description)
+    parser = build_parser(cls, description, help_text)
     args, extra = parser.parse_known_args(argv)
     # launchers may append arguments of their own (e.g. --deepspeed); anything else is a typo
     unknown = [a for a in extra if a.startswith("--") and a.split("=")[0] not in ("--deepspeed",)]

@@ -1,0 +1,304 @@
+"""k-NN representation monitor: weighted k-nearest-neighbour top-1 on frozen encoder features.
+
+``python -m lomar_fast.knn --checkpoint model.pth --train train.beton --val val.beton [--input_size 224]``
+
+Features: the encoder from the checkpoint runs on the whole (center-cropped) image with iRPE over its
+G x G grid; the patch tokens, passed through the checkpoint's final encoder norm, are averaged and
+L2-normalized (a fine-tuned classifier checkpoint uses its own pooled ``fc_norm`` features instead).
+Each val image votes with its k = 20 most cosine-similar train images, each vote weighted by
+exp(similarity / T), T = 0.07; the class with the largest total wins.
+
+The encoder's shape comes from the checkpoint: width from ``cls_token``, depth from the block count,
+heads from width / head_dim with head_dim = ``lookup_table_weight.shape[1]``.
+
+Under ``torchrun``/``deepspeed`` every rank reads a disjoint contiguous slice of each file (every
+image exactly once, no padding), train features are all-gathered and the correct counts summed.
+:func:`build_shard_loader` is also the fine-tuning evaluation's loader.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+if __package__ in (None, ""):  # run as a script by a launcher: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+
+from lomar_fast.checkpoint import CheckpointMismatch, extract_state_dict, load_file
+from lomar_fast.models.classifier import VisionTransformerRPE
+from lomar_fast.ops.window_gather import normalize_images
+
+DEFAULT_K = 20
+DEFAULT_T = 0.07
+
+
+# ------------------------------------------------------------------------------------ sharded reading
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of rank's contiguous slice of n items; slices are disjoint and cover 0..n-1."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def build_shard_loader(path: str | os.PathLike, batch_size: int, input_size: int, device: torch.device | str,
+                       num_workers: int | None = None, rank: int | None = None, world: int | None = None,
+                       os_cache: bool = True, batches_ahead: int = 2):
+    """Loader over this rank's contiguous slice of ``path`` with the validation pipeline.
+
+    Yields (uint8 (B, S, S, 3), int64 (B,)) in file order, no dropped tail, no padding. Returns
+    (loader or None when the slice is empty, number of images in the slice, images in the file).
+    """
+    import numpy as np
+    from ffcv.loader import Loader, OrderOption
+
+    from lomar_fast.data import check_beton, default_num_workers, val_pipelines
+
+    if rank is None or world is None:
+        rank, world = _dist()
+    info = check_beton(path, need_label=True, input_size=input_size)
+    total = int(info["num_images"])
+    start, stop = shard_bounds(total, rank, world)
+    if stop <= start:
+        return None, 0, total
+    pipes = {name: None for name in info["fields"]}
+    pipes.update(val_pipelines(input_size, device))
+    loader = Loader(str(path), batch_size=batch_size,
+                    num_workers=num_workers if num_workers and num_workers > 0 else default_num_workers(),
+                    os_cache=os_cache, order=OrderOption.SEQUENTIAL, distributed=False,
+                    indices=np.arange(start, stop), pipelines=pipes, drop_last=False,
+                    batches_ahead=batches_ahead)
+    return loader, stop - start, total
+
+
+# --------------------------------------------------------------------------------------- the encoder
+def encoder_shape(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """{embed_dim, depth, num_heads, patch_size} read off a pretraining or classifier state dict."""
+    try:
+        dim = int(sd["cls_token"].shape[-1])
+        patch = int(sd["patch_embed.proj.weight"].shape[-1])
+        head_dim = int(sd["blocks.0.attn.rpe_k.lookup_table_weight"].shape[1])
+    except KeyError as e:
+        raise CheckpointMismatch(f"checkpoint lacks {e.args[0]}: not a LoMaR/iRPE ViT checkpoint") from e
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    if dim % head_dim:
+        raise CheckpointMismatch(f"checkpoint width {dim} is not a multiple of its iRPE head_dim {head_dim}")
+    return dict(embed_dim=dim, depth=depth, num_heads=dim // head_dim, patch_size=patch)
+
+
+class FeatureEncoder(torch.nn.Module):
+    """Frozen encoder: images (B, 3, S, S) normalized -> L2-normalized features (B, D) in float32."""
+
+    def __init__(self, vit: VisionTransformerRPE, token_norm: torch.nn.LayerNorm | None):
+        super().__init__()
+        self.vit = vit
+        self.token_norm = token_norm
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.vit.forward_features(images)
+        if self.token_norm is None:  # classifier checkpoint: its own pooling + fc_norm
+            feats = self.vit.forward_head(tokens, pre_logits=True)
+        else:
+            feats = self.token_norm(tokens)[:, 1:].mean(dim=1)
+        return F.normalize(feats.float(), dim=-1)
+
+
+def build_encoder(state_dict_or_path: str | os.PathLike | Mapping[str, Any], input_size: int = 224,
+                  device: torch.device | str = "cpu") -> FeatureEncoder:
+    """The frozen feature encoder of a lomar_fast export, a published LoMaR checkpoint, a live
+    LoMaR model's state dict or a fine-tuned classifier checkpoint (eval mode, on ``device``)."""
+    if isinstance(state_dict_or_path, Mapping):
+        sd = extract_state_dict(state_dict_or_path)
+    else:
+        sd = load_file(state_dict_or_path)
+    shape = encoder_shape(sd)
+    vit = VisionTransformerRPE(img_size=input_size, num_classes=0, drop_path=0.0, **shape)
+    classifier = "fc_norm.weight" in sd
+    report = vit.load_pretrained(sd)
+    token_norm = None
+    if classifier:
+        vit.fc_norm.load_state_dict({"weight": sd["fc_norm.weight"], "bias": sd["fc_norm.bias"]})
+    else:
+        token_norm = torch.nn.LayerNorm(shape["embed_dim"], eps=1e-6)
+        if "norm.weight" in sd:
+            token_norm.load_state_dict({"weight": sd["norm.weight"], "bias": sd["norm.bias"]})
+    enc = FeatureEncoder(vit, token_norm).eval().requires_grad_(False).to(device)
+    enc.load_report = report  # type: ignore[attr-defined]
+    return enc
+
+
+@torch.no_grad()
+def extract_features(encoder: FeatureEncoder, shard, device: torch.device,
+                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Features of one :func:`build_shard_loader` result ``(loader, n, total)``: (features float32 (n, D),
+    labels int64 (n,), images in the file)."""
+    loader, n, total = shard
+    feats, labels = [], []
+    if loader is not None:
+        autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+        for images, y in loader:
+            with autocast:
+                feats.append(encoder(normalize_images(images)).float())
+            labels.append(y.reshape(-1).long().clone())
+    dim = encoder.vit.embed_dim
+    f = torch.cat(feats) if feats else torch.zeros(0, dim, device=device)
+    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    if f.shape[0] != n:
+        raise RuntimeError(f"read {f.shape[0]} images of this rank's slice of {n}")
+    return f, y, total
+
+
+def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows in rank order (ranks may hold different row counts)."""
+    rank, world = _dist()
+    if world == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    torch.distributed.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    pad = x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))
+    buf = [x.new_zeros((max(sizes), *x.shape[1:])) for _ in range(world)]
+    torch.distributed.all_gather(buf, torch.cat([x, pad]))
+    return torch.cat([b[:s] for b, s in zip(buf, sizes)])
+
+
+@torch.no_grad()
+def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
+                num_classes: int, k: int = DEFAULT_K, temperature: float = DEFAULT_T,
+                chunk: int = 256) -> torch.Tensor:
+    """Class scores (n_val, num_classes): the k most similar train features (cosine, inputs already
+    L2-normalized) vote with weight exp(sim / temperature)."""
+    k = min(k, train_feats.shape[0])
+    out = []
+    for i in range(0, val_feats.shape[0], chunk):
+        sim = val_feats[i:i + chunk] @ train_feats.T
+        top, idx = sim.topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device, dtype=torch.float32)
+        votes.scatter_add_(1, train_labels[idx], (top / temperature).exp())
+        out.append(votes)
+    return torch.cat(out) if out else torch.zeros(0, num_classes, device=train_feats.device)
+
+
+def knn_eval(encoder: FeatureEncoder, train: str | os.PathLike, val: str | os.PathLike, input_size: int = 224,
+             batch_size: int = 64, device: torch.device | str = "cpu", k: int = DEFAULT_K,
+             temperature: float = DEFAULT_T, num_workers: int | None = None,
+             dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """k-NN top-1 (and top-5) in percent over the whole val set, the same on every rank.
+
+    Returns {"top1", "top5", "n_train", "n_val", "seconds"}. Call it on every rank (or with no
+    process group), all with the same arguments.
+    """
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    # both loaders live until the end: freeing one while numba compiles another pipeline makes
+    # numba's finalizer race the compiler (a harmless but noisy "Exception ignored ... KeyError")
+    shards = [build_shard_loader(p, batch_size, input_size, device, num_workers) for p in (train, val)]
+    tf, tl, n_train = extract_features(encoder, shards[0], device, dtype)
+    vf, vl, n_val = extract_features(encoder, shards[1], device, dtype)
+    tf, tl = _all_gather_rows(tf), _all_gather_rows(tl)
+    if tf.shape[0] != n_train:
+        raise RuntimeError(f"gathered {tf.shape[0]} train features, expected {n_train}")
+    num_classes = int(max(int(tl.max()) if tl.numel() else 0, int(vl.max()) if vl.numel() else 0)) + 1
+    num_classes = int(_all_reduce(torch.tensor([num_classes], device=device, dtype=torch.float64), "max")[0])
+    scores = knn_predict(tf, tl, vf, num_classes, k, temperature)
+    counts = torch.zeros(3, device=device, dtype=torch.float64)
+    if vl.numel():
+        top = scores.topk(min(5, num_classes), dim=1).indices
+        hit = top == vl[:, None]
+        counts += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), torch.tensor(vl.numel(), device=device)]).double()
+    counts = _all_reduce(counts, "sum")
+    del shards
+    gc.collect()  # free the loaders' compiled code now, while nothing is being compiled
+    if int(counts[2]) != n_val:
+        raise RuntimeError(f"k-NN counted {int(counts[2])} val images, the file holds {n_val}")
+    return {"top1": 100.0 * float(counts[0]) / n_val, "top5": 100.0 * float(counts[1]) / n_val,
+            "n_train": n_train, "n_val": n_val, "seconds": time.perf_counter() - t0}
+
+
+def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+    if _dist()[1] > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def module_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A live model's full weights as CPU float32 tensors (gathering ZeRO-3 partitions; call on all ranks)."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if params:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def monitor(module: torch.nn.Module, train: str, val: str, input_size: int, batch_size: int,
+            device: torch.device, num_workers: int | None = None, dtype: torch.dtype = torch.float32) -> dict:
+    """k-NN of a live pretraining model (the pretraining ``--knn_every`` hook); all ranks call it."""
+    sd = module_state_dict(module)
+    # the throwaway encoder's init must not move the training run's RNG streams (exact resume)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        encoder = build_encoder(sd, input_size, device)
+    return knn_eval(encoder, train, val, input_size, batch_size, device, num_workers=num_workers, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m lomar_fast.knn", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="model.pth: lomar_fast export, published LoMaR checkpoint "
+                                                       "or fine-tuned classifier")
+    p.add_argument("--train", required=True, help="labelled train .beton (the neighbours)")
+    p.add_argument("--val", required=True, help="labelled val .beton (the queries)")
+    p.add_argument("--input_size", type=int, default=224, help="image side (multiple of the patch size)")
+    p.add_argument("--k", type=int, default=DEFAULT_K, help="neighbours per query")
+    p.add_argument("--temperature", type=float, default=DEFAULT_T, help="vote weight exp(sim / T)")
+    p.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--num_workers", type=int, default=0, help="FFCV decode threads (0: the usable cores)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    from lomar_fast.engine import ConfigError, init_distributed, pick_device
+
+    for flag, path in (("--checkpoint", a.checkpoint), ("--train", a.train), ("--val", a.val)):
+        if not Path(path).is_file():
+            raise ConfigError(f"{flag} {path} does not exist")
+    if a.k < 1 or a.temperature <= 0 or a.batch_size < 1:
+        raise ConfigError("--k and --batch_size must be at least 1 and --temperature positive")
+    device = pick_device(a.device)
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        os.environ.setdefault("DS_ACCELERATOR", device.type)
+        init_distributed(device)
+    rank = _dist()[0]
+    encoder = build_encoder(a.checkpoint, a.input_size, device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    res = knn_eval(encoder, a.train, a.val, a.input_size, a.batch_size, device, a.k, a.temperature,
+                   a.num_workers, dtype)
+    if rank == 0:
+        shape = encoder_shape(load_file(a.checkpoint))
+        print(f"k-NN top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  (k={a.k}, T={a.temperature}, "
+              f"{res['n_train']} train / {res['n_val']} val images at {a.input_size} px, encoder "
+              f"D={shape['embed_dim']} depth={shape['depth']} heads={shape['num_heads']}, {res['seconds']:.1f} s)")
+    return res
+
+
+if __name__ == "__main__":
+    from lomar_fast.engine import ConfigError
+
+    try:
+        main()
+    except (ConfigError, FileNotFoundError, CheckpointMismatch, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,234 @@
+"""Fine-tuning on CPU: layer-decay groups, checkpoint loading, learning on the demo classes, evaluation
+that counts every val image exactly once on one and two ranks, --eval, resume."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lomar_fast.checkpoint import CheckpointMismatch, save_checkpoint
+from lomar_fast.engine import set_lr
+from lomar_fast.finetune import describe_load, load_finetune_weights
+from lomar_fast.layer_decay import param_groups_layer_decay
+from lomar_fast.models import create_model
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+PUBLISHED_ONLY = {"mask_token", "pos_embed", "norm.weight", "norm.bias", "encoder_pred.weight", "encoder_pred.bias"}
+
+
+def _env() -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_finetune(args: list[str], ranks: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "lomar_fast.finetune", *args]
+    else:
+        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+               "lomar_fast/finetune.py", *args]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
+
+
+def _records(out: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict:
+    """Demo train set (8 classes x 16) and a val set of 29 images: an odd count, not a multiple of
+    the batch or of the ranks, so padding duplicates or dropped tails would change the count."""
+    from data_prep.make_demo import make_demo
+    from data_prep.write_beton import WriteOptions, write_dataset
+
+    root = tmp_path_factory.mktemp("ftdemo")
+    make_demo(root, train_per_class=16, val_per_class=4, quiet=True)
+    src = root / "odd_src"
+    shutil.copytree(root / "imagefolder" / "val", src / "val")
+    for d in sorted((src / "val").iterdir())[:3]:
+        sorted(d.iterdir())[0].unlink()
+    write_dataset(src, root / "odd", ("val",), WriteOptions(max_side=256, workers=2, force=True, progress=False))
+    return {"train": root / "train.beton", "val": root / "odd" / "val.beton", "n_val": 29}
+
+
+# ------------------------------------------------------------------------------------- layer decay
+def test_layer_decay_groups_match_formula_12_blocks():
+    model = create_model("vit_tiny_patch16", img_size=32, num_classes=10)
+    assert len(model.blocks) == 12
+    decay, wd = 0.75, 0.05
+    groups = param_groups_layer_decay(model, wd, decay)
+    params = dict(model.named_parameters())
+    seen = [n for g in groups for n in g["names"]]
+    assert sorted(seen) == sorted(params) and len(seen) == len(set(seen))  # every parameter exactly once
+
+    def expected_layer(name: str) -> int:
+        if name.startswith(("patch_embed.", "cls_token")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        assert name.startswith(("fc_norm.", "head.")), name
+        return 13
+
+    for g in groups:
+        for n in g["names"]:
+            assert g["layer_id"] == expected_layer(n), n
+            assert g["lr_scale"] == pytest.approx(decay ** (13 - expected_layer(n))), n
+            no_wd = params[n].ndim <= 1 or n.endswith(".bias") or n == "cls_token"
+            assert g["weight_decay"] == (0.0 if no_wd else wd), n
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert by_name["head.weight"]["lr_scale"] == 1.0 and by_name["fc_norm.weight"]["weight_decay"] == 0.0
+    assert by_name["blocks.11.attn.qkv.weight"]["lr_scale"] == pytest.approx(0.75)
+    assert by_name["blocks.0.mlp.fc1.weight"]["lr_scale"] == pytest.approx(0.75 ** 12)
+    assert by_name["patch_embed.proj.weight"]["lr_scale"] == pytest.approx(0.75 ** 13)
+    assert by_name["cls_token"]["weight_decay"] == 0.0 and by_name["blocks.3.attn.rpe_k.lookup_table_weight"]["weight_decay"] == 0.05
+
+    # the per-step lr update applies every group's scale
+    from lomar_fast.engine import build_adamw
+
+    opt = build_adamw(groups, 1e-3, betas=(0.9, 0.999))
+    set_lr(opt, 2e-3)
+    for g, src in zip(opt.param_groups, groups):
+        assert g["lr"] == pytest.approx(2e-3 * src["lr_scale"])
+        assert "names" not in g
+
+
+# ------------------------------------------------------------------------------------ weight loading
+def test_published_checkpoint_loads_every_encoder_key(tmp_path):
+    torch.manual_seed(0)
+    lomar = create_model("lomar_vit_tiny_patch16", img_size=64, window_size=3, num_window=2, depth=3)
+    published = {k: v.clone() for k, v in lomar.state_dict().items()}  # the published layout, by design
+    assert PUBLISHED_ONLY <= set(published)
+    path = tmp_path / "published.pth"
+    torch.save({"model": published, "epoch": 1599}, path)
+
+    # fine-tuning at a larger size than pretraining: iRPE tables carry over without interpolation
+    clf = create_model("vit_tiny_patch16", img_size=96, num_classes=8, depth=3)
+    head_before = clf.head.weight.clone()
+    report = load_finetune_weights(clf, str(path))
+    encoder_keys = {k for k in clf.state_dict() if not k.startswith(("fc_norm.", "head."))}
+    assert set(report["used"]) == encoder_keys
+    assert set(report["dropped"]) == PUBLISHED_ONLY
+    assert set(report["initialized"]) == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+    sd = clf.state_dict()
+    for k in encoder_keys:
+        assert torch.equal(sd[k], published[k]), k
+    assert torch.equal(clf.head.weight, head_before) and clf.head.weight.abs().max() < 1e-3  # small fresh head
+    msg = describe_load(report, str(path))
+    assert "mask_token" in msg and "encoder_pred.weight" in msg and "head.weight" in msg
+    assert clf(torch.randn(2, 3, 96, 96)).shape == (2, 8)
+
+    # a fine-tuned classifier checkpoint brings its fc_norm and head along
+    torch.nn.init.normal_(clf.head.weight)
+    save_checkpoint(clf, tmp_path / "best.pth")
+    again = create_model("vit_tiny_patch16", img_size=64, num_classes=8, depth=3)
+    report = load_finetune_weights(again, str(tmp_path / "best.pth"))
+    assert report["initialized"] == [] and report["dropped"] == []
+    assert torch.equal(again.head.weight, clf.head.weight)
+
+    # a depth mismatch names the fix
+    deeper = create_model("vit_tiny_patch16", img_size=64, num_classes=8, depth=4)
+    with pytest.raises(CheckpointMismatch, match="--depth 3"):
+        load_finetune_weights(deeper, str(path))
+
+
+# ------------------------------------------------------------------------------------------ training
+SMALL = ["--model", "vit_tiny_patch16", "--depth", "4", "--input_size", "64", "--num_workers", "2",
+         "--deepspeed_config", "ds_configs/cpu.json"]
+
+
+def test_one_rank_learns_demo_classes_eval_and_resume(demo, tmp_path):
+    torch.manual_seed(0)
+    init = tmp_path / "pretrained.pth"  # a (random) pretraining export: exercises --finetune's loading
+    save_checkpoint(create_model("lomar_vit_tiny_patch16", img_size=64, window_size=3, num_window=2, depth=4), init)
+    out = tmp_path / "ft"
+    common = ["--data_path", str(demo["train"]), "--val_path", str(demo["val"]), "--finetune", str(init),
+              "--batch_size", "16", "--blr", "2e-3", "--warmup_epochs", "1", "--mixup", "0", "--cutmix", "0",
+              "--reprob", "0", "--drop_path", "0", "--layer_decay", "0.9", "--log_every", "8", "--save_every", "100",
+              "--output_dir", str(out), *SMALL]
+    proc = run_finetune([*common, "--epochs", "10"])
+    _ok(proc)
+    assert "dropped 6: encoder_pred.bias, encoder_pred.weight, mask_token, norm.bias, norm.weight, pos_embed" in proc.stdout
+    epochs = _records(out, "epoch")
+    assert len(epochs) == 10 and epochs[-1]["step"] == 10 * 8  # 128 images / 16
+    assert all(e["val_n"] == demo["n_val"] for e in epochs)  # every val image exactly once, each epoch
+    best = max(e["val_top1"] for e in epochs)
+    assert best >= 45.0, f"8 classes (chance 12.5%): best val top-1 only {best}"
+    assert epochs[-1]["loss"] < epochs[0]["loss"] - 0.3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_top1"] == best
+    assert (out / "best").is_dir() and (out / "last").is_dir() and (out / "checkpoint-best.pth").is_file()
+
+    # --eval of the fp32 best weights reproduces the best epoch's numbers
+    ev = run_finetune(["--eval", "--finetune", str(out / "checkpoint-best.pth"), "--val_path", str(demo["val"]),
+                       "--batch_size", "7", *SMALL])
+    _ok(ev)
+    line = next(l for l in ev.stdout.splitlines() if l.startswith("eval "))
+    top1 = float(line.split("top-1 ")[1].split("%")[0])
+    assert top1 == pytest.approx(best, abs=0.01) and f"({demo['n_val']} images" in line
+
+    # --resume auto continues after the last epoch with the best result carried over
+    res = run_finetune([*common, "--epochs", "11", "--resume", "auto"])
+    _ok(res)
+    assert "resumed at epoch 10 step 80" in res.stdout
+    last = _records(out, "epoch")[-1]
+    assert last["epoch"] == 10 and last["step"] == 88 and last["best_top1"] >= best
+
+
+@pytest.mark.slow
+def test_two_ranks_zero2_counts_each_val_image_once_keeps_lr_scale(demo, tmp_path):
+    out = tmp_path / "ft2"
+    proc = run_finetune(["--data_path", str(demo["train"]), "--val_path", str(demo["val"]), "--zero_stage", "2",
+                         "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "1", "--max_steps_per_epoch", "2",
+                         "--log_every", "1", "--output_dir", str(out), *SMALL], ranks=2)
+    _ok(proc)
+    epochs = _records(out, "epoch")
+    assert [e["val_n"] for e in epochs] == [demo["n_val"]] * 2  # 29 images over 2 ranks: 14 + 15, no padding
+    # the lr of the lowest layer group (patch_embed) read back from DeepSpeed's ZeRO-2 optimizer
+    steps = [r for r in _records(out, "steps") if r["lr"] > 0]
+    assert steps
+    for r in steps:
+        assert r["lr_low"] / r["lr"] == pytest.approx(0.75 ** 5)  # depth 4: layer_decay ** (4 + 1)
+    assert (out / "best").is_dir() and (out / "last").is_dir() and (out / "checkpoint-best.pth").is_file()
+    assert (out / "latest").read_text().strip() == "last"
+
+
+def test_bad_inputs_stop_before_training(demo, tmp_path):
+    from lomar_fast.engine import ConfigError
+    from lomar_fast.finetune import main
+
+    out = ["--output_dir", str(tmp_path / "o")]
+    data = ["--data_path", str(demo["train"]), "--val_path", str(demo["val"])]
+    # as a program: exit status 2 and one line naming the flag, no traceback, nothing written
+    proc = run_finetune([*SMALL, *out, "--data_path", str(demo["train"]), "--val_path", str(tmp_path / "nope.beton")],
+                        timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--val_path" in proc.stderr, proc.stderr
+    for args, message in ((["--finetune", str(tmp_path / "missing.pth")], "--finetune"),
+                          (["--batch_size", "7"], "even"),  # mixup mixes pairs
+                          (["--nb_classes", "4"], "--nb_classes 4"),  # classes.json lists 8
+                          (["--layer_decay", "1.5"], "--layer_decay"),
+                          (["--model", "lomar_vit_tiny_patch16"], "not a fine-tuning model")):
+        with pytest.raises(ConfigError, match=message):
+            main([*SMALL, *out, *data, *args])
+    with pytest.raises(ConfigError, match="--eval needs"):
+        main([*SMALL, "--eval", "--val_path", str(demo["val"])])
+    assert not (tmp_path / "o" / "last").exists()

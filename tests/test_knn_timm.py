@@ -1,0 +1,178 @@
+"""k-NN monitor (CLI, pretraining hook, the vote itself) and the timm registration."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lomar_fast  # noqa: F401  (registers the timm models)
+from lomar_fast.checkpoint import save_checkpoint
+from lomar_fast.knn import build_encoder, encoder_shape, knn_eval, knn_predict, main as knn_main
+from lomar_fast.models import create_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict:
+    """128 train images and an odd-sized val set of 29 (8 classes)."""
+    import shutil
+
+    from data_prep.make_demo import make_demo
+    from data_prep.write_beton import WriteOptions, write_dataset
+
+    root = tmp_path_factory.mktemp("knndemo")
+    make_demo(root, train_per_class=16, val_per_class=4, quiet=True)
+    src = root / "odd_src"
+    shutil.copytree(root / "imagefolder" / "val", src / "val")
+    for d in sorted((src / "val").iterdir())[:3]:
+        sorted(d.iterdir())[0].unlink()
+    write_dataset(src, root / "odd", ("val",), WriteOptions(max_side=256, workers=2, force=True, progress=False))
+    return {"train": root / "train.beton", "val": root / "odd" / "val.beton", "n_train": 128, "n_val": 29}
+
+
+# ------------------------------------------------------------------------------------------- k-NN
+def test_knn_vote_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    train = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=1)
+    labels = torch.randint(0, 4, (50,), generator=g)
+    val = torch.nn.functional.normalize(torch.randn(7, 16, generator=g), dim=1)
+    k, t = 5, 0.07
+    scores = knn_predict(train, labels, val, 4, k=k, temperature=t, chunk=3)
+    for i in range(7):
+        sims = [(float(val[i] @ train[j]), int(labels[j])) for j in range(50)]
+        sims.sort(reverse=True)
+        expect = [0.0] * 4
+        for s, c in sims[:k]:
+            expect[c] += math.exp(s / t)
+        assert scores[i].tolist() == pytest.approx(expect, rel=1e-4)
+
+
+def test_encoder_shape_from_checkpoint_and_self_retrieval(demo, tmp_path):
+    torch.manual_seed(0)
+    lomar = create_model("lomar_vit_small_patch16", img_size=64, window_size=3, num_window=2, depth=2)
+    save_checkpoint(lomar, tmp_path / "small.pth")
+    sd = torch.load(tmp_path / "small.pth", weights_only=True)["model"]
+    assert encoder_shape(sd) == dict(embed_dim=384, depth=2, num_heads=6, patch_size=16)
+    enc = build_encoder(tmp_path / "small.pth", input_size=64)
+    assert "mask_token" in enc.load_report["dropped"]
+    # val = train and k = 1: every image's nearest neighbour is itself, so features and labels line up
+    res = knn_eval(enc, demo["train"], demo["train"], input_size=64, batch_size=24, k=1, num_workers=2)
+    assert res["top1"] == 100.0 and res["n_val"] == res["n_train"] == demo["n_train"]
+
+
+@pytest.mark.slow
+def test_knn_random_vs_pretrained_and_pretraining_monitor(demo, tmp_path):
+    out = tmp_path / "pre"
+    args = ["--data_path", str(demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", "--model",
+            "lomar_vit_tiny_patch16", "--input_size", "64", "--window_size", "3", "--num_window", "2",
+            "--batch_size", "16", "--epochs", "2", "--warmup_epochs", "0", "--blr", "4e-3", "--max_steps_per_epoch", "4",
+            "--num_workers", "2", "--output_dir", str(out), "--knn_every", "1",
+            "--knn_train", str(demo["train"]), "--knn_val", str(demo["val"])]
+    proc = subprocess.run([sys.executable, "-m", "lomar_fast.pretrain", *args], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    epochs = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
+    assert len(epochs) == 2 and all(0.0 <= e["knn_top1"] <= 100.0 for e in epochs)
+
+    from lomar_fast.export import export
+
+    export(str(out), str(tmp_path / "model.pth"))
+    common = ["--train", str(demo["train"]), "--val", str(demo["val"]), "--input_size", "64", "--num_workers", "2"]
+    trained = knn_main(["--checkpoint", str(tmp_path / "model.pth"), *common])
+    torch.manual_seed(1)
+    save_checkpoint(create_model("lomar_vit_tiny_patch16", img_size=64, window_size=3, num_window=2),
+                    tmp_path / "random.pth")
+    random_init = knn_main(["--checkpoint", str(tmp_path / "random.pth"), *common])
+    for res in (trained, random_init):
+        assert 0.0 <= res["top1"] <= 100.0 and res["n_val"] == demo["n_val"] and res["n_train"] == demo["n_train"]
+        assert res["top1"] * demo["n_val"] / 100 == pytest.approx(round(res["top1"] * demo["n_val"] / 100))
+    # the monitor inside pretraining saw the same weights as the exported file: the same answer
+    assert epochs[-1]["knn_top1"] == pytest.approx(trained["top1"], abs=100 / demo["n_val"] + 1e-6)
+
+
+def test_knn_flags_are_checked(demo, tmp_path):
+    from lomar_fast.config import parse_config
+    from lomar_fast.engine import ConfigError
+    from lomar_fast.pretrain import validate
+
+    base = ["--data_path", str(demo["train"]), "--output_dir", str(tmp_path / "o"), "--model", "lomar_vit_tiny_patch16",
+            "--input_size", "64", "--window_size", "3", "--num_window", "2"]
+    with pytest.raises(ConfigError, match="--knn_train and --knn_val"):
+        validate(parse_config([*base, "--knn_every", "1"]))
+    with pytest.raises(ConfigError, match="--knn_every"):
+        validate(parse_config([*base, "--knn_train", str(demo["train"]), "--knn_val", str(demo["val"])]))
+    with pytest.raises(ConfigError, match="missing.beton"):
+        validate(parse_config([*base, "--knn_every", "2", "--knn_train", str(demo["train"]),
+                               "--knn_val", str(tmp_path / "missing.beton")]))
+
+
+# ------------------------------------------------------------------------------------------- timm
+def test_timm_create_model_matches_lomar_fast_logits(tmp_path):
+    import timm
+
+    assert {"lomar_vit_tiny_patch16_224", "lomar_vit_base_patch16_224", "lomar_vit_huge_patch16_224",
+            "lomar_vit_base_patch16_384", "lomar_vit_large_patch16_384"} <= set(timm.list_models("lomar_*"))
+    torch.manual_seed(0)
+    ours = create_model("vit_tiny_patch16", num_classes=8).eval()  # 12 blocks at 224, as registered
+    torch.nn.init.normal_(ours.head.weight, std=0.5)
+    for blk in ours.blocks:  # non-zero iRPE tables, so the relative-position path matters
+        torch.nn.init.normal_(blk.attn.rpe_k.lookup_table_weight, std=0.1)
+    path = save_checkpoint(ours, tmp_path / "checkpoint-best.pth", epoch=3)
+    model = timm.create_model("lomar_vit_tiny_patch16_224", checkpoint_path=str(path), num_classes=8).eval()
+    assert model.load_report is None  # loaded by timm's strict path
+    assert list(model.state_dict()) == list(ours.state_dict())  # the same (timm-style) parameter names
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ours(x), atol=1e-5, rtol=1e-5)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    assert cfg["input_size"] == (3, 224, 224) and cfg["interpolation"] == "bicubic"
+    # a head of the wrong size is an error, as for any timm checkpoint_path
+    with pytest.raises(RuntimeError, match="head.weight"):
+        timm.create_model("lomar_vit_tiny_patch16_224", checkpoint_path=str(path), num_classes=5)
+
+
+def test_timm_checkpoint_path_accepts_pretraining_export(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    lomar = create_model("lomar_vit_tiny_patch16", img_size=64, window_size=3, num_window=2, depth=2)
+    path = save_checkpoint(lomar, tmp_path / "model.pth", epoch=7)
+    model = timm.create_model("lomar_vit_base_patch16_384", checkpoint_path=str(path), num_classes=5,
+                              embed_dim=192, num_heads=3, depth=2, img_size=96, drop_path_rate=0.1)
+    report = model.load_report
+    assert {"mask_token", "pos_embed", "encoder_pred.weight"} <= set(report["dropped"])
+    assert set(report["initialized"]) == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+    src = lomar.state_dict()
+    for k in report["used"]:
+        assert torch.equal(model.state_dict()[k], src[k]), k
+    assert model(torch.randn(1, 3, 96, 96)).shape == (1, 5)
+    # timm's local-file pretrained route loads the same way
+    again = timm.create_model("lomar_vit_tiny_patch16_224", pretrained=True, depth=2, num_classes=5,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(again.blocks[1].attn.qkv.weight, src["blocks.1.attn.qkv.weight"])
+    with pytest.raises(RuntimeError, match="checkpoint_path"):
+        timm.create_model("lomar_vit_tiny_patch16_224", pretrained=True)
+
+
+def test_registration_works_in_either_import_order():
+    code = ("import sys, lomar_fast; assert 'timm' not in sys.modules, 'importing lomar_fast imported timm'; "
+            "import timm; m = timm.create_model('lomar_vit_tiny_patch16_224', num_classes=3, depth=1); "
+            "print(type(m).__name__, m.num_classes)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["LomarVisionTransformer", "3"]
