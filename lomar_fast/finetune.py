@@ -287,6 +287,24 @@ def evaluate(forward, loader, n_local: int, n_total: int, device: torch.device, 
 
 
 # --------------------------------------------------------------------------------------- checkpoints
+ADOPTED_ARGS = ("model", "depth", "input_size", "global_pool")
+
+
+def adopt_checkpoint_args(cfg: FinetuneConfig, path: str) -> list[str]:
+    """For ``--eval --finetune checkpoint-best.pth``: take the model settings the checkpoint was trained
+    with (saved under ``args``) for every one the user did not set. Returns 'name=value' of those taken."""
+    try:
+        args = torch.load(path, map_location="cpu", weights_only=True).get("args") or {}
+    except Exception:  # noqa: BLE001 - no readable args: keep the flags
+        return []
+    taken = []
+    for name in ADOPTED_ARGS:
+        if name in args and name not in cfg.explicit and args[name] != getattr(cfg, name):
+            setattr(cfg, name, args[name])
+            taken.append(f"{name}={args[name]}")
+    return taken
+
+
 def find_resume(cfg: FinetuneConfig) -> tuple[str, str] | None:
     """(checkpoint dir, tag) to resume from, or None. ``auto``: tag 'last' under output_dir if present."""
     if not cfg.resume:
@@ -337,10 +355,12 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(argv, FinetuneConfig, "LoMaR fine-tuning", HELP)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if (cfg.device != "cpu" and torch.cuda.is_available()) else "cpu")
     validate(cfg)
-    head_rows = None
+    head_rows, adopted = None, []
     if cfg.eval and cfg.finetune:
         head = load_file(cfg.finetune).get("head.weight")
-        head_rows = int(head.shape[0]) if head is not None else None
+        if head is not None:  # a fine-tuned classifier (checkpoint-best.pth), not a pretraining export
+            head_rows = int(head.shape[0])
+            adopted = adopt_checkpoint_args(cfg, cfg.finetune)
     nb_classes = resolve_nb_classes(cfg, head_rows)
     device = pick_device(cfg.device)
     ds_raw = load_ds_config(cfg.deepspeed_config)
@@ -415,6 +435,8 @@ def main(argv: list[str] | None = None) -> dict:
         engine.eval()
         res = evaluate(forward, val_loader, n_val_local, n_val, device, dtype, nb_classes)
         if rank == 0:
+            if adopted:
+                print(f"from the checkpoint's training settings: {', '.join(adopted)}")
             if load_msg:
                 print(load_msg)
             src = f"{resume[0]}/{resume[1]}" if resume else cfg.finetune
