@@ -25,14 +25,22 @@ DEMO_ARGS    ?= --input_size 160 --window_size 5 --num_window 3 --batch_size 32 
 DS_ACCEL     ?= $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 PYTEST_ARGS  ?=
 VIS_IMAGE    ?=
+FT_MODEL     ?= vit_tiny_patch16
+FT_INIT      ?= $(OUTPUT)/model.pth
+FT_OUTPUT    ?= output/demo_ft
+VAL          ?= $(DATA_DIR)/demo/val.beton
+FINETUNE_ARGS ?=
+FT_DEMO_ARGS ?= --input_size 160 --batch_size 32 --epochs 5 --warmup_epochs 1 --blr 4e-3 --num_workers 2 --log_every 4
+KNN_DEMO_ARGS ?= --input_size 160 --num_workers 2
 
-.PHONY: help setup apt-deps test pretrain demo-data prep-imagenet bench wheelhouse clean
+.PHONY: help setup apt-deps test pretrain finetune demo-data prep-imagenet bench wheelhouse clean
 
 help:
 	@echo "make setup          create .venv with torch, deepspeed, ffcv, timm (idempotent)"
 	@echo "make test           setup, then the whole pytest suite"
 	@echo "make demo-data      build the built-in demo dataset under $(DATA_DIR)/demo"
 	@echo "make pretrain       short LoMaR pretraining of a tiny ViT on the demo data"
+	@echo "make finetune       fine-tune output/demo/model.pth on the demo classes, --eval it, k-NN of the encoder"
 	@echo "make prep-imagenet IMAGENET_DIR=/path/to/imagenet DATA_DIR=/path/to/out"
 	@echo "make bench          throughput benchmarks (LoMaR vs MAE)"
 	@echo "make wheelhouse     wheels for an offline Python 3.12 GPU host, in .whl/"
@@ -85,6 +93,18 @@ pretrain: setup
 	  else echo "no image for the reconstruction PNG: pass VIS_IMAGE=some.jpg"; fi
 	@echo "checkpoints: $(OUTPUT)   weights: $(OUTPUT)/model.pth   reconstruction: $(OUTPUT)/recon.png"
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(OUTPUT)/tensorboard"
+
+finetune: setup
+	@test -f "$(FT_INIT)" || { echo "FT_INIT=$(FT_INIT) does not exist: run make pretrain first (or pass FT_INIT=model.pth)"; exit 2; }
+	@test -f "$(VAL)" || { echo "VAL=$(VAL) does not exist: build it with make demo-data or make prep-imagenet"; exit 2; }
+	DS_ACCELERATOR=$(DS_ACCEL) $(VENV)/bin/deepspeed --num_gpus $(NPROC) lomar_fast/finetune.py \
+	  --deepspeed_config $(DS_CONFIG) --finetune $(FT_INIT) --data_path $(DATA) --val_path $(VAL) \
+	  --model $(FT_MODEL) --output_dir $(FT_OUTPUT) \
+	  $(if $(filter $(DEMO_DATA),$(DATA)),$(FT_DEMO_ARGS)) --resume auto $(FINETUNE_ARGS)
+	DS_ACCELERATOR=$(DS_ACCEL) $(PY) -m lomar_fast.finetune --eval --finetune $(FT_OUTPUT)/checkpoint-best.pth \
+	  --val_path $(VAL) --deepspeed_config $(DS_CONFIG) $(if $(filter $(DEMO_DATA),$(DATA)),--num_workers 2)
+	$(PY) -m lomar_fast.knn --checkpoint $(FT_INIT) --train $(DATA) --val $(VAL) \
+	  $(if $(filter $(DEMO_DATA),$(DATA)),$(KNN_DEMO_ARGS))
 
 bench: setup
 	$(PY) -m benchmarks.throughput $(BENCH_ARGS)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -55,20 +54,9 @@ def _records(out: Path, kind: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> dict:
-    """Demo train set (8 classes x 16) and a val set of 29 images: an odd count, not a multiple of
-    the batch or of the ranks, so padding duplicates or dropped tails would change the count."""
-    from data_prep.make_demo import make_demo
-    from data_prep.write_beton import WriteOptions, write_dataset
-
-    root = tmp_path_factory.mktemp("ftdemo")
-    make_demo(root, train_per_class=16, val_per_class=4, quiet=True)
-    src = root / "odd_src"
-    shutil.copytree(root / "imagefolder" / "val", src / "val")
-    for d in sorted((src / "val").iterdir())[:3]:
-        sorted(d.iterdir())[0].unlink()
-    write_dataset(src, root / "odd", ("val",), WriteOptions(max_side=256, workers=2, force=True, progress=False))
-    return {"train": root / "train.beton", "val": root / "odd" / "val.beton", "n_val": 29}
+def demo(small_demo) -> dict:
+    """Demo train set (8 classes x 16) and a val set of 29 images (see conftest.small_demo)."""
+    return small_demo
 
 
 # ------------------------------------------------------------------------------------- layer decay

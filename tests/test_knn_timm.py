@@ -27,21 +27,9 @@ def _env() -> dict:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> dict:
-    """128 train images and an odd-sized val set of 29 (8 classes)."""
-    import shutil
-
-    from data_prep.make_demo import make_demo
-    from data_prep.write_beton import WriteOptions, write_dataset
-
-    root = tmp_path_factory.mktemp("knndemo")
-    make_demo(root, train_per_class=16, val_per_class=4, quiet=True)
-    src = root / "odd_src"
-    shutil.copytree(root / "imagefolder" / "val", src / "val")
-    for d in sorted((src / "val").iterdir())[:3]:
-        sorted(d.iterdir())[0].unlink()
-    write_dataset(src, root / "odd", ("val",), WriteOptions(max_side=256, workers=2, force=True, progress=False))
-    return {"train": root / "train.beton", "val": root / "odd" / "val.beton", "n_train": 128, "n_val": 29}
+def demo(small_demo) -> dict:
+    """128 train images and an odd-sized val set of 29 (8 classes; see conftest.small_demo)."""
+    return small_demo
 
 
 # ------------------------------------------------------------------------------------------- k-NN

@@ -21,12 +21,8 @@ SMALL = ["--model", "lomar_vit_tiny_patch16", "--input_size", "64", "--window_si
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    from data_prep.make_demo import make_demo
-
-    out = tmp_path_factory.mktemp("demo")
-    make_demo(out, train_per_class=16, val_per_class=4, quiet=True)
-    return out
+def demo(small_demo) -> Path:
+    return small_demo["root"]
 
 
 def _env() -> dict:
