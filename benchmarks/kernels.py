@@ -321,7 +321,7 @@ def render_markdown(data: dict) -> str:
         "",
         f"Device: {data['device']} | torch {data['torch']} | cupy {data['cupy']} | mode {data['mode']}",
         f"Config: {json.dumps(data['config'])}",
-        f"Copy bandwidth (device-to-device, read+write): "
+        "Copy bandwidth (device-to-device, read+write): "
         + (f"{data['copy_bandwidth_GBps']:.0f} GB/s" if data.get("copy_bandwidth_GBps") else "-"),
         "",
         "| case | kernel ms | eager ref ms | compiled ref ms | kernel / compiled | kernel GB/s | % of copy BW | max rel err | correct |",

@@ -22,7 +22,6 @@ import platform
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence

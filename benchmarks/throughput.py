@@ -31,7 +31,6 @@ import platform
 import re
 import statistics
 import subprocess
-import sys
 import time
 import traceback
 import warnings

@@ -16,7 +16,17 @@ import yaml
 
 
 @dataclass
-class PretrainConfig:
+class RunConfig:
+    """Base of the run configurations: ``explicit`` names the keys the user set (file or flag)."""
+
+    explicit: set[str] = field(default_factory=set, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "explicit"}
+
+
+@dataclass
+class PretrainConfig(RunConfig):
     # model
     model: str = "lomar_vit_base_patch16"
     input_size: int = 224
@@ -61,10 +71,6 @@ class PretrainConfig:
     knn_every: int = 0
     knn_train: str | None = None
     knn_val: str | None = None
-    explicit: set[str] = field(default_factory=set, repr=False, compare=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "explicit"}
 
 
 HELP = {
@@ -135,7 +141,7 @@ def build_parser(cls=PretrainConfig, description: str = "LoMaR pretraining",
         if f.name == "explicit":
             continue
         typ = _field_type(f)
-        names = [f"--{f.name}"] + ([f"--local-rank"] if f.name == "local_rank" else [])
+        names = [f"--{f.name}"] + (["--local-rank"] if f.name == "local_rank" else [])
         kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=helps.get(f.name, f.name) + f" (default {f.default})")
         if typ is bool:
             kw.update(nargs="?", const=True, type=_parse_bool)

@@ -169,6 +169,30 @@ def compute_dtype(ds: dict[str, Any]) -> torch.dtype:
     return torch.float32
 
 
+def start_run(cfg, extra_ds: dict[str, Any] | None = None):
+    """The common start of a DeepSpeed job, after its own input checks.
+
+    Picks the device, applies ``cfg.kernels``, resolves the DeepSpeed JSON against the batch flags (before
+    any process group exists: the world size comes from the launcher's environment), merges ``extra_ds``,
+    starts torch.distributed, and writes the resolved micro batch and accumulation back into ``cfg``.
+    Returns (device, DeepSpeed config dict, rank, world size).
+    """
+    device = pick_device(cfg.device)
+    ds_raw = load_ds_config(cfg.deepspeed_config)
+    if cfg.kernels:
+        from lomar_fast.ops._dispatch import set_kernels
+
+        set_kernels(cfg.kernels)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    ds_cfg, micro, accum = resolve_ds_config(ds_raw, batch_size=cfg.batch_size, accum_iter=cfg.accum_iter,
+                                             world_size=world, explicit=cfg.explicit, zero_stage=cfg.zero_stage,
+                                             device=device, source=f"--deepspeed_config {cfg.deepspeed_config}")
+    ds_cfg.update(extra_ds or {})
+    rank, world, _ = init_distributed(device)
+    cfg.batch_size, cfg.accum_iter = micro, accum
+    return device, ds_cfg, rank, world
+
+
 def check_output_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` if needed and prove it is writable, before any training work."""
     p = Path(path)

@@ -11,14 +11,13 @@ float32, loadable by ``--finetune``, ``timm.create_model(..., checkpoint_path=)`
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,9 @@ import numpy as np
 import torch
 
 from lomar_fast.checkpoint import CheckpointMismatch, load_file, save_checkpoint
-from lomar_fast.config import parse_config
-from lomar_fast.engine import (ConfigError, build_adamw, check_output_dir, compute_dtype, effective_lr,
-                               init_distributed, load_ds_config, lr_at, pick_device, resolve_ds_config, set_lr)
+from lomar_fast.config import RunConfig, parse_config
+from lomar_fast.engine import (ConfigError, build_adamw, check_output_dir, compute_dtype, effective_lr, lr_at,
+                               set_lr, start_run)
 from lomar_fast.layer_decay import param_groups_layer_decay
 from lomar_fast.ops.window_gather import normalize_images
 
@@ -39,7 +38,7 @@ BEST_PTH = "checkpoint-best.pth"
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunConfig):
     # model
     model: str = "vit_base_patch16"
     input_size: int = 224
@@ -91,10 +90,6 @@ class FinetuneConfig:
     compile: bool = False
     device: str | None = None
     local_rank: int = -1
-    explicit: set[str] = field(default_factory=set, repr=False, compare=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "explicit"}
 
 
 HELP = {
@@ -362,26 +357,15 @@ def main(argv: list[str] | None = None) -> dict:
             head_rows = int(head.shape[0])
             adopted = adopt_checkpoint_args(cfg, cfg.finetune)
     nb_classes = resolve_nb_classes(cfg, head_rows)
-    device = pick_device(cfg.device)
-    ds_raw = load_ds_config(cfg.deepspeed_config)
-    if cfg.kernels:
-        from lomar_fast.ops._dispatch import set_kernels
-        set_kernels(cfg.kernels)
-
     import deepspeed
 
     from lomar_fast.data import build_finetune_loader, set_epoch
     from lomar_fast.knn import build_shard_loader
     from lomar_fast.logging_utils import RunLogger
 
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    ds_cfg, micro, accum = resolve_ds_config(ds_raw, batch_size=cfg.batch_size, accum_iter=cfg.accum_iter,
-                                             world_size=world, explicit=cfg.explicit, zero_stage=cfg.zero_stage,
-                                             device=device, source=f"--deepspeed_config {cfg.deepspeed_config}")
-    if cfg.clip_grad is not None:
-        ds_cfg["gradient_clipping"] = float(cfg.clip_grad)
-    rank, world, _ = init_distributed(device)
-    cfg.batch_size, cfg.accum_iter = micro, accum
+    clip = {} if cfg.clip_grad is None else {"gradient_clipping": float(cfg.clip_grad)}
+    device, ds_cfg, rank, world = start_run(cfg, clip)
+    micro, accum = cfg.batch_size, cfg.accum_iter
     eff_batch = micro * accum * world
     base_lr = effective_lr(cfg.blr, cfg.lr, eff_batch)
     dtype = compute_dtype(ds_cfg)

@@ -20,9 +20,8 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 import torch
 
 from lomar_fast.config import PretrainConfig, parse_config
-from lomar_fast.engine import (ConfigError, build_adamw, check_output_dir, compute_dtype, effective_lr,
-                               init_distributed, load_ds_config, lr_at, param_groups_weight_decay, pick_device,
-                               resolve_ds_config, set_lr)
+from lomar_fast.engine import (ConfigError, build_adamw, check_output_dir, compute_dtype, effective_lr, lr_at,
+                               param_groups_weight_decay, set_lr, start_run)
 from lomar_fast.logging_utils import RunLogger
 from lomar_fast.models import create_model
 from lomar_fast.models.lomar import validate_lomar_geometry
@@ -106,21 +105,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if (cfg.device != "cpu" and torch.cuda.is_available()) else "cpu")
     validate(cfg)
-    device = pick_device(cfg.device)
-    ds_raw = load_ds_config(cfg.deepspeed_config)
-    if cfg.kernels:
-        from lomar_fast.ops._dispatch import set_kernels
-        set_kernels(cfg.kernels)
-
     import deepspeed
     from lomar_fast.data import build_pretrain_loader, epoch_order, set_epoch
 
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    ds_cfg, micro, accum = resolve_ds_config(ds_raw, batch_size=cfg.batch_size, accum_iter=cfg.accum_iter,
-                                             world_size=world, explicit=cfg.explicit, zero_stage=cfg.zero_stage,
-                                             device=device, source=f"--deepspeed_config {cfg.deepspeed_config}")
-    rank, world, _ = init_distributed(device)
-    cfg.batch_size, cfg.accum_iter = micro, accum
+    device, ds_cfg, rank, world = start_run(cfg)
+    micro, accum = cfg.batch_size, cfg.accum_iter
     eff_batch = micro * accum * world
     base_lr = effective_lr(cfg.blr, cfg.lr, eff_batch)
     torch.manual_seed(cfg.seed + rank)
