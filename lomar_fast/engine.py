@@ -7,6 +7,8 @@ import json
 import math
 import os
 import socket
+import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -191,6 +193,64 @@ def start_run(cfg, extra_ds: dict[str, Any] | None = None):
     rank, world, _ = init_distributed(device)
     cfg.batch_size, cfg.accum_iter = micro, accum
     return device, ds_cfg, rank, world
+
+
+class LossMeter:
+    """Sums step losses on the device and reads them back only when asked: the step's one host sync.
+
+    ``add(loss)`` after each step; ``due(i, last_i)`` says when a read-back is due (every ``every``
+    steps and at the epoch's last step); ``read(epoch, step)`` returns (mean loss, steps, seconds since
+    the last read) and raises FloatingPointError for a non-finite mean. ``epoch_mean`` is the mean over
+    the epoch's read-backs.
+    """
+
+    def __init__(self, device: torch.device, every: int, output_dir: str):
+        self.device, self.every, self.output_dir = device, every, output_dir
+        self.epoch_loss, self.epoch_steps = 0.0, 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.total, self.n, self.t0 = torch.zeros((), device=self.device), 0, time.perf_counter()
+
+    def start_epoch(self) -> None:
+        self.epoch_loss, self.epoch_steps = 0.0, 0
+        self._reset()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss.detach().float()
+        self.n += 1
+
+    def due(self, i: int, last_i: int) -> bool:
+        return self.n == self.every or (i == last_i and self.n > 0)
+
+    def read(self, epoch: int, step: int) -> tuple[float, int, float]:
+        value = float(self.total) / self.n  # the one host sync, every `every` steps
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"loss became {value} at epoch {epoch} step {step}; stopping. The last good checkpoint under "
+                f"{self.output_dir} is untouched: lower --blr or check the data, then --resume auto")
+        n, dt = self.n, time.perf_counter() - self.t0
+        self.epoch_loss += value * n
+        self.epoch_steps += n
+        self._reset()
+        return value, n, dt
+
+    @property
+    def epoch_mean(self) -> float:
+        return self.epoch_loss / max(self.epoch_steps, 1)
+
+
+def run_cli(main, *errors: type[BaseException]) -> None:
+    """Run an entry point: bad input (ConfigError, FileNotFoundError, ValueError and ``errors``) exits 2
+    with one line, a non-finite loss exits 3; anything else keeps its traceback."""
+    try:
+        main()
+    except (ConfigError, FileNotFoundError, ValueError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:

@@ -12,7 +12,6 @@ float32, loadable by ``--finetune``, ``timm.create_model(..., checkpoint_path=)`
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import sys
@@ -29,7 +28,7 @@ import torch
 
 from lomar_fast.checkpoint import CheckpointMismatch, load_file, save_checkpoint
 from lomar_fast.config import RunConfig, parse_config
-from lomar_fast.engine import (ConfigError, build_adamw, check_output_dir, compute_dtype, effective_lr, lr_at,
+from lomar_fast.engine import (LossMeter, run_cli, ConfigError, build_adamw, check_output_dir, compute_dtype, effective_lr, lr_at,
                                set_lr, start_run)
 from lomar_fast.layer_decay import param_groups_layer_decay
 from lomar_fast.ops.window_gather import normalize_images
@@ -442,12 +441,13 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{world} = {eff_batch}, lr {base_lr:.3g}, layer decay {cfg.layer_decay}, {steps_per_epoch} steps/epoch, "
                 f"{n_val} val images" + (f", resumed at epoch {start_epoch} step {step}" if resume else ""))
     last: dict = {}
+    meter = LossMeter(device, cfg.log_every, cfg.output_dir)
     for epoch in range(start_epoch, cfg.epochs):
         set_epoch(loader, epoch)
         engine.train()
         logger.start_epoch(epoch, steps_per_epoch)
-        pending, pending_n, t0 = torch.zeros((), device=device), 0, time.perf_counter()
-        epoch_loss, epoch_n, epoch_t0 = 0.0, 0, time.perf_counter()
+        meter.start_epoch()
+        epoch_t0 = time.perf_counter()
         lr = base_lr
         for i, (images, labels) in enumerate(loader):
             if i >= steps_per_epoch:
@@ -464,33 +464,26 @@ def main(argv: list[str] | None = None) -> dict:
             loss = criterion(logits.float(), targets)
             engine.backward(loss)
             engine.step()
-            pending += loss.detach().float()
-            pending_n += 1
+            meter.add(loss)
             step += 1
-            if pending_n == cfg.log_every or i == steps_per_epoch - 1:
-                value = float(pending) / pending_n  # the one host sync, every log_every steps
-                if not math.isfinite(value):
+            if meter.due(i, steps_per_epoch - 1):
+                try:
+                    value, n, dt = meter.read(epoch, step)
+                except FloatingPointError:
                     logger.close()
-                    raise FloatingPointError(
-                        f"loss became {value} at epoch {epoch} step {step}; stopping. The last good checkpoint "
-                        f"under {cfg.output_dir} is untouched: lower --blr or check the data, then --resume auto")
-                dt = time.perf_counter() - t0
+                    raise
                 group_lrs = [g["lr"] for g in optimizer.param_groups]
                 logger.log_steps(epoch=epoch, step=step, loss=value, lr=max(group_lrs),
-                                 images_per_sec=pending_n * micro * world / max(dt, 1e-9), n=pending_n,
-                                 lr_low=min(group_lrs))
-                epoch_loss += value * pending_n
-                epoch_n += pending_n
-                pending, pending_n, t0 = torch.zeros((), device=device), 0, time.perf_counter()
+                                 images_per_sec=n * micro * world / dt, n=n, lr_low=min(group_lrs))
         epoch_time = time.perf_counter() - epoch_t0
         engine.eval()
         res = evaluate(forward, val_loader, n_val_local, n_val, device, dtype, nb_classes)
         improved = res["val_top1"] > best
         if improved:
             best, best_epoch = res["val_top1"], epoch
-        last = dict(epoch=epoch, step=step, loss=epoch_loss / max(epoch_n, 1), lr=lr, **res, best_top1=best,
+        last = dict(epoch=epoch, step=step, loss=meter.epoch_mean, lr=lr, **res, best_top1=best,
                     best_epoch=best_epoch, epoch_time=epoch_time,
-                    images_per_sec=epoch_n * micro * world / max(epoch_time, 1e-9))
+                    images_per_sec=meter.epoch_steps * micro * world / max(epoch_time, 1e-9))
         logger.end_epoch(**last)
         client = dict(epoch=epoch, step=step, best_top1=best, best_epoch=best_epoch, config=cfg.to_dict(),
                       world_size=world, nb_classes=nb_classes, val=res)
@@ -514,8 +507,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FileNotFoundError, CheckpointMismatch, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, CheckpointMismatch)

@@ -295,10 +295,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from lomar_fast.engine import ConfigError
+    from lomar_fast.engine import run_cli
 
-    try:
-        main()
-    except (ConfigError, FileNotFoundError, CheckpointMismatch, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, CheckpointMismatch)

@@ -8,7 +8,6 @@ The loss stays on the device and is read back every ``--log_every`` steps.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 import torch
 
 from lomar_fast.config import PretrainConfig, parse_config
-from lomar_fast.engine import (ConfigError, build_adamw, check_output_dir, compute_dtype, effective_lr, lr_at,
+from lomar_fast.engine import (LossMeter, run_cli, ConfigError, build_adamw, check_output_dir, compute_dtype, effective_lr, lr_at,
                                param_groups_weight_decay, set_lr, start_run)
 from lomar_fast.logging_utils import RunLogger
 from lomar_fast.models import create_model
@@ -145,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{micro} x accum {accum} x {world} = {eff_batch}, lr {base_lr:.3g}, {steps_per_epoch} steps/epoch"
                 + (f", resumed at epoch {start_epoch} step {step}" if resume else ""))
     gen = torch.Generator(device=device)
+    meter = LossMeter(device, cfg.log_every, cfg.output_dir)
     last = {}
     for epoch in range(start_epoch, cfg.epochs):
         set_epoch(loader, epoch)
@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
             (order_dir / f"rank{rank}_epoch{epoch}.json").write_text(json.dumps([int(i) for i in order]))
         engine.train()
         logger.start_epoch(epoch, steps_per_epoch)
-        pending, pending_n, t0 = torch.zeros((), device=device), 0, time.perf_counter()
-        epoch_loss, epoch_n, epoch_t0 = 0.0, 0, time.perf_counter()
+        meter.start_epoch()
+        epoch_t0 = time.perf_counter()
         for i, batch in enumerate(loader):
             if i >= steps_per_epoch:
                 break
@@ -168,25 +168,18 @@ def main(argv: list[str] | None = None) -> dict:
             loss, _, _ = engine(images, windows, masks, validate=False)
             engine.backward(loss)
             engine.step()
-            pending += loss.detach().float()
-            pending_n += 1
+            meter.add(loss)
             step += 1
-            if pending_n == cfg.log_every or i == steps_per_epoch - 1:
-                value = float(pending) / pending_n  # the one host sync, every log_every steps
-                if not math.isfinite(value):
+            if meter.due(i, steps_per_epoch - 1):
+                try:
+                    value, n, dt = meter.read(epoch, step)
+                except FloatingPointError:
                     logger.close()
-                    raise FloatingPointError(
-                        f"loss became {value} at epoch {epoch} step {step}; stopping. The last good checkpoint "
-                        f"under {cfg.output_dir} is untouched: lower --blr or check the data, then --resume auto")
-                dt = time.perf_counter() - t0
-                ips = pending_n * micro * world / max(dt, 1e-9)
-                logger.log_steps(epoch=epoch, step=step, loss=value, lr=lr, images_per_sec=ips, n=pending_n)
-                epoch_loss += value * pending_n
-                epoch_n += pending_n
-                pending, pending_n, t0 = torch.zeros((), device=device), 0, time.perf_counter()
+                    raise
+                logger.log_steps(epoch=epoch, step=step, loss=value, lr=lr, images_per_sec=n * micro * world / dt, n=n)
         epoch_time = time.perf_counter() - epoch_t0
-        last = dict(epoch=epoch, step=step, loss=epoch_loss / max(epoch_n, 1), epoch_time=epoch_time,
-                    images_per_sec=epoch_n * micro * world / max(epoch_time, 1e-9))
+        last = dict(epoch=epoch, step=step, loss=meter.epoch_mean, epoch_time=epoch_time,
+                    images_per_sec=meter.epoch_steps * micro * world / max(epoch_time, 1e-9))
         if cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
             from lomar_fast.knn import monitor
 
@@ -213,11 +206,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+    run_cli(main)
