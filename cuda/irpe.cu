@@ -10,40 +10,11 @@
 // which the caller views as (N, H, L, L) with strides (H*L*Lp, L*Lp, Lp, 1): the layout that
 // scaled_dot_product_attention's memory-efficient kernel accepts as attn_mask without a copy.
 //
-// Compiled at run time by NVRTC (through CuPy) and checked offline by nvcc. No headers are
-// included: the 16-bit float types are carried as raw bits and converted with the helpers below,
-// so the source does not depend on which CUDA headers NVRTC can find.
+// Compiled at run time by NVRTC (through CuPy) and checked offline by nvcc. No CUDA headers are
+// included: the 16-bit float types come from float16_bits.cuh, which the loader inlines
+// (lomar_fast.ops._cuda_build.cuda_source), so the source does not depend on NVRTC's include paths.
 
-struct lomar_bf16 { unsigned short bits; };
-struct lomar_f16 { unsigned short bits; };
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(lomar_bf16 x) { return __uint_as_float(((unsigned int)x.bits) << 16); }
-__device__ __forceinline__ float to_f32(lomar_f16 x) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
-    return f;
-}
-
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ lomar_bf16 from_f32<lomar_bf16>(float x) {
-    // round to nearest even; NaN stays a (quiet) NaN
-    unsigned int u = __float_as_uint(x);
-    lomar_bf16 r;
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        r.bits = (unsigned short)((u >> 16) | 0x0040u);
-        return r;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    r.bits = (unsigned short)(u >> 16);
-    return r;
-}
-template <> __device__ __forceinline__ lomar_f16 from_f32<lomar_f16>(float x) {
-    lomar_f16 r;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
-    return r;
-}
+#include "float16_bits.cuh"
 
 #define LOMAR_IRPE_ROWS 32      // rows of the flattened (n, h, i) space per tile
 #define LOMAR_IRPE_THREADS 256  // threads per block of the forward kernel

@@ -15,6 +15,7 @@ CuPy is imported lazily: importing this module needs neither CuPy nor a GPU.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -64,9 +65,33 @@ def cuda_source_path(filename: str) -> Path:
     )
 
 
+_LOCAL_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.MULTILINE)
+
+
 def cuda_source(filename: str) -> str:
-    """Text of a CUDA source file."""
-    return cuda_source_path(filename).read_text()
+    """Text of a CUDA source file, with ``#include "x.cuh"`` of files beside it inlined (each once).
+
+    NVRTC compiles a string with no directory of its own, so local headers are pasted in here; nvcc
+    finds them beside the file as usual.
+    """
+    path = cuda_source_path(filename)
+    seen: set[str] = set()
+
+    def expand(text: str, where: Path) -> str:
+        def paste(m: re.Match) -> str:
+            name = m.group(1)
+            header = where / name
+            if not header.is_file():
+                raise FileNotFoundError(f"{filename}: #include \"{name}\" not found beside it in {where}")
+            if name in seen:
+                return ""
+            seen.add(name)
+            body = header.read_text().replace("#pragma once\n", "")
+            return f"// ---- {name}\n" + expand(body, header.parent) + f"// ---- end of {name}"
+
+        return _LOCAL_INCLUDE.sub(paste, text)
+
+    return expand(path.read_text(), path.parent)
 
 
 def _import_cupy():

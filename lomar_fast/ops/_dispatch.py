@@ -49,10 +49,14 @@ _cupy_ok: bool | None = None
 
 
 def cupy_available() -> bool:
-    """Whether CuPy (which compiles and launches the kernels) can be imported; ``auto`` needs it."""
+    """Whether CuPy (which compiles and launches the kernels) can be imported and the ``.cu`` sources
+    are found (see ``_cuda_build.cuda_source_dirs``); ``auto`` needs both."""
     global _cupy_ok
     if _cupy_ok is None:
         import importlib.util
 
-        _cupy_ok = importlib.util.find_spec("cupy") is not None
+        from ._cuda_build import cuda_source_dirs
+
+        has_sources = any((d / "window_gather.cu").is_file() for d in cuda_source_dirs())
+        _cupy_ok = importlib.util.find_spec("cupy") is not None and has_sources
     return _cupy_ok
