@@ -25,6 +25,8 @@ DEMO_ARGS    ?= --input_size 160 --window_size 5 --num_window 3 --batch_size 32 
 DS_ACCEL     ?= $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 PYTEST_ARGS  ?=
 VIS_IMAGE    ?=
+# make bench: the quick GPU run, or the tiny-model smoke run of the same code on a CPU
+BENCH_ARGS   ?= $(if $(filter cpu,$(DS_ACCEL)),--tiny,--quick)
 FT_MODEL     ?= vit_tiny_patch16
 FT_INIT      ?= $(OUTPUT)/model.pth
 FT_OUTPUT    ?= output/demo_ft
@@ -107,7 +109,7 @@ finetune: setup
 	  $(if $(filter $(DEMO_DATA),$(DATA)),$(KNN_DEMO_ARGS))
 
 bench: setup
-	$(PY) -m benchmarks.throughput $(BENCH_ARGS)
+	DS_ACCELERATOR=$(DS_ACCEL) $(PY) -m benchmarks.throughput $(BENCH_ARGS)
 
 wheelhouse:
 	@mkdir -p .whl
