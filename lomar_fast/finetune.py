@@ -28,8 +28,8 @@ import torch
 
 from lomar_fast.checkpoint import CheckpointMismatch, load_file, save_checkpoint
 from lomar_fast.config import RunConfig, parse_config
-from lomar_fast.engine import (LossMeter, run_cli, ConfigError, build_adamw, check_output_dir, compute_dtype, effective_lr, lr_at,
-                               set_lr, start_run)
+from lomar_fast.engine import (ConfigError, LossMeter, build_adamw, check_output_dir, compute_dtype,
+                               effective_lr, lr_at, run_cli, set_lr, start_run)
 from lomar_fast.layer_decay import param_groups_layer_decay
 from lomar_fast.ops.window_gather import normalize_images
 
@@ -442,62 +442,61 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{n_val} val images" + (f", resumed at epoch {start_epoch} step {step}" if resume else ""))
     last: dict = {}
     meter = LossMeter(device, cfg.log_every, cfg.output_dir)
-    for epoch in range(start_epoch, cfg.epochs):
-        set_epoch(loader, epoch)
-        engine.train()
-        logger.start_epoch(epoch, steps_per_epoch)
-        meter.start_epoch()
-        epoch_t0 = time.perf_counter()
-        lr = base_lr
-        for i, (images, labels) in enumerate(loader):
-            if i >= steps_per_epoch:
-                break
-            lr = lr_at(step, steps_per_epoch, base_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
-            set_lr(optimizer, lr)
-            x = normalize_images(images)
-            targets = labels.reshape(-1).long()
-            if erase is not None:
-                x = erase(x)
-            if mixup is not None:
-                x, targets = mixup(x, targets)
-            logits = engine(x.to(dtype))
-            loss = criterion(logits.float(), targets)
-            engine.backward(loss)
-            engine.step()
-            meter.add(loss)
-            step += 1
-            if meter.due(i, steps_per_epoch - 1):
-                try:
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            set_epoch(loader, epoch)
+            engine.train()
+            logger.start_epoch(epoch, steps_per_epoch)
+            meter.start_epoch()
+            epoch_t0 = time.perf_counter()
+            lr = base_lr
+            for i, (images, labels) in enumerate(loader):
+                if i >= steps_per_epoch:
+                    break
+                lr = lr_at(step, steps_per_epoch, base_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+                set_lr(optimizer, lr)
+                x = normalize_images(images)
+                targets = labels.reshape(-1).long()
+                if erase is not None:
+                    x = erase(x)
+                if mixup is not None:
+                    x, targets = mixup(x, targets)
+                logits = engine(x.to(dtype))
+                loss = criterion(logits.float(), targets)
+                engine.backward(loss)
+                engine.step()
+                meter.add(loss)
+                step += 1
+                if meter.due(i, steps_per_epoch - 1):
                     value, n, dt = meter.read(epoch, step)
-                except FloatingPointError:
-                    logger.close()
-                    raise
-                group_lrs = [g["lr"] for g in optimizer.param_groups]
-                logger.log_steps(epoch=epoch, step=step, loss=value, lr=max(group_lrs),
-                                 images_per_sec=n * micro * world / dt, n=n, lr_low=min(group_lrs))
-        epoch_time = time.perf_counter() - epoch_t0
-        engine.eval()
-        res = evaluate(forward, val_loader, n_val_local, n_val, device, dtype, nb_classes)
-        improved = res["val_top1"] > best
-        if improved:
-            best, best_epoch = res["val_top1"], epoch
-        last = dict(epoch=epoch, step=step, loss=meter.epoch_mean, lr=lr, **res, best_top1=best,
-                    best_epoch=best_epoch, epoch_time=epoch_time,
-                    images_per_sec=meter.epoch_steps * micro * world / max(epoch_time, 1e-9))
-        logger.end_epoch(**last)
-        client = dict(epoch=epoch, step=step, best_top1=best, best_epoch=best_epoch, config=cfg.to_dict(),
-                      world_size=world, nb_classes=nb_classes, val=res)
-        if improved:
-            engine.save_checkpoint(cfg.output_dir, tag="best", client_state=client, save_latest=False)
-            save_best_pth(engine.module, Path(cfg.output_dir, BEST_PTH), rank, epoch=epoch, val_top1=res["val_top1"],
-                          val_top5=res["val_top5"], args=cfg.to_dict(), nb_classes=nb_classes)
-        stopping = cfg.exit_after_epochs is not None and epoch + 1 - start_epoch >= cfg.exit_after_epochs
-        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or stopping:
-            engine.save_checkpoint(cfg.output_dir, tag="last", client_state=client)
-        if stopping:
-            logger.info(f"exiting after {cfg.exit_after_epochs} epoch(s) as asked; --resume auto continues")
-            break
-    logger.close()
+                    group_lrs = [g["lr"] for g in optimizer.param_groups]
+                    logger.log_steps(epoch=epoch, step=step, loss=value, lr=max(group_lrs),
+                                     images_per_sec=n * micro * world / dt, n=n, lr_low=min(group_lrs))
+            epoch_time = time.perf_counter() - epoch_t0
+            engine.eval()
+            res = evaluate(forward, val_loader, n_val_local, n_val, device, dtype, nb_classes)
+            improved = res["val_top1"] > best
+            if improved:
+                best, best_epoch = res["val_top1"], epoch
+            last = dict(epoch=epoch, step=step, loss=meter.epoch_mean, lr=lr, **res, best_top1=best,
+                        best_epoch=best_epoch, epoch_time=epoch_time,
+                        images_per_sec=meter.epoch_steps * micro * world / max(epoch_time, 1e-9))
+            logger.end_epoch(**last)
+            client = dict(epoch=epoch, step=step, best_top1=best, best_epoch=best_epoch, config=cfg.to_dict(),
+                          world_size=world, nb_classes=nb_classes, val=res)
+            if improved:
+                engine.save_checkpoint(cfg.output_dir, tag="best", client_state=client, save_latest=False)
+                save_best_pth(engine.module, Path(cfg.output_dir, BEST_PTH), rank, epoch=epoch,
+                              val_top1=res["val_top1"], val_top5=res["val_top5"], args=cfg.to_dict(),
+                              nb_classes=nb_classes)
+            stopping = cfg.exit_after_epochs is not None and epoch + 1 - start_epoch >= cfg.exit_after_epochs
+            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or stopping:
+                engine.save_checkpoint(cfg.output_dir, tag="last", client_state=client)
+            if stopping:
+                logger.info(f"exiting after {cfg.exit_after_epochs} epoch(s) as asked; --resume auto continues")
+                break
+    finally:
+        logger.close()
     if rank == 0 and not last:
         print(f"nothing to train: the run in {cfg.output_dir} already reached epoch {cfg.epochs}")
     elif rank == 0:

@@ -19,8 +19,8 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 import torch
 
 from lomar_fast.config import PretrainConfig, parse_config
-from lomar_fast.engine import (LossMeter, run_cli, ConfigError, build_adamw, check_output_dir, compute_dtype, effective_lr, lr_at,
-                               param_groups_weight_decay, set_lr, start_run)
+from lomar_fast.engine import (ConfigError, LossMeter, build_adamw, check_output_dir, compute_dtype,
+                               effective_lr, lr_at, param_groups_weight_decay, run_cli, set_lr, start_run)
 from lomar_fast.logging_utils import RunLogger
 from lomar_fast.models import create_model
 from lomar_fast.models.lomar import validate_lomar_geometry
@@ -146,56 +146,55 @@ def main(argv: list[str] | None = None) -> dict:
     gen = torch.Generator(device=device)
     meter = LossMeter(device, cfg.log_every, cfg.output_dir)
     last = {}
-    for epoch in range(start_epoch, cfg.epochs):
-        set_epoch(loader, epoch)
-        if cfg.record_data_order:
-            order_dir = Path(cfg.output_dir, "data_order")
-            order_dir.mkdir(exist_ok=True)
-            order = epoch_order(loader, epoch)
-            (order_dir / f"rank{rank}_epoch{epoch}.json").write_text(json.dumps([int(i) for i in order]))
-        engine.train()
-        logger.start_epoch(epoch, steps_per_epoch)
-        meter.start_epoch()
-        epoch_t0 = time.perf_counter()
-        for i, batch in enumerate(loader):
-            if i >= steps_per_epoch:
-                break
-            images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            lr = lr_at(step, steps_per_epoch, base_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
-            set_lr(optimizer, lr)
-            gen.manual_seed(step_seed(cfg.seed, rank, step))
-            windows, masks = engine.module.sample(images.shape[0], generator=gen, device=device)
-            loss, _, _ = engine(images, windows, masks, validate=False)
-            engine.backward(loss)
-            engine.step()
-            meter.add(loss)
-            step += 1
-            if meter.due(i, steps_per_epoch - 1):
-                try:
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            set_epoch(loader, epoch)
+            if cfg.record_data_order:
+                order_dir = Path(cfg.output_dir, "data_order")
+                order_dir.mkdir(exist_ok=True)
+                order = epoch_order(loader, epoch)
+                (order_dir / f"rank{rank}_epoch{epoch}.json").write_text(json.dumps([int(i) for i in order]))
+            engine.train()
+            logger.start_epoch(epoch, steps_per_epoch)
+            meter.start_epoch()
+            epoch_t0 = time.perf_counter()
+            for i, batch in enumerate(loader):
+                if i >= steps_per_epoch:
+                    break
+                images = batch[0] if isinstance(batch, (tuple, list)) else batch
+                lr = lr_at(step, steps_per_epoch, base_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+                set_lr(optimizer, lr)
+                gen.manual_seed(step_seed(cfg.seed, rank, step))
+                windows, masks = engine.module.sample(images.shape[0], generator=gen, device=device)
+                loss, _, _ = engine(images, windows, masks, validate=False)
+                engine.backward(loss)
+                engine.step()
+                meter.add(loss)
+                step += 1
+                if meter.due(i, steps_per_epoch - 1):
                     value, n, dt = meter.read(epoch, step)
-                except FloatingPointError:
-                    logger.close()
-                    raise
-                logger.log_steps(epoch=epoch, step=step, loss=value, lr=lr, images_per_sec=n * micro * world / dt, n=n)
-        epoch_time = time.perf_counter() - epoch_t0
-        last = dict(epoch=epoch, step=step, loss=meter.epoch_mean, epoch_time=epoch_time,
-                    images_per_sec=meter.epoch_steps * micro * world / max(epoch_time, 1e-9))
-        if cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
-            from lomar_fast.knn import monitor
+                    logger.log_steps(epoch=epoch, step=step, loss=value, lr=lr,
+                                     images_per_sec=n * micro * world / dt, n=n)
+            epoch_time = time.perf_counter() - epoch_t0
+            last = dict(epoch=epoch, step=step, loss=meter.epoch_mean, epoch_time=epoch_time,
+                        images_per_sec=meter.epoch_steps * micro * world / max(epoch_time, 1e-9))
+            if cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
+                from lomar_fast.knn import monitor
 
-            knn = monitor(engine.module, cfg.knn_train, cfg.knn_val, cfg.input_size, micro, device,
-                          cfg.num_workers, dtype)  # every rank takes a slice of the images
-            last.update(knn_top1=knn["top1"], knn_top5=knn["top5"], knn_seconds=knn["seconds"])
-        logger.end_epoch(**last)
-        stopping = cfg.exit_after_epochs is not None and epoch + 1 - start_epoch >= cfg.exit_after_epochs
-        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or stopping:
-            client = dict(epoch=epoch, step=step, config=cfg.to_dict(), world_size=world)
-            engine.save_checkpoint(cfg.output_dir, tag=f"epoch{epoch:04d}", client_state=client)
-            logger.info(f"checkpoint {cfg.output_dir}/epoch{epoch:04d}")
-        if stopping:
-            logger.info(f"exiting after {cfg.exit_after_epochs} epoch(s) as asked; --resume auto continues")
-            break
-    logger.close()
+                knn = monitor(engine.module, cfg.knn_train, cfg.knn_val, cfg.input_size, micro, device,
+                              cfg.num_workers, dtype)  # every rank takes a slice of the images
+                last.update(knn_top1=knn["top1"], knn_top5=knn["top5"], knn_seconds=knn["seconds"])
+            logger.end_epoch(**last)
+            stopping = cfg.exit_after_epochs is not None and epoch + 1 - start_epoch >= cfg.exit_after_epochs
+            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or stopping:
+                client = dict(epoch=epoch, step=step, config=cfg.to_dict(), world_size=world)
+                engine.save_checkpoint(cfg.output_dir, tag=f"epoch{epoch:04d}", client_state=client)
+                logger.info(f"checkpoint {cfg.output_dir}/epoch{epoch:04d}")
+            if stopping:
+                logger.info(f"exiting after {cfg.exit_after_epochs} epoch(s) as asked; --resume auto continues")
+                break
+    finally:
+        logger.close()
     if rank == 0 and not last:
         print(f"nothing to train: the run in {cfg.output_dir} already reached epoch {cfg.epochs}")
     elif rank == 0:
