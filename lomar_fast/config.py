@@ -17,8 +17,27 @@ import yaml
 
 @dataclass
 class RunConfig:
-    """Base of the run configurations: ``explicit`` names the keys the user set (file or flag)."""
+    """Base of the run configurations: the loader and launch settings every entry point takes, and
+    ``explicit``, the keys the user set (file or flag)."""
 
+    # data loading
+    num_workers: int = 8
+    os_cache: bool = True
+    batches_ahead: int = 3
+    # launch and run settings shared by the entry points
+    output_dir: str = "./output_dir"
+    log_dir: str | None = None
+    resume: str | None = None
+    seed: int = 0
+    log_every: int = 20
+    max_steps_per_epoch: int | None = None
+    exit_after_epochs: int | None = None
+    deepspeed_config: str = "ds_configs/zero2.json"
+    zero_stage: int | None = None
+    kernels: str | None = None
+    compile: bool = False
+    device: str | None = None
+    local_rank: int = -1
     explicit: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,25 +67,9 @@ class PretrainConfig(RunConfig):
     weight_decay: float = 0.05
     # data
     data_path: str = ""
-    num_workers: int = 8
-    os_cache: bool = True
-    batches_ahead: int = 3
     # run
-    output_dir: str = "./output_dir"
-    log_dir: str | None = None
-    resume: str | None = None
-    seed: int = 0
     save_every: int = 20
-    log_every: int = 20
-    max_steps_per_epoch: int | None = None
-    exit_after_epochs: int | None = None
     record_data_order: bool = False
-    deepspeed_config: str = "ds_configs/zero2.json"
-    zero_stage: int | None = None
-    kernels: str | None = None
-    compile: bool = False
-    device: str | None = None
-    local_rank: int = -1
     # k-NN representation monitor (off unless --knn_every N > 0)
     knn_every: int = 0
     knn_train: str | None = None

@@ -70,25 +70,9 @@ class FinetuneConfig(RunConfig):
     # data
     data_path: str = ""
     val_path: str = ""
-    num_workers: int = 8
-    os_cache: bool = True
-    batches_ahead: int = 3
     # run
-    output_dir: str = "./output_dir"
-    log_dir: str | None = None
-    resume: str | None = None
     eval: bool = False
-    seed: int = 0
     save_every: int = 1
-    log_every: int = 20
-    max_steps_per_epoch: int | None = None
-    exit_after_epochs: int | None = None
-    deepspeed_config: str = "ds_configs/zero2.json"
-    zero_stage: int | None = None
-    kernels: str | None = None
-    compile: bool = False
-    device: str | None = None
-    local_rank: int = -1
 
 
 HELP = {
