@@ -3,10 +3,7 @@ that counts every val image exactly once on one and two ranks, --eval, resume.""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,31 +15,13 @@ from lomar_fast.finetune import describe_load, load_finetune_weights
 from lomar_fast.layer_decay import param_groups_layer_decay
 from lomar_fast.models import create_model
 
-REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
+from launch import launch
+
 PUBLISHED_ONLY = {"mask_token", "pos_embed", "norm.weight", "norm.bias", "encoder_pred.weight", "encoder_pred.bias"}
 
 
-def _env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_finetune(args: list[str], ranks: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    if ranks == 1:
-        cmd = [sys.executable, "-m", "lomar_fast.finetune", *args]
-    else:
-        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
-               "lomar_fast/finetune.py", *args]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return launch("finetune", args, ranks, timeout)
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,14 +14,10 @@ from lomar_fast.checkpoint import save_checkpoint
 from lomar_fast.knn import build_encoder, encoder_shape, knn_eval, knn_predict, main as knn_main
 from lomar_fast.models import create_model
 
-REPO = Path(__file__).resolve().parent.parent
+from launch import REPO, cpu_env
 
 
-def _env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
+
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +64,7 @@ def test_knn_random_vs_pretrained_and_pretraining_monitor(demo, tmp_path):
             "--batch_size", "16", "--epochs", "2", "--warmup_epochs", "0", "--blr", "4e-3", "--max_steps_per_epoch", "4",
             "--num_workers", "2", "--output_dir", str(out), "--knn_every", "1",
             "--knn_train", str(demo["train"]), "--knn_val", str(demo["val"])]
-    proc = subprocess.run([sys.executable, "-m", "lomar_fast.pretrain", *args], cwd=REPO, env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "lomar_fast.pretrain", *args], cwd=REPO, env=cpu_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     epochs = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
@@ -160,7 +154,7 @@ def test_registration_works_in_either_import_order():
     code = ("import sys, lomar_fast; assert 'timm' not in sys.modules, 'importing lomar_fast imported timm'; "
             "import timm; m = timm.create_model('lomar_vit_tiny_patch16_224', num_classes=3, depth=1); "
             "print(type(m).__name__, m.num_classes)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["LomarVisionTransformer", "3"]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,8 @@ import torch
 from lomar_fast.engine import ConfigError, lr_at, param_groups_weight_decay, resolve_ds_config, set_lr
 from lomar_fast.models import create_model
 
-REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
+from launch import REPO, cpu_env, launch
+
 SMALL = ["--model", "lomar_vit_tiny_patch16", "--input_size", "64", "--window_size", "3", "--num_window", "2",
          "--num_workers", "2", "--log_every", "1"]
 
@@ -25,27 +24,8 @@ def demo(small_demo) -> Path:
     return small_demo["root"]
 
 
-def _env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
 def run_pretrain(args: list[str], ranks: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    if ranks == 1:
-        cmd = [sys.executable, "-m", "lomar_fast.pretrain", *args]
-    else:
-        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
-               "lomar_fast/pretrain.py", *args]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return launch("pretrain", args, ranks, timeout)
 
 
 def step_losses(out: Path) -> list[tuple[int, float]]:
@@ -74,7 +54,7 @@ def test_one_process_loss_falls_checkpoint_export(demo, tmp_path):
 
     model_path = tmp_path / "model.pth"
     exp = subprocess.run([sys.executable, "-m", "lomar_fast.export", "--checkpoint", str(out), "--out", str(model_path)],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+                         cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
     _ok(exp)
     from lomar_fast.checkpoint import load_checkpoint
 
@@ -216,7 +196,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(demo, tmp_path):
     proc = subprocess.run([sys.executable, str(script), "--data_path", str(demo / "train.beton"),
                            "--deepspeed_config", "ds_configs/cpu.json", "--batch_size", "16", "--epochs", "3",
                            "--warmup_epochs", "0", "--max_steps_per_epoch", "2", "--save_every", "1",
-                           "--output_dir", str(out), *SMALL], cwd=REPO, env=_env(), capture_output=True, text=True,
+                           "--output_dir", str(out), *SMALL], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "STOPPED: loss became nan at epoch 1 step 3" in proc.stdout
