@@ -126,8 +126,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dict]:
     """Each case: name, bytes, tolerance, and callables kernel / reference (returning tensors to compare)."""
     from lomar_fast.ops import _window_gather_cuda as wgc
-    from lomar_fast.ops.irpe import irpe_key_bias_bmm, irpe_key_bias_reference
-    from lomar_fast.ops.window_gather import gather_windows_reference
+    from lomar_fast.ops import window_gather_ref as wgr
+    from lomar_fast.ops.irpe_ref import irpe_key_bias_bmm, irpe_key_bias_reference
+    from lomar_fast.ops.window_gather_ref import gather_windows_reference
 
     b, k, w, p = cfg["batch"], cfg["windows"], cfg["window_size"], cfg["patch_size"]
     dtype = getattr(torch, cfg["dtype"])
@@ -147,16 +148,16 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
         kernel_bias = None
 
     def gather_kernel():
-        return wgc.gather_windows(images, windows, masks, p, w, True, dtype, n_mask=n_mask)
+        return wgc.gather_windows_kernel(images, windows, masks, p, w, True, dtype, n_mask, False)
 
     def gather_ref():
         return gather_windows_reference(images, windows, masks, p, w, True, dtype)
 
     def gather_vis_kernel():
-        return wgc.gather_windows_visible(images, windows, masks, p, w, True, dtype, n_mask=n_mask, validate=False)
+        return wgc.gather_windows_kernel(images, windows, masks, p, w, True, dtype, n_mask, True)
 
     def gather_vis_ref():
-        return wgc.gather_visible_reference(images, windows, masks, p, w, True, dtype)
+        return wgr.gather_visible_reference(images, windows, masks, p, w, True, dtype)
 
     gen = torch.Generator(device="cpu").manual_seed(1)
     embed = torch.nn.Linear(vdim, cfg["embed_dim"]).to(device=device, dtype=dtype)
@@ -172,7 +173,7 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
         patches, _ = gather()
         tokens = embed(patches)  # (B*K, n_vis, D)
         seq = mask_token.expand(b * k, ww, -1)
-        pos = wgc.visible_positions(mask_flat, n_vis)  # no host sync
+        pos = wgr.visible_positions(mask_flat, n_vis)  # no host sync
         return seq.scatter(1, pos[..., None].expand(-1, -1, tokens.shape[-1]), tokens)
 
     def irpe_fwd(fn):

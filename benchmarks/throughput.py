@@ -339,7 +339,8 @@ class Harness:
                  ds_raw: dict, world: int, result: Result):
         import deepspeed
 
-        from lomar_fast.engine import build_adamw, param_groups_weight_decay, resolve_ds_config
+        from lomar_fast.ds_config import resolve_ds_config
+        from lomar_fast.optim import build_adamw, param_groups_weight_decay
         from lomar_fast.flops import model_forward_macs, training_flops
         from lomar_fast.models import create_model
 
@@ -751,7 +752,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = pick_device(args.device)
     args = resolve_defaults(args, device)
 
-    from lomar_fast.engine import compute_dtype, init_distributed, load_ds_config
+    from lomar_fast.distributed import init_distributed
+    from lomar_fast.ds_config import compute_dtype, load_ds_config
 
     ds_raw = load_ds_config(args.ds_config)
     dtype = compute_dtype(ds_raw)

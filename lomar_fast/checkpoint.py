@@ -13,8 +13,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from lomar_fast.errors import InputError
 
-class CheckpointMismatch(ValueError):
+
+class CheckpointMismatch(InputError, ValueError):
     """The checkpoint's keys or shapes do not fit the model."""
 
 
@@ -88,3 +90,14 @@ def load_checkpoint(model: nn.Module, path_or_state: str | os.PathLike | Mapping
     if problems:
         raise CheckpointMismatch("checkpoint does not fit the model: " + "; ".join(problems))
     model.load_state_dict(sd, strict=True)
+
+
+def module_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A live model's full weights as CPU float32 tensors, gathering ZeRO-3 partitions (call on every rank)."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if params:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}

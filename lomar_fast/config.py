@@ -1,33 +1,48 @@
-"""One configuration object for pretraining: MAE/LoMaR flags, optionally read from a YAML file.
+"""Every flag of the entry points, in one place: MAE/LoMaR-style flags, optionally read from a YAML file.
 
-Precedence: built-in defaults < ``--config run.yaml`` < command-line flags. ``explicit`` records which
-keys the user set (file or flag), so checks such as the DeepSpeed batch-size agreement can tell a
-user's value from a default.
+``PretrainConfig`` (``lomar_fast.pretrain``) and ``FinetuneConfig`` (``lomar_fast.finetune``) share the
+loader, launch and checkpoint settings of ``RunConfig``. Precedence: built-in defaults < ``--config
+run.yaml`` < command-line flags. YAML values and flag strings go through the same per-field conversion
+(``blr: 5e-4`` is a float whether PyYAML reads it as a number or a string); a value that does not fit
+its field is one :class:`ConfigError` naming the key, the value and the expected type. ``explicit``
+records which keys the user set (file or flag), so checks such as the DeepSpeed batch-size agreement
+can tell a user's value from a default. ``validate()`` runs every check that needs no GPU and no data
+read, so bad input stops before any work.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ClassVar
 
 import yaml
+
+from lomar_fast.errors import ConfigError
 
 
 @dataclass
 class RunConfig:
-    """Base of the run configurations: the loader and launch settings every entry point takes, and
-    ``explicit``, the keys the user set (file or flag)."""
+    """Settings every entry point takes: loading, launch, checkpoints, and ``explicit``, the keys the
+    user set (file or flag)."""
 
     # data loading
     num_workers: int = 8
     os_cache: bool = True
     batches_ahead: int = 3
-    # launch and run settings shared by the entry points
+    # optimisation shared by both recipes
+    batch_size: int = 64
+    accum_iter: int = 1
+    lr: float | None = None
+    weight_decay: float = 0.05
+    # launch, checkpoints and logging
     output_dir: str = "./output_dir"
     log_dir: str | None = None
     resume: str | None = None
+    overwrite: bool = False
+    keep_last: int = 3
     seed: int = 0
     log_every: int = 20
     max_steps_per_epoch: int | None = None
@@ -40,8 +55,31 @@ class RunConfig:
     local_rank: int = -1
     explicit: set[str] = field(default_factory=set, repr=False, compare=False)
 
+    # the settings a resumed run must share with the saved one (see lomar_fast.run_dir.check_resume)
+    MODEL_KEYS: ClassVar[tuple[str, ...]] = ()
+
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "explicit"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init and f.name != "explicit"}
+
+    def validate(self) -> None:
+        """Checks shared by the entry points (the subclasses add their own)."""
+        for name in ("batch_size", "accum_iter", "epochs", "save_every", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            raise ConfigError(f"--warmup_epochs {self.warmup_epochs} must be between 0 and --epochs {self.epochs}")
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero_stage {self.zero_stage} must be 0, 1, 2 or 3")
+        if self.overwrite and self.resume:
+            raise ConfigError("--overwrite starts the run in --output_dir afresh and --resume continues it: "
+                              "pass one of them")
+
+
+def _need_file(flag: str, path: str | None, hint: str) -> None:
+    if not path:
+        raise ConfigError(f"--{flag} is required: {hint}")
+    if not Path(path).is_file():
+        raise ConfigError(f"--{flag} {path} does not exist; {hint}")
 
 
 @dataclass
@@ -57,14 +95,10 @@ class PretrainConfig(RunConfig):
     pairing: str = "all"
     drop_path: float = 0.0
     # optimisation (published recipe)
-    batch_size: int = 64
-    accum_iter: int = 1
     epochs: int = 400
     warmup_epochs: int = 20
     blr: float = 1.5e-4
-    lr: float | None = None
     min_lr: float = 0.0
-    weight_decay: float = 0.05
     # data
     data_path: str = ""
     # run
@@ -75,116 +109,360 @@ class PretrainConfig(RunConfig):
     knn_train: str | None = None
     knn_val: str | None = None
 
+    MODEL_KEYS: ClassVar[tuple[str, ...]] = ("model", "input_size", "window_size", "num_window", "mask_ratio", "norm_pix_loss",
+                  "window_sampling", "pairing", "drop_path")
+
+    def validate(self) -> None:
+        from lomar_fast.models.lomar import validate_lomar_geometry
+
+        if not self.model.startswith("lomar_"):
+            raise ConfigError(f"--model {self.model} is not a LoMaR pretraining model; use lomar_vit_*_patch16 "
+                              f"(benchmarks/throughput.py runs the MAE baseline)")
+        _need_file("data_path", self.data_path, "the train.beton written by data_prep/write_beton.py (make "
+                                                "demo-data builds data/demo/train.beton; make prep-imagenet ImageNet)")
+        try:
+            validate_lomar_geometry(self.input_size, 16, self.window_size, self.num_window, self.mask_ratio)
+        except ValueError as e:
+            raise ConfigError(f"--{e}") from None
+        super().validate()
+        if self.knn_every < 0:
+            raise ConfigError(f"--knn_every {self.knn_every} must be 0 (off) or a positive number of epochs")
+        if self.knn_every and not (self.knn_train and self.knn_val):
+            raise ConfigError("--knn_every needs --knn_train and --knn_val: labelled .beton files (make demo-data "
+                              "builds data/demo/train.beton and val.beton)")
+        if (self.knn_train or self.knn_val) and not self.knn_every:
+            raise ConfigError("--knn_train/--knn_val are only read by the k-NN monitor: add --knn_every N")
+        if self.knn_every:
+            from lomar_fast.data.beton import check_beton
+
+            for flag in ("knn_train", "knn_val"):
+                _need_file(flag, getattr(self, flag), "a labelled .beton")
+                check_beton(getattr(self, flag), need_label=True, input_size=self.input_size)
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    # model
+    model: str = "vit_base_patch16"
+    input_size: int = 224
+    nb_classes: int | None = None
+    drop_path: float = 0.1
+    global_pool: bool = True
+    depth: int | None = None
+    finetune: str | None = None
+    # optimisation (the published fine-tuning recipe)
+    epochs: int = 100
+    warmup_epochs: int = 5
+    blr: float = 5e-4
+    min_lr: float = 1e-6
+    layer_decay: float = 0.65
+    clip_grad: float | None = None
+    # augmentation
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    smoothing: float = 0.1
+    reprob: float = 0.25
+    remode: str = "pixel"
+    recount: int = 1
+    # data
+    data_path: str = ""
+    val_path: str = ""
+    # run
+    eval: bool = False
+    save_every: int = 1
+
+    MODEL_KEYS: ClassVar[tuple[str, ...]] = ("model", "input_size", "nb_classes", "global_pool", "depth")
+
+    def validate(self) -> None:
+        from lomar_fast.models import model_names
+
+        if not self.model.startswith("vit_") or self.model not in model_names():
+            raise ConfigError(f"--model {self.model} is not a fine-tuning model; use vit_{{tiny,small,base,large,"
+                              f"huge}}_patch16")
+        if self.input_size < 16 or self.input_size % 16:
+            raise ConfigError(f"--input_size {self.input_size} must be a positive multiple of the patch size 16")
+        if not self.eval:
+            _need_file("data_path", self.data_path, "a labelled train.beton (make demo-data builds "
+                                                    "data/demo/train.beton; make prep-imagenet ImageNet)")
+        _need_file("val_path", self.val_path, "the labelled val.beton evaluated after every epoch (make demo-data "
+                                              "or make prep-imagenet builds it)")
+        if self.finetune and not Path(self.finetune).is_file():
+            raise ConfigError(f"--finetune {self.finetune} does not exist; pass a model.pth from lomar_fast.export "
+                              f"(make pretrain writes output/demo/model.pth) or a published LoMaR checkpoint")
+        if self.eval and not (self.finetune or self.resume):
+            raise ConfigError("--eval needs the weights to evaluate: --finetune checkpoint-best.pth or --resume DIR")
+        super().validate()
+        if self.recount < 1:
+            raise ConfigError(f"--recount must be at least 1, got {self.recount}")
+        if self.depth is not None and self.depth < 1:
+            raise ConfigError(f"--depth {self.depth} must be at least 1")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"--layer_decay {self.layer_decay} must be in (0, 1] (1 turns layer decay off)")
+        for name in ("drop_path", "smoothing", "reprob", "mixup_prob", "mixup_switch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"--{name} {getattr(self, name)} must be between 0 and 1")
+        if self.smoothing >= 1.0:
+            raise ConfigError("--smoothing must be below 1")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ConfigError("--mixup and --cutmix are Beta-distribution alphas: 0 (off) or positive")
+        if self.mixup_active and self.batch_size % 2 and not self.eval:
+            raise ConfigError(f"--batch_size {self.batch_size} must be even with mixup/cutmix (pairs are mixed); "
+                              f"use an even batch or --mixup 0 --cutmix 0")
+        self.resolve_nb_classes()
+
+    @property
+    def mixup_active(self) -> bool:
+        return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
+
+    def resolve_nb_classes(self, head_rows: int | None = None) -> int:
+        """Flag > (with --eval) the checkpoint head's rows > classes.json beside the data > 1000."""
+        classes = classes_beside(self.data_path) or classes_beside(self.val_path)
+        if self.nb_classes is not None:
+            if self.nb_classes < 1:
+                raise ConfigError(f"--nb_classes {self.nb_classes} must be at least 1")
+            if classes is not None and self.nb_classes < len(classes):
+                raise ConfigError(f"--nb_classes {self.nb_classes} is smaller than the {len(classes)} classes in "
+                                  f"classes.json beside the data; raise it or leave it out")
+            return self.nb_classes
+        if self.eval and head_rows is not None:
+            return head_rows
+        return len(classes) if classes is not None else 1000
+
+    ADOPTED_KEYS: ClassVar[tuple[str, ...]] = ("model", "depth", "input_size", "global_pool")
+
+    def adopt_checkpoint_args(self, path: str) -> list[str]:
+        """For ``--eval --finetune checkpoint-best.pth``: take the model settings the checkpoint was trained
+        with (saved under ``args``) for every one the user did not set. Returns 'name=value' of those taken."""
+        import torch
+
+        try:
+            args = torch.load(path, map_location="cpu", weights_only=True).get("args") or {}
+        except Exception:  # noqa: BLE001 - no readable args: keep the flags
+            return []
+        taken = []
+        for name in self.ADOPTED_KEYS:
+            if name in args and name not in self.explicit and args[name] != getattr(self, name):
+                setattr(self, name, args[name])
+                taken.append(f"{name}={args[name]}")
+        return taken
+
+
+def classes_beside(path: str) -> list[str] | None:
+    """The class list of ``classes.json`` beside a .beton, or None."""
+    if not path:
+        return None
+    p = Path(path).parent / "classes.json"
+    try:
+        data = json.loads(p.read_text()) if p.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return [str(c) for c in data] if isinstance(data, list) else None
+
 
 HELP = {
-    "model": "model factory name (lomar_vit_{tiny,small,base,large,huge}_patch16)",
-    "input_size": "training image side in pixels (multiple of the patch size)",
+    # shared
+    "num_workers": "FFCV decode threads per rank",
+    "os_cache": "let the OS page cache hold the .beton (false: FFCV's own process cache, for data larger than RAM)",
+    "batches_ahead": "batches FFCV prepares ahead of the step",
+    "batch_size": "micro-batch per GPU (DeepSpeed train_micro_batch_size_per_gpu)",
+    "accum_iter": "gradient accumulation steps",
+    "blr": "base lr: lr = blr * effective batch / 256",
+    "lr": "absolute lr (overrides blr)",
+    "min_lr": "lr floor of the cosine schedule",
+    "weight_decay": "AdamW weight decay (none on biases, norms and tokens)",
+    "output_dir": "where checkpoints, the JSONL log and summary.json go",
+    "log_dir": "TensorBoard directory (default: output_dir/tensorboard)",
+    "resume": "'auto' (the newest complete checkpoint in output_dir, if any), a run directory, a tag family "
+              "(DIR/last, DIR/best) or a tag directory",
+    "overwrite": "start afresh in an output_dir that holds a run, deleting its checkpoints and logs",
+    "keep_last": "checkpoints kept per tag family; older ones are deleted after a newer one is complete",
+    "seed": "seed of weights, data order, augmentation and masks (each rank derives its own streams)",
+    "log_every": "read the loss back every N steps (no host sync in between)",
+    "max_steps_per_epoch": "cap the steps of each epoch (smoke runs)",
+    "exit_after_epochs": "save and exit after this many epochs in this invocation (time-limited jobs; "
+                         "--resume auto continues)",
+    "deepspeed_config": "DeepSpeed JSON (ds_configs/)",
+    "zero_stage": "override the ZeRO stage of the JSON",
+    "kernels": "fused CUDA kernels: on, off or auto (default: $LOMAR_KERNELS or auto)",
+    "compile": "torch.compile the model",
+    "device": "cpu or cuda (default: cuda when available)",
+    "local_rank": "set by launchers",
+    # pretraining
+    "model": "model factory name (pretraining: lomar_vit_{tiny,small,base,large,huge}_patch16; fine-tuning: "
+             "vit_{tiny,small,base,large,huge}_patch16)",
+    "input_size": "image side in pixels (multiple of the patch size 16)",
     "window_size": "window side w in patches",
     "num_window": "windows per image K (at most grid - w + 1)",
     "mask_ratio": "fraction of each window's patches that are masked",
     "norm_pix_loss": "normalize each target patch by its own mean/std",
     "window_sampling": "per_batch (published: one set of windows per micro-batch) or per_image",
     "pairing": "all (every image with its K windows) or published (the reference code's pairing)",
-    "batch_size": "micro-batch per GPU (DeepSpeed train_micro_batch_size_per_gpu)",
-    "accum_iter": "gradient accumulation steps",
-    "blr": "base lr: lr = blr * effective batch / 256",
-    "lr": "absolute lr (overrides blr)",
-    "min_lr": "lr floor of the cosine schedule",
-    "data_path": "train.beton written by data_prep/write_beton.py",
-    "output_dir": "where checkpoints and the JSONL log go",
-    "log_dir": "TensorBoard directory (default: output_dir/tensorboard)",
-    "resume": "'auto' (latest checkpoint in output_dir) or a checkpoint directory",
+    "drop_path": "stochastic depth rate of the last block (linear from 0)",
+    "epochs": "training epochs",
+    "warmup_epochs": "epochs of linear lr warmup",
+    "data_path": "train.beton written by data_prep/write_beton.py (fine-tuning: with labels)",
     "save_every": "save a checkpoint every N epochs (and at the end)",
-    "log_every": "read the loss back every N steps (no host sync in between)",
-    "max_steps_per_epoch": "cap the steps of each epoch (smoke runs)",
-    "exit_after_epochs": "save and exit after this many epochs in this invocation (time-limited jobs; "
-                         "--resume auto continues)",
     "record_data_order": "write each rank's sample indices per epoch under output_dir/data_order",
-    "deepspeed_config": "DeepSpeed JSON (ds_configs/)",
-    "zero_stage": "override the ZeRO stage of the JSON",
-    "kernels": "fused CUDA kernels: on, off or auto (default: $LOMAR_KERNELS or auto)",
-    "compile": "torch.compile the model",
-    "device": "cpu or cuda (default: cuda when available)",
     "knn_every": "run the k-NN monitor (k=20, T=0.07) every N epochs and log knn_top1 (0: off; needs "
                  "--knn_train and --knn_val)",
     "knn_train": "labelled .beton whose features are the k-NN neighbours (e.g. a train subset)",
     "knn_val": "labelled .beton whose images are classified by k-NN",
+    # fine-tuning
+    "nb_classes": "number of classes (default: the length of classes.json beside --data_path, else 1000)",
+    "global_pool": "average the patch tokens (true) or take the cls token (false)",
+    "depth": "override the model's block count (small demo and test models)",
+    "finetune": "initial weights: a lomar_fast export, a published LoMaR checkpoint or a fine-tuned "
+                "checkpoint-best.pth (the head is kept only if its shape fits)",
+    "layer_decay": "layer-wise lr decay: block i trains at layer_decay ** (depth - i) of the head's lr",
+    "clip_grad": "gradient-norm clipping (DeepSpeed gradient_clipping; default: the JSON's)",
+    "mixup": "mixup alpha (0: off)",
+    "cutmix": "cutmix alpha (0: off)",
+    "mixup_prob": "probability of applying mixup or cutmix to a batch",
+    "mixup_switch_prob": "probability of cutmix instead of mixup when both are on",
+    "mixup_mode": "batch, pair or elem: how mixup parameters are drawn",
+    "smoothing": "label smoothing",
+    "reprob": "random erasing probability per image",
+    "remode": "random erasing fill: pixel (per-pixel noise), rand (per-block colour) or const (zeros)",
+    "recount": "random erasing boxes per image",
+    "val_path": "val.beton with labels, evaluated after every epoch",
+    "eval": "only evaluate --finetune or --resume on --val_path and print top-1/top-5",
 }
 
-_CHOICES = {"window_sampling": ("per_batch", "per_image"), "pairing": ("all", "published"),
-            "kernels": ("on", "off", "auto")}
+CHOICES = {"window_sampling": ("per_batch", "per_image"), "pairing": ("all", "published"),
+           "kernels": ("on", "off", "auto"), "mixup_mode": ("batch", "pair", "elem"),
+           "remode": ("pixel", "rand", "const"), "device": ("cpu", "cuda")}
 
 
-def _field_type(f: dataclasses.Field):
-    t = str(f.type)
-    if "bool" in t:
-        return bool
-    if "int" in t:
-        return int
-    if "float" in t:
-        return float
-    return str
-
-
-def _parse_bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "on"):
+# ------------------------------------------------------------------------------------ typed values
+def _to_bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in ("1", "true", "yes", "on"):
         return True
-    if v.lower() in ("0", "false", "no", "off"):
+    if isinstance(v, str) and v.strip().lower() in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+    raise ValueError
 
 
-def build_parser(cls=PretrainConfig, description: str = "LoMaR pretraining",
-                 help_text: dict[str, str] | None = None) -> argparse.ArgumentParser:
-    """Flags of every field of ``cls``; ``help_text`` entries take precedence over HELP."""
-    helps = {**HELP, **(help_text or {})}
+def _to_int(v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str):
+        return int(v.strip())
+    raise ValueError
+
+
+def _to_float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        return float(v.strip())
+    raise ValueError
+
+
+def _to_str(v: Any) -> str:
+    if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+        return str(v)
+    raise ValueError
+
+
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {"bool": _to_bool, "int": _to_int, "float": _to_float, "str": _to_str}
+
+
+def field_type(f: dataclasses.Field) -> tuple[str, bool]:
+    """(base type name, whether None is allowed) of a config field, from its annotation."""
+    parts = [p.strip() for p in str(f.type).split("|")]
+    base = next(p for p in parts if p != "None")
+    if base not in _CONVERTERS:
+        raise TypeError(f"config field {f.name} has an unsupported type {f.type}")
+    return base, "None" in parts
+
+
+def convert(f: dataclasses.Field, value: Any, source: str) -> Any:
+    """``value`` as field ``f``'s type, or ConfigError naming ``source``, the value and the expected type."""
+    base, optional = field_type(f)
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{source}: {f.name} cannot be empty; expected {base}")
+    try:
+        out = _CONVERTERS[base](value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{source}: {f.name} = {value!r} is not a valid {base}"
+                          + (" (true/false)" if base == "bool" else "")) from None
+    choices = CHOICES.get(f.name)
+    if choices and out not in choices:
+        raise ConfigError(f"{source}: {f.name} = {value!r} must be one of {', '.join(choices)}")
+    return out
+
+
+def config_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.init and f.name != "explicit"]
+
+
+# -------------------------------------------------------------------------------------------- parser
+def build_parser(cls, description: str) -> argparse.ArgumentParser:
+    """Flags of every field of ``cls``. Values stay strings here; :func:`parse_config` converts them."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file with the same keys as the flags (flags override it)")
-    for f in dataclasses.fields(cls):
-        if f.name == "explicit":
-            continue
-        typ = _field_type(f)
+    for f in config_fields(cls):
+        base, _ = field_type(f)
         names = [f"--{f.name}"] + (["--local-rank"] if f.name == "local_rank" else [])
-        kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=helps.get(f.name, f.name) + f" (default {f.default})")
-        if typ is bool:
-            kw.update(nargs="?", const=True, type=_parse_bool)
+        text = HELP.get(f.name, f.name) + f" (default {f.default})"
+        if f.name in CHOICES:
+            text += f"; one of {', '.join(CHOICES[f.name])}"
+        if base == "bool":
+            p.add_argument(*names, dest=f.name, nargs="?", const="true", default=argparse.SUPPRESS, help=text)
+            p.add_argument(f"--no_{f.name}", dest=f.name, action="store_const", const="false",
+                           default=argparse.SUPPRESS, help=f"disable --{f.name}")
         else:
-            kw.update(type=typ, choices=_CHOICES.get(f.name))
-        p.add_argument(*names, dest=f.name, **kw)
-        if typ is bool:
-            p.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=argparse.SUPPRESS,
-                           help=f"disable --{f.name}")
+            p.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, help=text, metavar=base.upper())
     return p
 
 
-def parse_config(argv: list[str] | None = None, cls=PretrainConfig, description: str = "LoMaR pretraining",
-                 help_text: dict[str, str] | None = None):
-    """Defaults < YAML (--config) < flags. Unknown YAML keys are an error naming them."""
-    parser = build_parser(cls, description, help_text)
+def parse_config(argv: list[str] | None = None, cls=PretrainConfig, description: str = "LoMaR pretraining"):
+    """Defaults < YAML (--config) < flags, each value converted to its field's type.
+
+    Unknown YAML keys and values of the wrong type are a ConfigError naming them.
+    """
+    parser = build_parser(cls, description)
     args, extra = parser.parse_known_args(argv)
     # launchers may append arguments of their own (e.g. --deepspeed); anything else is a typo
     unknown = [a for a in extra if a.startswith("--") and a.split("=")[0] not in ("--deepspeed",)]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    fields = {f.name: f for f in config_fields(cls)}
     given = vars(args)
     values: dict[str, Any] = {}
     explicit: set[str] = set()
-    names = {f.name for f in dataclasses.fields(cls)} - {"explicit"}
     if given.get("config"):
         path = Path(given["config"])
         if not path.is_file():
-            raise FileNotFoundError(f"--config {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+            raise ConfigError(f"--config {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"--config {path}: expected a mapping of flag names to values")
-        bad = sorted(set(data) - names)
+            raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
+        bad = sorted(set(map(str, data)) - set(fields))
         if bad:
-            raise ValueError(f"--config {path}: unknown keys {bad}; valid keys are the flag names")
-        values.update(data)
-        explicit.update(data)
+            raise ConfigError(f"--config {path}: unknown keys {bad}; valid keys are the flag names")
+        for k, v in data.items():
+            values[k] = convert(fields[k], v, f"--config {path}")
+            explicit.add(k)
     for k, v in given.items():
         if k != "config":
-            values[k] = v
+            values[k] = convert(fields[k], v, f"--{k}")
             explicit.add(k)
     cfg = cls(**values)
     cfg.explicit = explicit

@@ -11,27 +11,29 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
 
+from lomar_fast import run_dir
 from lomar_fast.checkpoint import CheckpointMismatch, compare_keys, save_checkpoint
+from lomar_fast.cli import run_cli
+from lomar_fast.errors import ConfigError
 
 
 def _resolve(checkpoint: str, tag: str | None) -> tuple[Path, str]:
+    """The run directory and tag to export: ``--tag`` in ``--checkpoint``, else lomar_fast.run_dir's resume rule
+    (the tag ``latest`` names, the newest complete one, or the tag directory given)."""
     root = Path(checkpoint)
     if not root.is_dir():
-        raise FileNotFoundError(f"--checkpoint {root} is not a directory; pass the --output_dir of a pretraining run")
-    if tag is None and not (root / "latest").is_file() and (root.parent / "latest").is_file():
-        return root.parent, root.name  # a tag directory was given
-    if tag is None:
-        if not (root / "latest").is_file():
-            raise FileNotFoundError(f"--checkpoint {root} has no 'latest' file; pass --tag or a run's --output_dir")
-        tag = (root / "latest").read_text().strip()
-    if not (root / tag).is_dir():
-        raise FileNotFoundError(f"--checkpoint {root}: no checkpoint tag {tag}")
-    return root, tag
+        raise ConfigError(f"--checkpoint {root} is not a directory; pass the --output_dir of a pretraining run")
+    if tag is not None:
+        if not run_dir.is_complete(root / tag):
+            raise ConfigError(f"--checkpoint {root}: no complete checkpoint tag {tag} (tags there: "
+                              f"{', '.join(run_dir.tags(root)) or 'none'})")
+        return root, tag
+    point = run_dir.find_resume(str(root), str(root), "epoch")
+    return Path(point.root), point.tag
 
 
 def consolidate(checkpoint: str, tag: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -39,7 +41,7 @@ def consolidate(checkpoint: str, tag: str | None = None) -> tuple[dict[str, torc
     root, tag = _resolve(checkpoint, tag)
     states = sorted((root / tag).glob("mp_rank_*_model_states.pt"))
     if not states:
-        raise FileNotFoundError(f"{root / tag} holds no mp_rank_*_model_states.pt: not a DeepSpeed checkpoint")
+        raise ConfigError(f"{root / tag} holds no mp_rank_*_model_states.pt: not a DeepSpeed checkpoint")
     client = torch.load(states[0], map_location="cpu", weights_only=False)
     zero_files = list((root / tag).glob("*optim_states.pt"))
     stage = int(client.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)) if isinstance(
@@ -70,7 +72,7 @@ def export(checkpoint: str, out: str, tag: str | None = None) -> Path:
             raise CheckpointMismatch(f"{checkpoint}: consolidated weights do not fit {cfg['model']}: " + "; ".join(problems))
     outp = Path(out)
     if outp.exists() and outp.is_dir():
-        raise IsADirectoryError(f"--out {outp} is a directory; pass a file name such as model.pth")
+        raise ConfigError(f"--out {outp} is a directory; pass a file name such as model.pth")
     return save_checkpoint(sd, outp, args=cfg or {}, epoch=meta.get("epoch"), step=meta.get("step"))
 
 
@@ -80,13 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
     p.add_argument("--out", required=True, help="output .pth")
     a = p.parse_args(argv)
-    try:
-        path = export(a.checkpoint, a.out, a.tag)
-    except (FileNotFoundError, CheckpointMismatch, IsADirectoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    path = export(a.checkpoint, a.out, a.tag)
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -12,8 +12,8 @@ The encoder's shape comes from the checkpoint: width from ``cls_token``, depth f
 heads from width / head_dim with head_dim = ``lookup_table_weight.shape[1]``.
 
 Under ``torchrun``/``deepspeed`` every rank reads a disjoint contiguous slice of each file (every
-image exactly once, no padding), train features are all-gathered and the correct counts summed.
-:func:`build_shard_loader` is also the fine-tuning evaluation's loader.
+image exactly once; every rank runs the same number of forwards, see lomar_fast.data.shard), train
+features are all-gathered and the correct counts summed.
 """
 from __future__ import annotations
 
@@ -31,54 +31,14 @@ if __package__ in (None, ""):  # run as a script by a launcher: make the package
 import torch
 import torch.nn.functional as F
 
-from lomar_fast.checkpoint import CheckpointMismatch, extract_state_dict, load_file
+from lomar_fast.checkpoint import CheckpointMismatch, extract_state_dict, load_file, module_state_dict
+from lomar_fast.data.shard import Shard, build_shard
+from lomar_fast.distributed import all_gather_rows, all_reduce, rank_world
+from lomar_fast.images import normalize_images
 from lomar_fast.models.classifier import VisionTransformerRPE
-from lomar_fast.ops.window_gather import normalize_images
 
 DEFAULT_K = 20
 DEFAULT_T = 0.07
-
-
-# ------------------------------------------------------------------------------------ sharded reading
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
-    """[start, stop) of rank's contiguous slice of n items; slices are disjoint and cover 0..n-1."""
-    return n * rank // world, n * (rank + 1) // world
-
-
-def build_shard_loader(path: str | os.PathLike, batch_size: int, input_size: int, device: torch.device | str,
-                       num_workers: int | None = None, rank: int | None = None, world: int | None = None,
-                       os_cache: bool = True, batches_ahead: int = 2):
-    """Loader over this rank's contiguous slice of ``path`` with the validation pipeline.
-
-    Yields (uint8 (B, S, S, 3), int64 (B,)) in file order, no dropped tail, no padding. Returns
-    (loader or None when the slice is empty, number of images in the slice, images in the file).
-    """
-    import numpy as np
-    from ffcv.loader import Loader, OrderOption
-
-    from lomar_fast.data import check_beton, default_num_workers, val_pipelines
-
-    if rank is None or world is None:
-        rank, world = _dist()
-    info = check_beton(path, need_label=True, input_size=input_size)
-    total = int(info["num_images"])
-    start, stop = shard_bounds(total, rank, world)
-    if stop <= start:
-        return None, 0, total
-    pipes = {name: None for name in info["fields"]}
-    pipes.update(val_pipelines(input_size, device))
-    loader = Loader(str(path), batch_size=batch_size,
-                    num_workers=num_workers if num_workers and num_workers > 0 else default_num_workers(),
-                    os_cache=os_cache, order=OrderOption.SEQUENTIAL, distributed=False,
-                    indices=np.arange(start, stop), pipelines=pipes, drop_last=False,
-                    batches_ahead=batches_ahead)
-    return loader, stop - start, total
 
 
 # --------------------------------------------------------------------------------------- the encoder
@@ -139,39 +99,23 @@ def build_encoder(state_dict_or_path: str | os.PathLike | Mapping[str, Any], inp
 
 
 @torch.no_grad()
-def extract_features(encoder: FeatureEncoder, shard, device: torch.device,
-                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Features of one :func:`build_shard_loader` result ``(loader, n, total)``: (features float32 (n, D),
-    labels int64 (n,), images in the file)."""
-    loader, n, total = shard
+def extract_features(encoder: FeatureEncoder, shard: Shard, dtype: torch.dtype = torch.float32
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of this rank's :class:`~lomar_fast.data.shard.Shard`: (float32 (n, D), int64 labels (n,)).
+    Every rank runs the same number of forwards (padding batches are dropped from the result)."""
     feats, labels = [], []
-    if loader is not None:
-        autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-        for images, y in loader:
-            with autocast:
-                feats.append(encoder(normalize_images(images)).float())
-            labels.append(y.reshape(-1).long().clone())
-    dim = encoder.vit.embed_dim
-    f = torch.cat(feats) if feats else torch.zeros(0, dim, device=device)
-    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
-    if f.shape[0] != n:
-        raise RuntimeError(f"read {f.shape[0]} images of this rank's slice of {n}")
-    return f, y, total
-
-
-def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's rows in rank order (ranks may hold different row counts)."""
-    rank, world = _dist()
-    if world == 1:
-        return x
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    torch.distributed.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    pad = x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))
-    buf = [x.new_zeros((max(sizes), *x.shape[1:])) for _ in range(world)]
-    torch.distributed.all_gather(buf, torch.cat([x, pad]))
-    return torch.cat([b[:s] for b, s in zip(buf, sizes)])
+    autocast = torch.autocast(shard.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    for images, y in shard.batches():
+        with autocast:
+            f = encoder(normalize_images(images)).float()
+        keep = y >= 0
+        feats.append(f[keep])
+        labels.append(y[keep].clone())
+    f = torch.cat(feats) if feats else torch.zeros(0, encoder.vit.embed_dim, device=shard.device)
+    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=shard.device)
+    if f.shape[0] != shard.n:
+        raise RuntimeError(f"read {f.shape[0]} images of this rank's slice of {shard.n}")
+    return f, y
 
 
 @torch.no_grad()
@@ -204,44 +148,28 @@ def knn_eval(encoder: FeatureEncoder, train: str | os.PathLike, val: str | os.Pa
     t0 = time.perf_counter()
     # both loaders live until the end: freeing one while numba compiles another pipeline makes
     # numba's finalizer race the compiler (a harmless but noisy "Exception ignored ... KeyError")
-    shards = [build_shard_loader(p, batch_size, input_size, device, num_workers) for p in (train, val)]
-    tf, tl, n_train = extract_features(encoder, shards[0], device, dtype)
-    vf, vl, n_val = extract_features(encoder, shards[1], device, dtype)
-    tf, tl = _all_gather_rows(tf), _all_gather_rows(tl)
+    shards = [build_shard(p, batch_size, input_size, device, num_workers) for p in (train, val)]
+    n_train, n_val = shards[0].total, shards[1].total
+    tf, tl = extract_features(encoder, shards[0], dtype)
+    vf, vl = extract_features(encoder, shards[1], dtype)
+    tf, tl = all_gather_rows(tf), all_gather_rows(tl)
     if tf.shape[0] != n_train:
         raise RuntimeError(f"gathered {tf.shape[0]} train features, expected {n_train}")
     num_classes = int(max(int(tl.max()) if tl.numel() else 0, int(vl.max()) if vl.numel() else 0)) + 1
-    num_classes = int(_all_reduce(torch.tensor([num_classes], device=device, dtype=torch.float64), "max")[0])
+    num_classes = int(all_reduce(torch.tensor([num_classes], device=device, dtype=torch.float64), "max")[0])
     scores = knn_predict(tf, tl, vf, num_classes, k, temperature)
     counts = torch.zeros(3, device=device, dtype=torch.float64)
     if vl.numel():
         top = scores.topk(min(5, num_classes), dim=1).indices
         hit = top == vl[:, None]
         counts += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), torch.tensor(vl.numel(), device=device)]).double()
-    counts = _all_reduce(counts, "sum")
+    counts = all_reduce(counts)
     del shards
     gc.collect()  # free the loaders' compiled code now, while nothing is being compiled
     if int(counts[2]) != n_val:
         raise RuntimeError(f"k-NN counted {int(counts[2])} val images, the file holds {n_val}")
     return {"top1": 100.0 * float(counts[0]) / n_val, "top5": 100.0 * float(counts[1]) / n_val,
             "n_train": n_train, "n_val": n_val, "seconds": time.perf_counter() - t0}
-
-
-def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
-    if _dist()[1] > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
-    return t
-
-
-def module_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A live model's full weights as CPU float32 tensors (gathering ZeRO-3 partitions; call on all ranks)."""
-    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
-    if params:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params):
-            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def monitor(module: torch.nn.Module, train: str, val: str, input_size: int, batch_size: int,
@@ -270,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    from lomar_fast.engine import ConfigError, init_distributed, pick_device
+    from lomar_fast.distributed import init_distributed, pick_device
+    from lomar_fast.errors import ConfigError
 
     for flag, path in (("--checkpoint", a.checkpoint), ("--train", a.train), ("--val", a.val)):
         if not Path(path).is_file():
@@ -281,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         os.environ.setdefault("DS_ACCELERATOR", device.type)
         init_distributed(device)
-    rank = _dist()[0]
+    rank = rank_world()[0]
     encoder = build_encoder(a.checkpoint, a.input_size, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     res = knn_eval(encoder, a.train, a.val, a.input_size, a.batch_size, device, a.k, a.temperature,
@@ -295,6 +224,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from lomar_fast.engine import run_cli
+    from lomar_fast.cli import run_cli
 
-    run_cli(main, CheckpointMismatch)
+    run_cli(main)

@@ -6,7 +6,7 @@ schedule's lr times ``lr_scale = layer_decay ** (num_layers + 1 - layer_id)``, s
 the full lr and the patch embedding at ``layer_decay ** (num_layers + 1)`` of it. 1-D parameters
 (norms, biases) and the tokens (``cls_token``, shaped (1, 1, D)) get no weight decay.
 
-Each returned group carries ``lr_scale``; :func:`lomar_fast.engine.set_lr` multiplies it in at every
+Each returned group carries ``lr_scale``; :func:`lomar_fast.optim.set_lr` multiplies it in at every
 step, so the scales survive any optimizer wrapper that keeps the group dicts (DeepSpeed ZeRO does).
 """
 from __future__ import annotations

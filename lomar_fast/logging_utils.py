@@ -89,3 +89,16 @@ class RunLogger:
         if self.jsonl is not None:
             self.jsonl.close()
             self.jsonl = None
+
+
+def epoch_records(output_dir: str | Path, jsonl_name: str = "log.jsonl") -> list[dict]:
+    """The epoch records of a run's JSONL log, the latest record per epoch (a resumed run rewrites some),
+    in epoch order."""
+    path = Path(output_dir, jsonl_name)
+    records: dict[int, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("kind") == "epoch":
+                records[int(rec["epoch"])] = rec
+    return [records[e] for e in sorted(records)]

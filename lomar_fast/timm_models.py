@@ -1,7 +1,8 @@
 """The fine-tuning ViTs as timm models: ``timm.create_model("lomar_vit_base_patch16_224", ...)``.
 
-Registered once ``lomar_fast`` is imported (see ``lomar_fast/__init__.py``), in either import order:
-lomar_vit_{tiny,small,base,large,huge}_patch16_224 and lomar_vit_{base,large}_patch16_384.
+Importing this module (``import lomar_fast.timm_models``) registers them with timm:
+lomar_vit_{tiny,small,base,large,huge}_patch16_224 and lomar_vit_{base,large}_patch16_384. Their
+``pretrained_cfg`` gives timm's data config MAE's evaluation crop: crop_pct 224/256 up to 224 px, 1.0 above.
 
 ``checkpoint_path=`` takes either kind of file:
 
@@ -24,11 +25,10 @@ from typing import Any, Mapping
 import torch
 from timm.models import register_model
 
+from lomar_fast.images import IMAGENET_MEAN, IMAGENET_STD, eval_crop_pct
 from lomar_fast.models.classifier import VisionTransformerRPE
 from lomar_fast.models.vit import VIT_SIZES
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class LomarVisionTransformer(VisionTransformerRPE):
@@ -118,7 +118,7 @@ def _build(name: str, size: str, default_size: int, pretrained: bool = False, pr
     model = LomarVisionTransformer(**cfg)
     s = model.img_size
     model.pretrained_cfg = dict(architecture=name, url="", file=None, num_classes=model.num_classes,
-                                input_size=(3, s, s), crop_pct=224 / 256, interpolation="bicubic",
+                                input_size=(3, s, s), crop_pct=eval_crop_pct(s), interpolation="bicubic",
                                 mean=IMAGENET_MEAN, std=IMAGENET_STD, first_conv="patch_embed.proj",
                                 classifier="head", license="see lomar_fast")
     model.default_cfg = model.pretrained_cfg

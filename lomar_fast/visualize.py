@@ -8,16 +8,18 @@ patches are mapped back to pixels with the statistics of the true patch, as MAE'
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from lomar_fast.checkpoint import CheckpointMismatch, load_checkpoint, load_file
+from lomar_fast.checkpoint import load_checkpoint, load_file
+from lomar_fast.cli import run_cli
+from lomar_fast.errors import ConfigError
 from lomar_fast.models.lomar import LoMaR
-from lomar_fast.ops.window_gather import IMAGENET_MEAN, IMAGENET_STD, NORM_PIX_EPS, normalize_images, patchify
+from lomar_fast.images import IMAGENET_MEAN, IMAGENET_STD, normalize_images
+from lomar_fast.ops.window_gather_ref import NORM_PIX_EPS, patchify
 
 COLOURS = [(255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (200, 64, 255), (0, 220, 220)]
 
@@ -105,18 +107,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="output PNG")
     ap.add_argument("--seed", type=int, default=0, help="seed of the windows and masks")
     a = ap.parse_args(argv)
+    for flag, path in (("--checkpoint", a.checkpoint), ("--image", a.image)):
+        if not Path(path).is_file():
+            raise ConfigError(f"{flag} {path} does not exist")
+    obj = torch.load(a.checkpoint, map_location="cpu", weights_only=False)
+    model = model_from_state_dict(load_file(a.checkpoint), obj.get("args") if isinstance(obj, dict) else None)
     try:
-        obj = torch.load(a.checkpoint, map_location="cpu", weights_only=False) if Path(a.checkpoint).is_file() else None
-        sd = load_file(a.checkpoint)
-        model = model_from_state_dict(sd, (obj or {}).get("args") if isinstance(obj, dict) else None)
-        img = render(model, load_image(a.image, model.img_size), a.seed)
-    except (FileNotFoundError, CheckpointMismatch, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        image = load_image(a.image, model.img_size)
+    except OSError as e:
+        raise ConfigError(f"--image {a.image} cannot be read as an image ({e})") from None
+    img = render(model, image, a.seed)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     img.save(a.out)
     print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -10,8 +10,9 @@ Builders (see :mod:`lomar_fast.data.loaders` for pipelines, ordering and resumin
 ``.beton`` files are written by ``python -m data_prep.write_beton``.
 """
 from .beton import BetonError, check_beton, dataset_info
+from lomar_fast.images import eval_crop_pct
+
 from .loaders import (
-    CENTER_CROP_RATIO,
     FINETUNE_SCALE,
     PRETRAIN_SCALE,
     RATIO,
@@ -31,5 +32,5 @@ __all__ = [
     "build_pretrain_loader", "build_finetune_loader", "build_val_loader",
     "pretrain_pipelines", "finetune_pipelines", "val_pipelines",
     "set_epoch", "epoch_order", "default_num_workers",
-    "PRETRAIN_SCALE", "FINETUNE_SCALE", "RATIO", "CENTER_CROP_RATIO",
+    "PRETRAIN_SCALE", "FINETUNE_SCALE", "RATIO", "eval_crop_pct",
 ]

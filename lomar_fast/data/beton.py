@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lomar_fast.errors import InputError
+
 # Layout of ffcv 1.0.x files (ffcv/types.py, format version 2).
 _FORMAT_VERSION = 2
 _HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
@@ -37,7 +39,7 @@ LABEL_FIELD = "label"
 CLASSES_FILE = "classes.json"
 
 
-class BetonError(ValueError):
+class BetonError(InputError, ValueError):
     """A ``.beton`` file that cannot be used (truncated, foreign, missing fields, too small)."""
 
     def __init__(self, path: str | os.PathLike, problem: str):

@@ -9,7 +9,7 @@ builder        image pipeline                                              yield
 =============  ==========================================================  ===============
 pretrain       RandomResizedCrop(S, scale 0.2..1, ratio 3/4..4/3) + flip   images
 finetune       RandomResizedCrop(S, scale 0.08..1, ratio 3/4..4/3) + flip  (images, labels)
-val            center crop (side * 224/256) resized to S                   (images, labels)
+val            center crop (side * crop_pct) resized to S                  (images, labels)
 =============  ==========================================================  ===============
 
 images: uint8 (B, S, S, 3); labels: int64 (B,). Resizing is OpenCV INTER_AREA (FFCV).
@@ -36,12 +36,13 @@ from typing import Union
 import numpy as np
 import torch
 
+from lomar_fast.images import eval_crop_pct
+
 from .beton import IMAGE_FIELD, LABEL_FIELD, check_beton
 
 PRETRAIN_SCALE = (0.2, 1.0)
 FINETUNE_SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
-CENTER_CROP_RATIO = 224 / 256
 
 Device = Union[str, torch.device]
 
@@ -121,13 +122,14 @@ def finetune_pipelines(input_size: int, device: Device = "cpu", seed: int = 0) -
 
 
 def val_pipelines(input_size: int, device: Device = "cpu") -> dict:
-    """Center crop of side int(min(H, W) * 224/256), resized to input_size; labels int64 (B,)."""
+    """Center crop of side int(min(H, W) * eval_crop_pct(input_size)) (224/256 up to 224 px, the whole short
+    side above), resized to input_size; labels int64 (B,)."""
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
     from ffcv.transforms import ToTensor
 
     return {
         IMAGE_FIELD: [
-            CenterCropRGBImageDecoder((input_size, input_size), ratio=CENTER_CROP_RATIO),
+            CenterCropRGBImageDecoder((input_size, input_size), ratio=eval_crop_pct(input_size)),
             ToTensor(),
             _to_device(device),
         ],
@@ -232,7 +234,7 @@ def build_val_loader(path: str | os.PathLike, batch_size: int, input_size: int =
                      start_epoch: int = 0):
     """Validation loader: yields (images uint8 (B, S, S, 3), labels int64 (B,)) on ``device``.
 
-    Center crop of side int(min(H, W) * 224/256), resized to input_size. Sequential order and
+    Center crop of side int(min(H, W) * eval_crop_pct(input_size)), resized to input_size. Sequential order and
     no dropped tail by default, so every image is seen once (with ``distributed=True``
     FFCV's sampler pads the last shard with repeated images, as DistributedSampler does).
     """

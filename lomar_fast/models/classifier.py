@@ -101,6 +101,34 @@ class VisionTransformerRPE(nn.Module):
         return {"used": sorted(used), "dropped": sorted(dropped), "initialized": sorted(fresh)}
 
 
+def load_finetune_weights(model: VisionTransformerRPE, path_or_sd: str | os.PathLike | Mapping[str, Any]
+                          ) -> dict[str, list[str]]:
+    """Encoder weights from a pretraining export or a published checkpoint, plus ``fc_norm`` and ``head``
+    when the checkpoint is a fine-tuned classifier whose head fits. Returns ``load_pretrained``'s report
+    ({"used", "dropped", "initialized"}) updated accordingly."""
+    sd = extract_state_dict(path_or_sd) if isinstance(path_or_sd, Mapping) else load_file(path_or_sd)
+    try:
+        report = model.load_pretrained(sd)
+    except CheckpointMismatch as e:
+        n_blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+        hint = (f" (the checkpoint has {n_blocks} blocks, the model {len(model.blocks)}: pass --depth {n_blocks} "
+                f"or the matching --model)") if n_blocks and n_blocks != len(model.blocks) else ""
+        raise CheckpointMismatch(f"{e}{hint}") from e
+    own = model.state_dict()
+    extra = {k: v for k, v in sd.items() if k in report["initialized"] and tuple(v.shape) == tuple(own[k].shape)}
+    if extra and {k for k in own if k.startswith(("fc_norm.", "head."))} == set(extra):
+        model.load_state_dict(extra, strict=False)
+        report = {"used": sorted(report["used"] + list(extra)),
+                  "dropped": sorted(k for k in report["dropped"] if k not in extra), "initialized": []}
+    return report
+
+
+def describe_load(report: dict[str, list[str]], path: str) -> str:
+    """One line: what a weight load used, dropped and left fresh."""
+    used, dropped, fresh = report["used"], report["dropped"], report["initialized"]
+    return (f"loaded {len(used)} tensors from {path}; dropped {len(dropped)}: {', '.join(dropped) or '-'}; "
+            f"freshly initialized: {', '.join(fresh) or '-'}")
+
 def _vit(**cfg) -> VisionTransformerRPE:
     return VisionTransformerRPE(**cfg)
 

@@ -11,7 +11,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lomar_fast.ops.window_gather import gather_windows, masked_positions
+from lomar_fast.ops.window_gather import gather_windows
+from lomar_fast.ops.window_gather_ref import masked_positions
 
 from .irpe import DEFAULT_RATIO, bucket_ids
 from .vit import Block, PatchEmbed, drop_path_rates, init_vit_weights, sincos_pos_embed_2d, size_factory

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lomar_fast.ops.window_gather import norm_pix, normalize_images, patchify
+from lomar_fast.images import normalize_images
+from lomar_fast.ops.window_gather_ref import norm_pix, patchify
 
 from .vit import Block, PatchEmbed, init_vit_weights, sincos_pos_embed_2d, size_factory
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import _cuda_build as cb
-from .irpe import _check, irpe_key_bias_reference
+from .irpe_ref import check_irpe_inputs, irpe_key_bias_reference
 
 SOURCE = "irpe.cu"
 ROWS_PER_TILE = 32  # LOMAR_IRPE_ROWS in irpe.cu
@@ -175,5 +175,5 @@ def irpe_key_bias(q: torch.Tensor, table: torch.Tensor, buckets: torch.Tensor) -
     Returns:
         (N, H, L, L) bias in ``q``'s dtype, row stride padded to a multiple of 8.
     """
-    _check(q, table, buckets)
+    check_irpe_inputs(q, table, buckets)
     return torch.ops.lomar_fast.irpe_key_bias(q, table.to(q.dtype).contiguous(), buckets.contiguous())

@@ -22,12 +22,9 @@ from __future__ import annotations
 import torch
 
 from . import _cuda_build as cb
-from .window_gather import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    check_window_inputs,
-    gather_windows_reference,
-)
+from lomar_fast.images import IMAGENET_MEAN, IMAGENET_STD
+
+from .window_gather_ref import gather_visible_reference, gather_windows_reference
 
 SOURCE = "window_gather.cu"
 THREADS = 256  # LOMAR_GATHER_THREADS in window_gather.cu
@@ -40,21 +37,6 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     for ti in (torch.uint8,) + FLOAT_IN_DTYPES
     for to in OUT_DTYPES
 )
-
-
-def visible_positions(masks: torch.Tensor, n_visible: int) -> torch.Tensor:
-    """(N, P) bool masks -> (N, n_visible) visible positions, ascending."""
-    order = torch.argsort(masks.to(torch.int8), dim=1, stable=True)
-    return order[:, :n_visible]
-
-
-def gather_visible_reference(images, windows, masks, patch_size: int, window_size: int,
-                             norm_pix_loss: bool = True, out_dtype: torch.dtype = torch.float32):
-    """Reference of the ``visible_only`` variant: (visible patches (B*K, n_vis, V), targets)."""
-    win, target = gather_windows_reference(images, windows, masks, patch_size, window_size, norm_pix_loss, out_dtype)
-    n_vis = win.shape[1] - target.shape[1]
-    pos = visible_positions(masks.reshape(win.shape[0], -1), n_vis)
-    return torch.gather(win, 1, pos[..., None].expand(-1, -1, win.shape[-1])), target
 
 
 def _image_geometry(images: torch.Tensor):
@@ -122,58 +104,10 @@ def _gather_windows_fake(images, windows, masks, patch_size, window_size, norm_p
     return patches, targets
 
 
-def _n_mask(masks: torch.Tensor, window_size: int) -> int:
-    flat = masks.reshape(-1, window_size * window_size)
-    return int(flat[0].sum()) if flat.shape[0] else 0
-
-
-def gather_windows(
-    images: torch.Tensor,
-    windows: torch.Tensor,
-    masks: torch.Tensor,
-    patch_size: int,
-    window_size: int,
-    norm_pix_loss: bool = True,
-    out_dtype: torch.dtype = torch.float32,
-    n_mask: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel path of :func:`lomar_fast.ops.window_gather.gather_windows` (same arguments and results).
-
-    ``n_mask``: masked patches per window; read from ``masks`` (one host sync) when not given.
-    """
-    if n_mask is None:
-        n_mask = _n_mask(masks, window_size)
-    return torch.ops.lomar_fast.gather_windows(
-        images, windows, masks, patch_size, window_size, norm_pix_loss, out_dtype, n_mask, False
-    )
-
-
-def gather_windows_visible(
-    images: torch.Tensor,
-    windows: torch.Tensor,
-    masks: torch.Tensor,
-    patch_size: int,
-    window_size: int,
-    norm_pix_loss: bool = True,
-    out_dtype: torch.dtype = torch.float32,
-    n_mask: int | None = None,
-    validate: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Only the visible window patches (B*K, w*w - n_mask, p*p*3), ascending position, plus the targets.
-
-    For a patch embedding that runs on the visible tokens alone (the mask token fills the rest).
-    Reference: :func:`gather_visible_reference`. Dispatches like the other ops (kernel for CUDA tensors
-    when kernels are enabled).
-    """
-    from ._dispatch import use_kernel
-    from .window_gather import AUTO_USES_KERNEL
-
-    if validate:
-        check_window_inputs(images, windows, masks, patch_size, window_size)
-    if not use_kernel(images, auto_default=AUTO_USES_KERNEL):
-        return gather_visible_reference(images, windows, masks, patch_size, window_size, norm_pix_loss, out_dtype)
-    if n_mask is None:
-        n_mask = _n_mask(masks, window_size)
-    return torch.ops.lomar_fast.gather_windows(
-        images, windows, masks, patch_size, window_size, norm_pix_loss, out_dtype, n_mask, True
-    )
+def gather_windows_kernel(images: torch.Tensor, windows: torch.Tensor, masks: torch.Tensor, patch_size: int,
+                          window_size: int, norm_pix_loss: bool, out_dtype: torch.dtype, n_mask: int,
+                          visible_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel path of :func:`lomar_fast.ops.window_gather.gather_windows` (same arguments and results;
+    ``n_mask`` must be given)."""
+    return torch.ops.lomar_fast.gather_windows(images, windows, masks, patch_size, window_size, norm_pix_loss,
+                                               out_dtype, n_mask, visible_only)

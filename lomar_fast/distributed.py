@@ -1,0 +1,119 @@
+"""Process start and the few collectives the training loop needs.
+
+Works under the ``deepspeed`` launcher, ``torchrun`` and a plain one-process ``python`` start (a world
+of one, still with a process group so every code path is the same).
+"""
+from __future__ import annotations
+
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+
+from lomar_fast.errors import ConfigError
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_device(requested: str | None) -> torch.device:
+    """``cuda`` (this rank's GPU, from LOCAL_RANK) when available or asked for, else ``cpu``."""
+    if requested == "cpu" or (requested is None and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {requested} asked for a GPU but torch sees none; pass --device cpu")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int, int]:
+    """Start torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); returns (rank, world, local_rank)."""
+    import deepspeed
+
+    if "WORLD_SIZE" not in os.environ:  # plain python: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the process group, or (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place sum or max over ranks (a no-op in a world of one); returns ``t``."""
+    if rank_world()[1] > 1:
+        red = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+        torch.distributed.all_reduce(t, op=red)
+    return t
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows in rank order (ranks may hold different row counts)."""
+    _, world = rank_world()
+    if world == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    torch.distributed.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    pad = x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))
+    buf = [x.new_zeros((max(sizes), *x.shape[1:])) for _ in range(world)]
+    torch.distributed.all_gather(buf, torch.cat([x, pad]))
+    return torch.cat([b[:s] for b, s in zip(buf, sizes)])
+
+
+def barrier() -> None:
+    if rank_world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank."""
+    if rank_world()[1] == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def derived_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed mixed from ``seed`` and ``parts`` (splitmix64 steps): distinct parts give unrelated streams."""
+    x = seed & 0xFFFFFFFFFFFFFFFF
+    for p in (*parts, 0x5DEECE66D):
+        x = (x + 0x9E3779B97F4A7C15 + (p & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+        z = x
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x = z ^ (z >> 31)
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def seed_shared(seed: int) -> None:
+    """The same stream on every rank: for what must match across ranks (the initial weights)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def seed_rank(seed: int, rank: int, epoch: int) -> None:
+    """This rank's own streams for epoch ``epoch`` (drop path, Mixup/CutMix, random erasing): they differ
+    across ranks and are a function of (seed, rank, epoch), so a run resumed at an epoch boundary draws
+    what the uninterrupted run drew."""
+    s = derived_seed(seed, 1 + rank, epoch)
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)

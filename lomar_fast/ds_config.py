@@ -1,0 +1,78 @@
+"""DeepSpeed JSON configs: reading them and making the flags the single source of truth for batch sizes."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lomar_fast.errors import ConfigError
+
+
+def load_ds_config(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--deepspeed_config {p} does not exist; pick one of ds_configs/*.json")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed_config {p} is not valid JSON: {e}") from e
+
+
+def resolve_ds_config(ds: dict[str, Any], *, batch_size: int, accum_iter: int, world_size: int,
+                      explicit: set[str], zero_stage: int | None, device: torch.device,
+                      source: str = "the DeepSpeed config") -> tuple[dict[str, Any], int, int]:
+    """Make the flags the single source of truth for batch sizes.
+
+    A concrete value in the JSON that contradicts a flag the user gave is an error naming both; one the
+    user did not override is adopted. Returns (config, micro batch, accumulation steps).
+    """
+    ds = json.loads(json.dumps(ds))
+
+    def concrete(key):
+        v = ds.get(key)
+        return None if v in (None, "auto") else int(v)
+
+    for key, flag, value in (("train_micro_batch_size_per_gpu", "batch_size", batch_size),
+                             ("gradient_accumulation_steps", "accum_iter", accum_iter)):
+        js = concrete(key)
+        if js is not None and js != value:
+            if flag in explicit:
+                raise ConfigError(f"{source} sets {key}={js} but --{flag} {value} was given; the flags decide batch "
+                                  f"sizes: remove {key} from the JSON or set it to \"auto\"")
+            if flag == "batch_size":
+                batch_size = js
+            else:
+                accum_iter = js
+    total = batch_size * accum_iter * world_size
+    js_total = concrete("train_batch_size")
+    if js_total is not None and js_total != total:
+        raise ConfigError(f"{source} sets train_batch_size={js_total} but batch_size {batch_size} x accum_iter "
+                          f"{accum_iter} x world size {world_size} = {total}; remove train_batch_size or set it to \"auto\"")
+    ds["train_micro_batch_size_per_gpu"] = batch_size
+    ds["gradient_accumulation_steps"] = accum_iter
+    ds["train_batch_size"] = total
+    if zero_stage is not None:
+        if zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero_stage {zero_stage} must be 0, 1, 2 or 3")
+        ds.setdefault("zero_optimization", {})["stage"] = zero_stage
+    if device.type == "cpu" and ds.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"{source} enables fp16, which needs a GPU; use ds_configs/cpu.json on the CPU")
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds, batch_size, accum_iter
+
+
+def zero_stage_of(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def compute_dtype(ds: dict[str, Any]) -> torch.dtype:
+    if ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32

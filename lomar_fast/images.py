@@ -1,0 +1,23 @@
+"""Image constants and the one normalization every consumer of loader batches shares."""
+from __future__ import annotations
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 NHWC (0..255) -> float32 NCHW normalized with ``mean``/``std``; float NCHW passes through."""
+    if images.dtype == torch.uint8:
+        x = images.permute(0, 3, 1, 2).float().div_(255.0)
+        m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - m) / s
+    return images
+
+
+def eval_crop_pct(input_size: int) -> float:
+    """The evaluation crop as a fraction of the short side (MAE's): 224/256 up to 224 px, 1.0 (a plain
+    resize of the whole short side) above."""
+    return 224 / 256 if input_size <= 224 else 1.0

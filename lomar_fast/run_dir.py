@@ -1,0 +1,218 @@
+"""The run directory (``--output_dir``): DeepSpeed checkpoint tags, ``latest``, retention, the resume rule.
+
+Tags are named by family and epoch: ``epoch0007`` (pretraining), ``last_epoch0007`` and ``best_epoch0005``
+(fine-tuning). A save is committed in three steps, so a kill at any moment leaves a loadable run:
+
+1. every rank writes its part of the new tag with DeepSpeed (``latest`` untouched);
+2. after all ranks returned, rank 0 writes ``<tag>/complete.json`` and then replaces ``latest``
+   atomically (a temporary file renamed over it) when the family is the run's resume family;
+3. only then are the family's tags beyond the newest ``--keep_last`` deleted.
+
+A tag without ``complete.json`` is never loaded. The resume rule (``--resume``, ``lomar_fast.export``):
+
+* ``auto`` or a run directory: the tag ``latest`` names; if it is missing or incomplete, the newest
+  complete tag of the resume family; ``auto`` on a directory without any starts afresh;
+* ``DIR/<family>`` (e.g. ``out/best``, ``out/last``): the newest complete tag of that family;
+* a tag directory: that tag.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lomar_fast.errors import ConfigError
+
+LATEST = "latest"
+COMPLETE = "complete.json"
+_TAG = re.compile(r"^(?:(?P<family>[a-z]+)_)?epoch(?P<epoch>\d{4,})$")
+# files and folders a run writes besides its tags: what makes a directory "hold a run"
+RUN_FILES = ("log.jsonl", "summary.json", "checkpoint-best.pth", LATEST)
+RUN_FOLDERS = ("tensorboard", "data_order")
+
+
+def tag_name(family: str, epoch: int) -> str:
+    """``epoch0007`` for the family ``epoch``, ``<family>_epoch0007`` for the others."""
+    return f"epoch{epoch:04d}" if family == "epoch" else f"{family}_epoch{epoch:04d}"
+
+
+def parse_tag(name: str) -> tuple[str, int] | None:
+    """(family, epoch) of a tag name, or None for another name."""
+    m = _TAG.match(name)
+    if not m:
+        return None
+    return m.group("family") or "epoch", int(m.group("epoch"))
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return (tag_dir / COMPLETE).is_file()
+
+
+def tags(root: Path, family: str | None = None, complete_only: bool = True) -> list[str]:
+    """Tag names under ``root`` (of ``family``, when given), oldest epoch first."""
+    found = []
+    if root.is_dir():
+        for d in root.iterdir():
+            parsed = parse_tag(d.name)
+            if parsed and d.is_dir() and (family is None or parsed[0] == family) and (
+                    not complete_only or is_complete(d)):
+                found.append((parsed[1], d.name))
+    return [name for _, name in sorted(found)]
+
+
+def holds_run(root: Path) -> list[str]:
+    """What in ``root`` belongs to an earlier run (empty when there is nothing)."""
+    if not root.is_dir():
+        return []
+    found = [n for n in RUN_FILES + RUN_FOLDERS if (root / n).exists()]
+    return found + tags(root, complete_only=False)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def commit(root: Path, tag: str, info: dict[str, Any], update_latest: bool) -> None:
+    """Rank 0, after every rank finished writing ``tag``: mark it complete, then point ``latest`` at it."""
+    _atomic_write(root / tag / COMPLETE, json.dumps(info, indent=1, default=str))
+    if update_latest:
+        _atomic_write(root / LATEST, tag)
+
+
+def retire(root: Path, family: str, keep: int) -> list[str]:
+    """Delete the family's tags beyond the newest ``keep`` complete ones, and incomplete leftovers older
+    than the newest complete tag; never the tag ``latest`` names. Returns the deleted names."""
+    complete = tags(root, family)
+    keep_set = set(complete[-keep:])
+    latest = root / LATEST
+    if latest.is_file():
+        keep_set.add(latest.read_text().strip())
+    newest = parse_tag(complete[-1])[1] if complete else -1
+    gone = []
+    for name in tags(root, family, complete_only=False):
+        if name not in keep_set and (name in complete or parse_tag(name)[1] < newest):
+            shutil.rmtree(root / name, ignore_errors=True)
+            gone.append(name)
+    return gone
+
+
+@dataclass
+class ResumePoint:
+    root: str
+    tag: str
+
+    def __str__(self) -> str:
+        return f"{self.root}/{self.tag}"
+
+
+def find_resume(resume: str | None, output_dir: str, family: str) -> ResumePoint | None:
+    """Where to resume from, by the rule in the module doc; None to start afresh."""
+    if not resume:
+        return None
+    auto = resume == "auto"
+    root = Path(output_dir if auto else resume)
+    if not auto and root.is_dir() and parse_tag(root.name) and not (root / LATEST).exists():  # a tag directory
+        if not is_complete(root):
+            raise ConfigError(f"--resume {root} is an incomplete checkpoint (its save was interrupted); resume "
+                              f"from {root.parent} to take the newest complete one")
+        return ResumePoint(str(root.parent), root.name)
+    if not auto and not root.exists():
+        if root.parent.is_dir() and re.fullmatch(r"[a-z]+", root.name):  # DIR/<family>
+            return _newest(root.parent, root.name, resume)
+        raise ConfigError(f"--resume {root} does not exist; pass a run's --output_dir, a tag directory or 'auto'")
+    latest = root / LATEST
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if is_complete(root / tag):
+            return ResumePoint(str(root), tag)
+    point = _newest(root, family, None)
+    if point is None and not auto:
+        raise ConfigError(f"--resume {root}: no complete checkpoint there; pass a run's --output_dir or 'auto'")
+    return point
+
+
+def _newest(root: Path, family: str, asked: str | None) -> ResumePoint | None:
+    found = tags(root, family)
+    if found:
+        return ResumePoint(str(root), found[-1])
+    if asked is not None:
+        families = sorted({parse_tag(t)[0] for t in tags(root)})
+        raise ConfigError(f"--resume {asked}: no complete '{family}' checkpoint in {root} (tag families there: "
+                          f"{', '.join(families) or 'none'})")
+    return None
+
+
+def prepare_output_dir(path: str | os.PathLike, resume: str | None, overwrite: bool) -> Path:
+    """Create ``path`` if needed, prove it is writable, and refuse a fresh start over an earlier run.
+
+    Called before any work. With ``overwrite`` the earlier run's files are deleted later, by
+    :func:`clear_run` on rank 0.
+    """
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write_probe_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--output_dir {p} is not writable ({e.strerror}); pass a directory you can write to") from e
+    found = holds_run(p)
+    if found and not resume and not overwrite:
+        shown = ", ".join(found[:6]) + (" ..." if len(found) > 6 else "")
+        raise ConfigError(f"--output_dir {p} already holds a run ({shown}); continue it with --resume auto, start "
+                          f"a new one with another --output_dir, or pass --overwrite to delete it and start afresh")
+    return p
+
+
+def clear_run(root: Path) -> list[str]:
+    """Delete what an earlier run wrote in ``root`` (``--overwrite``). Returns the names deleted."""
+    gone = holds_run(root)
+    for name in gone:
+        target = root / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    return gone
+
+
+def check_resume(saved: dict[str, Any], now: dict[str, Any], model_keys: tuple[str, ...]) -> str | None:
+    """Compare the shape of a saved run with this one.
+
+    ``saved`` and ``now`` hold ``world_size``, ``micro_batch``, ``accum_iter`` and ``config`` (a dict of
+    settings). A different model setting or global batch changes what a step means (the lr schedule and
+    the window/mask stream key on the step): ConfigError saying what differs. The same global batch on
+    another split of ranks, micro-batch and accumulation continues; the returned note says what changed
+    (None when nothing did).
+    """
+    old_cfg, new_cfg = saved.get("config") or {}, now["config"]
+    diffs = [f"{k}: saved {old_cfg[k]!r}, now {new_cfg.get(k)!r}" for k in model_keys
+             if k in old_cfg and old_cfg[k] != new_cfg.get(k)]
+    if diffs:
+        raise ConfigError("--resume: the checkpoint was trained with other model settings (" + "; ".join(diffs)
+                          + "); pass the saved values or start a new --output_dir")
+    if "world_size" not in saved or "micro_batch" not in saved:
+        return None
+    shape_old = (int(saved["world_size"]), int(saved["micro_batch"]), int(saved.get("accum_iter", 1)))
+    shape_new = (int(now["world_size"]), int(now["micro_batch"]), int(now["accum_iter"]))
+    g_old, g_new = shape_old[0] * shape_old[1] * shape_old[2], shape_new[0] * shape_new[1] * shape_new[2]
+    what = "world size {} x micro-batch {} x accum_iter {}"
+    if g_old != g_new:
+        raise ConfigError(f"--resume: the checkpoint was trained with {what.format(*shape_old)} = {g_old} images per "
+                          f"step, this run has {what.format(*shape_new)} = {g_new}; the lr schedule and the "
+                          f"window/mask stream are per step, so keep the global batch {g_old} (e.g. --batch_size "
+                          f"{max(1, g_old // (shape_new[0] * shape_new[2]))}) or start a new --output_dir")
+    if shape_old != shape_new:
+        return (f"resuming a run of {what.format(*shape_old)} as {what.format(*shape_new)}: the same {g_new} images "
+                f"per step and the same lr schedule; the per-rank data shards and window/mask streams differ from "
+                f"an uninterrupted run's")
+    return None
