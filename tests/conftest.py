@@ -1,4 +1,5 @@
-"""Shared pytest setup: CPU-friendly defaults and a seeded RNG."""
+"""Shared pytest setup: CPU-friendly defaults, the demo data, and one pretraining run shared by the tests
+that need trained weights or a run directory."""
 import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -9,6 +10,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+# the session's pretraining run; tests that repeat part of it (kill during a save, then resume) reuse these
+PRETRAIN_SMALL = ["--model", "lomar_vit_tiny_patch16", "--input_size", "64", "--window_size", "3", "--num_window", "2",
+                  "--num_workers", "2", "--log_every", "1", "--deepspeed_config", "ds_configs/cpu.json",
+                  "--batch_size", "16", "--epochs", "3", "--warmup_epochs", "0", "--blr", "4e-3",
+                  "--max_steps_per_epoch", "4", "--save_every", "1"]
 
 
 @pytest.fixture
@@ -37,3 +44,21 @@ def small_demo(tmp_path_factory) -> dict:
     write_dataset(src, root / "odd", ("val",), WriteOptions(max_side=256, workers=2, force=True, progress=False))
     return {"root": root, "train": root / "train.beton", "val": root / "odd" / "val.beton", "n_train": 128,
             "n_val": 29}
+
+
+@pytest.fixture(scope="session")
+def pretrain_run(small_demo, tmp_path_factory) -> dict:
+    """One process of ``lomar_fast.pretrain`` on the demo data (tiny LoMaR at 64 px, 3 epochs of 4 steps,
+    a checkpoint each epoch, the k-NN monitor after the last), then its export: the run directory, the
+    process result, and ``model.pth``."""
+    from launch import launch
+
+    from lomar_fast.export import export
+
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    proc = launch("pretrain", ["--data_path", str(small_demo["train"]), "--output_dir", str(out), *PRETRAIN_SMALL,
+                               "--knn_every", "3", "--knn_train", str(small_demo["train"]),
+                               "--knn_val", str(small_demo["val"])])
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    model = export(str(out), str(out.parent / "model.pth"))
+    return {"out": out, "proc": proc, "model": model, "demo": small_demo}

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from lomar_fast.distributed import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+
+__all__ = ["REPO", "VENV_BIN", "cpu_env", "free_port", "launch"]
 
 
 def cpu_env() -> dict:
@@ -18,12 +21,6 @@ def cpu_env() -> dict:
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(entry: str, args: list[str], ranks: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -228,7 +228,8 @@ def test_bmm_path_equals_reference_values_and_grads(grid, heads, head_dim):
     g = torch.randn(ref.shape, dtype=torch.float64, generator=gen)
     for a, b in zip(torch.autograd.grad(ref, (q, table), g), torch.autograd.grad(out, (q, table), g)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    assert torch.autograd.gradcheck(lambda qq, tt: irpe_key_bias_bmm(qq, tt, buckets), (q, table))
+    # fast mode: the Jacobian checked through random projections (the full one takes ~30 s at L = 50)
+    assert torch.autograd.gradcheck(lambda qq, tt: irpe_key_bias_bmm(qq, tt, buckets), (q, table), fast_mode=True)
 
 
 def test_irpe_path_switch(monkeypatch):

@@ -26,6 +26,7 @@ from lomar_fast.ops import _irpe_cuda, _window_gather_cuda
 from lomar_fast.ops import irpe as irpe_mod
 from lomar_fast.ops import window_gather as wg_mod
 from lomar_fast.ops._dispatch import set_kernels
+from lomar_fast.ops.window_gather_ref import n_mask_of
 
 REPO = Path(__file__).resolve().parent.parent
 KERNEL_MODULES = (_irpe_cuda, _window_gather_cuda)
@@ -151,9 +152,11 @@ def _nvrtc_compile(source: str, filename: str, name_expressions, arch: int):
         opts = [o.encode() for o in (*cb.NVRTC_OPTIONS, "-ftz=true", f"--gpu-architecture=sm_{arch}")]
         (status,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         err, size = nvrtc.nvrtcGetProgramLogSize(prog)
-        log = b" " * size
-        nvrtc.nvrtcGetProgramLog(prog, log)
-        log = log.rstrip(b"\x00 ").decode(errors="replace")
+        # a fresh mutable buffer: NVRTC writes into it (a bytes object such as b" " * 1 is a shared,
+        # immutable singleton that the write would corrupt for the whole interpreter)
+        buf = bytearray(size)
+        nvrtc.nvrtcGetProgramLog(prog, buf)
+        log = bytes(buf).rstrip(b"\x00 ").decode(errors="replace")
         lowered = {}
         if status == ok:
             for name in name_expressions:
@@ -275,20 +278,31 @@ def test_opcheck_gather_cpu(visible_only):
     )
 
 
-def test_irpe_op_cpu_matches_reference_values_and_grads():
-    """The op's autograd (bucket reduction, then dq = G T^T and dT = q^T G) equals the reference's."""
+def irpe_bias_loops(q: torch.Tensor, table: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+    """bias[n, h, i, j] = sum_d q[n, h, i, d] * T[d, bucket(i, j)], written out from DESIGN.md's formula."""
+    n, h, length, _ = q.shape
+    out = torch.empty(n, h, length, length, dtype=q.dtype)
+    for i in range(length):
+        for j in range(length):
+            out[:, :, i, j] = (q[:, :, i, :] * table[:, buckets[i, j]]).sum(-1)
+    return out
+
+
+def test_irpe_op_cpu_matches_the_formula_values_and_grads():
+    """The op on CPU, and its autograd (bucket reduction, then dq = G T^T and dT = q^T G), against the
+    formula written out as loops (values) and autograd through those loops (gradients)."""
     torch.manual_seed(0)
     buckets = make_buckets(5)
     length = buckets.shape[0]
-    q = torch.randn(6, 3, length, 32, dtype=torch.float64).transpose(1, 2).contiguous().transpose(1, 2)
+    q = torch.randn(3, 2, length, 8, dtype=torch.float64).transpose(1, 2).contiguous().transpose(1, 2)
     q.requires_grad_(True)
-    table = torch.randn(32, 50, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(8, 50, dtype=torch.float64, requires_grad=True)
     out = _irpe_cuda.irpe_key_bias(q, table, buckets)
-    ref = irpe_mod.irpe_key_bias_reference(q, table, buckets)
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    grad = torch.randn(6, 3, length, length, dtype=torch.float64).transpose(-1, -2)  # non-contiguous
+    want_out = irpe_bias_loops(q, table, buckets)
+    torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(3, 2, length, length, dtype=torch.float64).transpose(-1, -2)  # non-contiguous
     got = torch.autograd.grad(out, (q, table), grad)
-    want = torch.autograd.grad(ref, (q, table), grad)
+    want = torch.autograd.grad(want_out, (q, table), grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
@@ -327,18 +341,49 @@ def test_irpe_op_compiles_as_one_node_cpu():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_gather_op_cpu_matches_reference():
+def gather_loops(images: torch.Tensor, windows: torch.Tensor, masks: torch.Tensor, p: int, w: int,
+                 norm_pix: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The window gather written out from DESIGN.md: window patch (r, c) of window k of image b is grid patch
+    (top + r, left + c); its vector is the ImageNet-normalized pixels in (row, col, channel) order; targets
+    are the masked patches in ascending position, each normalized by its own mean and unbiased variance."""
+    mean, std = torch.tensor((0.485, 0.456, 0.406)), torch.tensor((0.229, 0.224, 0.225))
+    b, k = windows.shape[:2]
+    patches, targets = [], []
+    for bi in range(b):
+        img = (images[bi].double() / 255 - mean.double()) / std.double()  # (H, W, 3)
+        for ki in range(k):
+            top, left = int(windows[bi, ki, 0]), int(windows[bi, ki, 1])
+            rows = []
+            for r in range(w):
+                for c in range(w):
+                    y, x = (top + r) * p, (left + c) * p
+                    rows.append(img[y:y + p, x:x + p, :].reshape(-1))
+            win = torch.stack(rows)
+            tgt = win[masks[bi, ki]]
+            if norm_pix:
+                tgt = (tgt - tgt.mean(-1, keepdim=True)) / (tgt.var(-1, keepdim=True) + 1e-6) ** 0.5
+            patches.append(win)
+            targets.append(tgt)
+    return torch.stack(patches), torch.stack(targets)
+
+
+def test_gather_op_cpu_matches_the_loops():
     images, windows, masks, n_mask = make_window_inputs(3, 2, 5, 9, 4)
     for norm_pix in (True, False):
-        got = _window_gather_cuda.gather_windows(images, windows, masks, 4, 5, norm_pix, torch.bfloat16)
-        want = wg_mod.gather_windows_reference(images, windows, masks, 4, 5, norm_pix, torch.bfloat16)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
-    vis, tgt = _window_gather_cuda.gather_windows_visible(images, windows, masks, 4, 5)
-    full, _ = wg_mod.gather_windows_reference(images, windows, masks, 4, 5)
+        want_p, want_t = gather_loops(images, windows, masks, 4, 5, norm_pix)
+        got_p, got_t = _window_gather_cuda.gather_windows_kernel(images, windows, masks, 4, 5, norm_pix,
+                                                                 torch.float32, n_mask_of(masks, 5), False)
+        torch.testing.assert_close(got_p.double(), want_p, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_t.double(), want_t, rtol=1e-4, atol=1e-4)
+        bf_p, _ = _window_gather_cuda.gather_windows_kernel(images, windows, masks, 4, 5, norm_pix, torch.bfloat16,
+                                                            n_mask, False)
+        assert bf_p.dtype == torch.bfloat16
+        torch.testing.assert_close(bf_p.double(), want_p, rtol=1e-2, atol=2e-2)
+    vis, tgt = wg_mod.gather_windows(images, windows, masks, 4, 5, visible_only=True)
+    full, _ = gather_loops(images, windows, masks, 4, 5, True)
     flat = masks.reshape(6, -1)
     for r in range(6):
-        torch.testing.assert_close(vis[r], full[r][~flat[r]])
+        torch.testing.assert_close(vis[r].double(), full[r][~flat[r]], rtol=1e-5, atol=1e-5)
     assert tgt.shape == (6, n_mask, 48)
 
 
@@ -446,8 +491,8 @@ def _check_gather(images, windows, masks, p, w, n_mask, out_dtype, norm_pix):
     assert got_t.dtype == torch.float32 and got_t.shape == ref_t.shape
     torch.testing.assert_close(got_p.float(), ref_p.float(), **GATHER_TOL[out_dtype])
     torch.testing.assert_close(got_t, ref_t, **TARGET_TOL)
-    vis_p, vis_t = _window_gather_cuda.gather_windows_visible(images, windows, masks, p, w, norm_pix, out_dtype, n_mask)
-    ref_vp, _ = _window_gather_cuda.gather_visible_reference(images, windows, masks, p, w, norm_pix, out_dtype)
+    vis_p, vis_t = wg_mod.gather_windows(images, windows, masks, p, w, norm_pix, out_dtype, n_mask=n_mask, visible_only=True)
+    ref_vp, _ = wg_mod.gather_visible_reference(images, windows, masks, p, w, norm_pix, out_dtype)
     torch.testing.assert_close(vis_p.float(), ref_vp.float(), **GATHER_TOL[out_dtype])
     torch.testing.assert_close(vis_t, ref_t, **TARGET_TOL)
 
@@ -800,7 +845,7 @@ def test_emulated_window_gather_matches_reference(emu_lib, visible_only, norm_pi
                                     masks.view(torch.uint8), patches, targets, k, p, w, n_mask, int(visible_only),
                                     int(norm_pix), *map(float, wg_mod.IMAGENET_MEAN), *map(float, wg_mod.IMAGENET_STD),
                                     b * k * w * w))
-    ref = _window_gather_cuda.gather_visible_reference if visible_only else wg_mod.gather_windows_reference
+    ref = wg_mod.gather_visible_reference if visible_only else wg_mod.gather_windows_reference
     want_p, want_t = ref(view, windows, masks, p, w, norm_pix, torch.bfloat16)
     torch.testing.assert_close(patches.float(), want_p.float(), **GATHER_TOL[torch.bfloat16])
     torch.testing.assert_close(targets, want_t, **TARGET_TOL)

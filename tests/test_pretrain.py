@@ -1,103 +1,197 @@
-"""Training system on CPU: one-process run, two DeepSpeed ranks with resume, schedule, bad input."""
+"""Pretraining on CPU: the session run (loss, checkpoints, export), two DeepSpeed ranks (disjoint data,
+gradient accumulation, a kill during a save, exact resume), one poisoned rank, the schedule, bad input."""
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from lomar_fast.engine import ConfigError, lr_at, param_groups_weight_decay, resolve_ds_config, set_lr
+from lomar_fast import pretrain
+from lomar_fast.cli import run_cli
+from lomar_fast.distributed import seed_rank, seed_shared
+from lomar_fast.ds_config import resolve_ds_config
+from lomar_fast.errors import ConfigError, NonFiniteLoss
 from lomar_fast.models import create_model
+from lomar_fast.optim import lr_at, param_groups_weight_decay, set_lr
 
-from launch import REPO, cpu_env, launch
+from conftest import PRETRAIN_SMALL
+from launch import REPO, cpu_env, free_port, launch
 
+TESTS = Path(__file__).resolve().parent
 SMALL = ["--model", "lomar_vit_tiny_patch16", "--input_size", "64", "--window_size", "3", "--num_window", "2",
          "--num_workers", "2", "--log_every", "1"]
 
 
-@pytest.fixture(scope="module")
-def demo(small_demo) -> Path:
-    return small_demo["root"]
-
-
-def run_pretrain(args: list[str], ranks: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    return launch("pretrain", args, ranks, timeout)
-
-
 def step_losses(out: Path) -> list[tuple[int, float]]:
-    recs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in recs if r["kind"] == "steps"]
+    """(step, loss) of every logged step, the latest record per step (a resumed run logs some again)."""
+    recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return sorted({r["step"]: r["loss"] for r in recs if r["kind"] == "steps"}.items())
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
 
 
-def test_one_process_loss_falls_checkpoint_export(demo, tmp_path):
-    out = tmp_path / "run"
-    proc = run_pretrain(["--data_path", str(demo / "train.beton"), "--deepspeed_config", "ds_configs/cpu.json",
-                         "--batch_size", "16", "--epochs", "3", "--warmup_epochs", "0", "--blr", "4e-3",
-                         "--max_steps_per_epoch", "4", "--output_dir", str(out), *SMALL])
-    _ok(proc)
-    losses = [l for _, l in step_losses(out)]
-    assert len(losses) == 12
-    assert all(math.isfinite(l) for l in losses)
+# ------------------------------------------------------------------------------------ the session run
+@pytest.mark.slow
+def test_one_process_loss_falls_checkpoints_and_export(pretrain_run):
+    out, proc = pretrain_run["out"], pretrain_run["proc"]
+    losses = [loss for _, loss in step_losses(out)]
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < first - 0.1, f"loss did not fall: {losses}"
     assert (out / "latest").read_text().strip() == "epoch0002"
+    # every saved tag is complete; --keep_last 3 kept all three
+    assert sorted(p.name for p in out.glob("epoch*")) == ["epoch0000", "epoch0001", "epoch0002"]
+    assert all((out / t / "complete.json").is_file() for t in ("epoch0000", "epoch0001", "epoch0002"))
     assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
     assert "loss by epoch" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epoch"] == 2 and summary["step"] == 12 and 0.0 <= summary["knn_top1"] <= 100.0
 
-    model_path = tmp_path / "model.pth"
-    exp = subprocess.run([sys.executable, "-m", "lomar_fast.export", "--checkpoint", str(out), "--out", str(model_path)],
-                         cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
-    _ok(exp)
     from lomar_fast.checkpoint import load_checkpoint
 
     model = create_model("lomar_vit_tiny_patch16", img_size=64, window_size=3, num_window=2)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
-    load_checkpoint(model, model_path)  # strict: every key present and shaped right
+    load_checkpoint(model, pretrain_run["model"])  # strict: every key present and shaped right
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, fresh[k])]
     assert "blocks.0.attn.qkv.weight" in changed  # trained weights, not the init
     clf = create_model("vit_tiny_patch16", img_size=64, num_classes=8)
-    report = clf.load_pretrained(model_path)
+    report = clf.load_pretrained(pretrain_run["model"])
     assert "mask_token" in report["dropped"] and "blocks.0.attn.qkv.weight" in report["used"]
 
 
-@pytest.mark.slow
-def test_two_ranks_zero2_disjoint_data_and_exact_resume(demo, tmp_path):
-    common = ["--data_path", str(demo / "train.beton"), "--deepspeed_config", "ds_configs/cpu.json",
-              "--zero_stage", "2", "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "1", "--blr", "2e-3",
-              "--max_steps_per_epoch", "3", "--save_every", "1", "--record_data_order", *SMALL]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    _ok(run_pretrain([*common, "--output_dir", str(straight)], ranks=2))
-    _ok(run_pretrain([*common, "--output_dir", str(split), "--exit_after_epochs", "1"], ranks=2))
-    assert (split / "latest").read_text().strip() == "epoch0000"
-    resumed = run_pretrain([*common, "--output_dir", str(split), "--resume", "auto"], ranks=2)
-    _ok(resumed)
-    assert "resumed at epoch 1 step 3" in resumed.stdout
+# --------------------------------------------------------------------------------------- two ranks
+KILL_AT_SAVE = """
+import os, sys, time
+from pathlib import Path
+from lomar_fast import run_dir
 
-    # every rank reads its own disjoint shard; together they cover the dataset
-    n_images = 128
+real_commit = run_dir.commit
+def commit(root, tag, info, update_latest):
+    if tag == os.environ["PAUSE_AT_TAG"]:  # the tag's files are written, nothing is committed yet
+        Path(os.environ["PAUSE_FILE"]).write_text(tag)
+        time.sleep(3600)
+    real_commit(root, tag, info, update_latest)
+run_dir.commit = commit
+from lomar_fast import pretrain, cli
+cli.run_cli(lambda: pretrain.main(sys.argv[1:]))
+"""
+
+
+def _deepspeed_cmd(script: Path, args: list[str], ranks: int = 2) -> list[str]:
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+            str(free_port()), str(script), *args]
+
+
+@pytest.mark.slow
+def test_two_ranks_accumulation_kill_during_save_and_exact_resume(small_demo, tmp_path):
+    """2 ranks x micro-batch 4 x accum 2: disjoint shards; a run SIGKILLed while its second checkpoint is being
+    written resumes from the first one and reproduces the uninterrupted run's losses."""
+    common = ["--data_path", str(small_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json",
+              "--zero_stage", "2", "--batch_size", "4", "--accum_iter", "2", "--epochs", "2", "--warmup_epochs", "1",
+              "--blr", "2e-3", "--max_steps_per_epoch", "6", "--save_every", "1", "--record_data_order", *SMALL]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _ok(launch("pretrain", [*common, "--output_dir", str(straight)], ranks=2))
+
+    script = tmp_path / "kill_at_save.py"
+    script.write_text(KILL_AT_SAVE)
+    pause = tmp_path / "paused"
+    env = dict(cpu_env(), PAUSE_AT_TAG="epoch0001", PAUSE_FILE=str(pause), PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(_deepspeed_cmd(script, [*common, "--output_dir", str(split)]), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not pause.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert pause.exists(), f"the run never reached the save: exit {proc.poll()}\n{proc.stdout.read()[-4000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    # the interrupted save left its files but no commit: latest still names the complete epoch0000
+    assert (split / "epoch0001").is_dir() and not (split / "epoch0001" / "complete.json").exists()
+    assert (split / "latest").read_text().strip() == "epoch0000"
+
+    resumed = launch("pretrain", [*common, "--output_dir", str(split), "--resume", "auto"], ranks=2)
+    _ok(resumed)
+    assert "at epoch 1 step 6" in resumed.stdout and "epoch0000" in resumed.stdout
+    assert (split / "latest").read_text().strip() == "epoch0001"
+    assert (split / "epoch0001" / "complete.json").is_file()
+
+    # every rank reads its own disjoint shard; together they cover the dataset's first 2 x 6 x 2 x 4 images
     for epoch in (0, 1):
         r0 = json.loads((straight / "data_order" / f"rank0_epoch{epoch}.json").read_text())
         r1 = json.loads((straight / "data_order" / f"rank1_epoch{epoch}.json").read_text())
-        assert set(r0).isdisjoint(r1)
-        assert sorted(r0 + r1) == list(range(n_images))
+        assert set(r0).isdisjoint(r1) and sorted(r0 + r1) == list(range(small_demo["n_train"]))
         assert r0 == json.loads((split / "data_order" / f"rank0_epoch{epoch}.json").read_text())
-    assert json.loads((straight / "data_order" / "rank0_epoch0.json").read_text()) != json.loads(
-        (straight / "data_order" / "rank0_epoch1.json").read_text())
-
     a, b = step_losses(straight), step_losses(split)
-    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 13))
     for (s, la), (_, lb) in zip(a, b):
-        assert la == pytest.approx(lb, rel=1e-4, abs=1e-5), f"step {s}: straight {la} vs resumed {lb}"
+        assert la == pytest.approx(lb, rel=1e-5, abs=1e-6), f"step {s}: straight {la} vs resumed {lb}"
 
 
+RANK_PROBE = """
+import json, os, sys
+import torch
+import lomar_fast.models.lomar as lm
+import lomar_fast.models.vit as vit
+
+rank = int(os.environ["RANK"])
+record = {"init": None, "drop": []}
+real_loss, real_drop = lm.LoMaR.forward_loss, vit.DropPath.forward
+def forward_loss(self, pred, targets, masks):
+    if record["init"] is None:
+        record["init"] = float(sum(p.double().sum() for p in self.parameters()))
+    loss = real_loss(self, pred, targets, masks)
+    record.setdefault("calls", 0)
+    record["calls"] += 1
+    return loss * float("nan") if rank == 1 and record["calls"] == 3 else loss
+def drop(self, x):
+    out = real_drop(self, x)
+    if self.training and self.drop_prob > 0 and len(record["drop"]) < 8:
+        record["drop"].append((out == 0).reshape(x.shape[0], -1).all(1).tolist())
+    return out
+lm.LoMaR.forward_loss, vit.DropPath.forward = forward_loss, drop
+from lomar_fast import pretrain, cli
+try:
+    cli.run_cli(lambda: pretrain.main(sys.argv[1:]))
+finally:
+    with open(os.environ["PROBE_OUT"] + f".rank{rank}.json", "w") as f:
+        json.dump(record, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_seeds_and_a_loss_that_turns_nan_on_one_rank(small_demo, tmp_path):
+    """Initial weights are the same on both ranks, drop-path draws differ; a NaN loss on rank 1 alone stops
+    both ranks at the same read-back with exit 3 and leaves the last complete checkpoint alone."""
+    out = tmp_path / "run"
+    script = tmp_path / "probe.py"
+    script.write_text(RANK_PROBE)
+    env = dict(cpu_env(), PROBE_OUT=str(tmp_path / "probe"), PYTHONPATH=str(REPO))
+    args = ["--data_path", str(small_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", "--batch_size", "8",
+            "--epochs", "3", "--warmup_epochs", "0", "--max_steps_per_epoch", "2", "--save_every", "1",
+            "--drop_path", "0.5", "--output_dir", str(out), *SMALL]
+    proc = subprocess.run(_deepspeed_cmd(script, args), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "loss became nan at epoch 1 step 3" in proc.stdout + proc.stderr
+    assert "exits with return code = 3" in proc.stdout + proc.stderr or "exit code 3" in proc.stdout + proc.stderr
+    r0, r1 = (json.loads((tmp_path / f"probe.rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["calls"] == r1["calls"] == 3  # both stopped after the same step
+    assert r0["init"] == r1["init"]  # the same initial weights
+    assert r0["drop"] != r1["drop"]  # each rank draws its own drop-path masks
+    assert (out / "latest").read_text().strip() == "epoch0000"
+    assert not (out / "epoch0001").exists()
+
+
+# ------------------------------------------------------------------------------------------ in-process
 def test_lr_schedule_matches_formula():
     lr, min_lr, warm, epochs, spe = 1e-3, 1e-5, 2, 10, 100
     assert lr_at(0, spe, lr, min_lr, warm, epochs) == 0.0
@@ -143,64 +237,97 @@ def test_ds_config_batch_agreement():
                           zero_stage=None, device=cpu)
 
 
-def _bad(args: list[str], tmp_path: Path) -> str:
-    proc = run_pretrain(["--deepspeed_config", "ds_configs/cpu.json", *args], timeout=120)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "out" / "latest").exists()
-    return proc.stderr
+def test_per_rank_and_shared_seeds():
+    seed_shared(7)
+    a = torch.rand(4)
+    seed_shared(7)
+    assert torch.equal(a, torch.rand(4))
+    draws = {}
+    for rank in (0, 1):
+        for epoch in (0, 1):
+            seed_rank(7, rank, epoch)
+            draws[rank, epoch] = torch.rand(4)
+    assert len({tuple(v.tolist()) for v in draws.values()}) == 4  # every (rank, epoch) its own stream
+    seed_rank(7, 1, 1)
+    assert torch.equal(torch.rand(4), draws[1, 1])  # ... and a function of (seed, rank, epoch): resumable
 
 
-def test_bad_inputs_stop_before_training(demo, tmp_path):
-    data = ["--data_path", str(demo / "train.beton")]
-    out = ["--output_dir", str(tmp_path / "out")]
-    assert "--data_path" in _bad(["--data_path", str(tmp_path / "missing.beton"), *out], tmp_path)
+@pytest.fixture
+def no_distributed(monkeypatch):
+    """Fail the test if the entry point gets as far as starting torch.distributed."""
+    import lomar_fast.trainer as trainer
+
+    def refuse(*a, **k):
+        raise AssertionError("the entry point reached the distributed start: the bad input was not caught first")
+
+    monkeypatch.setattr(trainer, "init_distributed", refuse)
+
+
+def test_bad_inputs_stop_before_any_work(small_demo, tmp_path, no_distributed, capsys):
+    out = tmp_path / "out"
+    data = ["--data_path", str(small_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", *SMALL]
     bad_json = tmp_path / "ds.json"
     bad_json.write_text(json.dumps({"train_micro_batch_size_per_gpu": 32}))
-    err = _bad([*data, *out, "--deepspeed_config", str(bad_json), "--batch_size", "8"], tmp_path)
-    assert "train_micro_batch_size_per_gpu=32" in err and "--batch_size 8" in err
-    err = _bad([*data, *out, "--input_size", "64", "--window_size", "3", "--num_window", "3"], tmp_path)
-    assert "num_window 3" in err and "2" in err
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    assert "--output_dir" in _bad([*data, "--output_dir", str(blocker / "sub")], tmp_path)
-    yaml_cfg = tmp_path / "run.yaml"
-    yaml_cfg.write_text("batch_sise: 8\n")
-    assert "batch_sise" in _bad([*data, *out, "--config", str(yaml_cfg)], tmp_path)
+    cases = [
+        (["--data_path", str(tmp_path / "missing.beton"), "--output_dir", str(out)], "--data_path .*missing.beton"),
+        ([*data, "--output_dir", str(out), "--deepspeed_config", str(bad_json), "--batch_size", "8"],
+         "train_micro_batch_size_per_gpu=32 but --batch_size 8"),
+        ([*data, "--output_dir", str(out), "--num_window", "3"], "num_window 3 must be between 1 and .* = 2"),
+        ([*data, "--output_dir", str(blocker / "sub")], "--output_dir .* is not writable"),
+        ([*data, "--output_dir", str(out), "--warmup_epochs", "30", "--epochs", "4"], "--warmup_epochs 30"),
+        ([*data, "--output_dir", str(out), "--overwrite", "--resume", "auto"], "--overwrite .* --resume"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            pretrain.main(args)
+        assert not out.exists(), f"{args}: wrote {list(out.iterdir())}"
+    # as a program: exit status 2 and the one line, no traceback
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: pretrain.main(cases[2][0]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --num_window 3") and err.count("\n") == 1
 
 
-NAN_AFTER = """
-import sys, torch
-import lomar_fast.models.lomar as lm
-import lomar_fast.pretrain as pt
-calls = {"n": 0}
-real = lm.LoMaR.forward_loss
-def forward_loss(self, *a):
-    calls["n"] += 1
-    loss = real(self, *a)
-    return loss * float("nan") if calls["n"] > 2 else loss
-lm.LoMaR.forward_loss = forward_loss
-sys.argv = ["pretrain"] + sys.argv[1:]
-try:
-    pt.main(sys.argv[1:])
-except FloatingPointError as e:
-    print("STOPPED:", e)
-    sys.exit(3)
-"""
+def test_output_dir_holding_a_run_refuses_a_fresh_start(small_demo, tmp_path, no_distributed):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "log.jsonl").write_text("{}\n")
+    (out / "epoch0004").mkdir()
+    args = ["--data_path", str(small_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", *SMALL,
+            "--output_dir", str(out)]
+    with pytest.raises(ConfigError, match=r"already holds a run \(log.jsonl, epoch0004\); continue it with "
+                                          r"--resume auto, .* another --output_dir, or pass --overwrite"):
+        pretrain.main(args)
+    assert (out / "log.jsonl").read_text() == "{}\n" and (out / "epoch0004").is_dir()
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(demo, tmp_path):
+def test_resume_of_another_shape_is_refused_before_any_work(small_demo, tmp_path, no_distributed):
+    """The saved run's model settings and global batch are compared with this run's before any process group."""
+    from lomar_fast import run_dir
+
     out = tmp_path / "run"
-    script = tmp_path / "nan_run.py"
-    script.write_text(NAN_AFTER)
-    proc = subprocess.run([sys.executable, str(script), "--data_path", str(demo / "train.beton"),
-                           "--deepspeed_config", "ds_configs/cpu.json", "--batch_size", "16", "--epochs", "3",
-                           "--warmup_epochs", "0", "--max_steps_per_epoch", "2", "--save_every", "1",
-                           "--output_dir", str(out), *SMALL], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "STOPPED: loss became nan at epoch 1 step 3" in proc.stdout
-    assert "--resume auto" in proc.stdout
-    # epoch 0 finished and was saved; nothing after the bad step was written
-    assert (out / "latest").read_text().strip() == "epoch0000"
-    assert not (out / "epoch0001").exists()
+    (out / "epoch0000").mkdir(parents=True)
+    saved = {"world_size": 2, "micro_batch": 8, "accum_iter": 1,
+             "config": {"model": "lomar_vit_tiny_patch16", "input_size": 64, "window_size": 3, "num_window": 2,
+                        "mask_ratio": 0.8, "norm_pix_loss": True, "window_sampling": "per_batch", "pairing": "all",
+                        "drop_path": 0.0}}
+    run_dir.commit(out, "epoch0000", {"epoch": 0, "run": saved}, update_latest=True)
+    args = ["--data_path", str(small_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", *SMALL,
+            "--output_dir", str(out), "--resume", "auto"]
+    with pytest.raises(ConfigError, match="world size 2 x micro-batch 8 x accum_iter 1 = 16 images per step, this "
+                                          "run has world size 1 x micro-batch 8 x accum_iter 1 = 8"):
+        pretrain.main([*args, "--batch_size", "8"])
+    with pytest.raises(ConfigError, match="window_size: saved 3, now 2"):
+        pretrain.main([*args, "--batch_size", "16", "--window_size", "2"])
+
+
+def test_non_finite_read_back_raises_with_the_resume_hint():
+    from lomar_fast.trainer import LossMeter
+
+    meter = LossMeter(torch.device("cpu"), every=2, output_dir="runs/x")
+    meter.add(torch.tensor(1.0))
+    meter.add(torch.tensor(float("inf")))
+    with pytest.raises(NonFiniteLoss, match="loss became inf at epoch 3 step 9.*runs/x.*--resume auto"):
+        meter.read(3, 9)

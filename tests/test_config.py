@@ -1,0 +1,243 @@
+"""The config module (flags, typed YAML), the run directory's rules (tags, latest, retention, resume,
+guarded output dirs), the CLI wrapper, and the package's import graph."""
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+from lomar_fast import run_dir
+from lomar_fast.cli import run_cli
+from lomar_fast.config import FinetuneConfig, PretrainConfig, parse_config
+from lomar_fast.errors import ConfigError, NonFiniteLoss
+
+PACKAGE = Path(__file__).resolve().parent.parent / "lomar_fast"
+
+
+# ------------------------------------------------------------------------------------------- config
+def test_yaml_values_are_typed_like_flags_and_flags_override(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    # PyYAML reads 5e-4 and 1e-6 (MAE's spelling) as strings, "16" quoted as a string, 2.0 as a float
+    cfg_file.write_text("blr: 5e-4\nmin_lr: 1e-6\nbatch_size: '16'\nepochs: 2.0\nnorm_pix_loss: 'false'\n"
+                        "lr: null\nwindow_sampling: per_image\ndata_path: data/train.beton\nseed: 3\n")
+    cfg = parse_config(["--config", str(cfg_file), "--seed", "5", "--no_os_cache"])
+    assert (cfg.blr, cfg.min_lr, cfg.batch_size, cfg.epochs) == (5e-4, 1e-6, 16, 2)
+    assert type(cfg.blr) is float and type(cfg.batch_size) is int and type(cfg.epochs) is int
+    assert cfg.norm_pix_loss is False and cfg.lr is None and cfg.window_sampling == "per_image"
+    assert cfg.seed == 5 and cfg.os_cache is False  # flags override the file
+    assert {"blr", "min_lr", "batch_size", "seed", "os_cache"} <= cfg.explicit and "accum_iter" not in cfg.explicit
+    # the same conversion for flags and for the fine-tuning config
+    ft = parse_config(["--layer_decay", "0.7", "--eval", "--nb_classes", "None"], FinetuneConfig)
+    assert ft.layer_decay == 0.7 and ft.eval is True and ft.nb_classes is None
+
+
+@pytest.mark.parametrize("text,message", [
+    ("blr: fast\n", r"blr = 'fast' is not a valid float"),
+    ("batch_size: 2.5\n", r"batch_size = 2.5 is not a valid int"),
+    ("norm_pix_loss: maybe\n", r"norm_pix_loss = 'maybe' is not a valid bool"),
+    ("epochs: [1, 2]\n", r"epochs = \[1, 2\] is not a valid int"),
+    ("pairing: everything\n", r"pairing = 'everything' must be one of all, published"),
+    ("batch_sise: 8\n", r"unknown keys \['batch_sise'\]"),
+    ("epochs: null\n", r"epochs cannot be empty; expected int"),
+    ("- 1\n- 2\n", r"expected a mapping"),
+])
+def test_yaml_value_of_the_wrong_type_is_one_error_naming_it(tmp_path, text, message):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(text)
+    with pytest.raises(ConfigError, match=f"--config {cfg_file}: .*{message}" if "mapping" not in message
+                       and "unknown" not in message else message):
+        parse_config(["--config", str(cfg_file)])
+
+
+def test_every_field_has_help_and_flags_cover_both_entry_points():
+    from lomar_fast.config import HELP, config_fields
+
+    for cls in (PretrainConfig, FinetuneConfig):
+        missing = [f.name for f in config_fields(cls) if f.name not in HELP]
+        assert not missing, f"{cls.__name__}: no help text for {missing}"
+    # the one parser converts flag strings to each field's type
+    cfg = parse_config(["--batch_size", "12", "--mask_ratio", "0.75", "--norm_pix_loss", "false"])
+    assert (cfg.batch_size, cfg.mask_ratio, cfg.norm_pix_loss) == (12, 0.75, False)
+    with pytest.raises(ConfigError, match="--batch_size: batch_size = 'x' is not a valid int"):
+        parse_config(["--batch_size", "x"])
+
+
+# ------------------------------------------------------------------------------------------ run dir
+def _tag(root: Path, name: str, complete: bool = True) -> None:
+    (root / name).mkdir(parents=True)
+    if complete:
+        run_dir.commit(root, name, {"epoch": run_dir.parse_tag(name)[1]}, update_latest=False)
+
+
+def test_tag_names_and_families():
+    assert run_dir.tag_name("epoch", 7) == "epoch0007" and run_dir.tag_name("last", 12) == "last_epoch0012"
+    assert run_dir.parse_tag("best_epoch0003") == ("best", 3) and run_dir.parse_tag("epoch0010") == ("epoch", 10)
+    assert run_dir.parse_tag("latest") is None and run_dir.parse_tag("global_step10") is None
+
+
+def test_resume_rule(tmp_path):
+    root = tmp_path / "run"
+    assert run_dir.find_resume("auto", str(root), "last") is None  # nothing yet: a fresh start
+    for name in ("last_epoch0001", "last_epoch0003", "best_epoch0002"):
+        _tag(root, name)
+    _tag(root, "last_epoch0004", complete=False)  # a save that was killed
+    # no latest file: the newest complete tag of the family
+    assert str(run_dir.find_resume("auto", str(root), "last")) == f"{root}/last_epoch0003"
+    (root / "latest").write_text("last_epoch0004")  # latest naming an incomplete tag is never followed
+    assert run_dir.find_resume(str(root), "elsewhere", "last").tag == "last_epoch0003"
+    (root / "latest").write_text("last_epoch0001")
+    assert run_dir.find_resume("auto", str(root), "last").tag == "last_epoch0001"
+    assert run_dir.find_resume(str(root / "best"), "x", "last").tag == "best_epoch0002"  # DIR/<family>
+    assert run_dir.find_resume(str(root / "last_epoch0003"), "x", "last").tag == "last_epoch0003"  # a tag dir
+    with pytest.raises(ConfigError, match="incomplete checkpoint"):
+        run_dir.find_resume(str(root / "last_epoch0004"), "x", "last")
+    with pytest.raises(ConfigError, match="no complete 'epoch' checkpoint .* families there: best, last"):
+        run_dir.find_resume(str(root / "epoch"), "x", "last")
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_dir.find_resume(str(tmp_path / "nowhere" / "run"), "x", "last")
+    with pytest.raises(ConfigError, match="no complete checkpoint there"):
+        run_dir.find_resume(str(tmp_path), "x", "last")
+
+
+def test_commit_points_latest_last_and_retire_keeps_the_newest(tmp_path):
+    root = tmp_path / "run"
+    for e in range(5):
+        (root / run_dir.tag_name("epoch", e)).mkdir(parents=True)
+        # latest is untouched until the commit: a kill between the two leaves the previous tag in charge
+        assert (root / "latest").read_text() == f"epoch{e - 1:04d}" if e else not (root / "latest").exists()
+        run_dir.commit(root, run_dir.tag_name("epoch", e), {"epoch": e}, update_latest=True)
+        assert (root / "latest").read_text() == f"epoch{e:04d}"
+        assert json.loads((root / f"epoch{e:04d}" / "complete.json").read_text())["epoch"] == e
+        run_dir.retire(root, "epoch", keep=2)
+    assert run_dir.tags(root) == ["epoch0003", "epoch0004"]
+    assert not list(root.glob(".*tmp*"))  # no temporary files left behind
+    # an incomplete leftover older than the newest complete tag goes; a newer one (a save in flight) stays
+    (root / "epoch0002").mkdir()
+    (root / "epoch0009").mkdir()
+    (root / "best_epoch0001").mkdir()
+    assert run_dir.retire(root, "epoch", keep=2) == ["epoch0002"]
+    assert (root / "epoch0009").is_dir() and (root / "best_epoch0001").is_dir()
+    # the tag latest names is never deleted, even beyond keep
+    (root / "latest").write_text("epoch0003")
+    run_dir.commit(root, "epoch0009", {}, update_latest=False)
+    run_dir.retire(root, "epoch", keep=1)
+    assert run_dir.tags(root) == ["epoch0003", "epoch0009"]
+
+
+def test_output_dir_guard_and_overwrite(tmp_path):
+    root = tmp_path / "out"
+    run_dir.prepare_output_dir(root, None, False)  # a new directory is fine
+    run_dir.prepare_output_dir(root, None, False)  # ... so is an empty one
+    (root / "checkpoint-best.pth").write_bytes(b"x")
+    _tag(root, "best_epoch0000")
+    with pytest.raises(ConfigError, match=r"already holds a run \(checkpoint-best.pth, best_epoch0000\)"):
+        run_dir.prepare_output_dir(root, None, False)
+    run_dir.prepare_output_dir(root, "auto", False)  # continuing it is fine
+    run_dir.prepare_output_dir(root, None, True)  # --overwrite allows it; the files go only when cleared
+    assert (root / "checkpoint-best.pth").exists()
+    (root / "notes.txt").write_text("mine")
+    assert sorted(run_dir.clear_run(root)) == ["best_epoch0000", "checkpoint-best.pth"]
+    assert [p.name for p in root.iterdir()] == ["notes.txt"]  # files the run did not write are kept
+
+
+def test_check_resume_maps_the_same_global_batch_and_refuses_other_shapes():
+    cfg = {"model": "m", "input_size": 224}
+    saved = {"world_size": 4, "micro_batch": 64, "accum_iter": 1, "config": cfg}
+    assert run_dir.check_resume(saved, dict(saved), ("model", "input_size")) is None
+    note = run_dir.check_resume(saved, {"world_size": 2, "micro_batch": 64, "accum_iter": 2, "config": cfg},
+                                ("model", "input_size"))
+    assert "the same 256 images per step" in note
+    with pytest.raises(ConfigError, match="= 256 images per step, this run has .* = 128.*--batch_size 128"):
+        run_dir.check_resume(saved, {"world_size": 2, "micro_batch": 64, "accum_iter": 1, "config": cfg},
+                             ("model", "input_size"))
+    with pytest.raises(ConfigError, match="input_size: saved 224, now 384"):
+        run_dir.check_resume(saved, {**saved, "config": {**cfg, "input_size": 384}}, ("model", "input_size"))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_run_cli_turns_only_the_projects_input_errors_into_one_line(capsys):
+    def bad_flag():
+        raise ConfigError("--blr -1 must be positive")
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(bad_flag)
+    assert e.value.code == 2 and capsys.readouterr().err == "error: --blr -1 must be positive\n"
+
+    def nan():
+        raise NonFiniteLoss("loss became nan")
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(nan)
+    assert e.value.code == 3
+
+    def deep_value_error():  # e.g. raised inside FFCV, DeepSpeed or torch: keeps its traceback
+        raise ValueError("something deep")
+
+    with pytest.raises(ValueError, match="something deep"):
+        run_cli(deep_value_error)
+    with pytest.raises(FileNotFoundError):
+        run_cli(lambda: open("/nonexistent/file"))
+
+
+# ---------------------------------------------------------------------------------------- import graph
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every module of the package -> the package modules it imports anywhere (top level or inside a function)."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for mod, path in modules.items():
+        package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            for t in targets:
+                if t in modules and t != mod:
+                    graph[mod].add(t)
+    return graph
+
+
+def test_the_package_has_no_import_loop():
+    graph = import_graph()
+    assert "lomar_fast.ops.irpe" in graph and "lomar_fast.trainer" in graph
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                raise AssertionError("import loop: " + " -> ".join(path[path.index(n):] + [n]))
+            if n not in state:
+                visit(n)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_import_graph_sees_function_level_and_relative_imports():
+    graph = import_graph()
+    assert "lomar_fast.ops._dispatch" in graph["lomar_fast.ops.irpe"]  # relative, top level
+    assert "lomar_fast.knn" in graph["lomar_fast.pretrain"]  # inside a function
+    # and the layering DESIGN.md fixes: models never import data code; ops never import models
+    for mod, deps in graph.items():
+        if mod.startswith("lomar_fast.models"):
+            assert not any(d.startswith("lomar_fast.data") for d in deps), (mod, deps)
+        if mod.startswith("lomar_fast.ops"):
+            assert not any(d.startswith(("lomar_fast.models", "lomar_fast.data")) for d in deps), (mod, deps)
