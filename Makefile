@@ -35,11 +35,12 @@ FINETUNE_ARGS ?=
 FT_DEMO_ARGS ?= --input_size 160 --batch_size 32 --epochs 5 --warmup_epochs 1 --blr 4e-3 --num_workers 2 --log_every 4
 KNN_DEMO_ARGS ?= --input_size 160 --num_workers 2
 
-.PHONY: help setup apt-deps test pretrain finetune demo-data prep-imagenet bench wheelhouse clean
+.PHONY: help setup apt-deps test test-fast pretrain finetune demo-data prep-imagenet bench wheelhouse clean
 
 help:
 	@echo "make setup          create .venv with torch, deepspeed, ffcv, timm (idempotent)"
 	@echo "make test           setup, then the whole pytest suite"
+	@echo "make test-fast      the suite without the multi-process runs (tests marked slow)"
 	@echo "make demo-data      build the built-in demo dataset under $(DATA_DIR)/demo"
 	@echo "make pretrain       short LoMaR pretraining of a tiny ViT on the demo data"
 	@echo "make finetune       fine-tune output/demo/model.pth on the demo classes, --eval it, k-NN of the encoder"
@@ -72,6 +73,9 @@ setup: apt-deps $(STAMP)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo-data: setup
 	$(PY) -m data_prep.make_demo --out $(DATA_DIR)/demo

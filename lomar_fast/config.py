@@ -51,6 +51,7 @@ class RunConfig:
     zero_stage: int | None = None
     kernels: str | None = None
     compile: bool = False
+    compile_backend: str = "inductor"
     device: str | None = None
     local_rank: int = -1
     explicit: set[str] = field(default_factory=set, repr=False, compare=False)
@@ -288,6 +289,7 @@ HELP = {
     "zero_stage": "override the ZeRO stage of the JSON",
     "kernels": "fused CUDA kernels: on, off or auto (default: $LOMAR_KERNELS or auto)",
     "compile": "torch.compile the model",
+    "compile_backend": "torch.compile backend for --compile (inductor; aot_eager traces without generating code)",
     "device": "cpu or cuda (default: cuda when available)",
     "local_rank": "set by launchers",
     # pretraining

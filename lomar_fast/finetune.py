@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
         if head is not None:  # a fine-tuned classifier (checkpoint-best.pth), not a pretraining export
             head_rows, adopted = int(head.shape[0]), cfg.adopt_checkpoint_args(cfg.finetune)
     cfg.validate()
-    if not cfg.eval:
-        nb_classes = cfg.resolve_nb_classes(head_rows)
+    nb_classes = cfg.resolve_nb_classes(head_rows)
     from lomar_fast.data import build_finetune_loader
     from lomar_fast.data.augment import BatchAugment
     from lomar_fast.data.shard import build_shard

@@ -172,7 +172,7 @@ class Trainer:
         groups = make_groups(model)
         optimizer = build_adamw(groups, self.base_lr, betas=betas, device=self.device)
         if self.cfg.compile:
-            model.compile()
+            model.compile(backend=self.cfg.compile_backend)
         import deepspeed
 
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_cfg)

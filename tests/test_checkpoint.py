@@ -1,4 +1,6 @@
 """Checkpoints in the published LoMaR layout, and loading them into the fine-tuning classifier."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -65,6 +67,31 @@ def test_round_trip_is_exact(tmp_path):
     windows, masks = src.sample(2, generator=g)
     with torch.no_grad():
         assert torch.equal(src(images, windows, masks)[0], dst(images, windows, masks)[0])
+
+
+def test_save_killed_midway_leaves_the_previous_file(tmp_path, monkeypatch):
+    """A save that dies while writing (here: torch.save writes half the bytes, then fails) leaves the previous
+    checkpoint at the path intact and loadable, and no partial file under the final name."""
+    path = tmp_path / "checkpoint-best.pth"
+    old = with_trained_tables(small_lomar(0))
+    save_checkpoint(old, path, epoch=1)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        data = Path(f).read_bytes()
+        Path(f).write_bytes(data[: len(data) // 2])
+        raise OSError("killed while writing")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="killed"):
+        save_checkpoint(small_lomar(1), path, epoch=2)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-best.pth")) in (
+        ["checkpoint-best.pth"], ["checkpoint-best.pth", "checkpoint-best.pth.tmp"])
 
 
 def test_round_trip_from_state_dict_and_module_prefix(tmp_path):

@@ -331,3 +331,60 @@ def test_non_finite_read_back_raises_with_the_resume_hint():
     meter.add(torch.tensor(float("inf")))
     with pytest.raises(NonFiniteLoss, match="loss became inf at epoch 3 step 9.*runs/x.*--resume auto"):
         meter.read(3, 9)
+
+
+@pytest.mark.slow
+def test_visualize_draws_windows_masked_inputs_and_reconstructions(pretrain_run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from lomar_fast import visualize
+
+    image = sorted((pretrain_run["demo"]["root"] / "imagefolder" / "val").rglob("*.jpg"))[0]
+    out = tmp_path / "recon.png"
+    visualize.main(["--checkpoint", str(pretrain_run["model"]), "--image", str(image), "--out", str(out)])
+    png = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    # the 64 px image at 2x, then per window (K = 2, w = 3, p = 16) the masked input and the reconstruction
+    cell, pad = 3 * 16 * 2, 8
+    assert png.shape == (max(128, 2 * (cell + pad)), 128 + pad + 2 * (cell + pad), 3)
+    x0 = 128 + pad
+    for j in range(2):
+        masked_in = png[j * (cell + pad) + 3: j * (cell + pad) + cell - 3, x0 + 3: x0 + cell - 3]
+        recon = png[j * (cell + pad) + 3: j * (cell + pad) + cell - 3, x0 + cell + pad + 3: x0 + 2 * cell + pad - 3]
+        same = (masked_in == recon).all(-1)
+        # visible patches are shown as given in both tiles; the masked 7 of 9 are dark in one, predicted in the other
+        assert 0.1 < same.mean() < 0.4, same.mean()
+    with pytest.raises(ConfigError, match="--image .*missing.jpg does not exist"):
+        visualize.main(["--checkpoint", str(pretrain_run["model"]), "--image", str(tmp_path / "missing.jpg"),
+                        "--out", str(out)])
+
+
+def test_compile_flag_compiles_the_model_the_trainer_builds(small_demo, tmp_path, monkeypatch):
+    """--compile --compile_backend B: the trainer hands DeepSpeed a model compiled with B, whose loss and
+    gradients equal the eager model's (aot_eager: traced by dynamo and AOTAutograd, no code generation)."""
+    import deepspeed
+
+    from lomar_fast import trainer as trainer_mod
+    from lomar_fast.config import PretrainConfig, parse_config
+
+    monkeypatch.setattr(trainer_mod, "init_distributed", lambda device: (0, 1, 0))
+    monkeypatch.setattr(deepspeed, "initialize", lambda model, optimizer, config: (model, optimizer, None, None))
+    cfg = parse_config(["--data_path", str(small_demo["train"]), "--output_dir", str(tmp_path / "o"),
+                        "--deepspeed_config", "ds_configs/cpu.json", *SMALL, "--compile", "--compile_backend",
+                        "aot_eager"], PretrainConfig)
+    t = trainer_mod.Trainer(cfg, "epoch")
+    make = lambda: create_model(cfg.model, img_size=64, window_size=3, num_window=2, depth=1)  # noqa: E731
+    model = t.build(make, lambda m: param_groups_weight_decay(m, 0.05), betas=(0.9, 0.95))
+    assert model._compiled_call_impl is not None  # nn.Module.compile() was applied
+    seed_shared(cfg.seed)
+    eager = make()  # the same shared seed: the same initial weights
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8, generator=g)
+    windows, masks = eager.sample(4, generator=g)
+    losses = []
+    for m in (model, eager):
+        loss = m(images, windows, masks, validate=False)[0]
+        loss.backward()
+        losses.append((loss.detach(), m.blocks[0].attn.qkv.weight.grad.clone()))
+    torch.testing.assert_close(losses[0][0], losses[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses[0][1], losses[1][1], rtol=1e-4, atol=1e-6)
