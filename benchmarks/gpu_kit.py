@@ -5,6 +5,7 @@ network, no DeepSpeed and no FFCV.
     python -m benchmarks.gpu_kit build [--out .whl]              # here: `make gpu-kit` (alias `make wheelhouse`)
     python -m benchmarks.gpu_kit verify [--kit .whl]             # files and hashes against <kit>/kit.json
     python3 benchmarks/gpu_kit.py install [--kit .whl] [--target /tmp/site]   # on the host: gpu_kit_install.sh
+    python -m benchmarks.gpu_kit selftest [--beton F]            # write/read a .beton with the ffcv imported
 
 What the kit holds (the list is DEPENDENCIES below; kit.json records versions, sizes and hashes):
 
@@ -87,6 +88,9 @@ MANYLINUX = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
              "manylinux2014_x86_64", "manylinux_2_12_x86_64", "manylinux2010_x86_64", "manylinux_2_5_x86_64",
              "manylinux1_x86_64"]
 GRAPH_PATCH = ("from distutils.log import warn\n", "")
+# libraries a vendored library opens at run time by name (not NEEDED, so ldd does not list them). oneTBB loads
+# libtbbmalloc from its own folder; copied under its own name, it is found there.
+DLOPENED = {"libtbb.so.12": ("libtbbmalloc.so.2",)}
 
 
 class KitError(RuntimeError):
@@ -327,6 +331,19 @@ def vendor_libraries(ext: Path, libs_dir: Path, patchelf: str, log: list) -> lis
         renamed[soname] = new
         records.append({"soname": soname, "file": new, "from": str(real), "bytes": len(data),
                         "package": debian_package(real)})
+    for soname, path in resolved:
+        for extra in DLOPENED.get(soname, ()) if path else ():
+            src = Path(path).parent / extra
+            if not src.exists():
+                continue
+            deps = [n for n, p in parse_ldd(run(["ldd", src], log).stdout) if not is_system_lib(n)]
+            if deps:
+                raise KitError(f"{src} (opened at run time by {soname}) needs {deps}, which the kit does not vendor")
+            data = src.resolve().read_bytes()
+            (libs_dir / extra).write_bytes(data)
+            os.chmod(libs_dir / extra, 0o755)
+            records.append({"soname": extra, "file": extra, "from": str(src.resolve()), "bytes": len(data),
+                            "package": debian_package(src.resolve()), "opened_by": soname})
     for target, rpath in [(ext, "$ORIGIN/../ffcv.libs")] + [(libs_dir / n, "$ORIGIN") for n in renamed.values()]:
         needed = run(["readelf", "-d", "--wide", target]).stdout
         names = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", needed)
@@ -645,6 +662,50 @@ def _write(path: Path | None, data: dict) -> None:
         path.write_text(json.dumps(data, indent=1) + "\n")
 
 
+# ------------------------------------------------------------------------------------------------ selftest
+def selftest(beton: Path | None, work: Path, size: int = 64, batch: int = 16, workers: int = 2,
+             epochs: int = 2) -> dict:
+    """The project's data path with whatever ffcv this Python imports: write a small labelled .beton (unless
+    ``beton`` is given), read ``epochs`` epochs of the pretraining pipeline, and return the SHA-256 of the
+    pixels (equal hashes from two environments mean they decode and crop identically), the shared libraries
+    the process mapped, and the versions. Needs numpy, Pillow, numba, torch and the repository on sys.path."""
+    import numpy as np
+    import ffcv
+    import ffcv.libffcv  # noqa: F401  (loads _libffcv and its libraries)
+    from importlib import metadata
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from lomar_fast.data import build_pretrain_loader
+
+    made = None
+    if beton is None:
+        from data_prep.make_synthetic import make_synthetic
+        from data_prep.write_beton import WriteOptions, write_dataset
+
+        make_synthetic(work / "src", 64, 16, classes=4, workers=workers, quiet=True)
+        write_dataset(work / "src", work / "data", ("train", "val"),
+                      WriteOptions(max_side=256, workers=workers, force=True, progress=False))
+        beton = work / "data" / "train.beton"
+        made = str(beton)
+    loader = build_pretrain_loader(beton, batch_size=batch, input_size=size, num_workers=workers, seed=0)
+    h, n, means = hashlib.sha256(), 0, []
+    for _ in range(epochs):
+        for x in loader:
+            arr = np.ascontiguousarray(x.numpy())
+            h.update(arr.tobytes())
+            n += arr.shape[0]
+            means.append(float(arr.mean()))
+    maps = sorted({line.split()[-1] for line in open("/proc/self/maps")
+                   if len(line.split()) >= 6 and ".so" in line.split()[-1]})
+    return {"python": platform.python_version(), "ffcv": metadata.version("ffcv"), "ffcv_file": ffcv.__file__,
+            "beton": str(beton), "written_here": made, "images": n, "pixels_sha256": h.hexdigest(),
+            "mean_pixel": round(sum(means) / max(len(means), 1), 3),
+            "vendored_loaded": [m for m in maps if "/ffcv.libs/" in m],
+            "image_libraries_loaded": [m for m in maps if re.search(r"lib(opencv|turbojpeg|jpeg|tbb|lapack|blas)",
+                                                                        os.path.basename(m))]}
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_kit", description=__doc__.split("\n")[0])
@@ -663,6 +724,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     i.add_argument("--all", action="store_true", help="every wheel, even where the host has a newer version")
     i.add_argument("--report", default=None, help="write what was chosen and the import check as JSON here")
     i.add_argument("--check-only", action="store_true", help="only check the host and list the wheels it needs")
+    t = sub.add_parser("selftest", help="write and read a small .beton with the ffcv this Python imports; print JSON")
+    t.add_argument("--beton", default=None, help="read this .beton instead of writing one")
+    t.add_argument("--work", default=None, help="where the small dataset is written (default: a temporary folder)")
+    t.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args(argv)
     try:
         if a.cmd == "build":
@@ -680,6 +745,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if problems:
                 return 1
             print(f"{a.kit}: ok")
+        elif a.cmd == "selftest":
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="kit-selftest-") as tmp:
+                r = selftest(Path(a.beton) if a.beton else None, Path(a.work or tmp))
+            _write(Path(a.out) if a.out else None, r)
+            print(json.dumps(r))
         else:
             r = install(Path(a.kit), Path(a.target), a.all, report=Path(a.report) if a.report else None,
                         check_only=a.check_only)
