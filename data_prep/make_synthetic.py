@@ -10,9 +10,9 @@ scene: up to 200 shapes with power-law sizes occluding one another (the model wh
 statistics match natural images), each filled with its own colour, a shading ramp and a crop of a shared
 1/f noise texture (the spectrum of natural images), over a gradient background, then defocused, given
 sensor noise and written as JPEG (q90, 4:2:0) at ImageNet sizes: longest side 400-500 px (mostly 500),
-aspect 4:3, 3:4, 3:2, 2:3, 1:1 or 16:9. At q90 they come to about 46 KB at a mean 458x392, like the
+aspect 4:3, 3:4, 3:2, 2:3, 1:1 or 16:9. At q90 they come to about 50 KB at a mean 458x393, like the
 views of real photos that benchmarks/loader.py measures (47 KB at 468x406), so decoding costs about what it
-costs on photos.
+costs on photos; their power spectra fall as 1/f^2.4 to 1/f^3.3 (scikit-image's photos: 1/f^2.0 to 1/f^3.0).
 
 Classes differ in their palette (hue band), shape kind (ellipses, boxes, triangles), size distribution and
 texture strength, so fine-tuning and k-NN have something to find. Image i of a split belongs to class
@@ -151,7 +151,7 @@ def render(rng: np.random.Generator, style: dict, bank: np.ndarray, noise: np.nd
     oy, ox = int(rng.integers(0, white.shape[0] - H + 1)), int(rng.integers(0, white.shape[1] - W + 1))
     img += white[oy:oy + H, ox:ox + W] * np.float32(rng.uniform(2.0, 8.0))
     out = Image.fromarray(np.clip(img, 0, 255, out=img).astype(np.uint8), "RGB")
-    return out.filter(ImageFilter.BoxBlur(radius=float(rng.uniform(0.4, 1.0))))  # optics: a little defocus
+    return out.filter(ImageFilter.BoxBlur(radius=float(rng.uniform(0.2, 0.6))))  # optics: a little defocus
 
 
 def class_names(classes: int) -> list[str]:
