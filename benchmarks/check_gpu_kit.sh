@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Proves the offline GPU kit (.whl/, `make gpu-kit`) on this CPU machine, the way the GPU host will use it:
 #  1. a clean Python 3.12 venv with only what the host has (torch, numpy, numba, opencv-python-headless, Pillow,
-#     PyYAML, timm), made once and kept in $KITCHECK_VENV;
+#     PyYAML, timm, matplotlib), made once and kept in $KITCHECK_VENV;
 #  2. benchmarks/gpu_kit_install.sh installs the kit into a fresh --target folder, as on the host;
 #  3. in a private mount namespace where the system's copies of the libraries the kit vendors are replaced by
 #     /dev/null (so loading one would fail; those the interpreter and the host's packages load anyway, such as
@@ -28,7 +28,7 @@ venv="${KITCHECK_VENV:-$HOME/.cache/lomar_fast/kitcheck-py312}"
 if [ ! -f "$venv/.kitcheck-ready" ]; then
   echo "== making the host-like Python 3.12 venv $venv (once)"
   rm -rf "$venv" && "$py312" -m venv "$venv" || fail "venv"
-  "$venv/bin/pip" install -q ${KITCHECK_TORCH:-torch} numpy numba opencv-python-headless pillow pyyaml timm \
+  "$venv/bin/pip" install -q ${KITCHECK_TORCH:-torch} numpy numba opencv-python-headless pillow pyyaml timm matplotlib \
     || fail "pip install of the host-like packages"
   touch "$venv/.kitcheck-ready"
 fi
