@@ -614,7 +614,8 @@ import json, os, sys
 import ffcv, ffcv.libffcv, deepspeed
 maps = {l.split()[-1] for l in open("/proc/self/maps") if len(l.split()) >= 6 and ".so" in l.split()[-1]}
 ours = sorted(p for p in maps if "/ffcv.libs/" in p)
-foreign = sorted(p for p in maps if "/ffcv.libs/" not in p and any(
+system = ("/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/", "/usr/local/lib/")
+foreign = sorted(p for p in maps if p.startswith(system) and any(
     k in os.path.basename(p) for k in ("libopencv_core", "libopencv_imgproc", "libturbojpeg")))
 print(json.dumps({"ffcv": ffcv.__file__, "deepspeed": deepspeed.__version__, "vendored_loaded": ours,
                   "system_copies_loaded": foreign}))
