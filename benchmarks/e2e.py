@@ -29,6 +29,37 @@ run that is stopped keeps what finished), ``e2e/<stage>.json``, ``e2e/logs/<stag
 files). The analysis compares the end-to-end images/sec with the synthetic-batch step
 (``ratio``) and estimates how long each step waits on data: step time end to end minus step time on
 device batches. Exit status 0 when every stage passed, 1 otherwise.
+
+``e2e.json`` (schema ``lomar_fast.e2e/1``)::
+
+    schema, mode ("gpu" | "cpu"), started (UTC), elapsed_s, status ("ok" | "failed" | "running")
+    plan       the sizes used: images, classes, model, geometry, batch, epochs, steps, DeepSpeed configs,
+               deadline_s, timeouts per stage, replay_rtol, epoch_rtol
+    stages     {name: {stage, started, status ("ok" | "failed" | "timeout" | "skipped"), reason, limit_s, seconds,
+                       commands: [{name, cmd, rc, seconds, timed_out, killed, log}], results, checks: {name: bool}}}
+    running    while a stage runs: {stage, commands, results}
+    analysis   e2e_images_per_sec, synthetic_images_per_sec, loader_images_per_sec, batch_size, ratio,
+               step_ms_e2e, step_ms_synthetic, data_wait_ms_per_step, data_wait_fraction, loader_headroom
+
+``results`` of each stage::
+
+    environment  versions {python, torch, cuda, cuda_available, gpu {name, memory_gib, sm, count}, deepspeed, ffcv,
+                 numba, numpy, cv2, timm, cupy, triton, PIL, pydantic, distributions {dist: version}}, nvidia_smi [],
+                 git_commit ($E2E_COMMIT without git), git_dirty, host, os, cpu, cores, memory_gib, kit_install {}
+    data         train, val, train_images, val_images, writer_images_per_sec, writer_val_images_per_sec,
+                 train_beton_mib, generator {images, images_per_sec, mean_kb, mean_width, mean_height, workers, seconds}
+    pretrain     command_seconds, seconds_to_first_log, epochs [{epoch, loss, images_per_sec, epoch_time}],
+                 images_per_sec_steady (median step window after epoch 0), step_windows [{epoch, step,
+                 images_per_sec, loss}], summary (the run's summary.json), export
+    throughput   model, size, variant, batch_size, images_per_sec, step_ms_median, mfu, peak_mem_gib,
+                 host_syncs_in_step, model_kwargs
+    loader       images_per_sec, images_per_sec_per_core, workers, size, warmup_seconds, decode_only_images_per_sec
+    resume       reference, kill_signal, kill_at_step, last_logged_step, checkpoint_at_kill, replayed_steps [{step,
+                 killed, resumed, rel_diff}], replay_rtol, epochs {epochs [{epoch, straight, resumed, rel_diff}],
+                 max_rel_diff, rtol, equal}
+    finetune     init, zero_stage, dtype, loss, val_top1, val_top5, val_loss, val_n, images_per_sec, epoch_time, step
+    eval         val_top1, val_top5, val_loss, val_n, finetune_val_top1
+    knn          top1, top5, n_train, n_val, seconds, chance
 """
 from __future__ import annotations
 
