@@ -114,6 +114,7 @@ class Plan:
     throughput_steps: int
     throughput_warmup: int
     compile: bool = False
+    kernels: str = "off"       # --kernels of the pretraining runs; the synthetic step uses the same ("+kernels": on)
     deadline_s: float | None = None
     timeouts: dict = field(default_factory=dict)
     # relative tolerances: a replayed step against the killed run's same step, and epoch means resumed vs
@@ -549,7 +550,7 @@ def pretrain_args(run: Run, out: Path, save_every: int, log_every: int, extra: S
             "--input_size", p.input_size, "--window_size", p.window_size, "--num_window", p.num_window,
             "--batch_size", p.batch_size, "--num_workers", p.workers, "--epochs", p.epochs, "--warmup_epochs", 1,
             "--max_steps_per_epoch", p.steps, "--save_every", save_every, "--log_every", log_every,
-            "--output_dir", out, "--seed", 0, *extra]
+            "--output_dir", out, "--seed", 0, "--kernels", p.kernels, *extra]
     if p.compile:
         args.append("--compile")
     return deepspeed_launch(run, "lomar_fast/pretrain.py", *args)
@@ -586,7 +587,8 @@ def stage_throughput(st: Stage) -> None:
     run, p = st.run, st.run.plan
     out = run.out / "e2e" / "throughput"
     args = ["--models", "lomar", "--arch", p.arch, "--sizes", p.input_size,
-            "--variants", "compile" if p.compile else "eager", "--batch_size", p.batch_size,
+            "--variants", ("compile" if p.compile else "eager") + ("+kernels" if p.kernels == "on" else ""),
+            "--batch_size", p.batch_size,
             "--steps", p.throughput_steps, "--warmup", p.throughput_warmup, "--ds_config", p.ds_config,
             "--out", out, "--name", "synthetic", "--device", "cuda" if p.mode == "gpu" else "cpu"]
     if p.compile:
@@ -739,6 +741,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="loader and writer processes (default: the cores)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the pretraining model (and the "
                                                            "synthetic step) instead of eager")
+    ap.add_argument("--kernels", default="off", choices=("off", "on"),
+                    help="fused CUDA kernels in the pretraining runs and the synthetic step alike (default off: the "
+                         "synthetic step's variants are all-on or all-off, and the two must match)")
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds for the whole run, counted from $E2E_T0 (default 480 on a GPU, none on a CPU)")
     ap.add_argument("--reuse-data", action="store_true", help="keep <work>/data when it matches the plan")
@@ -750,7 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         ("workers", a.workers)):
         if value is not None:
             setattr(plan, name, value)
-    plan.compile = a.compile
+    plan.compile, plan.kernels = a.compile, a.kernels
     if a.deadline is not None:
         plan.deadline_s = a.deadline if a.deadline > 0 else None
     out = Path(a.out).resolve()
