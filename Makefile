@@ -24,6 +24,7 @@ DEMO_ARGS    ?= --input_size 160 --window_size 5 --num_window 3 --batch_size 32 
                 --warmup_epochs 1 --blr 2e-3 --num_workers 2 --log_every 4 --save_every 4
 DS_ACCEL     ?= $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 PYTEST_ARGS  ?=
+PYTHON312    ?=
 VIS_IMAGE    ?=
 # make bench: the quick GPU run, or the tiny-model smoke run of the same code on a CPU
 BENCH_ARGS   ?= $(if $(filter cpu,$(DS_ACCEL)),--tiny,--quick)
@@ -35,7 +36,7 @@ FINETUNE_ARGS ?=
 FT_DEMO_ARGS ?= --input_size 160 --batch_size 32 --epochs 5 --warmup_epochs 1 --blr 4e-3 --num_workers 2 --log_every 4
 KNN_DEMO_ARGS ?= --input_size 160 --num_workers 2
 
-.PHONY: help setup apt-deps test test-fast pretrain finetune demo-data prep-imagenet bench wheelhouse clean
+.PHONY: help setup apt-deps test test-fast pretrain finetune demo-data prep-imagenet bench gpu-kit wheelhouse clean
 
 help:
 	@echo "make setup          create .venv with torch, deepspeed, ffcv, timm (idempotent)"
@@ -46,7 +47,7 @@ help:
 	@echo "make finetune       fine-tune output/demo/model.pth on the demo classes, --eval it, k-NN of the encoder"
 	@echo "make prep-imagenet IMAGENET_DIR=/path/to/imagenet DATA_DIR=/path/to/out"
 	@echo "make bench          throughput benchmarks (LoMaR vs MAE)"
-	@echo "make wheelhouse     wheels for an offline Python 3.12 GPU host, in .whl/"
+	@echo "make gpu-kit        every wheel an offline Python 3.12 GPU host needs, in .whl/ (alias: wheelhouse)"
 
 apt-deps:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -115,12 +116,13 @@ finetune: setup
 bench: setup
 	DS_ACCELERATOR=$(DS_ACCEL) $(PY) -m benchmarks.throughput $(BENCH_ARGS)
 
-wheelhouse:
-	@mkdir -p .whl
-	$(PIP) wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
-	$(PIP) download --no-deps -d .whl --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-	  hjson pydantic pydantic-core annotated-types typing-inspection
-	@ls .whl
+# the offline GPU kit (.whl/): deepspeed, ffcv for CPython 3.12 with its OpenCV/libjpeg-turbo libraries inside,
+# and their pure-Python needs; benchmarks/gpu_kit_install.sh installs it on the host (see benchmarks/gpu_kit.py)
+gpu-kit: setup
+	$(PY) -m benchmarks.gpu_kit build --out .whl $(if $(PYTHON312),--python312 $(PYTHON312))
+	$(PY) -m benchmarks.gpu_kit verify --kit .whl
+
+wheelhouse: gpu-kit
 
 clean:
 	rm -rf build *.egg-info .pytest_cache

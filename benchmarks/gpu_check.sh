@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # One-shot GPU check for an offline GPU host (Python 3.12, torch, cupy; no deepspeed/ffcv):
-# installs the wheelhouse (.whl/, built here by `make wheelhouse`), runs the GPU tests, then the
-# kernel and throughput benchmarks. Results go under ${OUT:-benchmarks/results/gpu_check}.
+# installs the kit (.whl/, built here by `make gpu-kit`) with benchmarks/gpu_kit_install.sh into
+# ${SITE:-/tmp/site}, runs the GPU tests, then the kernel and throughput benchmarks.
+# Results go under ${OUT:-benchmarks/results/gpu_check}.
 #   usage: bash benchmarks/gpu_check.sh [--no-throughput]
-#   env:   OUT (results folder), TEST_TIMEOUT, KERNEL_TIMEOUT, THROUGHPUT_TIMEOUT (seconds)
+#   env:   OUT (results folder), SITE (kit target), TEST_TIMEOUT, KERNEL_TIMEOUT, THROUGHPUT_TIMEOUT (seconds)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu_check}"
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheelhouse install failed"; exit 1; }
-  export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+site="${SITE:-/tmp/site}"
+if [ -f .whl/kit.json ]; then
+  SITE="$site" bash benchmarks/gpu_kit_install.sh --report "$OUT/kit_install.json" || { echo "kit install failed"; exit 1; }
+  export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi

@@ -1,0 +1,198 @@
+"""The end-to-end harness (benchmarks/e2e.py) and the synthetic photo generator, on small inputs: stage
+bookkeeping, time limits that kill whole process groups, the resume comparison, the throughput analysis,
+and the generator's sizes, labels, determinism and natural-image spectrum. (The harness itself runs end to
+end on a CPU with ``E2E_CPU=1 bash benchmarks/gpu_e2e.sh``.)"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks import e2e
+from data_prep.make_synthetic import make_synthetic, noise_bank
+
+
+def plan(**kw) -> e2e.Plan:
+    return replace(e2e.cpu_plan(2), **kw)
+
+
+def new_run(tmp_path: Path, **kw) -> e2e.Run:
+    return e2e.Run(plan(**kw), tmp_path / "out", tmp_path / "work", "python3", time.time())
+
+
+def test_stages_record_failures_skips_and_deadline(tmp_path):
+    run = new_run(tmp_path, deadline_s=30.0)
+
+    def ok(st):
+        st.results["x"] = 1
+
+    def broken(st):
+        raise KeyError("train")
+
+    def failing_check(st):
+        st.check("loss fell", False, "1.2 -> 1.3")
+
+    assert run.stage("environment", ok)
+    assert not run.stage("data", broken)
+    assert not run.stage("pretrain", ok, needs=["data"])
+    assert not run.stage("throughput", failing_check)
+    run.t_start -= 100  # the deadline has passed
+    assert not run.stage("loader", ok)
+    doc = json.loads((tmp_path / "out" / "e2e.json").read_text())
+    st = doc["stages"]
+    assert doc["schema"] == e2e.SCHEMA and doc["status"] == "failed"
+    assert st["environment"]["status"] == "ok" and st["environment"]["results"] == {"x": 1}
+    assert st["data"]["status"] == "failed" and "KeyError" in st["data"]["reason"]
+    assert st["pretrain"]["status"] == "skipped" and "data" in st["pretrain"]["reason"]
+    assert st["throughput"]["status"] == "failed" and st["throughput"]["checks"] == {"loss fell": False}
+    assert st["loader"]["status"] == "skipped" and "no time left" in st["loader"]["reason"]
+    assert json.loads((tmp_path / "out" / "e2e" / "data.json").read_text())["status"] == "failed"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_stage_time_limit_kills_the_whole_process_group(tmp_path):
+    run = new_run(tmp_path)
+    pidfile = tmp_path / "child.pid"
+    st = e2e.Stage("pretrain", run, limit_s=1.5)
+    t0 = time.monotonic()
+    with pytest.raises(e2e.StageFailed, match="out of time"):
+        st.cmd("train", ["bash", "-c", f"sleep 60 & echo $! > {pidfile}; wait"])
+    assert time.monotonic() - t0 < 15
+    c = st.commands[0]
+    assert c.timed_out and c.rc is not None
+    child = int(pidfile.read_text())
+    time.sleep(0.2)
+    assert not _alive(child), "the launcher's child outlived the time limit"
+    assert (tmp_path / "out" / c.log).read_text().startswith("$ bash -c")
+
+
+def test_watch_kills_at_once(tmp_path):
+    run = new_run(tmp_path)
+    st = e2e.Stage("resume", run, limit_s=60)
+    marker = tmp_path / "progress"
+    t0 = time.monotonic()
+    c = st.cmd("killed", ["bash", "-c", f"sleep 0.3; touch {marker}; sleep 60"], watch=marker.exists)
+    assert c.killed and not c.timed_out and time.monotonic() - t0 < 10
+    assert c.rc == -9 or c.rc == 137  # SIGKILL
+
+
+def test_failed_command_names_its_log(tmp_path):
+    st = e2e.Stage("eval", new_run(tmp_path), limit_s=30)
+    with pytest.raises(e2e.StageFailed, match=r"exit 3; see e2e/logs/eval-x.log"):
+        st.cmd("x", ["bash", "-c", "echo boom; exit 3"])
+
+
+def test_resume_comparison():
+    log = [{"kind": "steps", "epoch": 0, "step": 1, "loss": 1.0}, {"kind": "steps", "epoch": 0, "step": 2, "loss": 0.9},
+           {"kind": "epoch", "epoch": 0, "loss": 0.95},
+           {"kind": "steps", "epoch": 1, "step": 3, "loss": 0.8},            # the killed run
+           {"kind": "steps", "epoch": 1, "step": 3, "loss": 0.8},            # resumed: the same step again
+           {"kind": "steps", "epoch": 1, "step": 4, "loss": 0.7}, {"kind": "epoch", "epoch": 1, "loss": 0.75}]
+    pairs = e2e.replayed_steps(log)
+    assert pairs == [{"step": 3, "killed": 0.8, "resumed": 0.8, "rel_diff": 0.0}]
+    assert e2e.epoch_losses(log) == {0: 0.95, 1: 0.75}
+    same = e2e.compare_epochs({0: 0.95, 1: 0.75}, {0: 0.95, 1: 0.75 * (1 + 1e-6)}, rtol=1e-4)
+    assert same["equal"] and same["max_rel_diff"] == pytest.approx(1e-6, rel=1e-3)
+    assert not e2e.compare_epochs({0: 0.95, 1: 0.76}, {0: 0.95, 1: 0.75}, rtol=1e-4)["equal"]
+    assert not e2e.compare_epochs({0: 0.95}, {0: 0.95, 1: 0.75}, rtol=1e-4)["equal"]  # an epoch missing
+
+
+def test_read_jsonl_skips_a_line_cut_by_a_kill(tmp_path):
+    p = tmp_path / "log.jsonl"
+    p.write_text('{"kind": "steps", "step": 1, "loss": 1.0}\n{"kind": "ste')
+    assert e2e.read_jsonl(p) == [{"kind": "steps", "step": 1, "loss": 1.0}]
+
+
+def test_analysis():
+    recs = [{"kind": "steps", "epoch": 0, "images_per_sec": 100.0}, {"kind": "steps", "epoch": 0, "images_per_sec": 900.0},
+            {"kind": "steps", "epoch": 1, "images_per_sec": 1000.0}, {"kind": "steps", "epoch": 2, "images_per_sec": 1200.0},
+            {"kind": "steps", "epoch": 2, "images_per_sec": 1100.0}]
+    assert e2e.steady_images_per_sec(recs) == 1100.0      # epoch 0 (warm-up) left out
+    assert e2e.steady_images_per_sec(recs[:2]) == 900.0   # only epoch 0: all but its first window
+    stages = {"pretrain": {"results": {"images_per_sec_steady": 1000.0}},
+              "throughput": {"results": {"images_per_sec": 1250.0}}, "loader": {"results": {"images_per_sec": 5000.0}}}
+    a = e2e.analysis(stages, plan(batch_size=250))
+    assert a["ratio"] == 0.8 and a["step_ms_e2e"] == 250.0 and a["step_ms_synthetic"] == 200.0
+    assert a["data_wait_ms_per_step"] == 50.0 and a["data_wait_fraction"] == 0.2 and a["loader_headroom"] == 5.0
+    assert "ratio" not in e2e.analysis({}, plan())
+
+
+def test_gpu_plan_fits_its_deadline():
+    p = e2e.gpu_plan(16)
+    assert p.batch_size == 256 and p.model == "lomar_vit_base_patch16" and p.ft_ds_config.endswith("zero3.json")
+    assert p.n_train >= 20000 and p.steps * p.batch_size <= p.n_train  # every step gets a full, fresh batch
+    assert p.deadline_s <= 480 and set(p.timeouts) == set(e2e.STAGES)
+
+
+# ------------------------------------------------------------------------------------------------ generator
+def _spectrum_slope(img: np.ndarray) -> float:
+    """Slope of the radially averaged power spectrum in log-log, over the middle frequencies."""
+    g = img.astype(np.float64).mean(axis=2)
+    g = g[: min(g.shape), : min(g.shape)]
+    g = (g - g.mean()) * np.hanning(g.shape[0])[:, None] * np.hanning(g.shape[1])[None, :]
+    power = np.abs(np.fft.fftshift(np.fft.fft2(g))) ** 2
+    c = np.array(power.shape) // 2
+    y, x = np.indices(power.shape)
+    r = np.hypot(y - c[0], x - c[1]).astype(int)
+    radial = np.bincount(r.ravel(), power.ravel()) / np.maximum(np.bincount(r.ravel()), 1)
+    f = np.arange(4, min(c) // 2)
+    return float(np.polyfit(np.log(f), np.log(radial[f]), 1)[0])
+
+
+def test_synthetic_images_sizes_labels_and_determinism(tmp_path):
+    rep = make_synthetic(tmp_path / "a", 8, 4, classes=4, seed=3, workers=1, chunk=3, quiet=True)
+    assert rep["images"] == 12 and rep["splits"] == {"train": 8, "val": 4}
+    for split, per_class in (("train", 2), ("val", 1)):
+        classes = sorted(p.name for p in (tmp_path / "a" / split).iterdir())
+        assert classes == ["class_000", "class_001", "class_002", "class_003"]
+        for c in classes:
+            files = sorted((tmp_path / "a" / split / c).glob("*.jpg"))
+            assert len(files) == per_class
+            for f in files:
+                with Image.open(f) as im:
+                    assert im.format == "JPEG" and im.mode == "RGB"
+                    assert 400 <= max(im.size) <= 500 and min(im.size) >= 250
+    # the same images whatever the number of workers and the chunking
+    make_synthetic(tmp_path / "b", 8, 4, classes=4, seed=3, workers=2, chunk=5, quiet=True)
+    for f in (tmp_path / "a").rglob("*.jpg"):
+        assert f.read_bytes() == (tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes()
+    files = sorted((tmp_path / "a" / "train").rglob("*.jpg"))
+    assert len({f.read_bytes() for f in files}) == len(files)
+    assert json.loads((tmp_path / "a" / "synthetic.json").read_text())["mean_kb"] > 20
+
+
+def test_synthetic_images_have_natural_statistics(tmp_path):
+    make_synthetic(tmp_path, 6, 0, classes=3, seed=0, workers=1, quiet=True)
+    slopes, stds, means = [], [], []
+    for f in sorted(tmp_path.rglob("*.jpg")):
+        img = np.asarray(Image.open(f).convert("RGB"))
+        slopes.append(_spectrum_slope(img))
+        stds.append(img.std())
+        means.append(img.reshape(-1, 3).mean(axis=0))
+    # natural photos: power falls about as 1/f^2 (slope near -2); white noise would be 0, a flat image undefined
+    assert all(-3.5 < s < -1.5 for s in slopes), slopes
+    assert all(s > 20 for s in stds), stds
+    # the classes differ in colour: mean colours are not all alike
+    assert np.ptp(np.array(means), axis=0).max() > 15
+
+
+def test_noise_bank_is_one_over_f():
+    field = noise_bank(0, count=1, side=256)[0]
+    assert abs(field.mean()) < 1e-3 and abs(field.std() - 1) < 1e-3
+    assert -2.4 < _spectrum_slope(np.repeat(field[..., None], 3, axis=2)) < -1.6
