@@ -27,7 +27,8 @@ Output under ``--out``: ``e2e.json`` (all stages so far and the analysis; rewrit
 run that is stopped keeps what finished), ``e2e/<stage>.json``, ``e2e/logs/<stage>-<step>.log``
 (each command's output), ``e2e/throughput/synthetic.*`` and ``e2e/loader_benchmark.json`` (the benchmarks' own
 files). The analysis compares the end-to-end images/sec with the synthetic-batch step
-(``ratio``) and estimates how long each step waits on data: step time end to end minus step time on
+(``ratio``), the measured time the training loop blocked on the loader per step (``data_wait_ms_per_step_measured``,
+from the trainer's ``data_wait_s``), and estimates the wait as step time end to end minus step time on
 device batches. Exit status 0 when every stage passed, 1 otherwise.
 
 ``e2e.json`` (schema ``lomar_fast.e2e/1``)::
@@ -39,7 +40,8 @@ device batches. Exit status 0 when every stage passed, 1 otherwise.
                        commands: [{name, cmd, rc, seconds, timed_out, killed, log}], results, checks: {name: bool}}}
     running    while a stage runs: {stage, commands, results}
     analysis   e2e_images_per_sec, synthetic_images_per_sec, loader_images_per_sec, batch_size, ratio,
-               step_ms_e2e, step_ms_synthetic, data_wait_ms_per_step, data_wait_fraction, loader_headroom
+               step_ms_e2e, step_ms_synthetic, data_wait_ms_per_step (estimated), data_wait_ms_per_step_measured,
+               data_wait_fraction, loader_headroom
 
 ``results`` of each stage::
 
@@ -406,6 +408,13 @@ def steady_images_per_sec(records: list[dict]) -> float | None:
     return float(statistics.median(later)) if later else None
 
 
+def measured_data_wait_ms(recs: list[dict]) -> float | None:
+    """Median over the steady-state log windows of the time the training loop blocked on the loader per
+    step (the trainer's ``data_wait_s``), in ms; the first window (pipeline compile, warm-up) is left out."""
+    waits = [r["data_wait_s"] for r in recs if r.get("kind") == "steps" and "data_wait_s" in r][1:]
+    return round(1e3 * float(statistics.median(waits)), 3) if waits else None
+
+
 def analysis(stages: dict[str, dict], plan: Plan) -> dict:
     """End-to-end vs synthetic-batch step, loader headroom and the data wait per step, from what ran."""
     pre = stages.get("pretrain", {}).get("results", {})
@@ -419,6 +428,8 @@ def analysis(stages: dict[str, dict], plan: Plan) -> dict:
         out.update(ratio=round(e2e / synth, 4), step_ms_e2e=round(step_e2e, 2), step_ms_synthetic=round(step_synth, 2),
                    data_wait_ms_per_step=round(max(0.0, step_e2e - step_synth), 2),
                    data_wait_fraction=round(max(0.0, 1 - step_synth / step_e2e), 4))
+    if pre.get("data_wait_ms_per_step") is not None:
+        out["data_wait_ms_per_step_measured"] = pre["data_wait_ms_per_step"]
     if e2e and loader:
         out["loader_headroom"] = round(loader / e2e, 3)
     return out
@@ -570,6 +581,7 @@ def stage_pretrain(st: Stage) -> None:
         seconds_to_first_log=round(steps[0]["time"] - t0, 1) if steps else None,
         epochs=[{k: e.get(k) for k in ("epoch", "loss", "images_per_sec", "epoch_time")} for e in epochs],
         images_per_sec_steady=steady_images_per_sec(recs),
+        data_wait_ms_per_step=measured_data_wait_ms(recs),
         step_windows=[{k: s.get(k) for k in ("epoch", "step", "images_per_sec", "loss")} for s in steps])
     summary = out / "summary.json"
     if summary.is_file():

@@ -8,7 +8,8 @@ tracking). The loop, top-down::
     for epoch:                                      seed this rank's streams from (seed, rank, epoch)
         for batch in loader:                        uint8 batch on the device
             lr := schedule(step); loss := step_fn(batch, info); backward; ZeRO step
-            every --log_every steps: one host read of the loss, summed over ranks
+            every --log_every steps: one host read of the loss, summed over ranks, and the
+            seconds the host waited for the loader per step (data_wait_s)
         end_epoch(epoch)                            the entry point's work (evaluation, k-NN, best)
         every --save_every epochs: save the tag, commit it, retire old tags (lomar_fast.run_dir)
 """
@@ -246,10 +247,12 @@ class Trainer:
                 engine.train()
                 self.logger.start_epoch(epoch, self.steps_per_epoch)
                 meter.start_epoch()
-                t0, lr = time.perf_counter(), self.base_lr
-                for i, batch in enumerate(self.loader):
-                    if i >= self.steps_per_epoch:
-                        break
+                t0, lr, wait, epoch_wait = time.perf_counter(), self.base_lr, 0.0, 0.0
+                batches = iter(self.loader)
+                for i in range(self.steps_per_epoch):
+                    t_wait = time.perf_counter()
+                    batch = next(batches)
+                    wait += time.perf_counter() - t_wait  # the host blocked on the loader
                     lr = lr_at(self.step, self.steps_per_epoch, self.base_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
                     set_lr(self.optimizer, lr)
                     info = StepInfo(epoch, self.step, i, order[i * self.micro:(i + 1) * self.micro])
@@ -263,9 +266,13 @@ class Trainer:
                         lrs = [g["lr"] for g in self.optimizer.param_groups]
                         extra = {"lr_low": min(lrs)} if min(lrs) != max(lrs) else {}
                         self.logger.log_steps(epoch=epoch, step=self.step, loss=value, lr=max(lrs),
-                                              images_per_sec=n * self.micro * self.world / dt, n=n, **extra)
+                                              images_per_sec=n * self.micro * self.world / dt, n=n,
+                                              data_wait_s=wait / n, **extra)
+                        epoch_wait, wait = epoch_wait + wait, 0.0
                 seconds = time.perf_counter() - t0
+                del batches  # FFCV stops its workers for this epoch
                 last = dict(epoch=epoch, step=self.step, loss=meter.epoch_mean, lr=lr, epoch_time=seconds,
+                            data_wait_s=epoch_wait,
                             images_per_sec=meter.epoch_steps * self.micro * self.world / max(seconds, 1e-9))
                 if end_epoch is not None:
                     last.update(end_epoch(epoch, last))

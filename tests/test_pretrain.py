@@ -54,6 +54,9 @@ def test_one_process_loss_falls_checkpoints_and_export(pretrain_run):
     assert all((out / t / "complete.json").is_file() for t in ("epoch0000", "epoch0001", "epoch0002"))
     assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
     assert "loss by epoch" in proc.stdout
+    steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    waits = [r["data_wait_s"] for r in steps if r["kind"] == "steps"]
+    assert len(waits) == 12 and all(w >= 0 for w in waits) and max(waits) > 0  # the loader wait is timed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epoch"] == 2 and summary["step"] == 12 and 0.0 <= summary["knn_top1"] <= 100.0
 
