@@ -657,17 +657,18 @@ def apply_op(images: Tensor, name: str, arg: Tensor | float, *, fill: Sequence[i
     b, H, W, _ = images.shape
     arg = torch.as_tensor(arg, dtype=torch.float64, device=images.device).expand(b).clone()
     family, code = _OPS[name]
+    codes = torch.full((b,), code, device=images.device)
     if family == "lut":
-        return _apply_luts(images, torch.full((b,), code, device=images.device), arg)
-    if family == "color":
-        return _color(images, arg)
-    if family == "sharpness":
-        return _sharpness(images, arg)
+        return _chunked(lambda x, s: _apply_luts(x, s["code"], s["arg"]), images, {"code": codes, "arg": arg})
+    if family in ("color", "sharpness"):
+        fn = _color if family == "color" else _sharpness
+        return _chunked(lambda x, s: fn(x, s["arg"]), images, {"arg": arg})
     if name in ("TranslateXRel", "TranslateYRel"):
         arg = arg * float(W if name == "TranslateXRel" else H)
-    matrix = _affine_matrix(torch.full((b,), code, device=images.device), arg, H, W)
     fill_t = _to_device(torch.tensor([int(v) for v in fill], dtype=torch.uint8), images.device)
-    return _affine(images, matrix, fill_t, interpolation == "bicubic")
+    cubic = interpolation == "bicubic"
+    return _chunked(lambda x, s: _affine(x, s["matrix"], fill_t, cubic), images,
+                    {"matrix": _affine_matrix(codes, arg, H, W)})
 
 
 def _check_images(images: Tensor) -> None:
