@@ -798,29 +798,29 @@ class RandAugment:
         dev = images.device
         p = self._slot_params(plan, slot, H, W)
         t = self._tables(dev)
+        # (members, parameters the kernel reads, kernel)
         groups = [
-            (p["lut"], lambda x, s: _apply_luts(x, s["lut_code"], s["arg"])),
-            (p["color"], lambda x, s: _color(x, s["factor"])),
-            (p["sharpness"], lambda x, s: _sharpness(x, s["factor"])),
+            (p["lut"], ("lut_code", "arg"), lambda x, s: _apply_luts(x, s["lut_code"], s["arg"])),
+            (p["color"], ("factor",), lambda x, s: _color(x, s["factor"])),
+            (p["sharpness"], ("factor",), lambda x, s: _sharpness(x, s["factor"])),
         ]
         cubic_modes = (True, False) if self.interpolation == "random" else (self.interpolation == "bicubic",)
         for cubic in cubic_modes:
             member = p["affine"] & (p["bicubic"] == cubic)
-            groups.append((member, lambda x, s, c=cubic: _affine(x, s["matrix"], t["fill"], c)))
-        for member, fn in groups:
+            groups.append((member, ("matrix",), lambda x, s, c=cubic: _affine(x, s["matrix"], t["fill"], c)))
+        identity = {"lut_code": 0, "arg": 0.0, "factor": 1.0, "matrix": t["identity"]}
+        for member, keys, fn in groups:
             if dense:  # every image, identity parameters for the non-members
-                s = {k: _to_device(v, dev) for k, v in p.items()}
                 m = _to_device(member, dev)
-                s["lut_code"] = torch.where(m, s["lut_code"], 0)
-                s["factor"] = torch.where(m, s["factor"], 1.0)
-                s["matrix"] = torch.where(m.view(-1, 1), s["matrix"], t["identity"])
+                s = {k: torch.where(m.view((-1,) + (1,) * (p[k].dim() - 1)), _to_device(p[k], dev), identity[k])
+                     for k in keys}
                 images = _chunked(fn, images, s)
             else:  # only the members; the plan is on the CPU, so this needs no device synchronisation
                 rows = member.nonzero().view(-1)
                 if rows.numel() == 0:
                     continue
                 rows_dev = _to_device(rows, dev)
-                s = {k: _to_device(v[rows], dev) for k, v in p.items()}
+                s = {k: _to_device(p[k][rows], dev) for k in keys}
                 images[rows_dev] = _chunked(fn, images[rows_dev], s)
         return images
 
