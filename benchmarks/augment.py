@@ -127,7 +127,8 @@ def run_families(batch_size: int, size: int, device: torch.device, repeats: int,
     cases = {"lut (Equalize)": ("Equalize", arg, "bicubic"), "lut (Solarize)": ("Solarize", arg * 100, "bicubic"),
              "color": ("Color", arg, "bicubic"), "sharpness": ("Sharpness", arg, "bicubic"),
              "affine bicubic (Rotate)": ("Rotate", arg * 15 - 15, "bicubic"),
-             "affine bilinear (Rotate)": ("Rotate", arg * 15 - 15, "bilinear")}
+             "affine bilinear (Rotate)": ("Rotate", arg * 15 - 15, "bilinear"),
+             "affine one-axis bicubic (ShearX)": ("ShearX", arg * 0.3 - 0.3, "bicubic")}
     out = {}
     for label, (name, a, interp) in cases.items():
         a = a.to(device)

@@ -127,6 +127,20 @@ def test_rotate_matches_pil_over_many_angles(images):
         np.testing.assert_array_equal(o, ref, err_msg=f"rotate {d}")
 
 
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_one_axis_resample_equals_the_full_resample(images, interpolation):
+    """Shears and translations run a one-axis resample; it must equal the general two-axis one."""
+    x = torch.from_numpy(np.stack([images[0], images[2], images[3]]))
+    fill = torch.tensor(FILL, dtype=torch.uint8)
+    cubic = interpolation == "bicubic"
+    for kind, axes, args in ((ra._AFF_SHEAR_X, "x", [-0.31, 0.07, 0.29]), (ra._AFF_SHIFT_X, "x", [-13.3, 0.5, 30.01]),
+                             (ra._AFF_SHEAR_Y, "y", [0.3, -0.13, 0.01]), (ra._AFF_SHIFT_Y, "y", [7.7, -0.25, -40.0])):
+        m = ra._affine_matrix(torch.full((3,), kind), torch.tensor(args, dtype=torch.float64), 67, 67)
+        one = ra._affine(x, m, fill, cubic, axes)
+        assert torch.equal(one, ra._affine(x, m, fill, cubic, "xy")), (kind, interpolation)
+        assert not torch.equal(one, x)
+
+
 def test_rotation_coefficients_round_like_python():
     x = torch.from_numpy(np.random.default_rng(2).uniform(-1, 1, 20000))
     ref = torch.tensor([round(float(v), 15) for v in x], dtype=torch.float64)

@@ -74,6 +74,9 @@ _LUT_IDENTITY, _LUT_AUTOCONTRAST, _LUT_EQUALIZE, _LUT_INVERT, _LUT_POSTERIZE = 0
 _LUT_SOLARIZE, _LUT_SOLARIZE_ADD, _LUT_BRIGHTNESS, _LUT_CONTRAST = 5, 6, 7, 8
 _AFF_NONE, _AFF_ROTATE, _AFF_SHEAR_X, _AFF_SHEAR_Y, _AFF_SHIFT_X, _AFF_SHIFT_Y = 0, 1, 2, 3, 4, 5
 
+# geometric ops that move along one axis only: 1 = rows kept (x), 2 = columns kept (y), else 0
+_AXES = {_AFF_SHEAR_X: 1, _AFF_SHIFT_X: 1, _AFF_SHEAR_Y: 2, _AFF_SHIFT_Y: 2}
+
 _OPS: dict[str, tuple[str, int]] = {
     "AutoContrast": ("lut", _LUT_AUTOCONTRAST), "Equalize": ("lut", _LUT_EQUALIZE),
     "Invert": ("lut", _LUT_INVERT),
@@ -589,13 +592,17 @@ def _cubic(v1: Tensor, v2: Tensor, v3: Tensor, v4: Tensor, d: Tensor) -> Tensor:
     return v
 
 
-def _affine(images: Tensor, matrix: Tensor, fill: Tensor, bicubic: bool) -> Tensor:
+def _affine(images: Tensor, matrix: Tensor, fill: Tensor, bicubic: bool, axes: str = "xy") -> Tensor:
     """PIL's Image.transform(size, AFFINE, matrix, BICUBIC or BILINEAR, fillcolor=fill) per sample.
 
     images: uint8 (b, H, W, 3); matrix: float64 (b, 6); fill: uint8 (3,).
     Output pixel (x, y) samples the input at matrix . (x + 0.5, y + 0.5, 1) (pixel centres at
     +0.5); points outside [0, W) x [0, H) take the fill colour; taps beyond the border are
     clamped to the edge; values are clipped to 0..255 and truncated, as PIL does.
+    axes="x" is for matrices that keep every row (d = f = 0, e = 1: ShearX, TranslateX) and
+    axes="y" for those that keep every column (b = c = 0, a = 1: ShearY, TranslateY): the
+    fractional offset along the other axis is exactly 0 there, where PIL's interpolation returns
+    the tap itself, so the one-axis result is the same as the full one.
     """
     b, H, W, C = images.shape
     dev = images.device
@@ -617,26 +624,32 @@ def _affine(images: Tensor, matrix: Tensor, fill: Tensor, bicubic: bool) -> Tens
     packed = torch.nn.functional.pad(images, (0, 1)).view(torch.int32).reshape(-1)
     first_row = (torch.arange(b, device=dev) * H).view(b, 1, 1)
     taps = (-1, 0, 1, 2) if bicubic else (0, 1)
-    cols = [(x0 + t).clamp_(0, W - 1) for t in taps]
-    rows = [((y0 + t).clamp_(0, H - 1) + first_row) * W for t in taps]
+    cols = [(x0 + t).clamp_(0, W - 1) for t in (taps if "x" in axes else (0,))]
+    rows = [((y0 + t).clamp_(0, H - 1) + first_row) * W for t in (taps if "y" in axes else (0,))]
 
-    def tap(r: Tensor, c: Tensor, dtype: torch.dtype) -> Tensor:
+    def tap(r: Tensor, c: Tensor) -> Tensor:
         px = packed.take(r + c).view(torch.uint8).view(b, H, W, 4)
-        return px.permute(0, 3, 1, 2)[:, :C].to(dtype, memory_format=torch.contiguous_format)
+        return px.permute(0, 3, 1, 2)[:, :C].to(torch.int16, memory_format=torch.contiguous_format)
 
-    if bicubic:
-        v = [_cubic_taps(*(tap(r, c, torch.int16) for c in cols), dx) for r in rows]
-        out = _cubic(*v, dy)
+    if axes == "x":
+        out = _interp_taps([tap(rows[0], c) for c in cols], dx)
+    elif axes == "y":
+        out = _interp_taps([tap(r, cols[0]) for r in rows], dy)
+    elif bicubic:
+        out = _cubic(*(_interp_taps([tap(r, c) for c in cols], dx) for r in rows), dy)
     else:
-        v = []
-        for r in rows:
-            p, q = tap(r, cols[0], torch.float64), tap(r, cols[1], torch.float64)
-            q -= p
-            q *= dx
-            v.append(q.add_(p))
-        out = (v[1] - v[0]).mul_(dy).add_(v[0])
+        v0, v1 = (_interp_taps([tap(r, c) for c in cols], dx) for r in rows)
+        out = (v1 - v0).mul_(dy).add_(v0)
     out = out.clamp_(0.0, 255.0).to(torch.uint8).permute(0, 2, 3, 1)
     return torch.where(inside.unsqueeze(-1), out, fill.view(1, 1, 1, C)).contiguous()
+
+
+def _interp_taps(t: list[Tensor], d: Tensor) -> Tensor:
+    """PIL's bicubic (4 taps) or bilinear (2 taps: t0 + (t1 - t0) d) through integer taps, float64."""
+    if len(t) == 4:
+        return _cubic_taps(*t, d)
+    v = (t[1] - t[0]).to(torch.float64).mul_(d)
+    return v.add_(t[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -666,8 +679,8 @@ def apply_op(images: Tensor, name: str, arg: Tensor | float, *, fill: Sequence[i
     if name in ("TranslateXRel", "TranslateYRel"):
         arg = arg * float(W if name == "TranslateXRel" else H)
     fill_t = _to_device(torch.tensor([int(v) for v in fill], dtype=torch.uint8), images.device)
-    cubic = interpolation == "bicubic"
-    return _chunked(lambda x, s: _affine(x, s["matrix"], fill_t, cubic), images,
+    cubic, axes = interpolation == "bicubic", {0: "xy", 1: "x", 2: "y"}[_AXES.get(code, 0)]
+    return _chunked(lambda x, s: _affine(x, s["matrix"], fill_t, cubic, axes), images,
                     {"matrix": _affine_matrix(codes, arg, H, W)})
 
 
@@ -703,6 +716,7 @@ class RandAugment:
         self._host_tables = {
             "lut_code": torch.tensor([_OPS[n][1] if _OPS[n][0] == "lut" else 0 for n in names]),
             "aff_kind": torch.tensor([_OPS[n][1] if _OPS[n][0] == "affine" else 0 for n in names]),
+            "aff_axes": torch.tensor([_AXES.get(_OPS[n][1], 0) if _OPS[n][0] == "affine" else 0 for n in names]),
             "relative": torch.tensor([n in ("TranslateXRel", "TranslateYRel") for n in names]),
             "vertical": torch.tensor([n in ("TranslateYRel", "TranslateY") for n in names]),
             "fill": torch.tensor(self.fill, dtype=torch.uint8),
@@ -790,6 +804,7 @@ class RandAugment:
             "factor": torch.where(fam["color"] | fam["sharpness"], arg, 1.0),
             "matrix": _affine_matrix(aff_kind, arg_aff, height, width),
             "bicubic": plan.bicubic[:, slot],
+            "axes": t["aff_axes"][op],
         }
 
     def _apply_slot(self, images: Tensor, plan: RandAugmentPlan, slot: int, dense: bool) -> Tensor:
@@ -805,9 +820,15 @@ class RandAugment:
             (p["sharpness"], ("factor",), lambda x, s: _sharpness(x, s["factor"])),
         ]
         cubic_modes = (True, False) if self.interpolation == "random" else (self.interpolation == "bicubic",)
+        # dense: one full resample per interpolation; sparse: one-axis ops take the cheaper one-axis path
+        axes_modes = ((0, "xy"),) if dense else ((0, "xy"), (1, "x"), (2, "y"))
         for cubic in cubic_modes:
-            member = p["affine"] & (p["bicubic"] == cubic)
-            groups.append((member, ("matrix",), lambda x, s, c=cubic: _affine(x, s["matrix"], t["fill"], c)))
+            for code, axes in axes_modes:
+                member = p["affine"] & (p["bicubic"] == cubic)
+                if not dense:
+                    member = member & (p["axes"] == code)
+                groups.append((member, ("matrix",),
+                               lambda x, s, c=cubic, ax=axes: _affine(x, s["matrix"], t["fill"], c, ax)))
         identity = {"lut_code": 0, "arg": 0.0, "factor": 1.0, "matrix": t["identity"]}
         for member, keys, fn in groups:
             if dense:  # every image, identity parameters for the non-members
