@@ -148,6 +148,8 @@ def render(res: dict) -> str:
         cells = " | ".join(f"{r['median_ms'][k]:.1f}" for k in kinds)
         lines.append(f"| {r['batch_size']} | {r['size']} | {cells} | "
                      f"{r['images_per_sec']['randaugment_sparse']:.0f} |")
+    if res.get("load_average"):
+        lines.append(f"\nhost load average (1, 5, 15 min) at the end: {', '.join(f'{v:.1f}' for v in res['load_average'])}")
     lines.append("")
     lines.append("sparse: sample indices on the CPU, each op runs on the images that drew it; dense: indices "
                  "on the device, every op on every image. Baselines: a copy of the uint8 batch, and the "
