@@ -159,6 +159,7 @@ class FinetuneConfig(RunConfig):
     layer_decay: float = 0.65
     clip_grad: float | None = None
     # augmentation
+    aa: str = "rand-m9-mstd0.5-inc1"
     mixup: float = 0.8
     cutmix: float = 1.0
     mixup_prob: float = 1.0
@@ -209,6 +210,12 @@ class FinetuneConfig(RunConfig):
             raise ConfigError("--smoothing must be below 1")
         if self.mixup < 0 or self.cutmix < 0:
             raise ConfigError("--mixup and --cutmix are Beta-distribution alphas: 0 (off) or positive")
+        from lomar_fast.data.randaugment import parse_rand_augment
+
+        try:
+            parse_rand_augment(self.aa)
+        except ValueError as e:
+            raise ConfigError(f"--aa: {e}") from None
         if self.mixup_active and self.batch_size % 2 and not self.eval:
             raise ConfigError(f"--batch_size {self.batch_size} must be even with mixup/cutmix (pairs are mixed); "
                               f"use an even batch or --mixup 0 --cutmix 0")
@@ -320,6 +327,8 @@ HELP = {
                 "checkpoint-best.pth (the head is kept only if its shape fits)",
     "layer_decay": "layer-wise lr decay: block i trains at layer_decay ** (depth - i) of the head's lr",
     "clip_grad": "gradient-norm clipping (DeepSpeed gradient_clipping; default: the JSON's)",
+    "aa": "RandAugment as timm's config string (rand-m9-mstd0.5-inc1: 2 ops, magnitude 9 with std 0.5, the "
+          "increasing op set), applied per image on the device; none turns it off",
     "mixup": "mixup alpha (0: off)",
     "cutmix": "cutmix alpha (0: off)",
     "mixup_prob": "probability of applying mixup or cutmix to a batch",

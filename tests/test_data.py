@@ -375,6 +375,20 @@ def torch_cat(xs):
     return torch.cat(xs)
 
 
+def test_finetune_batches_follow_the_epoch_order(tiny):
+    """Batch i of epoch e holds samples epoch_order(e)[i*B:(i+1)*B]: what the trainer hands RandAugment as the
+    batch's sample indices."""
+    tree, out = tiny
+    labels = [c for _, c in expected_samples(tree, "train")]
+    loader = build_finetune_loader(out / "train.beton", batch_size=5, input_size=32, num_workers=2, seed=3)
+    for epoch in (0, 1):
+        set_epoch(loader, epoch)
+        order = epoch_order(loader, epoch)
+        got = [int(y) for _, ys in loader for y in ys.reshape(-1)]
+        assert got == [labels[i] for i in order] and len(got) == len(order)
+    assert list(epoch_order(loader, 0)) != list(epoch_order(loader, 1))
+
+
 def test_pretrain_pipeline(tiny):
     import torch
 

@@ -135,7 +135,8 @@ def test_one_rank_learns_demo_classes_eval_and_resume(demo, tmp_path):
     out = tmp_path / "ft"
     common = ["--data_path", str(demo["train"]), "--val_path", str(demo["val"]), "--finetune", str(init),
               "--batch_size", "16", "--blr", "2e-3", "--warmup_epochs", "1", "--mixup", "0", "--cutmix", "0",
-              "--reprob", "0", "--drop_path", "0", "--layer_decay", "0.9", "--log_every", "8", "--save_every", "3",
+              "--reprob", "0", "--aa", "none", "--drop_path", "0", "--layer_decay", "0.9", "--log_every", "8",
+              "--save_every", "3",
               "--keep_last", "2", "--output_dir", str(out), *SMALL]
     proc = run_finetune([*common, "--epochs", "10"])
     _ok(proc)
@@ -208,6 +209,7 @@ def test_bad_inputs_stop_before_any_work(demo, tmp_path, monkeypatch):
                           (["--nb_classes", "4"], "--nb_classes 4"),  # classes.json lists 8
                           (["--layer_decay", "1.5"], "--layer_decay"),
                           (["--remode", "noise"], "remode = 'noise' must be one of pixel, rand, const"),
+                          (["--aa", "rand-m9-foo"], "--aa: .*rand-m9-foo"),
                           (["--model", "lomar_vit_tiny_patch16"], "not a fine-tuning model")):
         with pytest.raises(ConfigError, match=message):
             main([*SMALL, *out, *data, *args])

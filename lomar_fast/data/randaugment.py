@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lomar_fast.images import IMAGENET_MEAN
+
 __all__ = [
     "RandAugment", "RandAugmentConfig", "RandAugmentPlan", "build_rand_augment", "parse_rand_augment",
     "apply_op", "level_arg", "fill_color", "DEFAULT_OPS", "INCREASING_OPS", "WEIGHTED_OPS",
@@ -50,7 +52,7 @@ __all__ = [
 ]
 
 LEVEL_DENOM = 10.0
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_MEAN = IMAGENET_MEAN
 
 DEFAULT_OPS: tuple[str, ...] = (
     "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
