@@ -36,10 +36,16 @@
 // 12k atomics on each of the D x NB addresses at ViT-B sizes.
 //
 // Shared memory (see wa_layout): the fp32 tiles need more than the default 48 KB for head_dim 64 (about
-// 59 KB forward, 102 KB backward at L = 50, NB = 50), so the launcher opts in to the device's larger
-// dynamic shared memory (cudaFuncAttributeMaxDynamicSharedMemorySize). fp32 tiles keep the inner loops
-// free of conversions and let fp32 inputs use the same code. In the forward the score tile reuses the
-// space of q and k, which are dead once the scores are in registers.
+// 58 KB forward, 100 KB backward at L = 50, NB = 50: 3 and 2 resident blocks per SM on an H100, 2 and 1
+// on an A100), so the launcher opts in to the device's larger dynamic shared memory
+// (cudaFuncAttributeMaxDynamicSharedMemorySize). fp32 tiles keep the inner loops free of conversions and
+// let fp32 inputs use the same code; bf16 tiles would halve the q/k/v part at the price of a conversion
+// per operand load. In the forward the score tile reuses the space of q and k, which are dead once the
+// scores are in registers.
+//
+// The I/O dtype (fp32, bf16, fp16) is a run-time argument: one compiled kernel per head_dim, which keeps
+// the NVRTC build at first use (and the offline nvcc check) about half as long as a template per
+// dtype; the dtype switches sit in the loads and stores only.
 //
 // Limits: L <= WA_MAX_L, NB <= WA_MAX_NB, D in {32, 64, 80, 128}; the Python side checks them and the
 // shared-memory size against the device, and uses the PyTorch computation otherwise. A bucket id outside
