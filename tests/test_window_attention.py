@@ -6,7 +6,8 @@ bit, and the attention block uses it; the custom ops are registered, their fake 
 the real ops' shapes, strides and dtypes, opcheck passes, and the ops' forward and backward formulas
 (the kernels' math, run in PyTorch on CPU) match autograd through the reference on odd shapes; the
 source compiles warning-free with nvcc and NVRTC for sm_80 and sm_90; and the kernels, compiled as host
-C++ with the emulation layer (tests/kernel_emulation.py), match the reference forward and backward.
+C++ with the emulation layer (tests/kernel_emulation.py), match the reference forward and backward, also
+when launched by the CUDA wrapper itself (its launch call redirected to the emulation).
 
 GPU (``-m gpu``, skipped without CUDA or CuPy): kernel vs float64 truth on odd and ViT-B shapes in every
 dtype, values and gradients, non-contiguous and unaligned inputs, a deterministic table gradient,
@@ -496,6 +497,28 @@ void wa_bwd(int D, const void* q, const long long* qs, const void* k, const long
 void wa_reduce(const float* part, float* out, int parts, int count) {
   emu_launch((count + 255) / 256, 256, [&] { wa_ns::window_attention_dtable_reduce(part, out, parts, count); });
 }
+// the kernels' own parameter lists, for launches made by the Python wrapper
+typedef long long ll;
+void wa_fwd_launch(int D, int grid, int block, const void* q, ll a0, ll a1, ll a2, const void* k, ll b0, ll b1, ll b2,
+                   const void* v, ll c0, ll c1, ll c2, const float* table, const ll* bk, void* out, ll o0, ll o1,
+                   ll o2, float* lse, int H, int L, int NB, ll NP, float scale, int dtype, int vec) {
+#define WA_FWDL(DD) emu_launch(grid, block, [&] { wa_ns::window_attention_fwd<DD>(q, a0, a1, a2, k, b0, b1, b2, v, \
+      c0, c1, c2, table, bk, out, o0, o1, o2, lse, H, L, NB, NP, scale, dtype, vec); })
+  WA_EMU_DISPATCH(D, WA_FWDL)
+}
+void wa_bwd_launch(int D, int grid, int block, const void* q, ll a0, ll a1, ll a2, const void* k, ll b0, ll b1, ll b2,
+                   const void* v, ll c0, ll c1, ll c2, const void* o, ll o0, ll o1, ll o2, const void* go, ll g0,
+                   ll g1, ll g2, const float* lse, const float* table, const ll* bk, void* dq, void* dk, void* dv,
+                   ll s0, ll s1, ll s2, float* part, int H, int L, int NB, ll NP, float scale, int dtype, int vec) {
+#define WA_BWDL(DD) emu_launch(grid, block, [&] { wa_ns::window_attention_bwd<DD>(q, a0, a1, a2, k, b0, b1, b2, v, \
+      c0, c1, c2, o, o0, o1, o2, go, g0, g1, g2, lse, table, bk, dq, dk, dv, s0, s1, s2, part, H, L, NB, NP, scale, \
+      dtype, vec); })
+  WA_EMU_DISPATCH(D, WA_BWDL)
+}
+void wa_reduce_launch(int D, int grid, int block, const float* part, float* out, int parts, int count) {
+  (void)D;
+  emu_launch(grid, block, [&] { wa_ns::window_attention_dtable_reduce(part, out, parts, count); });
+}
 }
 """
 
@@ -597,6 +620,71 @@ def test_emulated_kernel_bad_bucket_gives_nan_rows(emu):
     out = _emulate(emu, q, k, v, random_table(32), buckets, 0.2, go, 1, 1)[0]
     assert bool(out[:, :, 4].isnan().all())
     assert bool(out[:, :, [0, 1, 2, 3, 5, 6, 7, 8, 9]].isfinite().all())
+
+
+def _emulated_launcher(emu, launches):
+    """A stand-in for ``_cuda_build.launch`` that runs the named kernel in the emulation, with the argument
+    tuple exactly as the wrapper built it (numpy scalars of the C++ parameter widths)."""
+    import ctypes
+
+    import numpy as np
+
+    def convert(a):
+        if isinstance(a, np.uint64):
+            return ctypes.c_void_p(int(a))
+        if isinstance(a, np.int64):
+            return ctypes.c_longlong(int(a))
+        if isinstance(a, np.int32):
+            return ctypes.c_int(int(a))
+        if isinstance(a, np.float32):
+            return ctypes.c_float(float(a))
+        raise TypeError(f"kernel argument of unexpected type {type(a)}")
+
+    entries = {"window_attention_fwd": emu.wa_fwd_launch, "window_attention_bwd": emu.wa_bwd_launch,
+               "window_attention_dtable_reduce": emu.wa_reduce_launch}
+
+    def launch(filename, names, kernel, device, grid, block, args, shared_mem=0):
+        assert filename == wac.SOURCE and kernel in names
+        assert shared_mem <= SHARED_BYTES
+        base, _, rest = kernel.partition("<")
+        d = int(rest[:-1]) if rest else 0
+        launches.append((kernel, grid, block, shared_mem, args))
+        entries[base](ctypes.c_int(d), ctypes.c_int(grid), ctypes.c_int(block), *map(convert, args))
+
+    return launch
+
+
+@pytest.mark.parametrize("length,d,dtype,aligned", [(17, 32, torch.float32, True), (26, 64, torch.bfloat16, False)])
+def test_wrapper_launches_match_reference_in_emulation(emu, monkeypatch, length, d, dtype, aligned):
+    """The CUDA wrapper's launches (argument order and widths, strides, dtype code, 16-byte flag, shared
+    memory, dT partials and their reduction) run through the emulated kernels on CPU tensors, as on a GPU,
+    through the registered autograd: values and gradients match the reference."""
+    launches = []
+    monkeypatch.setattr(cb, "launch", _emulated_launcher(emu, launches))
+    monkeypatch.setattr(wac, "_kernel_ok", lambda kind, q, table: wac.kernel_supports(q, table) and q.numel() > 0)
+    monkeypatch.setattr(wac, "_prepare", lambda kernel, device, shared: None)
+    monkeypatch.setattr(wac, "_grid", lambda kernel, device, shared, pairs: min(pairs, 2))
+    torch.manual_seed(0)
+    buckets = window_buckets({17: 4, 26: 5}[length])
+    big = torch.randn(3, length, 3, 3, d + (0 if aligned else 1)).to(dtype)
+    q, k, v = (x.detach().requires_grad_(True) for x in big[..., -d:].permute(2, 0, 3, 1, 4).unbind(0))
+    assert wac._aligned(q, k, v) is aligned
+    table = random_table(d).requires_grad_(True)
+    out = wac.window_attention(q, k, v, table, buckets, 0.2)
+    go = torch.randn(out.shape).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v, table), go)
+    assert [name for name, *_ in launches] == [f"window_attention_fwd<{d}>", f"window_attention_bwd<{d}>",
+                                               "window_attention_dtable_reduce"]
+    assert launches[0][3] == wac.shared_bytes("fwd", length, 50, d) and launches[0][1:3] == (2, wac.THREADS)
+    assert launches[1][3] == wac.shared_bytes("bwd", length, 50, d) and launches[1][1:3] == (2, wac.THREADS)
+    # 16-byte loads only where every row is 16-byte aligned (the emulation would not notice: x86 does not trap)
+    assert int(launches[0][4][-1]) == int(launches[1][4][-1]) == int(aligned)
+    want, truth = truth_grads(q, k, v, table, buckets, 0.2, go)
+    tol_out, tol_grad = (1e-5, 1e-5) if dtype == torch.float32 else (1e-2, 2e-2)
+    assert rel_err(out, want) <= tol_out
+    for name, a, b in zip("q k v table".split(), grads, truth):
+        assert a.dtype == (torch.float32 if name == "table" else dtype)
+        assert rel_err(a, b) <= tol_grad, (name, rel_err(a, b))
 
 
 # ---------------------------------------------------------------------------------------------
