@@ -13,6 +13,10 @@ Cases at ViT-B shapes (B=256 images, K=4 windows of 7x7 patches, 224 px, p=16; 1
 * ``irpe_fwd``: the iRPE key bias; ``irpe_fwd_bwd``: bias forward + backward (dq, dtable);
   ``irpe_attention``: bias + scaled_dot_product_attention forward + backward (the bias layout matters here:
   the reference's (.., 50, 50) bias is padded by SDPA, the kernel's is not).
+* ``window_attention_fwd`` / ``window_attention_fwd_bwd``: the fused window-attention kernel (scores, iRPE
+  term, softmax, P v in one kernel; dq, dk, dv, dtable in its backward) against the current path,
+  ``scaled_dot_product_attention`` with the batched-matmul iRPE bias, eager and ``torch.compile``'d; q, k, v
+  are the views of a fused (N, L, 3, H, D) qkv projection, as in the model.
 
 Each case: median time over repeated runs (CUDA events, after warm-up), achieved GB/s from the bytes the
 operation must read and write (listed per case), as a fraction of the device-to-device copy bandwidth
@@ -142,10 +146,14 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
 
     if with_kernels:
         from lomar_fast.ops import _irpe_cuda as irc
+        from lomar_fast.ops import _window_attention_cuda as wac
 
         kernel_bias = irc.irpe_key_bias
+
+        def fused_attention(qq, k2, v2, tt):
+            return wac.window_attention(qq, k2, v2, tt, buckets, d**-0.5)
     else:
-        kernel_bias = None
+        kernel_bias = fused_attention = None
 
     def gather_kernel():
         return wgc.gather_windows_kernel(images, windows, masks, p, w, True, dtype, n_mask, False)
@@ -202,6 +210,26 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
 
         return run
 
+    # q, k, v as the model has them: views of one (N, L, 3, H, D) projection
+    qkv = torch.stack((q, kk, v), dim=0).permute(1, 3, 0, 2, 4).contiguous()
+    qa, ka, va = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def current_attention(qq, k2, v2, tt):
+        """The path the fused kernel replaces: SDPA with the (batched-matmul) iRPE additive bias."""
+        return F.scaled_dot_product_attention(qq, k2, v2, attn_mask=irpe_key_bias_bmm(qq, tt, buckets))
+
+    def wattn_fwd(fn):
+        return lambda: fn(qa, ka, va, table)
+
+    def wattn_fwd_bwd(fn):
+        def run():
+            qq, k2, v2 = (t.detach().requires_grad_(True) for t in (qa, ka, va))
+            tt = table.detach().requires_grad_(True)
+            out = fn(qq, k2, v2, tt)
+            return (out, *torch.autograd.grad(out, (qq, k2, v2, tt), x["grad_attn"]))
+
+        return run
+
     gather_bytes = b * k * ww * vdim * 1 + b * k * ww * vdim * esize + b * k * n_mask * vdim * 4
     vis_bytes = b * k * ww * vdim * 1 + b * k * n_vis * vdim * esize + b * k * n_mask * vdim * 4
     q_bytes = n * h * length * d * esize
@@ -238,6 +266,16 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
              kernel=attention(kernel_bias) if with_kernels else None,
              reference=attention(irpe_key_bias_reference),
              compiled=lambda: attention(irpe_key_bias_reference, compiled_sdpa=True)),
+        dict(name="window_attention_fwd", bytes=4 * q_bytes, tol=3 * tol,
+             bytes_note="q, k, v read + out written",
+             kernel=wattn_fwd(fused_attention) if with_kernels else None,
+             reference=wattn_fwd(current_attention),
+             compiled=lambda: wattn_fwd(torch.compile(current_attention))),
+        dict(name="window_attention_fwd_bwd", bytes=12 * q_bytes, tol=3 * tol,
+             bytes_note="forward (q, k, v, out) + backward (q, k, v, out, grad out read; dq, dk, dv written)",
+             kernel=wattn_fwd_bwd(fused_attention) if with_kernels else None,
+             reference=wattn_fwd_bwd(current_attention),
+             compiled=lambda: wattn_fwd_bwd(torch.compile(current_attention))),
         # the pure-PyTorch batched-matmul formulation in the "kernel" column (always run)
         dict(name="irpe_fwd_bwd[bmm path]", bytes=2 * (q_bytes + bias_bytes) + q_bytes, tol=tol,
              bytes_note="as irpe_fwd_bwd; the kernel column is irpe_key_bias_bmm (pure PyTorch)",

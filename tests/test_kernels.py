@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_emulation import build_library, emulation_source, missing_toolchain
+from kernel_emulation import c_args as _c_args
 
 import lomar_fast.ops as ops_pkg
 from lomar_fast.ops import _cuda_build as cb
@@ -54,14 +56,6 @@ def gpu_test(fn):
     elif not _has_cupy():
         fn = pytest.mark.skip(reason="CuPy is not installed (pip install 'lomar_fast[gpu]')")(fn)
     return pytest.mark.gpu(fn)
-
-
-def missing_toolchain(reason: str) -> None:
-    """Skip a CPU-side kernel check whose tool is missing, or fail where the toolchain is required
-    (LOMAR_REQUIRE_TOOLCHAIN=1, as .ci/run sets it: CI has nvcc, cuda.bindings and g++)."""
-    if os.environ.get("LOMAR_REQUIRE_TOOLCHAIN") == "1":
-        pytest.fail(f"{reason} (LOMAR_REQUIRE_TOOLCHAIN=1: this check must run here)")
-    pytest.skip(reason)
 
 
 def require_nvrtc() -> None:
@@ -694,63 +688,7 @@ def test_gpu_opcheck(dtype):
 # ---------------------------------------------------------------------------------------------
 # CPU emulation of the kernels (catches indexing errors without a GPU)
 # ---------------------------------------------------------------------------------------------
-# The .cu sources are compiled as host C++ with a tiny emulation layer: one std::thread per CUDA
-# thread, std::barrier for __syncthreads and the warp collectives, blocks run one after another
-# (so __shared__ becomes static storage). fp16 conversions (inline PTX) are stubbed out; the
-# fp32 and bf16 paths are exercised for real.
-_EMU_LAYER = r"""#include <thread>
-#include <barrier>
-#include <vector>
-#include <cstring>
-#include <cmath>
-#include <functional>
-#include <algorithm>
-struct dim3 { unsigned x = 1, y = 1, z = 1; };
-struct float4 { float x, y, z, w; };
-static dim3 blockIdx, blockDim, gridDim;
-static thread_local dim3 threadIdx;
-static std::barrier<>* g_bar = nullptr;
-static std::barrier<>* g_warp_bar[32];
-static unsigned g_warp_scratch[32][32];
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __launch_bounds__(x)
-#define __restrict__
-inline void __syncthreads() { g_bar->arrive_and_wait(); }
-inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
-inline int __popc(unsigned v) { return __builtin_popcount(v); }
-inline long long min(long long a, long long b) { return a < b ? a : b; }
-inline int min(int a, int b) { return a < b ? a : b; }
-inline unsigned __ballot_sync(unsigned, bool pred) {
-  int w = threadIdx.x / 32, l = threadIdx.x % 32;
-  g_warp_scratch[w][l] = pred; g_warp_bar[w]->arrive_and_wait();
-  unsigned r = 0; for (int i = 0; i < 32; ++i) if (g_warp_scratch[w][i]) r |= 1u << i;
-  g_warp_bar[w]->arrive_and_wait(); return r;
-}
-inline float __shfl_xor_sync(unsigned, float v, int o) {
-  int w = threadIdx.x / 32, l = threadIdx.x % 32;
-  g_warp_scratch[w][l] = __float_as_uint(v); g_warp_bar[w]->arrive_and_wait();
-  float r = __uint_as_float(g_warp_scratch[w][l ^ o]);
-  g_warp_bar[w]->arrive_and_wait(); return r;
-}
-alignas(16) float4 g_smem[1 << 14];
-template <typename F> void emu_launch(int grid, int block, F f) {
-  gridDim.x = grid; blockDim.x = block;
-  for (int b = 0; b < grid; ++b) {
-    blockIdx.x = b;
-    std::barrier<> bar(block); g_bar = &bar;
-    std::vector<std::unique_ptr<std::barrier<>>> wb;
-    for (int w = 0; w < block / 32; ++w) { wb.emplace_back(new std::barrier<>(32)); g_warp_bar[w] = wb.back().get(); }
-    std::vector<std::thread> ts;
-    for (int t = 0; t < block; ++t) ts.emplace_back([t, &f] { threadIdx.x = t; f(); });
-    for (auto& t : ts) t.join();
-  }
-}
-"""
-
+# The emulation layer and the .cu -> host C++ conversion live in tests/kernel_emulation.py.
 _EMU_ENTRY = r"""
 extern "C" {
 void irpe_fwd_f32_32(const float* q, long long a, long long b, long long c, long long d, const float* t,
@@ -775,52 +713,13 @@ void gather_u8_bf16(const unsigned char* img, long long sb, long long sc, long l
 
 
 def _emulation_source() -> str:
-    import re
-
-    parts = [_EMU_LAYER]
-    for mod, ns in ((_irpe_cuda, "irpe_ns"), (_window_gather_cuda, "window_gather_ns")):
-        src = cb.cuda_source(mod.SOURCE).split("// Explicit instantiations")[0]
-        src = re.sub(r'asm\("cvt\.f32\.f16.*?\);', "f = 0.f;", src)
-        src = re.sub(r'asm\("cvt\.rn\.f16\.f32.*?\);', "r.bits = 0;", src)
-        src = re.sub(r"extern __shared__ float4 (\w+)\[\];", r"float4* \1 = g_smem;", src)
-        src = re.sub(r"extern __shared__ float (\w+)\[\];", r"float* \1 = (float*)g_smem;", src)
-        src = src.replace("__shared__", "static").replace("nullptr", "(TOut*)0")
-        parts.append(f"namespace {ns} {{\n{src}\n}}")
-    parts.append(_EMU_ENTRY)
-    return "\n".join(parts)
+    return emulation_source(((_irpe_cuda.SOURCE, "irpe_ns"), (_window_gather_cuda.SOURCE, "window_gather_ns")),
+                            _EMU_ENTRY)
 
 
 @pytest.fixture(scope="module")
 def emu_lib(tmp_path_factory):
-    import ctypes
-
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        missing_toolchain("no host C++ compiler for the kernel emulation")
-    d = tmp_path_factory.mktemp("emu")
-    (d / "emu.cpp").write_text(_emulation_source())
-    r = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-o", str(d / "libemu.so"), str(d / "emu.cpp"),
-                        "-lpthread"], capture_output=True, text=True)
-    if r.returncode != 0 and "barrier" in r.stderr:
-        missing_toolchain("host compiler lacks C++20 <barrier>")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return ctypes.CDLL(str(d / "libemu.so"))
-
-
-def _c_args(*xs):
-    import ctypes
-
-    out = []
-    for x in xs:
-        if isinstance(x, torch.Tensor):
-            out.append(ctypes.c_void_p(x.data_ptr()))
-        elif isinstance(x, float):
-            out.append(ctypes.c_float(x))
-        elif isinstance(x, tuple) and x[0] == "ll":
-            out.append(ctypes.c_longlong(x[1]))
-        else:
-            out.append(ctypes.c_int(x))
-    return out
+    return build_library(_emulation_source(), tmp_path_factory.mktemp("emu"))
 
 
 def test_emulated_irpe_kernels_match_reference(emu_lib):

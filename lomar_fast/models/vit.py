@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lomar_fast.ops.window_attention import window_attention
+
 from .irpe import DEFAULT_RATIO, ContextualKeyRPE
 
 LN_EPS = 1e-6
@@ -78,8 +80,9 @@ class Mlp(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention through ``F.scaled_dot_product_attention``.
 
-    With ``rpe`` the contextual iRPE key term (``rpe_k``) is passed as SDPA's additive bias; the
-    forward then needs the (L, L) bucket ids of the token layout.
+    With ``rpe`` the contextual iRPE key term (``rpe_k``) enters the logits through
+    :func:`lomar_fast.ops.window_attention.window_attention` (the fused kernel where enabled, else SDPA
+    with the iRPE additive bias); the forward then needs the (L, L) bucket ids of the token layout.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, rpe: bool = False,
@@ -97,12 +100,13 @@ class Attention(nn.Module):
         n, l, d = x.shape
         qkv = self.qkv(x).reshape(n, l, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        bias = None
         if self.rpe_k is not None:
             if buckets is None:
                 raise ValueError("Attention with iRPE needs the bucket ids of the token layout")
-            bias = self.rpe_k(q, buckets)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            rpe_scale = self.head_dim**-0.5 if self.rpe_k.scaled_query else None
+            x = window_attention(q, k, v, self.rpe_k.lookup_table_weight[0], buckets, rpe_scale=rpe_scale)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(n, l, d))
 
 

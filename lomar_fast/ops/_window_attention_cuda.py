@@ -1,0 +1,326 @@
+"""CUDA side of the fused window attention (``cuda/window_attention.cu``), as ``torch.library`` custom ops.
+
+Ops (namespace ``lomar_fast``), meaning as :func:`lomar_fast.ops.window_attention_ref.window_attention_reference`:
+
+* ``window_attention_fwd(q, k, v, table, buckets, scale) -> (out, lse)``:
+  ``out`` (N, H, L, D) in q's dtype, laid out as an (N, L, H, D) buffer (strides (L*H*D, D, H*D, 1)), so
+  ``out.transpose(1, 2).reshape(N, L, H*D)`` is a view; ``lse`` (N, H, L) contiguous, the log-sum-exp of
+  each logit row, fp32 (fp64 for fp64 inputs), not differentiable. Differentiable in q, k, v and table.
+* ``window_attention_bwd(grad_out, q, k, v, out, lse, table, buckets, scale) -> (dq, dk, dv, dtable)``:
+  dq, dk, dv in q's dtype with ``out``'s layout; ``dtable`` (D, NB) fp32 (fp64 for fp64 inputs), the sum
+  over every (n, h, i) of q_i G[i, :], accumulated per block and reduced in a fixed order
+  (deterministic). The probabilities are recomputed from ``lse``.
+
+Both ops run the CUDA kernels on CUDA tensors and an equivalent PyTorch computation (the same
+formulas, in fp32 or fp64) on other devices, so the registration, fake implementations and autograd can
+be checked on CPU. Shapes the kernels do not cover (head_dim not in 32/64/80/128, L or NB above 64, or
+more shared memory than the device allows) use the PyTorch computation on the GPU too.
+
+The table is used in fp32 whatever its dtype (the reference computes in fp32), and its gradient is
+returned in the table's dtype. Inputs need a contiguous last dimension (:func:`window_attention` copies
+otherwise); rows are read with 16-byte loads when every row is 16-byte aligned.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _cuda_build as cb
+from .window_attention_ref import (
+    check_window_attention_inputs,
+    compute_dtype,
+    window_attention_logits,
+)
+
+SOURCE = "window_attention.cu"
+THREADS = 256  # WA_THREADS in window_attention.cu
+MAX_LEN = 64  # WA_MAX_L
+MAX_BUCKETS = 64  # WA_MAX_NB
+HEAD_DIMS = (32, 64, 80, 128)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # WA_F32, WA_BF16, WA_F16
+DEFAULT_SHARED = 48 * 1024  # above this a kernel must opt in to more dynamic shared memory
+REDUCE_THREADS = 256
+
+NAME_EXPRESSIONS: tuple[str, ...] = tuple(
+    [f"window_attention_fwd<{d}>" for d in HEAD_DIMS]
+    + [f"window_attention_bwd<{d}>" for d in HEAD_DIMS]
+    + ["window_attention_dtable_reduce"]
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared memory (mirrors wa_layout / wa_*_shared_bytes in window_attention.cu)
+# ---------------------------------------------------------------------------------------------
+def _round4(x: int) -> int:
+    return (x + 3) & ~3
+
+
+def shared_bytes(kind: str, length: int, num_buckets: int, head_dim: int) -> int:
+    """Dynamic shared memory in bytes of the ``"fwd"`` or ``"bwd"`` kernel for (L, NB, D)."""
+    l4, nb4, ds = _round4(length), _round4(num_buckets), head_dim + 4
+    se = (l4 + nb4 + 8) | 4
+    rows = l4 * ds
+    if kind == "fwd":
+        floats = max(2 * rows, length * se) + rows + nb4 * ds
+        return 4 * floats + ((length * length + 15) & ~15)
+    if kind == "bwd":
+        floats = 4 * rows + nb4 * ds + length * se + 2 * MAX_LEN
+        return 4 * floats + ((2 * length * length + length * (num_buckets + 1) + 15) & ~15)
+    raise ValueError(f"kind must be 'fwd' or 'bwd', got {kind!r}")
+
+
+def kernel_supports(q: torch.Tensor, table: torch.Tensor) -> bool:
+    """Whether the kernels cover this dtype, head_dim, length and bucket count (any device)."""
+    length, d = q.shape[-2], q.shape[-1]
+    nb = table.shape[-1]
+    return q.dtype in KERNEL_DTYPES and d in HEAD_DIMS and 1 <= length <= MAX_LEN and 1 <= nb <= MAX_BUCKETS
+
+
+_device_limits: dict[int, tuple[int, int]] = {}
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _limits(device: torch.device) -> tuple[int, int]:
+    """(largest dynamic shared memory a block may opt in to, shared memory per SM) of ``device``."""
+    index = _device_index(device)
+    lim = _device_limits.get(index)
+    if lim is None:
+        props = torch.cuda.get_device_properties(index)
+        optin = int(getattr(props, "shared_memory_per_block_optin", 0) or DEFAULT_SHARED)
+        per_sm = int(getattr(props, "shared_memory_per_multiprocessor", 0) or optin)
+        lim = (optin, per_sm)
+        _device_limits[index] = lim
+    return lim
+
+
+def _kernel_ok(kind: str, q: torch.Tensor, table: torch.Tensor) -> bool:
+    if not (q.is_cuda and kernel_supports(q, table) and q.numel() > 0):
+        return False
+    return shared_bytes(kind, q.shape[-2], table.shape[-1], q.shape[-1]) <= _limits(q.device)[0]
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """Every row (last dimension) of every tensor starts on a 16-byte boundary."""
+    for t in tensors:
+        es = t.element_size()
+        if t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# launching
+# ---------------------------------------------------------------------------------------------
+_shared_set: dict[tuple[str, int], int] = {}
+_blocks_per_sm: dict[tuple[str, int, int], int] = {}
+
+
+def _function(kernel: str, device: torch.device):
+    return cb.get_module(SOURCE, NAME_EXPRESSIONS, device).get_function(kernel)
+
+
+def _prepare(kernel: str, device: torch.device, shared: int) -> None:
+    """Let ``kernel`` use ``shared`` bytes of dynamic shared memory (opt-in above 48 KB)."""
+    index = _device_index(device)
+    key = (kernel, index)
+    if shared > DEFAULT_SHARED and _shared_set.get(key, 0) < shared:
+        cupy = cb._import_cupy()
+        with cupy.cuda.Device(index):
+            _function(kernel, device).max_dynamic_shared_size_bytes = int(shared)
+        _shared_set[key] = shared
+
+
+def _grid(kernel: str, device: torch.device, shared: int, pairs: int) -> int:
+    """Blocks for ``pairs`` (n, h) pairs: as many as fit on the device at once (each loops over pairs)."""
+    index = _device_index(device)
+    key = (kernel, index, shared)
+    per_sm = _blocks_per_sm.get(key)
+    if per_sm is None:
+        _prepare(kernel, device, shared)  # the occupancy query needs the opt-in first
+        per_sm = 0
+        try:
+            cupy = cb._import_cupy()
+            with cupy.cuda.Device(index):
+                fn = _function(kernel, device)
+                per_sm = int(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, THREADS, shared))
+        except Exception:  # older CuPy without the occupancy call: count by shared memory
+            per_sm = _limits(device)[1] // (shared + 1024)
+        per_sm = max(1, min(per_sm, 8))
+        _blocks_per_sm[key] = per_sm
+    return max(1, min(pairs, per_sm * cb.sm_count(device)))
+
+
+def _launch(kernel: str, device: torch.device, grid: int, block: int, args: tuple, shared: int) -> None:
+    _prepare(kernel, device, shared)
+    cb.launch(SOURCE, NAME_EXPRESSIONS, kernel, device, grid, block, args, shared)
+
+
+def _strides3(t: torch.Tensor) -> tuple:
+    return cb.i64(t.stride(0)), cb.i64(t.stride(1)), cb.i64(t.stride(2))
+
+
+def _heads_empty(q: torch.Tensor) -> torch.Tensor:
+    """An (N, H, L, D) tensor like q, laid out as (N, L, H, D) memory."""
+    n, h, length, d = q.shape
+    return q.new_empty((n, length, h, d)).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward op
+# ---------------------------------------------------------------------------------------------
+def _forward_torch(q, k, v, table, buckets, scale):
+    logits = window_attention_logits(q, k, table, buckets, scale)
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - lse.unsqueeze(-1))
+    return torch.matmul(probs, v.to(probs.dtype)), lse
+
+
+@torch.library.custom_op("lomar_fast::window_attention_fwd", mutates_args=())
+def window_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
+                            buckets: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H, L, D) q, k, v, (D, NB) table, (L, L) int64 buckets -> (out, lse); see the module docstring."""
+    n, h, length, d = q.shape
+    out = _heads_empty(q)
+    lse = q.new_empty((n, h, length), dtype=compute_dtype(q.dtype))
+    if _kernel_ok("fwd", q, table):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        table_f = table.to(device=q.device, dtype=torch.float32).contiguous()
+        buckets_c = buckets.to(q.device).contiguous()
+        nb = table.shape[1]
+        shared = shared_bytes("fwd", length, nb, d)
+        kernel = f"window_attention_fwd<{d}>"
+        grid = _grid(kernel, q.device, shared, n * h)
+        args = (
+            cb.ptr(q), *_strides3(q), cb.ptr(k), *_strides3(k), cb.ptr(v), *_strides3(v),
+            cb.ptr(table_f), cb.ptr(buckets_c), cb.ptr(out), *_strides3(out), cb.ptr(lse),
+            cb.i32(h), cb.i32(length), cb.i32(nb), cb.i64(n * h), cb.f32(scale),
+            cb.i32(DTYPE_CODES[q.dtype]), cb.i32(int(_aligned(q, k, v))),
+        )
+        _launch(kernel, q.device, grid, THREADS, args, shared)
+    else:
+        o, lse_t = _forward_torch(q, k, v, table, buckets, scale)
+        out.copy_(o)
+        lse.copy_(lse_t)
+    return out, lse
+
+
+@window_attention_fwd_op.register_fake
+def _window_attention_fwd_fake(q, k, v, table, buckets, scale):
+    n, h, length, _ = q.shape
+    return _heads_empty(q), q.new_empty((n, h, length), dtype=compute_dtype(q.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# backward op
+# ---------------------------------------------------------------------------------------------
+def _backward_torch(grad_out, q, k, v, out, lse, table, buckets, scale):
+    """The backward formulas in fp32 (fp64): P from lse, dS = P (dP - rowsum(dO * O)), G by bucket."""
+    acc = compute_dtype(q.dtype)
+    n, h, length, d = q.shape
+    nb = table.shape[1]
+    probs = torch.exp(window_attention_logits(q, k, table, buckets, scale) - lse.to(acc).unsqueeze(-1))
+    go = grad_out.to(acc)
+    dv = torch.matmul(probs.transpose(-1, -2), go)
+    dp = torch.matmul(go, v.to(acc).transpose(-1, -2))
+    delta = (go * out.to(acc)).sum(-1, keepdim=True)
+    ds = probs * (dp - delta)
+    index = buckets.view(1, 1, length, length).expand(n, h, length, length)
+    g = torch.zeros((n, h, length, nb), dtype=acc, device=q.device).scatter_add_(-1, index, ds)
+    qf = q.to(acc)
+    dq = torch.matmul(ds, k.to(acc)) * scale + torch.matmul(g, table.to(acc).t())
+    dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
+    dtable = torch.matmul(qf.reshape(-1, d).t(), g.reshape(-1, nb))
+    return dq, dk, dv, dtable
+
+
+@torch.library.custom_op("lomar_fast::window_attention_bwd", mutates_args=())
+def window_attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            out: torch.Tensor, lse: torch.Tensor, table: torch.Tensor, buckets: torch.Tensor,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv, dtable) of ``window_attention_fwd`` for ``grad_out``; see the module docstring."""
+    n, h, length, d = q.shape
+    nb = table.shape[1]
+    dq, dk, dv = _heads_empty(q), _heads_empty(q), _heads_empty(q)
+    dtable = torch.empty((d, nb), dtype=compute_dtype(q.dtype), device=q.device)
+    if _kernel_ok("bwd", q, table):
+        grad_out = grad_out.to(q.dtype)
+        q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
+        table_f = table.to(device=q.device, dtype=torch.float32).contiguous()
+        buckets_c = buckets.to(q.device).contiguous()
+        lse_c = lse.to(torch.float32).contiguous()
+        shared = shared_bytes("bwd", length, nb, d)
+        kernel = f"window_attention_bwd<{d}>"
+        grid = _grid(kernel, q.device, shared, n * h)
+        part = torch.empty((grid, d, nb), dtype=torch.float32, device=q.device)
+        args = (
+            cb.ptr(q), *_strides3(q), cb.ptr(k), *_strides3(k), cb.ptr(v), *_strides3(v),
+            cb.ptr(out), *_strides3(out), cb.ptr(grad_out), *_strides3(grad_out),
+            cb.ptr(lse_c), cb.ptr(table_f), cb.ptr(buckets_c),
+            cb.ptr(dq), cb.ptr(dk), cb.ptr(dv), *_strides3(dq), cb.ptr(part),
+            cb.i32(h), cb.i32(length), cb.i32(nb), cb.i64(n * h), cb.f32(scale),
+            cb.i32(DTYPE_CODES[q.dtype]), cb.i32(int(_aligned(q, k, v, out, grad_out))),
+        )
+        _launch(kernel, q.device, grid, THREADS, args, shared)
+        count = d * nb
+        _launch("window_attention_dtable_reduce", q.device, (count + REDUCE_THREADS - 1) // REDUCE_THREADS,
+                REDUCE_THREADS, (cb.ptr(part), cb.ptr(dtable), cb.i32(grid), cb.i32(count)), 0)
+    else:
+        gq, gk, gv, gt = _backward_torch(grad_out, q, k, v, out, lse, table, buckets, scale)
+        dq.copy_(gq)
+        dk.copy_(gk)
+        dv.copy_(gv)
+        dtable.copy_(gt)
+    return dq, dk, dv, dtable
+
+
+@window_attention_bwd_op.register_fake
+def _window_attention_bwd_fake(grad_out, q, k, v, out, lse, table, buckets, scale):
+    d, nb = table.shape
+    return _heads_empty(q), _heads_empty(q), _heads_empty(q), q.new_empty((d, nb), dtype=compute_dtype(q.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, table, buckets, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, table, buckets)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, table, buckets = ctx.saved_tensors
+    dq, dk, dv, dtable = torch.ops.lomar_fast.window_attention_bwd(grad_out, q, k, v, out, lse, table, buckets,
+                                                                   ctx.scale)
+    return dq, dk, dv, dtable.to(table.dtype), None, None
+
+
+torch.library.register_autograd("lomar_fast::window_attention_fwd", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point used by lomar_fast.ops.window_attention
+# ---------------------------------------------------------------------------------------------
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, buckets: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Kernel path of :func:`lomar_fast.ops.window_attention.window_attention` (same shapes and meaning).
+
+    Args:
+        q, k, v: (N, H, L, D) in one of fp32/bf16/fp16, any strides (a non-contiguous last dimension is
+            copied).
+        table: (D, NB) iRPE table, any float dtype (used in fp32; its gradient comes back in its dtype).
+        buckets: (L, L) int64 bucket ids in ``[0, NB)`` (an id outside makes its row NaN in the kernel).
+        scale: the q k^T logit scale.
+    Returns:
+        (N, H, L, D) in q's dtype, with (N, L, H, D) memory layout.
+    """
+    check_window_attention_inputs(q, k, v, table, buckets)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    out, _ = torch.ops.lomar_fast.window_attention_fwd(q, k, v, table, buckets, float(scale))
+    return out

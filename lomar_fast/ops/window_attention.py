@@ -1,0 +1,67 @@
+"""Window attention with the contextual iRPE key term: ``softmax(scale q k^T + (q' T)[bucket]) v``.
+
+This file owns the operation: :func:`window_attention` dispatches to the fused CUDA kernel
+(``cuda/window_attention.cu``: scores, iRPE term, softmax and P v in one pass per (sequence, head), and
+its backward) for CUDA tensors when kernels are enabled (see :mod:`lomar_fast.ops._dispatch`), and
+otherwise to the current path: ``scaled_dot_product_attention`` with the additive bias of
+:func:`lomar_fast.ops.irpe.irpe_key_bias`. The meaning is
+:func:`lomar_fast.ops.window_attention_ref.window_attention_reference`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import use_kernel
+from .irpe import irpe_key_bias
+from .window_attention_ref import check_window_attention_inputs, default_scale
+
+# A kernel becomes the ``auto`` default only after a committed GPU benchmark shows it correct and faster
+# than the compiled current path (benchmarks/kernels.py: window_attention_fwd, window_attention_fwd_bwd).
+# No GPU result for it is committed yet -> off.
+AUTO_USES_KERNEL = False
+
+
+def window_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
+                          buckets: torch.Tensor, scale: float | None = None,
+                          rpe_scale: float | None = None) -> torch.Tensor:
+    """The current path: the iRPE bias from :func:`irpe_key_bias` as SDPA's additive mask.
+
+    With ``scale=None`` and ``rpe_scale=None`` this is exactly the computation the attention blocks
+    ran before the fused kernel existed (``rpe_k(q, buckets)`` then SDPA with its default scale).
+    """
+    q_rpe = q if rpe_scale is None else q * rpe_scale
+    bias = irpe_key_bias(q_rpe, table, buckets)
+    if scale is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
+                     buckets: torch.Tensor, scale: float | None = None, *,
+                     rpe_scale: float | None = None) -> torch.Tensor:
+    """Multi-head attention over short sequences with the contextual iRPE key term.
+
+    ``logits[n, h, i, j] = scale * q_i . k_j + (rpe_scale * q_i) . table[:, buckets[i, j]]``, softmax over
+    j, then the probabilities times v.
+
+    Args:
+        q, k, v: (N, H, L, D) queries, keys, values (one floating dtype and device; any strides, e.g. the
+            views of a fused qkv projection).
+        table: (D, NB) iRPE table shared by the heads (``rpe_k.lookup_table_weight[0]``).
+        buckets: (L, L) int64 bucket id of each (query, key) pair, in ``[0, NB)``.
+        scale: the q k^T scale; None means head_dim^-0.5.
+        rpe_scale: the factor on q in the table term; None means the unscaled q of the published model
+            (``ContextualKeyRPE(scaled_query=True)`` uses head_dim^-0.5).
+    Returns:
+        (N, H, L, D) in q's dtype. Differentiable in q, k, v and table.
+    """
+    check_window_attention_inputs(q, k, v, table, buckets)
+    if use_kernel(q, k, v, table, buckets, auto_default=AUTO_USES_KERNEL):
+        from . import _window_attention_cuda  # imported lazily: the kernel path needs CuPy and a GPU
+
+        if _window_attention_cuda.kernel_supports(q, table):
+            s = default_scale(q.shape[-1]) if scale is None else float(scale)
+            t = table if rpe_scale is None else table * rpe_scale
+            return _window_attention_cuda.window_attention(q, k, v, t, buckets, s)
+    return window_attention_sdpa(q, k, v, table, buckets, scale, rpe_scale)

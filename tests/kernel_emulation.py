@@ -1,0 +1,144 @@
+"""CPU emulation of the CUDA kernels in ``cuda/`` (catches indexing and synchronization errors without a GPU).
+
+The .cu sources are compiled as host C++ with a small emulation layer: one std::thread per CUDA
+thread, std::barrier for __syncthreads and the warp collectives, blocks run one after another
+(so __shared__ becomes static storage and the dynamic shared memory one static buffer). fp16
+conversions (inline PTX) are stubbed out; the fp32 and bf16 paths are exercised for real.
+
+A test module builds one shared library from the sources it needs plus its own ``extern "C"`` entry
+points (each calling ``emu_launch(grid, block, [&] { ns::kernel(...); })``), loads it with ctypes and
+passes arguments through :func:`c_args`.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+import torch
+
+from lomar_fast.ops import _cuda_build as cb
+
+EMU_LAYER = r"""#include <thread>
+#include <barrier>
+#include <memory>
+#include <vector>
+#include <cstring>
+#include <cmath>
+#include <functional>
+#include <algorithm>
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+struct float4 { float x, y, z, w; };
+struct float2 { float x, y; };
+struct uint4 { unsigned x, y, z, w; };
+struct uint2 { unsigned x, y; };
+static dim3 blockIdx, blockDim, gridDim;
+static thread_local dim3 threadIdx;
+static std::barrier<>* g_bar = nullptr;
+static std::barrier<>* g_warp_bar[32];
+static unsigned g_warp_scratch[32][32];
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__
+inline void __syncthreads() { g_bar->arrive_and_wait(); }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned __ballot_sync(unsigned, bool pred) {
+  int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  g_warp_scratch[w][l] = pred; g_warp_bar[w]->arrive_and_wait();
+  unsigned r = 0; for (int i = 0; i < 32; ++i) if (g_warp_scratch[w][i]) r |= 1u << i;
+  g_warp_bar[w]->arrive_and_wait(); return r;
+}
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+  int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  g_warp_scratch[w][l] = __float_as_uint(v); g_warp_bar[w]->arrive_and_wait();
+  float r = __uint_as_float(g_warp_scratch[w][l ^ o]);
+  g_warp_bar[w]->arrive_and_wait(); return r;
+}
+alignas(16) float4 g_smem[1 << 14];
+template <typename F> void emu_launch(int grid, int block, F f) {
+  gridDim.x = grid; blockDim.x = block;
+  for (int b = 0; b < grid; ++b) {
+    blockIdx.x = b;
+    std::barrier<> bar(block); g_bar = &bar;
+    std::vector<std::unique_ptr<std::barrier<>>> wb;
+    for (int w = 0; w < block / 32; ++w) { wb.emplace_back(new std::barrier<>(32)); g_warp_bar[w] = wb.back().get(); }
+    std::vector<std::thread> ts;
+    for (int t = 0; t < block; ++t) ts.emplace_back([t, &f] { threadIdx.x = t; f(); });
+    for (auto& t : ts) t.join();
+  }
+}
+"""
+
+# bytes of the emulated dynamic shared memory (g_smem above)
+SHARED_BYTES = 16 * (1 << 14)
+
+
+def host_source(filename: str, namespace: str) -> str:
+    """The CUDA source ``filename`` (local headers inlined, explicit instantiations dropped) as host C++
+    inside ``namespace``, for the emulation layer."""
+    src = cb.cuda_source(filename).split("// Explicit instantiations")[0]
+    src = re.sub(r'asm\("cvt\.f32\.f16.*?\);', "f = 0.f;", src)
+    src = re.sub(r'asm\("cvt\.rn\.f16\.f32.*?\);', "r.bits = 0;", src)
+    src = re.sub(r"extern __shared__ float4 (\w+)\[\];", r"float4* \1 = g_smem;", src)
+    src = re.sub(r"extern __shared__ float (\w+)\[\];", r"float* \1 = (float*)g_smem;", src)
+    src = src.replace("__shared__", "static").replace("nullptr", "(TOut*)0")
+    return f"namespace {namespace} {{\n{src}\n}}"
+
+
+def emulation_source(sources: Iterable[tuple[str, str]], entry: str) -> str:
+    """The emulation layer, each ``(filename, namespace)`` source as host C++, then the ``entry`` code."""
+    return "\n".join([EMU_LAYER, *(host_source(f, ns) for f, ns in sources), entry])
+
+
+def missing_toolchain(reason: str) -> None:
+    """Skip a CPU-side kernel check whose tool is missing, or fail where the toolchain is required
+    (LOMAR_REQUIRE_TOOLCHAIN=1, as .ci/run sets it: CI has nvcc, cuda.bindings and g++)."""
+    if os.environ.get("LOMAR_REQUIRE_TOOLCHAIN") == "1":
+        pytest.fail(f"{reason} (LOMAR_REQUIRE_TOOLCHAIN=1: this check must run here)")
+    pytest.skip(reason)
+
+
+def build_library(source: str, directory: Path, name: str = "emu") -> ctypes.CDLL:
+    """Compile ``source`` into a shared library in ``directory`` and load it (skips the calling test when
+    there is no host C++ compiler with C++20 ``<barrier>``; a compile error fails it)."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        missing_toolchain("no host C++ compiler for the kernel emulation")
+    cpp, lib = directory / f"{name}.cpp", directory / f"lib{name}.so"
+    cpp.write_text(source)
+    r = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-o", str(lib), str(cpp), "-lpthread"],
+                       capture_output=True, text=True)
+    if r.returncode != 0 and "barrier" in r.stderr:
+        missing_toolchain("host compiler lacks C++20 <barrier>")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return ctypes.CDLL(str(lib))
+
+
+def c_args(*xs):
+    """ctypes arguments: tensors -> their data pointer, floats -> float, ("ll", x) -> long long, else int."""
+    out = []
+    for x in xs:
+        if isinstance(x, torch.Tensor):
+            out.append(ctypes.c_void_p(x.data_ptr()))
+        elif isinstance(x, float):
+            out.append(ctypes.c_float(x))
+        elif isinstance(x, tuple) and x[0] == "ll":
+            out.append(ctypes.c_longlong(x[1]))
+        else:
+            out.append(ctypes.c_int(x))
+    return out

@@ -1,0 +1,845 @@
+"""Fused window attention with the iRPE key term (cuda/window_attention.cu, lomar_fast.ops.window_attention).
+
+CPU (always): the reference equals a float64 brute force written from DESIGN.md's formula (values, and
+gradients by gradcheck); the dispatching function equals the SDPA + iRPE-bias path it replaces, bit for
+bit, and the attention block uses it; the custom ops are registered, their fake implementations give
+the real ops' shapes, strides and dtypes, opcheck passes, and the ops' forward and backward formulas
+(the kernels' math, run in PyTorch on CPU) match autograd through the reference on odd shapes; the
+source compiles warning-free with nvcc and NVRTC for sm_80 and sm_90; and the kernels, compiled as host
+C++ with the emulation layer (tests/kernel_emulation.py), match the reference forward and backward, also
+when launched by the CUDA wrapper itself (its launch call redirected to the emulation).
+
+GPU (``-m gpu``, skipped without CUDA or CuPy): kernel vs float64 truth on odd and ViT-B shapes in every
+dtype, values and gradients, non-contiguous and unaligned inputs, a deterministic table gradient,
+torch.compile of an attention block, opcheck on CUDA.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_emulation import SHARED_BYTES, build_library, c_args, emulation_source, missing_toolchain
+
+from lomar_fast.models.irpe import bucket_ids
+from lomar_fast.models.vit import Attention
+from lomar_fast.ops import _cuda_build as cb
+from lomar_fast.ops import _window_attention_cuda as wac
+from lomar_fast.ops import window_attention as wa_mod
+from lomar_fast.ops._dispatch import set_kernels
+from lomar_fast.ops.irpe import irpe_key_bias
+from lomar_fast.ops.window_attention_ref import window_attention_reference
+
+REPO = Path(__file__).resolve().parent.parent
+ARCHS = (80, 90)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _has_cupy() -> bool:
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gpu_test(fn):
+    """Mark a test as GPU-only: skipped cleanly without a CUDA device (or without CuPy)."""
+    if not _has_cuda():
+        fn = pytest.mark.skip(reason="needs a CUDA device")(fn)
+    elif not _has_cupy():
+        fn = pytest.mark.skip(reason="CuPy is not installed (pip install 'lomar_fast[gpu]')")(fn)
+    return pytest.mark.gpu(fn)
+
+
+@pytest.fixture
+def kernels_on():
+    """LOMAR_KERNELS=on for the test; exact fp32 matmuls (no TF32) so fp32 tolerances stay tight."""
+    set_kernels("on")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    set_kernels(None)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs and the independent formula
+# ---------------------------------------------------------------------------------------------
+def qkv_views(n, h, length, d, dtype=torch.float32, device="cpu", seed=0):
+    """q, k, v as the attention block makes them: views of one (N, L, 3, H, D) projection."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(n, length, 3, h, d, generator=g).to(dtype).to(device)
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def window_buckets(side: int) -> torch.Tensor:
+    """Buckets of a side x side window plus cls (L = side^2 + 1, 50 buckets)."""
+    return bucket_ids(side, side)
+
+
+def random_table(d, nb=50, seed=1, dtype=torch.float32, device="cpu", std=0.3):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(d, nb, generator=g) * std).to(dtype).to(device)
+
+
+def brute_force(q, k, v, table, buckets, scale):
+    """DESIGN.md's logits in float64, element by element in index form:
+    s[n,h,i,j] = scale * sum_d q[n,h,i,d] k[n,h,j,d] + sum_d q[n,h,i,d] T[d, bucket(i,j)], softmax over j, times v."""
+    q, k, v, t = (x.detach().double() for x in (q, k, v, table))
+    tb = t[:, buckets]  # (D, L, L): T[:, bucket(i, j)]
+    s = scale * torch.einsum("nhid,nhjd->nhij", q, k) + torch.einsum("nhid,dij->nhij", q, tb)
+    e = torch.exp(s - s.amax(-1, keepdim=True))
+    p = e / e.sum(-1, keepdim=True)
+    return torch.einsum("nhij,nhjd->nhid", p, v), torch.logsumexp(s, -1)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def truth_grads(q, k, v, table, buckets, scale, grad_out):
+    """Float64 autograd of the reference from the same (possibly rounded) inputs."""
+    xs = [x.detach().cpu().double().requires_grad_(True) for x in (q, k, v, table)]
+    out = window_attention_reference(*xs[:3], xs[3], buckets.cpu(), scale)
+    return out, torch.autograd.grad(out, xs, grad_out.detach().cpu().double())
+
+
+# ---------------------------------------------------------------------------------------------
+# reference (CPU)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("side,nb,d", [(4, 50, 8), (3, 13, 5)])
+def test_reference_matches_brute_force(side, nb, d):
+    torch.manual_seed(0)
+    length = side * side + 1
+    buckets = window_buckets(side) if nb == 50 else torch.randint(0, nb, (length, length))
+    q, k, v = qkv_views(3, 2, length, d, torch.float64)
+    table = random_table(d, nb, dtype=torch.float64)
+    want, _ = brute_force(q, k, v, table, buckets, 0.37)
+    got = window_attention_reference(q, k, v, table, buckets, 0.37)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # the default scale is head_dim^-0.5, and the table term really contributes
+    torch.testing.assert_close(window_attention_reference(q, k, v, table, buckets), brute_force(
+        q, k, v, table, buckets, d**-0.5)[0], rtol=1e-12, atol=1e-12)
+    assert rel_err(got, brute_force(q, k, v, table * 0, buckets, 0.37)[0]) > 1e-3
+
+
+def test_reference_gradcheck():
+    torch.manual_seed(0)
+    buckets = window_buckets(2)  # L = 5
+    q, k, v = (x.detach().requires_grad_(True) for x in qkv_views(1, 2, 5, 4, torch.float64))
+    table = random_table(4, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda *a: window_attention_reference(*a, buckets, 0.5), (q, k, v, table), eps=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_computes_in_fp32_and_casts_back(dtype):
+    buckets = window_buckets(3)
+    q, k, v = qkv_views(2, 3, 10, 16, dtype)
+    table = random_table(16)
+    got = window_attention_reference(q, k, v, table, buckets)
+    assert got.dtype == dtype
+    want = brute_force(q, k, v, table, buckets, 16**-0.5)[0].to(dtype)
+    # the float64 result rounded once: equal, or one step of the 16-bit format apart where fp32 and fp64
+    # round differently (a 16-bit computation would be many steps off)
+    step = torch.finfo(dtype).eps * want.float().abs().clamp_min(torch.finfo(dtype).tiny)
+    diff = (got.float() - want.float()).abs()
+    assert bool((diff <= step).all())
+    assert float((diff == 0).float().mean()) > 0.95
+
+
+def test_reference_rejects_bad_inputs():
+    q, k, v = qkv_views(1, 2, 5, 4)
+    table, buckets = random_table(4), window_buckets(2)
+    with pytest.raises(ValueError, match="q must be"):
+        window_attention_reference(q[0], k, v, table, buckets)
+    with pytest.raises(ValueError, match="k must have q's shape"):
+        window_attention_reference(q, k[..., :3], v, table, buckets)
+    with pytest.raises(ValueError, match="v must have q's dtype"):
+        window_attention_reference(q, k, v.double(), table, buckets)
+    with pytest.raises(ValueError, match="table"):
+        window_attention_reference(q, k, v, random_table(5), buckets)
+    with pytest.raises(ValueError, match="buckets"):
+        window_attention_reference(q, k, v, table, buckets.int())
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch and the attention block (CPU)
+# ---------------------------------------------------------------------------------------------
+class _Boom:
+    def __getattr__(self, name):
+        raise AssertionError(f"CUDA kernel module used for CPU tensors ({name})")
+
+
+@pytest.mark.parametrize("mode", ["auto", "on", "off"])
+@pytest.mark.parametrize("rpe_scale", [None, 0.25])
+def test_dispatch_on_cpu_is_the_sdpa_bias_path(monkeypatch, mode, rpe_scale):
+    """On CPU the function is exactly the computation the blocks ran before: SDPA + irpe_key_bias."""
+    import lomar_fast.ops as ops_pkg
+
+    monkeypatch.setitem(sys.modules, "lomar_fast.ops._window_attention_cuda", _Boom())
+    monkeypatch.setattr(ops_pkg, "_window_attention_cuda", _Boom(), raising=False)
+    set_kernels(mode)
+    try:
+        buckets = window_buckets(4)
+        q, k, v = (x.detach().requires_grad_(True) for x in qkv_views(3, 5, 17, 16))
+        table = random_table(16).requires_grad_(True)
+        got = wa_mod.window_attention(q, k, v, table, buckets, rpe_scale=rpe_scale)
+        q_rpe = q if rpe_scale is None else q * rpe_scale
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=irpe_key_bias(q_rpe, table, buckets))
+        assert torch.equal(got, want)
+        go = torch.randn_like(got)
+        for a, b in zip(torch.autograd.grad(got, (q, k, v, table), go), torch.autograd.grad(want, (q, k, v, table), go)):
+            assert torch.equal(a, b)
+        # and it means the reference (rpe_scale folded into the table)
+        t = table if rpe_scale is None else table * rpe_scale
+        torch.testing.assert_close(got, window_attention_reference(q, k, v, t, buckets), rtol=2e-5, atol=2e-5)
+        got_scaled = wa_mod.window_attention(q, k, v, table, buckets, scale=0.5, rpe_scale=rpe_scale)
+        torch.testing.assert_close(got_scaled, window_attention_reference(q, k, v, t, buckets, 0.5),
+                                   rtol=2e-5, atol=2e-5)
+    finally:
+        set_kernels(None)
+
+
+@pytest.mark.parametrize("scaled_query", [False, True])
+def test_attention_block_uses_window_attention(monkeypatch, scaled_query):
+    """The block's output is unchanged (rpe_k + SDPA, as before), and it goes through window_attention."""
+    import lomar_fast.models.vit as vit
+
+    torch.manual_seed(0)
+    attn = Attention(48, 3, rpe=True, scaled_query=scaled_query)
+    with torch.no_grad():
+        attn.rpe_k.lookup_table_weight.normal_(0, 0.3)
+    buckets = window_buckets(3)
+    x = torch.randn(4, 10, 48)
+    calls = []
+    real = vit.window_attention
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vit, "window_attention", spy)
+    got = attn(x, buckets)
+    assert len(calls) == 1
+    args, kwargs = calls[0]
+    assert args[3] is not None and torch.equal(args[3], attn.rpe_k.lookup_table_weight[0])
+    assert kwargs["rpe_scale"] == (16**-0.5 if scaled_query else None)
+
+    n, length, dim = x.shape
+    q, k, v = attn.qkv(x).reshape(n, length, 3, 3, 16).permute(2, 0, 3, 1, 4).unbind(0)
+    before = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.rpe_k(q, buckets))
+    want = attn.proj(before.transpose(1, 2).reshape(n, length, dim))
+    assert torch.equal(got, want)
+
+
+def test_auto_default_follows_committed_gpu_results():
+    """``auto`` uses the kernel only when a committed GPU result shows it correct and faster than the
+    compiled current path, forward+backward and forward."""
+    results = REPO / "benchmarks" / "results" / "h200" / "kernels.json"
+    rows = {r["name"]: r for r in json.loads(results.read_text())["results"]} if results.is_file() else {}
+
+    def wins(name):
+        r = rows.get(name)
+        return r is not None and bool(r["correct"]) and r.get("kernel_over_compiled", 2.0) < 1.0
+
+    assert wa_mod.AUTO_USES_KERNEL is (wins("window_attention_fwd_bwd") and wins("window_attention_fwd"))
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops: registration, fake implementations, opcheck, autograd formula (CPU)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["window_attention_fwd", "window_attention_bwd"])
+def test_ops_registered(name):
+    op = getattr(torch.ops.lomar_fast, name)
+    assert isinstance(op.default, torch._ops.OpOverload)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lomar_fast::{name}", "Meta")
+
+
+def _heads_strides(n, h, length, d):
+    return (length * h * d, d, h * d, 1)
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
+def test_fake_shapes_strides_dtypes(dtype):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    n, h, length, d, nb = 5, 3, 26, 80, 50
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    with FakeTensorMode():
+        q, k, v = torch.empty(n, length, 3, h, d, dtype=dtype).permute(2, 0, 3, 1, 4).unbind(0)
+        table = torch.empty(d, nb, dtype=torch.bfloat16)
+        buckets = torch.zeros(length, length, dtype=torch.long)
+        out, lse = torch.ops.lomar_fast.window_attention_fwd(q, k, v, table, buckets, 0.1)
+        assert out.shape == (n, h, length, d) and out.dtype == dtype
+        assert out.stride() == _heads_strides(n, h, length, d)
+        assert lse.shape == (n, h, length) and lse.dtype == acc and lse.is_contiguous()
+        grads = torch.ops.lomar_fast.window_attention_bwd(out, q, k, v, out, lse, table, buckets, 0.1)
+        for g in grads[:3]:
+            assert g.shape == (n, h, length, d) and g.dtype == dtype
+            assert g.stride() == _heads_strides(n, h, length, d)
+        assert grads[3].shape == (d, nb) and grads[3].dtype == acc
+        # the public path returns the same layout: (N, L, H*D) is a view of it
+        flat = wac.window_attention(q, k, v, table, buckets, 0.1).transpose(1, 2)
+        assert flat.is_contiguous() and flat.reshape(n, length, h * d).shape == (n, length, h * d)
+
+
+def test_real_ops_match_fake_layout_on_cpu():
+    n, h, length, d = 3, 5, 17, 32
+    q, k, v = qkv_views(n, h, length, d)
+    table, buckets = random_table(d), window_buckets(4)
+    out, lse = torch.ops.lomar_fast.window_attention_fwd(q, k, v, table, buckets, 0.2)
+    assert out.stride() == _heads_strides(n, h, length, d) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), brute_force(q, k, v, table, buckets, 0.2)[1], rtol=1e-6, atol=1e-6)
+    grads = torch.ops.lomar_fast.window_attention_bwd(torch.randn_like(out), q, k, v, out, lse, table, buckets, 0.2)
+    assert all(g.stride() == _heads_strides(n, h, length, d) for g in grads[:3])
+    assert grads[3].shape == table.shape and grads[3].dtype == torch.float32
+
+
+def test_opcheck_cpu():
+    torch.manual_seed(0)
+    buckets = torch.randint(0, 7, (9, 9))
+    q, k, v = (x.detach().requires_grad_(True) for x in qkv_views(2, 3, 9, 8, torch.float64))
+    table = random_table(8, 7, dtype=torch.float64).requires_grad_(True)
+    torch.library.opcheck(torch.ops.lomar_fast.window_attention_fwd, (q, k, v, table, buckets, 0.3))
+    out, lse = torch.ops.lomar_fast.window_attention_fwd(q, k, v, table, buckets, 0.3)
+    args = (torch.randn_like(out), *(x.detach() for x in (q, k, v, out, lse, table)), buckets, 0.3)
+    torch.library.opcheck(torch.ops.lomar_fast.window_attention_bwd, args)
+
+
+OP_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("length,d", [(17, 32), (26, 80), (50, 64)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_op_autograd_matches_reference(length, d, dtype):
+    """The ops' formulas (P from lse; dS = P (dP - rowsum(dO O)); G by bucket; dq, dk, dv, dT) give the
+    reference's values and gradients (N, H odd; a table in another dtype than q)."""
+    torch.manual_seed(0)
+    side = {17: 4, 26: 5, 50: 7}[length]
+    buckets = window_buckets(side)
+    q, k, v = (x.detach().requires_grad_(True) for x in qkv_views(3, 3, length, d, dtype, seed=length))
+    table = random_table(d, dtype=torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_(True)
+    scale = d**-0.5
+    out = wac.window_attention(q, k, v, table, buckets, scale)
+    ref = window_attention_reference(q, k, v, table, buckets, scale)
+    assert out.dtype == dtype
+    assert rel_err(out, ref) <= OP_TOL[dtype] / 2
+    go = torch.randn(out.shape).to(dtype)
+    got = torch.autograd.grad(out, (q, k, v, table), go)
+    want = torch.autograd.grad(ref, (q, k, v, table), go)
+    for name, a, b in zip("q k v table".split(), got, want):
+        assert a.dtype == b.dtype, name
+        assert rel_err(a, b) <= OP_TOL[dtype], (name, rel_err(a, b))
+
+
+def test_op_compiles_as_one_node_cpu():
+    """torch.compile keeps the op opaque (fake impl + registered autograd) and matches eager."""
+    torch.manual_seed(0)
+    buckets = window_buckets(3)
+    q, k, v = (x.detach().requires_grad_(True) for x in qkv_views(2, 3, 10, 32))
+    table = random_table(32).requires_grad_(True)
+
+    def f(q, k, v, table):
+        return (wac.window_attention(q, k, v, table, buckets, 0.2) * 1.5).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = compiled(q, k, v, table)
+    g_got = torch.autograd.grad(got, (q, k, v, table))
+    want = f(q, k, v, table)
+    g_want = torch.autograd.grad(want, (q, k, v, table))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_modules_import_without_cupy_and_without_a_loop():
+    """Importing the CUDA wrapper pulls in neither CuPy nor the owner; the owner and the model import
+    without CuPy (the owner imports the wrapper only when it launches the kernel)."""
+    code = (
+        "import sys\n"
+        "import lomar_fast.ops._window_attention_cuda\n"
+        "assert 'lomar_fast.ops.window_attention' not in sys.modules, 'the CUDA wrapper imports the owner'\n"
+        "import lomar_fast.ops.window_attention, lomar_fast.models.vit\n"
+        "assert 'cupy' not in sys.modules, 'cupy imported at module import'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    import ast
+
+    owner = ast.parse(Path(wa_mod.__file__).read_text())
+    top_level = {a.name for node in owner.body if isinstance(node, ast.ImportFrom) for a in node.names}
+    top_level |= {node.module for node in owner.body if isinstance(node, ast.ImportFrom) and node.module}
+    assert not any("_window_attention_cuda" in name for name in top_level)
+    wrapper_imports = {node.module for node in ast.walk(ast.parse(Path(wac.__file__).read_text()))
+                       if isinstance(node, ast.ImportFrom) and node.module}
+    assert "window_attention" not in wrapper_imports and "lomar_fast.ops.window_attention" not in wrapper_imports
+
+
+# ---------------------------------------------------------------------------------------------
+# compile checks (CPU): nvcc and NVRTC, sm_80 and sm_90, started together in the background
+# ---------------------------------------------------------------------------------------------
+# Run in a separate process (so the two architectures and nvcc compile in parallel): argv is a JSON file
+# with the source, the name expressions and the options; prints a JSON result.
+_NVRTC_SCRIPT = r"""
+import json, sys
+from cuda.bindings import nvrtc
+
+job = json.load(open(sys.argv[1]))
+ok = nvrtc.nvrtcResult.NVRTC_SUCCESS
+err, prog = nvrtc.nvrtcCreateProgram(job["source"].encode(), job["filename"].encode(), 0, [], [])
+assert err == ok, err
+for name in job["names"]:
+    (err,) = nvrtc.nvrtcAddNameExpression(prog, name.encode())
+    assert err == ok, (name, err)
+opts = [o.encode() for o in job["options"]]
+(status,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+err, size = nvrtc.nvrtcGetProgramLogSize(prog)
+log = bytearray(size)  # a mutable buffer NVRTC writes into
+nvrtc.nvrtcGetProgramLog(prog, log)
+log = bytes(log)
+lowered = {}
+if status == ok:
+    for name in job["names"]:
+        err, low = nvrtc.nvrtcGetLoweredName(prog, name.encode())
+        lowered[name] = low.decode() if err == ok else None
+print(json.dumps({"ok": status == ok, "log": log.rstrip(b"\x00 ").decode(errors="replace"), "lowered": lowered}))
+"""
+
+_JOBS: dict[str, subprocess.Popen | None] = {}
+
+
+def _start_compiles(workdir: Path) -> None:
+    nvcc = shutil.which("nvcc")
+    src = str(cb.cuda_source_path(wac.SOURCE))
+    for arch in ARCHS:
+        _JOBS[f"nvcc{arch}"] = None if nvcc is None else subprocess.Popen(
+            [nvcc, "-std=c++17", "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-c", src, "-o", "/dev/null",
+             "-Werror", "all-warnings", "-Xptxas", "-Werror"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    import importlib.util
+
+    has_nvrtc = importlib.util.find_spec("cuda") is not None and importlib.util.find_spec("cuda.bindings") is not None
+    for arch in ARCHS:
+        job = workdir / f"nvrtc{arch}.json"
+        # the runtime's source and options; CuPy appends -ftz=true and the architecture
+        job.write_text(json.dumps({
+            "source": cb.cuda_source(wac.SOURCE), "filename": wac.SOURCE, "names": list(wac.NAME_EXPRESSIONS),
+            "options": [*cb.NVRTC_OPTIONS, "-ftz=true", f"--gpu-architecture=sm_{arch}"],
+        }))
+        _JOBS[f"nvrtc{arch}"] = None if not has_nvrtc else subprocess.Popen(
+            [sys.executable, "-c", _NVRTC_SCRIPT, str(job)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_in_background(request, tmp_path_factory):
+    """Start the compiler checks when the module starts (they run while the other tests do), if any
+    selected test needs them."""
+    if any("compile_job" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        _start_compiles(tmp_path_factory.mktemp("nvrtc"))
+    yield
+    for proc in _JOBS.values():
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    _JOBS.clear()
+
+
+@pytest.fixture
+def compile_job(request):
+    """(returncode, stdout, stderr) of the background compile job named by the (indirect) parameter."""
+    name = request.param
+    proc = _JOBS.get(name)
+    if proc is None:
+        missing_toolchain("nvcc not found on PATH" if name.startswith("nvcc") else "cuda-python (cuda.bindings) missing")
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out, err
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU emulation of the kernels
+# ---------------------------------------------------------------------------------------------
+_EMU_ENTRY = r"""
+#define WA_EMU_DISPATCH(D, CALL) \
+  switch (D) { case 32: CALL(32); break; case 64: CALL(64); break; case 80: CALL(80); break; default: break; }
+extern "C" {
+int wa_fwd_bytes(int L, int NB, int D) { return wa_ns::wa_fwd_shared_bytes(L, NB, D); }
+int wa_bwd_bytes(int L, int NB, int D) { return wa_ns::wa_bwd_shared_bytes(L, NB, D); }
+void wa_fwd(int D, const void* q, const long long* qs, const void* k, const long long* ks, const void* v,
+            const long long* vs, const float* table, const long long* bk, void* out, const long long* os, float* lse,
+            int H, int L, int NB, long long NP, float scale, int dtype, int vec, int grid) {
+#define WA_FWD(DD) emu_launch(grid, 256, [&] { wa_ns::window_attention_fwd<DD>(q, qs[0], qs[1], qs[2], k, ks[0], \
+      ks[1], ks[2], v, vs[0], vs[1], vs[2], table, bk, out, os[0], os[1], os[2], lse, H, L, NB, NP, scale, dtype, vec); })
+  WA_EMU_DISPATCH(D, WA_FWD)
+}
+void wa_bwd(int D, const void* q, const long long* qs, const void* k, const long long* ks, const void* v,
+            const long long* vs, const void* o, const long long* os, const void* go, const long long* gos,
+            const float* lse, const float* table, const long long* bk, void* dq, void* dk, void* dv,
+            const long long* gs, float* part, int H, int L, int NB, long long NP, float scale, int dtype, int vec,
+            int grid) {
+#define WA_BWD(DD) emu_launch(grid, 256, [&] { wa_ns::window_attention_bwd<DD>(q, qs[0], qs[1], qs[2], k, ks[0], \
+      ks[1], ks[2], v, vs[0], vs[1], vs[2], o, os[0], os[1], os[2], go, gos[0], gos[1], gos[2], lse, table, bk, \
+      dq, dk, dv, gs[0], gs[1], gs[2], part, H, L, NB, NP, scale, dtype, vec); })
+  WA_EMU_DISPATCH(D, WA_BWD)
+}
+void wa_reduce(const float* part, float* out, int parts, int count) {
+  emu_launch((count + 255) / 256, 256, [&] { wa_ns::window_attention_dtable_reduce(part, out, parts, count); });
+}
+// the kernels' own parameter lists, for launches made by the Python wrapper
+typedef long long ll;
+void wa_fwd_launch(int D, int grid, int block, const void* q, ll a0, ll a1, ll a2, const void* k, ll b0, ll b1, ll b2,
+                   const void* v, ll c0, ll c1, ll c2, const float* table, const ll* bk, void* out, ll o0, ll o1,
+                   ll o2, float* lse, int H, int L, int NB, ll NP, float scale, int dtype, int vec) {
+#define WA_FWDL(DD) emu_launch(grid, block, [&] { wa_ns::window_attention_fwd<DD>(q, a0, a1, a2, k, b0, b1, b2, v, \
+      c0, c1, c2, table, bk, out, o0, o1, o2, lse, H, L, NB, NP, scale, dtype, vec); })
+  WA_EMU_DISPATCH(D, WA_FWDL)
+}
+void wa_bwd_launch(int D, int grid, int block, const void* q, ll a0, ll a1, ll a2, const void* k, ll b0, ll b1, ll b2,
+                   const void* v, ll c0, ll c1, ll c2, const void* o, ll o0, ll o1, ll o2, const void* go, ll g0,
+                   ll g1, ll g2, const float* lse, const float* table, const ll* bk, void* dq, void* dk, void* dv,
+                   ll s0, ll s1, ll s2, float* part, int H, int L, int NB, ll NP, float scale, int dtype, int vec) {
+#define WA_BWDL(DD) emu_launch(grid, block, [&] { wa_ns::window_attention_bwd<DD>(q, a0, a1, a2, k, b0, b1, b2, v, \
+      c0, c1, c2, o, o0, o1, o2, go, g0, g1, g2, lse, table, bk, dq, dk, dv, s0, s1, s2, part, H, L, NB, NP, scale, \
+      dtype, vec); })
+  WA_EMU_DISPATCH(D, WA_BWDL)
+}
+void wa_reduce_launch(int D, int grid, int block, const float* part, float* out, int parts, int count) {
+  (void)D;
+  emu_launch(grid, block, [&] { wa_ns::window_attention_dtable_reduce(part, out, parts, count); });
+}
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return build_library(emulation_source(((wac.SOURCE, "wa_ns"),), _EMU_ENTRY), tmp_path_factory.mktemp("wa_emu"))
+
+
+def test_shared_memory_formula_matches_kernel_layout(emu):
+    for length in (1, 2, 5, 17, 26, 37, 50, 63, 64):
+        for nb in (1, 7, 13, 50, 64):
+            for d in wac.HEAD_DIMS:
+                assert wac.shared_bytes("fwd", length, nb, d) == emu.wa_fwd_bytes(length, nb, d)
+                assert wac.shared_bytes("bwd", length, nb, d) == emu.wa_bwd_bytes(length, nb, d)
+    # ViT-B (L = 50, NB = 50, D = 64): both kernels fit one SM of an A100 / H100 (opt-in limits)
+    assert wac.shared_bytes("fwd", 50, 50, 64) < 64 * 1024
+    assert wac.shared_bytes("bwd", 50, 50, 64) < 110 * 1024
+    assert wac.shared_bytes("bwd", 64, 64, 128) <= 227 * 1024
+
+
+def _strides(t: torch.Tensor):
+    return torch.tensor(t.stride()[:3], dtype=torch.long)
+
+
+def _emulate(emu, q, k, v, table, buckets, scale, go, fwd_grid, bwd_grid):
+    """Run the emulated forward, backward and dT reduction; returns out, lse, dq, dk, dv, dtable."""
+    n, h, length, d = q.shape
+    nb = table.shape[1]
+    dtype = wac.DTYPE_CODES[q.dtype]
+    vec = int(wac._aligned(q, k, v, go))
+    assert wac.shared_bytes("bwd", length, nb, d) <= SHARED_BYTES
+    table_f = table.float().contiguous()
+    out = torch.full((n, length, h, d), 7.0).to(q.dtype).transpose(1, 2)
+    lse = torch.full((n, h, length), 7.0)
+    sq, sk, sv, so = _strides(q), _strides(k), _strides(v), _strides(out)
+    emu.wa_fwd(*c_args(d, q, sq, k, sk, v, sv, table_f, buckets, out, so, lse, h, length, nb, ("ll", n * h),
+                       float(scale), dtype, vec, fwd_grid))
+    dq, dk, dv = (torch.full((n, length, h, d), 5.0).to(q.dtype).transpose(1, 2) for _ in range(3))
+    part = torch.full((bwd_grid, d, nb), 3.0)
+    sgo, sdq = _strides(go), _strides(dq)  # alive until the call returns
+    emu.wa_bwd(*c_args(d, q, sq, k, sk, v, sv, out, so, go, sgo, lse, table_f, buckets, dq, dk, dv, sdq, part, h,
+                       length, nb, ("ll", n * h), float(scale), dtype, vec, bwd_grid))
+    dtable = torch.full((d, nb), 9.0)
+    emu.wa_reduce(*c_args(part, dtable, bwd_grid, d * nb))
+    return out, lse, dq, dk, dv, dtable
+
+
+EMU_CASES = [
+    # (N, H, side or L, D, NB, dtype, aligned, fwd grid, bwd grid)
+    (2, 3, 4, 32, 50, torch.float32, True, 2, 4),  # L = 17, 3 pairs per forward block
+    (1, 3, 26, 80, 13, torch.float32, False, 1, 2),  # random buckets, NB = 13, scalar loads
+    (1, 3, 7, 64, 50, torch.bfloat16, True, 2, 2),  # L = 50, the LoMaR window
+]
+
+
+@pytest.mark.parametrize("n,h,side,d,nb,dtype,aligned,fwd_grid,bwd_grid", EMU_CASES)
+def test_emulated_kernels_match_reference(emu, n, h, side, d, nb, dtype, aligned, fwd_grid, bwd_grid):
+    torch.manual_seed(0)
+    if nb == 50:
+        buckets = window_buckets(side)
+    else:
+        buckets = torch.randint(0, nb, (side, side))
+    length = buckets.shape[0]
+    if aligned:  # fused-qkv views
+        q, k, v = torch.randn(n, length, 3, h, d).to(dtype).permute(2, 0, 3, 1, 4).unbind(0)
+        assert wac._aligned(q, k, v)
+    else:  # the same, shifted by one element: rows are not 16-byte aligned (element-wise loads)
+        q, k, v = torch.randn(n, length, 3, h, d + 1).to(dtype)[..., 1:].permute(2, 0, 3, 1, 4).unbind(0)
+        assert not wac._aligned(q, k, v)
+    table = random_table(d, nb)
+    scale = d**-0.5
+    go = torch.randn(n, length, h, d).to(dtype).transpose(1, 2)  # the gradient of a (N, L, H*D) view
+    out, lse, dq, dk, dv, dtable = _emulate(emu, q, k, v, table, buckets, scale, go, fwd_grid, bwd_grid)
+
+    want, want_lse = brute_force(q, k, v, table, buckets, scale)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(out, want) <= tol, rel_err(out, want)
+    assert rel_err(lse, want_lse) <= 1e-5
+    # gradients: float64 formulas from the same inputs, the kernel's saved out and lse
+    got = dict(q=dq, k=dk, v=dv, table=dtable)
+    ref = wac._backward_torch(go.double(), q.double(), k.double(), v.double(), out.double(), lse.double(),
+                              table.double(), buckets, scale)
+    for (name, a), b in zip(got.items(), ref):
+        assert a.dtype == (torch.float32 if name == "table" else dtype)
+        assert rel_err(a, b) <= (2e-5 if dtype == torch.float32 else 2e-2), (name, rel_err(a, b))
+    # and against autograd through the reference
+    _, truth = truth_grads(q, k, v, table, buckets, scale, go)
+    for (name, a), b in zip(got.items(), truth):
+        assert rel_err(a, b) <= (1e-5 if dtype == torch.float32 else 2e-2), (name, rel_err(a, b))
+
+
+def test_emulated_kernel_bad_bucket_gives_nan_rows(emu):
+    """A bucket id outside [0, NB) poisons its query row only (the Python side documents it)."""
+    buckets = window_buckets(3)
+    buckets[4, 2] = 50
+    q, k, v = (x.contiguous() for x in qkv_views(1, 3, 10, 32))
+    go = torch.randn(1, 3, 10, 32)
+    out = _emulate(emu, q, k, v, random_table(32), buckets, 0.2, go, 1, 1)[0]
+    assert bool(out[:, :, 4].isnan().all())
+    assert bool(out[:, :, [0, 1, 2, 3, 5, 6, 7, 8, 9]].isfinite().all())
+
+
+def _emulated_launcher(emu, launches):
+    """A stand-in for ``_cuda_build.launch`` that runs the named kernel in the emulation, with the argument
+    tuple exactly as the wrapper built it (numpy scalars of the C++ parameter widths)."""
+    import ctypes
+
+    import numpy as np
+
+    def convert(a):
+        if isinstance(a, np.uint64):
+            return ctypes.c_void_p(int(a))
+        if isinstance(a, np.int64):
+            return ctypes.c_longlong(int(a))
+        if isinstance(a, np.int32):
+            return ctypes.c_int(int(a))
+        if isinstance(a, np.float32):
+            return ctypes.c_float(float(a))
+        raise TypeError(f"kernel argument of unexpected type {type(a)}")
+
+    entries = {"window_attention_fwd": emu.wa_fwd_launch, "window_attention_bwd": emu.wa_bwd_launch,
+               "window_attention_dtable_reduce": emu.wa_reduce_launch}
+
+    def launch(filename, names, kernel, device, grid, block, args, shared_mem=0):
+        assert filename == wac.SOURCE and kernel in names
+        assert shared_mem <= SHARED_BYTES
+        base, _, rest = kernel.partition("<")
+        d = int(rest[:-1]) if rest else 0
+        launches.append((kernel, grid, block, shared_mem, args))
+        entries[base](ctypes.c_int(d), ctypes.c_int(grid), ctypes.c_int(block), *map(convert, args))
+
+    return launch
+
+
+@pytest.mark.parametrize("length,d,dtype,aligned", [(17, 32, torch.float32, True), (26, 64, torch.bfloat16, False)])
+def test_wrapper_launches_match_reference_in_emulation(emu, monkeypatch, length, d, dtype, aligned):
+    """The CUDA wrapper's launches (argument order and widths, strides, dtype code, 16-byte flag, shared
+    memory, dT partials and their reduction) run through the emulated kernels on CPU tensors, as on a GPU,
+    through the registered autograd: values and gradients match the reference."""
+    launches = []
+    monkeypatch.setattr(cb, "launch", _emulated_launcher(emu, launches))
+    monkeypatch.setattr(wac, "_kernel_ok", lambda kind, q, table: wac.kernel_supports(q, table) and q.numel() > 0)
+    monkeypatch.setattr(wac, "_prepare", lambda kernel, device, shared: None)
+    monkeypatch.setattr(wac, "_grid", lambda kernel, device, shared, pairs: min(pairs, 2))
+    torch.manual_seed(0)
+    buckets = window_buckets({17: 4, 26: 5}[length])
+    big = torch.randn(3, length, 3, 3, d + (0 if aligned else 1)).to(dtype)
+    q, k, v = (x.detach().requires_grad_(True) for x in big[..., -d:].permute(2, 0, 3, 1, 4).unbind(0))
+    assert wac._aligned(q, k, v) is aligned
+    table = random_table(d).requires_grad_(True)
+    out = wac.window_attention(q, k, v, table, buckets, 0.2)
+    go = torch.randn(out.shape).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v, table), go)
+    assert [name for name, *_ in launches] == [f"window_attention_fwd<{d}>", f"window_attention_bwd<{d}>",
+                                               "window_attention_dtable_reduce"]
+    assert launches[0][3] == wac.shared_bytes("fwd", length, 50, d) and launches[0][1:3] == (2, wac.THREADS)
+    assert launches[1][3] == wac.shared_bytes("bwd", length, 50, d) and launches[1][1:3] == (2, wac.THREADS)
+    # 16-byte loads only where every row is 16-byte aligned (the emulation would not notice: x86 does not trap)
+    assert int(launches[0][4][-1]) == int(launches[1][4][-1]) == int(aligned)
+    want, truth = truth_grads(q, k, v, table, buckets, 0.2, go)
+    tol_out, tol_grad = (1e-5, 1e-5) if dtype == torch.float32 else (1e-2, 2e-2)
+    assert rel_err(out, want) <= tol_out
+    for name, a, b in zip("q k v table".split(), grads, truth):
+        assert a.dtype == (torch.float32 if name == "table" else dtype)
+        assert rel_err(a, b) <= tol_grad, (name, rel_err(a, b))
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark code path (CPU)
+# ---------------------------------------------------------------------------------------------
+def test_benchmark_window_attention_cases():
+    """The benchmark's cases exist, run, and their baseline (SDPA + iRPE bias) computes the attention."""
+    import argparse
+
+    from benchmarks import kernels as bench
+
+    cfg = dict(bench.SMOKE_CONFIG)
+    x = bench.make_inputs(cfg, "cpu")
+    cases = {c["name"]: c for c in bench.build_cases(x, cfg, "cpu", with_kernels=False)}
+    for name in ("window_attention_fwd", "window_attention_fwd_bwd"):
+        rec = bench.run_case(cases[name], argparse.Namespace(warmup=0, repeats=1), False, None, False)
+        assert rec["correct"] is True and rec["reference_eager"]["median_ms"] > 0
+    want = window_attention_reference(x["q"], x["k"], x["v"], x["table"], x["buckets"])
+    torch.testing.assert_close(cases["window_attention_fwd"]["reference"](), want, rtol=1e-5, atol=1e-5)
+    grads = cases["window_attention_fwd_bwd"]["reference"]()[1:]
+    assert [g.shape for g in grads] == [x["q"].shape] * 3 + [x["table"].shape]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: kernel vs float64 truth
+# ---------------------------------------------------------------------------------------------
+GPU_TOL = {  # max error relative to the largest magnitude: output, gradients
+    torch.float32: (1e-4, 2e-4),
+    torch.bfloat16: (1e-2, 2e-2),
+    torch.float16: (4e-3, 1e-2),
+}
+
+
+def _check_gpu(q, k, v, table, buckets, scale=None, rpe_scale=None, go=None):
+    dtype = q.dtype
+    tol_out, tol_grad = GPU_TOL[dtype]
+    q, k, v, table = (x.detach().requires_grad_(True) for x in (q, k, v, table))
+    out = wa_mod.window_attention(q, k, v, table, buckets, scale, rpe_scale=rpe_scale)
+    n, h, length, d = q.shape
+    assert out.dtype == dtype and out.shape == (n, h, length, d)
+    assert out.stride() == _heads_strides(n, h, length, d)  # the kernel's layout: the kernel ran
+    go = torch.randn_like(out) if go is None else go
+    got = torch.autograd.grad(out, (q, k, v, table), go)
+    s = d**-0.5 if scale is None else scale
+    t = table if rpe_scale is None else table * rpe_scale
+    want, truth = truth_grads(q, k, v, t, buckets.cpu(), s, go.cpu())
+    assert rel_err(out.cpu(), want) <= tol_out, rel_err(out.cpu(), want)
+    if rpe_scale is not None:
+        truth = (*truth[:3], truth[3] * rpe_scale)
+    for name, a, b in zip("q k v table".split(), got, truth):
+        assert a.dtype == (table.dtype if name == "table" else dtype)
+        assert rel_err(a.cpu(), b) <= tol_grad, (name, rel_err(a.cpu(), b))
+
+
+@gpu_test
+@pytest.mark.parametrize("length,d", [(17, 32), (26, 80), (37, 64), (50, 64), (50, 80), (64, 128)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_odd_shapes(kernels_on, dtype, length, d):
+    torch.manual_seed(0)
+    side = {17: 4, 26: 5, 37: 6, 50: 7}.get(length)
+    buckets = (window_buckets(side) if side else torch.randint(0, 50, (length, length))).cuda()
+    q, k, v = qkv_views(3, 5, length, d, dtype, "cuda", seed=length + d)
+    _check_gpu(q, k, v, random_table(d, device="cuda"), buckets)
+    assert (wac.SOURCE, torch.cuda.current_device()) in cb._modules  # the kernel ran
+
+
+@gpu_test
+@pytest.mark.parametrize("scaled_query", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_vit_b_shapes(kernels_on, dtype, scaled_query):
+    torch.manual_seed(1)
+    buckets = window_buckets(7).cuda()
+    q, k, v = qkv_views(256, 12, 50, 64, dtype, "cuda", seed=2)  # 3072 (n, h) pairs: many per block
+    _check_gpu(q, k, v, random_table(64, device="cuda"), buckets, rpe_scale=0.125 if scaled_query else None)
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_non_contiguous_and_unaligned(kernels_on, dtype):
+    torch.manual_seed(2)
+    buckets = window_buckets(5).cuda()
+    big = torch.randn(7, 26, 3, 3, 65, device="cuda").to(dtype)
+    q, k, v = big[..., 1:].permute(2, 0, 3, 1, 4).unbind(0)  # rows not 16-byte aligned: scalar loads
+    assert not wac._aligned(q, k, v)
+    table = random_table(50, 64, device="cuda").t()  # (64, 50) non-contiguous
+    go = torch.randn(7, 3, 64, 26, device="cuda").to(dtype).transpose(-1, -2)  # non-contiguous gradient
+    _check_gpu(q, k, v, table, buckets, scale=0.3, go=go)
+    # a contiguous (N, H, L, D) layout and a transposed-last-dim input are taken too
+    q2, k2, v2 = (x.contiguous() for x in qkv_views(4, 3, 26, 64, dtype, "cuda"))
+    _check_gpu(q2, k2, v2.transpose(-1, -2).contiguous().transpose(-1, -2), random_table(64, device="cuda"), buckets)
+
+
+@gpu_test
+def test_gpu_table_gradient_is_deterministic(kernels_on):
+    torch.manual_seed(3)
+    buckets = window_buckets(7).cuda()
+    q, k, v = (x.detach().requires_grad_(True) for x in qkv_views(64, 12, 50, 64, torch.bfloat16, "cuda"))
+    table = random_table(64, device="cuda").requires_grad_(True)
+    go = torch.randn(64, 12, 50, 64, device="cuda", dtype=torch.bfloat16)
+    grads = [torch.autograd.grad(wa_mod.window_attention(q, k, v, table, buckets), (q, table), go) for _ in range(2)]
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@gpu_test
+def test_gpu_torch_compile_attention_block_matches_eager(kernels_on):
+    torch.manual_seed(4)
+    buckets = window_buckets(5).cuda()
+    attn = Attention(192, 3, rpe=True).cuda()
+    with torch.no_grad():
+        attn.rpe_k.lookup_table_weight.normal_(0, 0.3)
+    x = torch.randn(6, 26, 192, device="cuda", requires_grad=True)
+    want = attn(x, buckets)
+    g_want = torch.autograd.grad(want.square().sum(), [x, *attn.parameters()])
+    torch._dynamo.reset()
+    compiled = torch.compile(attn)
+    got = compiled(x, buckets)
+    g_got = torch.autograd.grad(got.square().sum(), [x, *attn.parameters()])
+    assert rel_err(got, want) <= 1e-4
+    for a, b in zip(g_got, g_want):
+        assert rel_err(a, b) <= 1e-3, rel_err(a, b)
+    # and the kernel path agrees with the SDPA + bias path it replaces
+    set_kernels("off")
+    base = attn(x, buckets)
+    assert rel_err(want, base) <= 1e-4
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_opcheck(dtype):
+    torch.manual_seed(5)
+    buckets = window_buckets(3).cuda()
+    q, k, v = (x.detach().requires_grad_(True) for x in qkv_views(2, 3, 10, 32, dtype, "cuda"))
+    table = random_table(32, device="cuda").requires_grad_(True)
+    torch.library.opcheck(torch.ops.lomar_fast.window_attention_fwd, (q, k, v, table, buckets, 0.2))
+    out, lse = torch.ops.lomar_fast.window_attention_fwd(q, k, v, table, buckets, 0.2)
+    args = (torch.randn_like(out), *(x.detach() for x in (q, k, v, out, lse, table)), buckets, 0.2)
+    torch.library.opcheck(torch.ops.lomar_fast.window_attention_bwd, args)
+
+
+# compile checks (results of the jobs started with the module)
+@pytest.mark.parametrize("compile_job", [f"nvcc{a}" for a in ARCHS], indirect=True)
+def test_nvcc_compiles_without_warnings(compile_job):
+    rc, out, _ = compile_job
+    assert rc == 0, f"nvcc failed on {wac.SOURCE}:\n{out}"
+    assert "warning" not in out.lower(), f"nvcc warnings in {wac.SOURCE}:\n{out}"
+
+
+@pytest.mark.parametrize("compile_job", [f"nvrtc{a}" for a in ARCHS], indirect=True)
+def test_nvrtc_compiles_runtime_source(compile_job):
+    rc, out, err = compile_job
+    assert rc == 0, err[-3000:]
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["ok"], f"NVRTC failed on {wac.SOURCE}:\n{res['log']}"
+    assert res["log"] == "", f"NVRTC log (warnings) for {wac.SOURCE}:\n{res['log']}"
+    # every kernel the Python side can launch exists under its name expression
+    assert set(res["lowered"]) == set(wac.NAME_EXPRESSIONS)
+    assert all(low and low.startswith("_Z") for low in res["lowered"].values())
