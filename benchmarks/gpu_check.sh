@@ -28,7 +28,8 @@ cat "$OUT/environment.txt"
 
 status=0
 echo "== GPU tests"
-timeout "${TEST_TIMEOUT:-300}" python3 -m pytest tests/test_kernels.py tests/test_window_attention.py -m gpu -q -rfE \
+timeout "${TEST_TIMEOUT:-300}" python3 -m pytest tests/test_kernels.py tests/test_window_attention.py tests/test_randaugment.py \
+  -m gpu -q -rfE \
   --tb=short -p no:cacheprovider \
   --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
