@@ -155,8 +155,9 @@ def resolve_ds_config(ds: dict[str, Any], *, batch_size: int, accum_iter: int, w
         if zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"--zero_stage {zero_stage} must be 0, 1, 2 or 3")
         ds.setdefault("zero_optimization", {})["stage"] = zero_stage
-    if device.type == "cpu" and ds.get("fp16", {}).get("enabled"):
-        raise ConfigError(f"{source} enables fp16, which needs a GPU; use ds_configs/cpu.json on the CPU")
+    from lomar_fast.precision import resolve_precision
+
+    ds = resolve_precision(ds, device, source)
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
@@ -164,11 +165,10 @@ def resolve_ds_config(ds: dict[str, Any], *, batch_size: int, accum_iter: int, w
 
 
 def compute_dtype(ds: dict[str, Any]) -> torch.dtype:
-    if ds.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if ds.get("fp16", {}).get("enabled"):
-        return torch.float16
-    return torch.float32
+    """The dtype the model's matmuls run in (lomar_fast.precision owns the engine modes)."""
+    from lomar_fast.precision import compute_dtype as of_config
+
+    return of_config(ds)
 
 
 def start_run(cfg, extra_ds: dict[str, Any] | None = None):
@@ -190,6 +190,9 @@ def start_run(cfg, extra_ds: dict[str, Any] | None = None):
                                              world_size=world, explicit=cfg.explicit, zero_stage=cfg.zero_stage,
                                              device=device, source=f"--deepspeed_config {cfg.deepspeed_config}")
     ds_cfg.update(extra_ds or {})
+    from lomar_fast.precision import resolve_precision
+
+    ds_cfg = resolve_precision(ds_cfg, device, f"--deepspeed_config {cfg.deepspeed_config}")
     rank, world, _ = init_distributed(device)
     cfg.batch_size, cfg.accum_iter = micro, accum
     return device, ds_cfg, rank, world

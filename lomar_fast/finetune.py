@@ -32,6 +32,7 @@ from lomar_fast.engine import (ConfigError, LossMeter, build_adamw, check_output
                                effective_lr, lr_at, run_cli, set_lr, start_run)
 from lomar_fast.layer_decay import param_groups_layer_decay
 from lomar_fast.ops.window_gather import normalize_images
+from lomar_fast.precision import param_dtype
 
 BEST_PTH = "checkpoint-best.pth"
 
@@ -352,6 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
     eff_batch = micro * accum * world
     base_lr = effective_lr(cfg.blr, cfg.lr, eff_batch)
     dtype = compute_dtype(ds_cfg)
+    input_dtype = param_dtype(ds_cfg)  # fp32 under torch_autocast: the engine's autocast casts inside each matmul
 
     val_loader, n_val_local, n_val = build_shard_loader(cfg.val_path, micro, cfg.input_size, device,
                                                         cfg.num_workers, rank, world, cfg.os_cache)
@@ -400,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if cfg.eval:
         engine.eval()
-        res = evaluate(forward, val_loader, n_val_local, n_val, device, dtype, nb_classes)
+        res = evaluate(forward, val_loader, n_val_local, n_val, device, input_dtype, nb_classes)
         if rank == 0:
             if adopted:
                 print(f"from the checkpoint's training settings: {', '.join(adopted)}")
@@ -445,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
                     x = erase(x)
                 if mixup is not None:
                     x, targets = mixup(x, targets)
-                logits = engine(x.to(dtype))
+                logits = engine(x.to(input_dtype))
                 loss = criterion(logits.float(), targets)
                 engine.backward(loss)
                 engine.step()
@@ -458,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      images_per_sec=n * micro * world / dt, n=n, lr_low=min(group_lrs))
             epoch_time = time.perf_counter() - epoch_t0
             engine.eval()
-            res = evaluate(forward, val_loader, n_val_local, n_val, device, dtype, nb_classes)
+            res = evaluate(forward, val_loader, n_val_local, n_val, device, input_dtype, nb_classes)
             improved = res["val_top1"] > best
             if improved:
                 best, best_epoch = res["val_top1"], epoch
