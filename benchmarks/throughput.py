@@ -3,22 +3,32 @@
     python -m benchmarks.throughput --quick                 # GPU: ViT-B/16 at 224/384/448, ~2.5 min on an H200
     python -m benchmarks.throughput --tiny --device cpu     # CPU smoke run: tiny models, same code path
 
-Each measured configuration (model x image size x variant) builds a fresh DeepSpeed engine (ZeRO stage and
-precision from the DeepSpeed JSON: ds_configs/zero2.json, bf16, on GPU; ds_configs/cpu.json, fp32, on CPU)
-around a fused AdamW, runs warm-up steps, then times the real step - engine forward, backward and
-optimizer step - on a device-resident synthetic uint8 NHWC batch (or a real ``.beton`` with --data_path).
-Windows and masks are drawn on the device with a device generator; nothing in the step waits for the host.
+Each measured configuration (engine mode x model x image size x variant) builds a fresh DeepSpeed engine (ZeRO
+stage from the DeepSpeed JSON: ds_configs/zero2.json on GPU, ds_configs/cpu.json on CPU) around a fused AdamW,
+runs warm-up steps, then times the real step - engine forward, backward and optimizer step - on a
+device-resident synthetic uint8 NHWC batch (or a real ``.beton`` with --data_path). Windows and masks are drawn
+on the device with a device generator; nothing in the step waits for the host.
+
+Engine modes (lomar_fast.precision): the JSON's own mode by default (``torch_autocast`` for ds_configs/zero*.json:
+fp32 master weights, bf16 matmuls), or any of ``--engine_mode torch_autocast bf16 no_deepspeed`` in one run.
+``bf16`` is DeepSpeed's bf16 mode (bf16 parameters, fp32 master weights in the optimizer); ``no_deepspeed`` is
+the same model and fused AdamW in plain PyTorch (fp32 parameters, autocast in the JSON's compute dtype), an
+upper bound for the engine's overhead. The compute dtype follows the mode, and MFU is measured against a
+matmul timed in that dtype.
 
 Variants: ``eager`` (reference), ``compile`` (torch.compile per block, or of the whole model with
---compile_mode model), and either of them ``+kernels`` (the fused CUDA kernels on; without it they are off).
-A variant that fails (kernels missing, out of memory, compile error) is recorded with its error and the run
-goes on.
+--compile_mode model), ``compile-model`` (the whole model, whatever --compile_mode says), and ``eager`` or
+``compile`` with ``+kernels`` (the fused CUDA kernels on; without it they are off). Each model has its own
+variant list and micro-batch (``--mae_variants``, ``--lomar_batch``, ``--mae_batch``), so each runs at its
+best; the LoMaR/MAE ratios are also given best row against best row per size. A variant that fails (kernels
+missing, out of memory, compile error) is recorded with its error and the run goes on.
 
 Reported per configuration: images/sec (median step time over the timed steps, CUDA events on GPU), model
 FLOPs per training image (lomar_fast.flops), achieved TFLOP/s, MFU against the matrix-multiply rate measured
-on the same device in the same run (8192^3 in the compute dtype), peak memory, and host syncs seen in one
-step under torch.cuda.set_sync_debug_mode. Output under --out: <name>.json (device, versions, config, raw
-step times), <name>.md (tables) and <name>.png (bar chart); --profile adds <name>_profile.md.
+on the same device in the same run (8192^3 in the row's compute dtype), peak memory, and host syncs in one
+step (under torch.cuda.set_sync_debug_mode on GPU; on CPU the lomar_fast.host_sync proxy, with DeepSpeed on
+its GPU code paths). Output under --out: <name>.json (device, versions, config, raw step times), <name>.md
+(tables) and <name>.png (bar chart); --profile adds <name>_profile.md.
 """
 from __future__ import annotations
 
@@ -42,9 +52,10 @@ from typing import Any, Callable
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = "lomar_fast.throughput/1"
-VARIANTS = ("eager", "compile", "eager+kernels", "compile+kernels")
+SCHEMA = "lomar_fast.throughput/2"  # 2: engine mode and compute dtype per row, matmul peak per dtype
+VARIANTS = ("eager", "compile", "compile-model", "eager+kernels", "compile+kernels")
 MODEL_KINDS = ("lomar", "mae")
+ENGINES = ("torch_autocast", "bf16", "no_deepspeed")
 
 # published dense bf16 matrix peaks (TFLOP/s), for a second MFU column next to the measured one
 SPEC_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
@@ -68,9 +79,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", nargs="+", type=int, default=None, help="image sides (default 224 384 448; 64 with --tiny)")
     p.add_argument("--variants", nargs="+", default=None,
                    help=f"any of {', '.join(VARIANTS)} (default: GPU eager compile compile+kernels; CPU eager)")
+    p.add_argument("--mae_variants", nargs="+", default=None,
+                   help="MAE's own variants (default: --variants if given, else GPU eager compile compile-model; CPU eager)")
+    p.add_argument("--engine_mode", nargs="+", default=None, choices=ENGINES,
+                   help="engine modes to run, each a row group (default: the mode of the DeepSpeed JSON)")
     p.add_argument("--compile_mode", default="blocks", choices=("blocks", "model"),
                    help="torch.compile each ViT block (fast to compile, graphs shared by the blocks) or the whole model")
     p.add_argument("--batch_size", type=int, default=None, help="micro-batch for every configuration (default: per model/size table)")
+    p.add_argument("--lomar_batch", type=int, default=None, help="LoMaR's micro-batch at every size (e.g. 512); beats --batch_size")
+    p.add_argument("--mae_batch", type=int, default=None, help="MAE's micro-batch at every size; beats --batch_size")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 with --quick, else 50; 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10 with --quick, else 15; 1 on CPU)")
     p.add_argument("--quick", action="store_true", help="the short GPU run (< 6 min on one H100): fewer steps, a time budget")
@@ -95,13 +112,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="file stem of the outputs (default throughput_<device type>)")
     args = p.parse_args(argv)
 
-    for v in args.variants or ():
-        if v not in VARIANTS:
-            p.error(f"--variants {v!r} is unknown; choose from {', '.join(VARIANTS)}")
+    for flag in ("variants", "mae_variants"):
+        for v in getattr(args, flag) or ():
+            if v not in VARIANTS:
+                p.error(f"--{flag} {v!r} is unknown; choose from {', '.join(VARIANTS)}")
     for s in args.sizes or ():
         if s <= 0 or s % 16:
             p.error(f"--sizes {s} is not a positive multiple of the patch size 16")
-    for flag in ("batch_size", "steps", "warmup", "profile_steps"):
+    for flag in ("batch_size", "lomar_batch", "mae_batch", "steps", "warmup", "profile_steps"):
         v = getattr(args, flag)
         if v is not None and (v < (0 if flag == "warmup" else 1)):
             p.error(f"--{flag} {v} is too small")
@@ -117,6 +135,7 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device) -> argparse
     gpu = device.type == "cuda"
     args.arch = args.arch or ("large" if args.large else ("tiny" if args.tiny else "base"))
     args.sizes = args.sizes or ([64] if args.tiny else [224, 384, 448])
+    args.mae_variants = args.mae_variants or args.variants or (["eager", "compile", "compile-model"] if gpu else ["eager"])
     args.variants = args.variants or (["eager", "compile", "compile+kernels"] if gpu else ["eager"])
     if args.steps is None:
         args.steps = (20 if args.quick else 50) if gpu else 3
@@ -131,6 +150,9 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device) -> argparse
 
 
 def default_batch(args: argparse.Namespace, kind: str, size: int, device: torch.device) -> int:
+    own = args.lomar_batch if kind == "lomar" else args.mae_batch
+    if own is not None:
+        return own
     if args.batch_size is not None:
         return args.batch_size
     if device.type != "cuda" or args.tiny:
@@ -161,6 +183,8 @@ class Result:
     size: int
     variant: str
     batch_size: int
+    engine_mode: str = ""  # torch_autocast | bf16 | fp16 | fp32 | no_deepspeed
+    compute_dtype: str = ""
     status: str = "pending"  # ok | error | oom | skipped
     error: str | None = None
     images_per_sec: float | None = None
@@ -177,6 +201,7 @@ class Result:
     mfu_spec: float | None = None
     peak_mem_gib: float | None = None
     host_syncs_in_step: int | None = None
+    host_sync_method: str | None = None
     host_sync_messages: list[str] = field(default_factory=list)
     loss: float | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -306,6 +331,7 @@ class Batches:
 
 
 def apply_compile(model: torch.nn.Module, mode: str) -> None:
+    """torch.compile of the whole model (``model``) or of each transformer block (``blocks``)."""
     if mode == "model":
         model.compile()
         return
@@ -332,20 +358,33 @@ def set_kernel_mode(mode: str) -> None:
     set_kernels(mode)
 
 
+def engine_config(ds_raw: dict, mode: str) -> dict:
+    """The DeepSpeed JSON switched to an engine mode (unchanged when it already is in that mode)."""
+    from lomar_fast.precision import engine_mode, set_engine_mode
+
+    return ds_raw if mode in (engine_mode(ds_raw), "no_deepspeed") else set_engine_mode(ds_raw, mode)
+
+
+def mode_dtype(ds_raw: dict, mode: str) -> torch.dtype:
+    """The compute dtype of a row: the engine mode's, or the JSON's own for the plain PyTorch row."""
+    from lomar_fast.precision import compute_dtype
+
+    return compute_dtype(engine_config(ds_raw, mode))
+
+
 class Harness:
-    """One configuration: a fresh model + fused AdamW + DeepSpeed engine, and its step."""
+    """One configuration: a fresh model + fused AdamW + DeepSpeed engine (or plain PyTorch), and its step."""
 
     def __init__(self, args, kind: str, size: int, variant: str, batch: int, device: torch.device,
-                 ds_raw: dict, world: int, result: Result):
-        import deepspeed
-
+                 ds_raw: dict, world: int, result: Result, mode: str):
         from lomar_fast.ds_config import resolve_ds_config
-        from lomar_fast.optim import build_adamw, param_groups_weight_decay
+        from lomar_fast.optim import param_groups_weight_decay
         from lomar_fast.flops import model_forward_macs, training_flops
         from lomar_fast.models import create_model
 
-        self.kind, self.device, self.batch = kind, device, batch
-        compile_, kernels = variant.startswith("compile"), variant.endswith("+kernels")
+        self.kind, self.device, self.batch, self.mode = kind, device, batch, mode
+        self.engine = None
+        kernels = variant.endswith("+kernels")
         set_kernel_mode("on" if kernels else "off")
         reset_compiler()
         t0 = time.perf_counter()
@@ -356,39 +395,62 @@ class Harness:
         macs = model_forward_macs(model)
         result.fwd_flops_per_image = 2.0 * macs
         result.train_flops_per_image = float(training_flops(macs))
-        optimizer = build_adamw(param_groups_weight_decay(model, 0.05), lr=1e-4, device=device)
-        if compile_:
-            apply_compile(model, args.compile_mode)
-        ds_cfg, _, _ = resolve_ds_config(ds_raw, batch_size=batch, accum_iter=1, world_size=world, explicit=set(),
-                                         zero_stage=args.zero_stage, device=device, source=f"--ds_config {args.ds_config}")
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
-        self.engine.train()
+        groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups_weight_decay(model, 0.05)]
+        self.dtype = mode_dtype(ds_raw, mode)
+        if mode == "no_deepspeed":
+            model.to(device)
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-4, fused=True)
+        if variant.startswith("compile"):
+            apply_compile(model, "model" if variant.startswith("compile-model") else args.compile_mode)
+        if mode == "no_deepspeed":
+            self.module, self.optimizer = model, optimizer
+        else:
+            import deepspeed
+
+            ds_cfg, _, _ = resolve_ds_config(engine_config(ds_raw, mode), batch_size=batch, accum_iter=1,
+                                             world_size=world, explicit=set(), zero_stage=args.zero_stage,
+                                             device=device, source=f"--ds_config {args.ds_config}")
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+            self.module = self.engine.module
+        self.module.train()
         self.batches = Batches(args, batch, size, device, world)
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(args.seed)
         sync(device)
         result.build_s = time.perf_counter() - t0
 
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        run = self.engine if self.engine is not None else self.module
+        if self.kind == "lomar":
+            windows, masks = self.module.sample(images.shape[0], generator=self.gen, device=self.device)
+            loss, _, _ = run(images, windows, masks, validate=False)
+        else:
+            loss, _, _ = run(images)
+        return loss
+
     def step(self) -> torch.Tensor:
         """One training step; returns the detached loss (no host sync)."""
         images = self.batches.next()
-        if self.kind == "lomar":
-            windows, masks = self.engine.module.sample(images.shape[0], generator=self.gen, device=self.device)
-            loss, _, _ = self.engine(images, windows, masks, validate=False)
-        else:
-            loss, _, _ = self.engine(images)
+        if self.engine is None:  # plain PyTorch: autocast in the compute dtype, fused AdamW
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                loss = self._forward(images)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+        loss = self._forward(images)
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach()
 
     def close(self) -> None:
-        eng = getattr(self, "engine", None)
+        eng = self.engine
         if eng is not None and hasattr(eng, "destroy"):
             try:
                 eng.destroy()
             except Exception:  # noqa: BLE001
                 pass
-        self.engine = self.optimizer = self.batches = None
+        self.engine = self.module = self.optimizer = self.batches = None
 
 
 def free_memory(device: torch.device) -> None:
@@ -417,10 +479,15 @@ def timed_steps(h: Harness, n: int, device: torch.device) -> tuple[list[float], 
     return times, loss
 
 
-def count_host_syncs(h: Harness, device: torch.device) -> tuple[int, list[str]]:
-    """Run one step with torch.cuda.set_sync_debug_mode('warn') and count the synchronising calls."""
+def count_host_syncs(h: Harness, device: torch.device) -> tuple[int, list[str], str]:
+    """Run one step and count the synchronising calls: torch.cuda.set_sync_debug_mode('warn') on GPU, the
+    lomar_fast.host_sync proxy on CPU. Returns (count, up to 10 distinct messages, method)."""
     if device.type != "cuda":
-        return 0, []
+        from lomar_fast.host_sync import HostSyncCounter
+
+        with HostSyncCounter() as counter:
+            h.step()
+        return len(counter.events), counter.lines()[:10], "cpu proxy (lomar_fast.host_sync)"
     sync(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -432,7 +499,19 @@ def count_host_syncs(h: Harness, device: torch.device) -> tuple[int, list[str]]:
     sync(device)
     msgs = [f"{Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0][:120]}" for w in caught
             if "synchroniz" in str(w.message).lower()]
-    return len(msgs), sorted(set(msgs))[:10]
+    return len(msgs), sorted(set(msgs))[:10], "torch.cuda.set_sync_debug_mode"
+
+
+def gpu_paths(device: torch.device, mode: str):
+    """On CPU, DeepSpeed's accelerator answers like a GPU one while a configuration runs, so the host-sync proxy
+    sees DeepSpeed's GPU code paths (lomar_fast.host_sync); a no-op on GPU and for the plain PyTorch row."""
+    import contextlib
+
+    if device.type == "cuda" or mode == "no_deepspeed":
+        return contextlib.nullcontext()
+    from lomar_fast.host_sync import gpu_like_accelerator
+
+    return gpu_like_accelerator()
 
 
 def skip_reason(kind: str, variant: str, device: torch.device) -> str | None:
@@ -445,8 +524,10 @@ def skip_reason(kind: str, variant: str, device: torch.device) -> str | None:
 
 
 def run_config(args, kind: str, size: int, variant: str, batch: int, device: torch.device, ds_raw: dict,
-               world: int, peak_tflops: float, spec: float | None, profile: bool) -> tuple[Result, dict | None]:
-    result = Result(model=f"{kind}_vit_{args.arch}_patch16", kind=kind, size=size, variant=variant, batch_size=batch)
+               world: int, peak_tflops: float, spec: float | None, profile: bool,
+               mode: str) -> tuple[Result, dict | None]:
+    result = Result(model=f"{kind}_vit_{args.arch}_patch16", kind=kind, size=size, variant=variant, batch_size=batch,
+                    engine_mode=mode, compute_dtype=dtype_name(mode_dtype(ds_raw, mode)))
     reason = skip_reason(kind, variant, device)
     if reason:
         result.status, result.error = "skipped", reason
@@ -459,7 +540,7 @@ def run_config(args, kind: str, size: int, variant: str, batch: int, device: tor
         free_memory(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        h = holder["h"] = Harness(args, kind, size, variant, batch, device, ds_raw, world, result)
+        h = holder["h"] = Harness(args, kind, size, variant, batch, device, ds_raw, world, result, mode)
         t = time.perf_counter()
         h.step()
         sync(device)
@@ -479,20 +560,21 @@ def run_config(args, kind: str, size: int, variant: str, batch: int, device: tor
         result.mfu_spec = result.achieved_tflops / spec if spec else None
         if device.type == "cuda":
             result.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
-        result.host_syncs_in_step, result.host_sync_messages = count_host_syncs(h, device)
+        result.host_syncs_in_step, result.host_sync_messages, result.host_sync_method = count_host_syncs(h, device)
         if profile:
             prof = profile_steps(h, args, device, result)
 
-    guarded(result, body)
-    if "h" in holder:
-        holder["h"].close()
+    with gpu_paths(device, mode):
+        guarded(result, body)
+        if "h" in holder:
+            holder["h"].close()
     holder.clear()
     free_memory(device)
     return result, prof
 
 
 def find_max_batch(args, kind: str, size: int, device: torch.device, ds_raw: dict, world: int,
-                   start: int, deadline: float | None) -> dict[str, Any]:
+                   start: int, deadline: float | None, mode: str) -> dict[str, Any]:
     """Double the micro-batch from ``start`` until a step fails (OOM) or the cap; the largest that ran."""
     tried, best, b = [], None, max(1, start)
     while b <= args.max_batch_cap:
@@ -500,23 +582,24 @@ def find_max_batch(args, kind: str, size: int, device: torch.device, ds_raw: dic
             tried.append({"batch": b, "status": "skipped: time budget"})
             break
         r = Result(model=f"{kind}_vit_{args.arch}_patch16", kind=kind, size=size, variant=args.max_batch_variant,
-                   batch_size=b)
+                   batch_size=b, engine_mode=mode)
         holder: dict[str, Harness] = {}
 
         def body() -> None:
             free_memory(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            h = holder["h"] = Harness(args, kind, size, args.max_batch_variant, b, device, ds_raw, world, r)
+            h = holder["h"] = Harness(args, kind, size, args.max_batch_variant, b, device, ds_raw, world, r, mode)
             for _ in range(2):
                 h.step()
             sync(device)
             if device.type == "cuda":
                 r.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
 
-        guarded(r, body)
-        if "h" in holder:
-            holder["h"].close()
+        with gpu_paths(device, mode):
+            guarded(r, body)
+            if "h" in holder:
+                holder["h"].close()
         holder.clear()
         free_memory(device)
         tried.append({"batch": b, "status": r.status, "peak_mem_gib": r.peak_mem_gib,
@@ -525,7 +608,8 @@ def find_max_batch(args, kind: str, size: int, device: torch.device, ds_raw: dic
             break
         best = b
         b *= 2
-    return {"model": kind, "size": size, "variant": args.max_batch_variant, "max_batch": best, "tried": tried}
+    return {"model": kind, "size": size, "variant": args.max_batch_variant, "engine_mode": mode, "max_batch": best,
+            "tried": tried}
 
 
 # ------------------------------------------------------------------------------------------------ profile
@@ -614,48 +698,94 @@ def _f(v: float | None, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+ANY_DEEPSPEED = "any DeepSpeed mode"
+
+
+def _row_label(r: dict) -> str:
+    mode = r.get("engine_mode") or ""
+    return f"{r['variant']}{', ' + mode if mode else ''}, B={r.get('batch_size', '?')}"
+
+
 def speedups(results: list[dict]) -> list[dict]:
-    """LoMaR images/sec over MAE's at each size: per variant, and best variant against best variant."""
+    """LoMaR images/sec over MAE's at each size: per engine mode and variant, and best row against best row per
+    engine mode (whatever variant and micro-batch each model ran best at). With several DeepSpeed modes in the
+    run, also best DeepSpeed row against best DeepSpeed row (``engine_mode`` "any DeepSpeed mode")."""
     ok = [r for r in results if r["status"] == "ok"]
+    modes = list(dict.fromkeys(r.get("engine_mode", "") for r in ok))
+    ds_modes = [m for m in modes if m != "no_deepspeed"]
     out = []
     for size in sorted({r["size"] for r in ok}):
-        by = {(r["kind"], r["variant"]): r["images_per_sec"] for r in ok if r["size"] == size}
-        for variant in VARIANTS + ("best",):
-            if variant == "best":
-                lo = max((v for (k, _), v in by.items() if k == "lomar"), default=None)
-                ma = max((v for (k, _), v in by.items() if k == "mae"), default=None)
-            else:
-                lo, ma = by.get(("lomar", variant)), by.get(("mae", variant))
-            if lo and ma:
-                out.append({"size": size, "variant": variant, "lomar_images_per_sec": lo, "mae_images_per_sec": ma,
-                            "lomar_over_mae": lo / ma})
+        at = [r for r in ok if r["size"] == size]
+        groups = [(m, [r for r in at if r.get("engine_mode", "") == m]) for m in modes]
+        if len(ds_modes) > 1:
+            groups.append((ANY_DEEPSPEED, [r for r in at if r.get("engine_mode", "") in ds_modes]))
+        for mode, rows in groups:
+            variants = ("best",) if mode == ANY_DEEPSPEED else VARIANTS + ("best",)
+            for variant in variants:
+                if variant == "best":
+                    lo = max((r for r in rows if r["kind"] == "lomar"), key=lambda r: r["images_per_sec"], default=None)
+                    ma = max((r for r in rows if r["kind"] == "mae"), key=lambda r: r["images_per_sec"], default=None)
+                else:
+                    lo = next((r for r in rows if r["kind"] == "lomar" and r["variant"] == variant), None)
+                    ma = next((r for r in rows if r["kind"] == "mae" and r["variant"] == variant), None)
+                if lo and ma and lo["images_per_sec"] and ma["images_per_sec"]:
+                    out.append({"size": size, "engine_mode": mode, "variant": variant,
+                                "lomar_images_per_sec": lo["images_per_sec"], "mae_images_per_sec": ma["images_per_sec"],
+                                "lomar_over_mae": lo["images_per_sec"] / ma["images_per_sec"],
+                                "lomar_row": _row_label(lo), "mae_row": _row_label(ma)})
     return out
+
+
+def best_against_best(report: dict[str, Any]) -> list[dict]:
+    """Per size, the LoMaR/MAE ratio of each model's best DeepSpeed row (all DeepSpeed modes of the run)."""
+    ds_modes = [m for m in report["config"].get("engine_modes", [""]) if m != "no_deepspeed"]
+    key = ANY_DEEPSPEED if len(ds_modes) > 1 else (ds_modes[0] if ds_modes else "")
+    return [sp for sp in report["speedups"] if sp["variant"] == "best" and sp.get("engine_mode", "") == key]
 
 
 def markdown(report: dict[str, Any]) -> str:
     d, m, c = report["device"], report["matmul"], report["config"]
     v = report["versions"]
+    peaks = "; ".join(f"measured {mm['dtype']} matmul {mm['n']}^3: {mm['tflops']:.4g} TFLOP/s"
+                      for mm in report.get("matmul_by_dtype", {"": m}).values())
     lines = [f"# Training-step throughput: LoMaR vs MAE ({c['arch']}, {d.get('name')})", "",
              f"Device {d.get('name')} ({d['type']}); torch {v['torch']}, deepspeed {v.get('deepspeed')}; "
-             f"DeepSpeed config `{Path(c['ds_config']).name}` (ZeRO-{c['zero_stage']}, {c['dtype']}); "
-             f"measured {m['dtype']} matmul {m['n']}^3: {m['tflops']:.4g} TFLOP/s"
+             f"DeepSpeed config `{Path(c['ds_config']).name}` (ZeRO-{c['zero_stage']}); engine mode(s) "
+             f"{', '.join(c.get('engine_modes', [c.get('engine_mode', '?')]))}; compute dtype {c['dtype']}; {peaks}"
              + (f"; spec {report['spec_tflops']:.0f} TFLOP/s" if report.get("spec_tflops") else "") + ".",
              f"{c['warmup']} warm-up + {c['steps']} timed steps per row; images/sec from the median step; "
-             f"FLOPs = matmul FLOPs per training image (fwd+bwd = 3x fwd); {c['data']}.", "",
-             "| model | size | variant | batch | img/s | step ms (median) | GFLOP/img | TFLOP/s | MFU | peak GiB | syncs/step | status |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             f"FLOPs = matmul FLOPs per training image (fwd+bwd = 3x fwd); MFU against the measured matmul in the "
+             f"row's dtype; {c['data']}.", "",
+             "| model | size | variant | engine | dtype | batch | img/s | step ms (median) | GFLOP/img | TFLOP/s | MFU | "
+             "peak GiB | syncs/step | status |",
+             "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["results"]:
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r['error'] or '').splitlines()[0][:60]}"
         lines.append(
-            f"| {r['kind']} | {r['size']} | {r['variant']} | {r['batch_size']} | {_f(r['images_per_sec'], '.1f')} | "
+            f"| {r['kind']} | {r['size']} | {r['variant']} | {r.get('engine_mode', '')} | {r.get('compute_dtype', '')} | "
+            f"{r['batch_size']} | {_f(r['images_per_sec'], '.1f')} | "
             f"{_f(r['step_ms_median'], '.2f')} | {_f(r['train_flops_per_image'] and r['train_flops_per_image'] / 1e9, '.1f')} | "
             f"{_f(r['achieved_tflops'], '.4g')} | {_f(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
             f"{_f(r['peak_mem_gib'], '.2f')} | {_f(r['host_syncs_in_step'], 'd')} | {status.replace('|', '/')} |")
+    methods = sorted({r.get("host_sync_method") for r in report["results"] if r.get("host_sync_method")})
+    if methods:
+        lines += ["", f"Host syncs counted with {', '.join(methods)}."]
+    best = best_against_best(report)
+    if best:
+        lines += ["", "LoMaR over MAE, best row against best row (each model at its fastest variant, engine mode and "
+                  "micro-batch; DeepSpeed rows):", "",
+                  "| size | LoMaR img/s | LoMaR row | MAE img/s | MAE row | LoMaR / MAE |", "|---:|---:|---|---:|---|---:|"]
+        lines += [f"| {b['size']} | {b['lomar_images_per_sec']:.1f} | {b['lomar_row']} | {b['mae_images_per_sec']:.1f} | "
+                  f"{b['mae_row']} | **{b['lomar_over_mae']:.2f}x** |" for b in best]
     if report["speedups"]:
-        lines += ["", "LoMaR over MAE (images/sec ratio):", "", "| size | variant | LoMaR img/s | MAE img/s | LoMaR / MAE |",
-                  "|---:|---|---:|---:|---:|"]
-        lines += [f"| {s['size']} | {s['variant']} | {s['lomar_images_per_sec']:.1f} | {s['mae_images_per_sec']:.1f} | "
-                  f"{s['lomar_over_mae']:.2f}x |" for s in report["speedups"]]
+        lines += ["", "LoMaR over MAE (images/sec ratio) per engine mode and variant:", "",
+                  "| size | engine | variant | LoMaR img/s | MAE img/s | LoMaR / MAE |", "|---:|---|---|---:|---:|---:|"]
+        lines += [f"| {sp['size']} | {sp.get('engine_mode', '')} | {sp['variant']} | {sp['lomar_images_per_sec']:.1f} | "
+                  f"{sp['mae_images_per_sec']:.1f} | {sp['lomar_over_mae']:.2f}x |" for sp in report["speedups"]]
     if report.get("max_batch"):
         lines += ["", "Largest micro-batch that ran (doubling until out of memory):", "",
                   "| model | size | variant | max batch | tried |", "|---|---:|---|---:|---|"]
@@ -675,17 +805,20 @@ def bar_chart(report: dict[str, Any], path: Path) -> None:
 
     ok = [r for r in report["results"] if r["status"] == "ok"]
     sizes = sorted({r["size"] for r in report["results"]})
-    series = sorted({(r["kind"], r["variant"]) for r in ok},
-                    key=lambda kv: (MODEL_KINDS.index(kv[0]), VARIANTS.index(kv[1])))
+    modes = list(dict.fromkeys(r.get("engine_mode", "") for r in ok))
+    series = sorted({(r["kind"], r["variant"], r.get("engine_mode", "")) for r in ok},
+                    key=lambda kv: (MODEL_KINDS.index(kv[0]), VARIANTS.index(kv[1]), modes.index(kv[2])))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(sizes) * max(1, len(series)) / 3 + 3), 4.5))
     width = 0.8 / max(1, len(series))
-    for j, (kind, variant) in enumerate(series):
+    for j, (kind, variant, mode) in enumerate(series):
         vals = []
         for s in sizes:
-            hit = [r["images_per_sec"] for r in ok if r["size"] == s and r["kind"] == kind and r["variant"] == variant]
+            hit = [r["images_per_sec"] for r in ok if r["size"] == s and r["kind"] == kind and r["variant"] == variant
+                   and r.get("engine_mode", "") == mode]
             vals.append(hit[0] if hit else 0.0)
         xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(sizes))]
-        bars = ax.bar(xs, vals, width, label=f"{kind} {variant}", hatch="//" if kind == "mae" else None)
+        label = f"{kind} {variant}" + (f" {mode}" if len(modes) > 1 else "")
+        bars = ax.bar(xs, vals, width, label=label, hatch="//" if kind == "mae" else None)
         for b, v in zip(bars, vals):
             if v > 0:
                 ax.annotate(f"{v:.0f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
@@ -727,21 +860,33 @@ def pick_device(requested: str | None) -> torch.device:
     return dev
 
 
-def profile_choice(args, plan: list[tuple[str, int, str]], device: torch.device) -> tuple[str, int, str] | None:
+def profile_choice(args, plan: list[tuple[str, int, str, str]],
+                   device: torch.device) -> tuple[str, int, str, str] | None:
+    """The configuration (model, size, variant, engine mode) to profile, or None."""
     if not args.profile or not plan:
         return None
     if args.profile_target:
         parts = args.profile_target.split(":")
-        if len(parts) != 3:
-            raise SystemExit(f"--profile_target {args.profile_target!r} must be model:size:variant, e.g. lomar:224:compile")
-        target = (parts[0], int(parts[1]), parts[2])
-        if target not in plan:
+        if len(parts) not in (3, 4):
+            raise SystemExit(f"--profile_target {args.profile_target!r} must be model:size:variant[:engine_mode], "
+                             f"e.g. lomar:224:compile")
+        hits = [p for p in plan if p[:3] == (parts[0], int(parts[1]), parts[2]) and (len(parts) == 3 or p[3] == parts[3])]
+        if not hits:
             raise SystemExit(f"--profile_target {args.profile_target} is not among the measured configurations")
-        return target
+        return hits[0]
     runnable = [p for p in plan if not skip_reason(p[0], p[2], device)]
     if not runnable:
         return None
     return next((p for p in runnable if p[2].startswith("compile")), runnable[0])
+
+
+def build_plan(args) -> list[tuple[str, int, str, str]]:
+    """(model, size, variant, engine mode) in run order: variants outermost, so the cheap eager rows of every size
+    come first, then the compiled ones; engine modes innermost, so the rows they compare run back to back."""
+    by_kind = {"lomar": args.variants, "mae": args.mae_variants}
+    variants = [v for v in VARIANTS if any(v in by_kind[k] for k in args.models)]
+    return [(k, s, v, m) for v in variants for s in args.sizes for k in args.models if v in by_kind[k]
+            for m in args.engine_mode]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -753,59 +898,73 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = resolve_defaults(args, device)
 
     from lomar_fast.distributed import init_distributed
-    from lomar_fast.ds_config import compute_dtype, load_ds_config
+    from lomar_fast.ds_config import load_ds_config
+    from lomar_fast.errors import ConfigError
+    from lomar_fast.precision import engine_mode, resolve_precision
 
     ds_raw = load_ds_config(args.ds_config)
-    dtype = compute_dtype(ds_raw)
-    if device.type == "cpu" and dtype == torch.float16:
-        raise SystemExit(f"--ds_config {args.ds_config} enables fp16, which needs a GPU; use ds_configs/cpu.json")
+    args.engine_mode = list(dict.fromkeys(args.engine_mode or [engine_mode(ds_raw)]))
+    try:
+        for mode in args.engine_mode:
+            resolve_precision(engine_config(ds_raw, mode), device, f"--ds_config {args.ds_config}")
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    dtypes = {mode: mode_dtype(ds_raw, mode) for mode in args.engine_mode}
+    dtype = dtypes[args.engine_mode[0]]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     _, world, _ = init_distributed(device)
 
-    matmul = measure_matmul(device, dtype, args.matmul_size)
+    matmuls = {dtype_name(d): measure_matmul(device, d, args.matmul_size) for d in dict.fromkeys(dtypes.values())}
+    matmul = matmuls[dtype_name(dtype)]
     dinfo = device_info(device)
-    spec = spec_tflops(dinfo.get("name")) if device.type == "cuda" and dtype == torch.bfloat16 else None
-    print(f"[throughput] {dinfo.get('name')}: {matmul['dtype']} matmul {matmul['n']}^3 = {matmul['tflops']:.4g} TFLOP/s",
-          flush=True)
+    spec_bf16 = spec_tflops(dinfo.get("name")) if device.type == "cuda" else None
+    spec = spec_bf16 if dtype == torch.bfloat16 else None
+    for mm in matmuls.values():
+        print(f"[throughput] {dinfo.get('name')}: {mm['dtype']} matmul {mm['n']}^3 = {mm['tflops']:.4g} TFLOP/s", flush=True)
 
-    # variants outermost: the cheap eager rows of every size come first, then the compiled ones
-    plan = [(k, s, v) for v in args.variants for s in args.sizes for k in args.models]
+    plan = build_plan(args)
     target = profile_choice(args, plan, device)
     deadline = t_start + args.time_budget if args.time_budget else None
     results, prof, skipped = [], None, []
-    for kind, size, variant in plan:
+    for kind, size, variant, mode in plan:
         batch = default_batch(args, kind, size, device)
         cost = 60.0 if variant.startswith("compile") else 20.0  # rough seconds a configuration needs
         if deadline is not None and time.perf_counter() + cost > deadline and not skip_reason(kind, variant, device):
             r = Result(model=f"{kind}_vit_{args.arch}_patch16", kind=kind, size=size, variant=variant, batch_size=batch,
-                       status="skipped", error="time budget spent")
-            skipped.append(f"{kind}:{size}:{variant}")
+                       engine_mode=mode, compute_dtype=dtype_name(dtypes[mode]), status="skipped",
+                       error="time budget spent")
+            skipped.append(f"{kind}:{size}:{variant}:{mode}")
         else:
-            r, p = run_config(args, kind, size, variant, batch, device, ds_raw, world, matmul["tflops"], spec,
-                              profile=(kind, size, variant) == target)
+            row_dtype = dtypes[mode]
+            r, p = run_config(args, kind, size, variant, batch, device, ds_raw, world,
+                              matmuls[dtype_name(row_dtype)]["tflops"],
+                              spec_bf16 if row_dtype == torch.bfloat16 else None,
+                              profile=(kind, size, variant, mode) == target, mode=mode)
             prof = p or prof
         results.append(asdict(r))
         msg = (f"{r.images_per_sec:9.1f} img/s  step {r.step_ms_median:8.2f} ms  MFU {100 * (r.mfu or 0):5.1f}%  "
                f"first step {r.first_step_s:.1f}s" if r.status == "ok" else f"{r.status}: {(r.error or '').splitlines()[0][:150]}")
-        print(f"[throughput] {kind:5s} {size:4d} {variant:16s} B={batch:<5d} {msg}", flush=True)
+        print(f"[throughput] {kind:5s} {size:4d} {variant:16s} {mode:14s} B={batch:<5d} {msg}", flush=True)
 
     max_batch = []
     if args.find_max_batch:
         for kind in args.models:
             for size in args.sizes:
                 mb = find_max_batch(args, kind, size, device, ds_raw, world, default_batch(args, kind, size, device),
-                                    deadline)
+                                    deadline, args.engine_mode[0])
                 max_batch.append(mb)
                 print(f"[throughput] max batch {kind} {size}: {mb['max_batch']}", flush=True)
 
     zero = ds_raw.get("zero_optimization", {}).get("stage", 0) if args.zero_stage is None else args.zero_stage
     config = {k: v for k, v in vars(args).items()}
-    config.update(dtype=str(dtype).replace("torch.", ""), zero_stage=zero, world_size=world,
+    config.update(dtype=dtype_name(dtype), engine_mode=args.engine_mode[0], engine_modes=args.engine_mode,
+                  dtype_by_engine_mode={m: dtype_name(d) for m, d in dtypes.items()}, zero_stage=zero, world_size=world,
                   data=f"real batches from {args.data_path}" if args.data_path else "synthetic uint8 NHWC batches on the device")
     report = {"schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "device": dinfo, "versions": versions(), "config": config, "matmul": matmul, "spec_tflops": spec,
+              "device": dinfo, "versions": versions(), "config": config, "matmul": matmul,
+              "matmul_by_dtype": matmuls, "spec_tflops": spec,
               "results": results, "speedups": speedups(results), "max_batch": max_batch, "profile": prof,
               "skipped_for_time": skipped, "wall_s": None}
     report["wall_s"] = time.perf_counter() - t_start

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from lomar_fast.errors import ConfigError
+from lomar_fast.precision import compute_dtype, param_dtype, resolve_precision  # noqa: F401 (re-exported)
 
 
 def load_ds_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -58,8 +59,7 @@ def resolve_ds_config(ds: dict[str, Any], *, batch_size: int, accum_iter: int, w
         if zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"--zero_stage {zero_stage} must be 0, 1, 2 or 3")
         ds.setdefault("zero_optimization", {})["stage"] = zero_stage
-    if device.type == "cpu" and ds.get("fp16", {}).get("enabled"):
-        raise ConfigError(f"{source} enables fp16, which needs a GPU; use ds_configs/cpu.json on the CPU")
+    ds = resolve_precision(ds, device, source)
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
@@ -70,9 +70,3 @@ def zero_stage_of(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
-def compute_dtype(ds: dict[str, Any]) -> torch.dtype:
-    if ds.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if ds.get("fp16", {}).get("enabled"):
-        return torch.float16
-    return torch.float32

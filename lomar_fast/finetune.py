@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lomar_fast.data.shard import build_shard
 
     trainer = Trainer(cfg, "last", None if cfg.clip_grad is None else {"gradient_clipping": float(cfg.clip_grad)})
-    dev, dtype = trainer.device, trainer.dtype
+    dev, dtype = trainer.device, trainer.input_dtype  # fp32 under torch_autocast: the engine casts inside matmuls
     val = build_shard(cfg.val_path, trainer.micro, cfg.input_size, dev, cfg.num_workers, os_cache=cfg.os_cache)
     if not cfg.eval:
         trainer.set_loader(build_finetune_loader(
@@ -108,7 +108,7 @@ def evaluate_only(cfg: FinetuneConfig, trainer: Trainer, val, nb_classes: int, a
     """``--eval``: the weights of ``--resume`` (a tag, a family such as DIR/best, or a run) or ``--finetune``."""
     point = trainer.resume(module_only=True)
     trainer.engine.eval()
-    res = evaluate(trainer.engine, val, trainer.dtype, nb_classes)
+    res = evaluate(trainer.engine, val, trainer.input_dtype, nb_classes)
     if trainer.rank == 0:
         for line in ([f"from the checkpoint's training settings: {', '.join(adopted)}"] if adopted else []) + loaded:
             print(line)

@@ -30,7 +30,8 @@ from torch import nn
 from lomar_fast import run_dir
 from lomar_fast.config import RunConfig
 from lomar_fast.distributed import all_reduce, barrier, init_distributed, pick_device, seed_rank, seed_shared
-from lomar_fast.ds_config import compute_dtype, load_ds_config, resolve_ds_config, zero_stage_of
+from lomar_fast.ds_config import load_ds_config, resolve_ds_config, zero_stage_of
+from lomar_fast.precision import compute_dtype, param_dtype, resolve_precision
 from lomar_fast.errors import ConfigError, NonFiniteLoss
 from lomar_fast.logging_utils import RunLogger
 from lomar_fast.optim import build_adamw, effective_lr, lr_at, set_lr
@@ -53,6 +54,7 @@ def plan_run(cfg: RunConfig, extra_ds: dict[str, Any] | None = None) -> tuple[to
         ds_raw, batch_size=cfg.batch_size, accum_iter=cfg.accum_iter, world_size=world, explicit=cfg.explicit,
         zero_stage=cfg.zero_stage, device=device, source=f"--deepspeed_config {cfg.deepspeed_config}")
     ds_cfg.update(extra_ds or {})
+    ds_cfg = resolve_precision(ds_cfg, device, f"--deepspeed_config {cfg.deepspeed_config}")  # after the merge
     return device, ds_cfg, world
 
 
@@ -131,7 +133,8 @@ class Trainer:
         self.micro, self.accum = cfg.batch_size, cfg.accum_iter
         self.global_batch = self.micro * self.accum * self.world
         self.base_lr = effective_lr(cfg.blr, cfg.lr, self.global_batch)
-        self.dtype = compute_dtype(self.ds_cfg)
+        self.dtype = compute_dtype(self.ds_cfg)  # what the matmuls run in
+        self.input_dtype = param_dtype(self.ds_cfg)  # what the model takes: fp32 under torch_autocast
         self.root = Path(cfg.output_dir)
         self.epoch, self.step, self.steps_per_epoch = 0, 0, 0
         self.state: dict[str, Any] = {}  # the entry point's own state, saved in every checkpoint

@@ -137,6 +137,7 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path):
     assert report["device"]["type"] == "cpu"
     assert report["versions"]["torch"] and report["versions"]["deepspeed"]
     assert report["config"]["dtype"] == "float32" and report["matmul"]["tflops"] > 0
+    assert report["config"]["engine_mode"] == "fp32" and report["matmul"]["dtype"] == "float32"
 
     by = {(r["kind"], r["variant"]): r for r in report["results"]}
     assert set(by) == {("lomar", "eager"), ("mae", "eager"), ("lomar", "compile+kernels"), ("mae", "compile+kernels")}
@@ -145,6 +146,9 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path):
         assert r["status"] == "ok", r["error"]
         assert r["images_per_sec"] > 0 and len(r["step_times_ms"]) == 2
         assert r["train_flops_per_image"] > 0 and 0 < r["mfu"]
+        assert r["engine_mode"] == "fp32" and r["compute_dtype"] == "float32"
+        assert r["mfu"] == pytest.approx(r["achieved_tflops"] / report["matmul_by_dtype"]["float32"]["tflops"])
+        assert r["host_sync_method"].startswith("cpu proxy") and r["host_syncs_in_step"] is not None
         assert r["loss"] is not None and r["loss"] > 0
         assert by[(kind, "compile+kernels")]["status"] == "skipped"
     # tiny LoMaR at 64 px shrinks its windows to the 4x4 grid, and the FLOPs follow the model it ran
@@ -156,7 +160,69 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path):
 
     assert report["profile"]["target"] == "lomar:64:eager" and report["profile"]["groups"]
     md = (tmp_path / "smoke.md").read_text()
-    assert "| lomar | 64 | eager | 4 |" in md and "LoMaR / MAE" in md
+    assert "| lomar | 64 | eager | fp32 | float32 | 4 |" in md and "LoMaR / MAE" in md
     png = (tmp_path / "smoke.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
     assert (tmp_path / "smoke_profile.md").read_text().startswith("# Profile: lomar:64:eager")
+
+
+def _skipped_rows_report(tmp_path: Path, name: str, *extra: str) -> dict:
+    """A CPU run whose rows are all skipped (the fused kernels need CUDA): the run's dtypes, peaks and records only."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "benchmarks.throughput", "--tiny", "--device", "cpu", "--models", "lomar",
+           "--variants", "compile+kernels", "--matmul_size", "64", "--out", str(tmp_path), "--name", name, *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def test_benchmark_times_the_peak_in_the_engine_modes_compute_dtype(tmp_path):
+    # ds_configs/zero2.json trains in torch_autocast: bf16 matmuls, so MFU must be taken against a bf16 peak
+    # (an fp32 peak made a torch_autocast run look like 81% MFU)
+    report = _skipped_rows_report(tmp_path, "autocast", "--ds_config", "ds_configs/zero2.json")
+    assert report["matmul"]["dtype"] == "bfloat16" and report["config"]["dtype"] == "bfloat16"
+    assert report["config"]["engine_mode"] == "torch_autocast" and set(report["matmul_by_dtype"]) == {"bfloat16"}
+    (row,) = report["results"]
+    assert (row["engine_mode"], row["compute_dtype"], row["status"]) == ("torch_autocast", "bfloat16", "skipped")
+
+    # several engine modes in one run: each row carries its mode and dtype, and each dtype gets its own peak
+    report = _skipped_rows_report(tmp_path, "modes", "--ds_config", "ds_configs/cpu.json",
+                                  "--engine_mode", "bf16", "torch_autocast", "no_deepspeed")
+    assert report["config"]["engine_modes"] == ["bf16", "torch_autocast", "no_deepspeed"]
+    assert {(r["engine_mode"], r["compute_dtype"]) for r in report["results"]} == {
+        ("bf16", "bfloat16"), ("torch_autocast", "bfloat16"), ("no_deepspeed", "float32")}
+    assert set(report["matmul_by_dtype"]) == {"bfloat16", "float32"}
+    assert report["matmul"]["dtype"] == "bfloat16"  # the first mode's
+
+
+def test_benchmark_rejects_a_contradictory_precision_config(tmp_path):
+    bad = tmp_path / "both.json"
+    bad.write_text(json.dumps({**json.loads((REPO / "ds_configs" / "zero2.json").read_text()), "bf16": {"enabled": True}}))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--tiny", "--device", "cpu",
+                           "--ds_config", str(bad), "--out", str(tmp_path)],
+                          cwd=REPO, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "enables torch_autocast and bf16" in proc.stderr
+
+
+def test_best_against_best_pairs_each_models_fastest_row():
+    from benchmarks.throughput import best_against_best, speedups
+
+    rows = [dict(kind="lomar", size=224, variant="compile", engine_mode="torch_autocast", status="ok",
+                 images_per_sec=3000.0, batch_size=512),
+            dict(kind="lomar", size=224, variant="compile", engine_mode="bf16", status="ok", images_per_sec=2100.0,
+                 batch_size=256),
+            dict(kind="mae", size=224, variant="compile-model", engine_mode="torch_autocast", status="ok",
+                 images_per_sec=4000.0, batch_size=256),
+            dict(kind="mae", size=224, variant="eager", engine_mode="bf16", status="ok", images_per_sec=2200.0,
+                 batch_size=256),
+            dict(kind="mae", size=224, variant="compile", engine_mode="no_deepspeed", status="ok",
+                 images_per_sec=9000.0, batch_size=256)]  # the plain PyTorch bound never counts as MAE's best
+    report = {"config": {"engine_modes": ["torch_autocast", "bf16", "no_deepspeed"]}, "speedups": speedups(rows)}
+    (best,) = best_against_best(report)
+    assert best["lomar_over_mae"] == pytest.approx(0.75)
+    assert best["lomar_row"] == "compile, torch_autocast, B=512" and best["mae_row"] == "compile-model, torch_autocast, B=256"
+    per_mode = {(s["engine_mode"], s["variant"]): s["lomar_over_mae"] for s in report["speedups"]}
+    assert per_mode[("bf16", "best")] == pytest.approx(2100 / 2200)
+    assert ("no_deepspeed", "best") not in per_mode  # no LoMaR row without DeepSpeed

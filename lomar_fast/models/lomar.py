@@ -194,7 +194,8 @@ class LoMaR(nn.Module):
             sw, sm = self.sample(b, generator=generator, device=images.device)
             windows = sw if windows is None else windows
             masks = sm if masks is None else masks
-        dtype = torch.get_autocast_dtype("cuda") if images.is_cuda and torch.is_autocast_enabled("cuda") else (
+        device_type = images.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else (
             self.patch_embed.proj.weight.dtype)
         n_mask = None if validate else self.num_masked
         patches, targets = gather_windows(images, windows, masks, self.patch_size, self.window_size,
