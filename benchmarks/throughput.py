@@ -17,7 +17,9 @@ upper bound for the engine's overhead. The compute dtype follows the mode, and M
 matmul timed in that dtype.
 
 Variants: ``eager`` (reference), ``compile`` (torch.compile per block, or of the whole model with
---compile_mode model), ``compile-model`` (the whole model, whatever --compile_mode says), and ``eager`` or
+--compile_mode model), ``compile-model`` (the whole model, whatever --compile_mode says), ``compile-model-autotune``
+(inductor's max-autotune GEMM templates with fused bias/GELU epilogues, GPU only), ``compile-model-cudagraphs``
+(inductor's reduce-overhead mode: the compiled forward and backward replayed as CUDA graphs, GPU only), and ``eager`` or
 ``compile`` with ``+kernels`` (the fused CUDA kernels on; without it they are off). Each model has its own
 variant list and micro-batch (``--mae_variants``, ``--lomar_batch``, ``--mae_batch``), so each runs at its
 best; the LoMaR/MAE ratios are also given best row against best row per size. A variant that fails (kernels
@@ -53,7 +55,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "lomar_fast.throughput/2"  # 2: engine mode and compute dtype per row, matmul peak per dtype
-VARIANTS = ("eager", "compile", "compile-model", "eager+kernels", "compile+kernels")
+VARIANTS = ("eager", "compile", "compile-model", "compile-model-autotune", "compile-model-cudagraphs",
+            "eager+kernels", "compile+kernels")
+# inductor mode of each whole-model variant: autotuned GEMM templates with fused epilogues, or CUDA graphs
+INDUCTOR_MODES = {"compile-model-autotune": "max-autotune-no-cudagraphs", "compile-model-cudagraphs": "reduce-overhead"}
 MODEL_KINDS = ("lomar", "mae")
 ENGINES = ("torch_autocast", "bf16", "no_deepspeed")
 
@@ -330,10 +335,11 @@ class Batches:
         return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def apply_compile(model: torch.nn.Module, mode: str) -> None:
-    """torch.compile of the whole model (``model``) or of each transformer block (``blocks``)."""
+def apply_compile(model: torch.nn.Module, mode: str, inductor_mode: str | None = None) -> None:
+    """torch.compile of the whole model (``model``, with ``inductor_mode`` when given) or of each transformer
+    block (``blocks``)."""
     if mode == "model":
-        model.compile()
+        model.compile(**({"mode": inductor_mode} if inductor_mode else {}))
         return
     for name in ("blocks", "decoder_blocks"):
         for blk in getattr(model, name, ()):
@@ -401,7 +407,8 @@ class Harness:
             model.to(device)
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-4, fused=True)
         if variant.startswith("compile"):
-            apply_compile(model, "model" if variant.startswith("compile-model") else args.compile_mode)
+            apply_compile(model, "model" if variant.startswith("compile-model") else args.compile_mode,
+                          INDUCTOR_MODES.get(variant))
         if mode == "no_deepspeed":
             self.module, self.optimizer = model, optimizer
         else:
@@ -520,6 +527,8 @@ def skip_reason(kind: str, variant: str, device: torch.device) -> str | None:
         return "fused kernels run on CUDA tensors only"
     if variant.endswith("+kernels") and kind == "mae":
         return "MAE uses no fused kernels (same as the variant without +kernels)"
+    if variant in INDUCTOR_MODES and device.type != "cuda":
+        return f"inductor mode {INDUCTOR_MODES[variant]} is for CUDA (autotuned GEMMs, CUDA graphs)"
     return None
 
 

@@ -226,3 +226,18 @@ def test_best_against_best_pairs_each_models_fastest_row():
     per_mode = {(s["engine_mode"], s["variant"]): s["lomar_over_mae"] for s in report["speedups"]}
     assert per_mode[("bf16", "best")] == pytest.approx(2100 / 2200)
     assert ("no_deepspeed", "best") not in per_mode  # no LoMaR row without DeepSpeed
+
+
+def test_whole_model_inductor_variants_are_gpu_only_and_pass_their_mode(monkeypatch):
+    from benchmarks import throughput as tp
+
+    cpu = torch.device("cpu")
+    for v in ("compile-model-autotune", "compile-model-cudagraphs"):
+        assert "CUDA" in tp.skip_reason("lomar", v, cpu)
+        assert tp.skip_reason("lomar", v, torch.device("cuda")) is None
+    calls = []
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(model, "compile", lambda **kw: calls.append(kw))
+    tp.apply_compile(model, "model", tp.INDUCTOR_MODES["compile-model-cudagraphs"])
+    tp.apply_compile(model, "model")
+    assert calls == [{"mode": "reduce-overhead"}, {}]
