@@ -660,9 +660,9 @@ def stage_resume(st: Stage) -> None:
     st.check("mid-epoch", latest == "epoch0000" and p.steps < last_step < 2 * p.steps,
              f"latest={latest}, last logged step {last_step}, epoch 1 is steps {p.steps + 1}..{2 * p.steps}")
     c = st.cmd("resumed", pretrain_args(run, out, save_every=1, log_every=1, extra=["--resume", "auto"]))
-    resumed_line = re.search(r"resumed at epoch (\d+) step (\d+)", Path(run.out / c.log).read_text(errors="replace"))
+    resumed_line = re.search(r"resumed from \S+ at epoch (\d+) step (\d+)", Path(run.out / c.log).read_text(errors="replace"))
     st.check("resumed from epoch 1", bool(resumed_line) and resumed_line.group(1) == "1"
-             and int(resumed_line.group(2)) == p.steps, resumed_line.group(0) if resumed_line else "no 'resumed at' line")
+             and int(resumed_line.group(2)) == p.steps, resumed_line.group(0) if resumed_line else "no 'resumed from ... at epoch' line")
     recs = read_jsonl(log)
     pairs = replayed_steps(recs)
     st.results["replayed_steps"] = pairs
