@@ -126,6 +126,26 @@ def test_commit_points_latest_last_and_retire_keeps_the_newest(tmp_path):
     assert run_dir.tags(root) == ["epoch0003", "epoch0009"]
 
 
+def test_a_commit_killed_between_its_writes_never_leaves_latest_on_an_incomplete_tag(tmp_path, monkeypatch):
+    root = tmp_path / "run"
+    _tag(root, "epoch0000")
+    (root / "latest").write_text("epoch0000")
+    (root / "epoch0001").mkdir()
+    real, writes = run_dir._atomic_write, []
+
+    def dies_after_one_write(path, text):
+        if writes:
+            raise OSError("killed")
+        writes.append(path.name)
+        real(path, text)
+
+    monkeypatch.setattr(run_dir, "_atomic_write", dies_after_one_write)
+    with pytest.raises(OSError):
+        run_dir.commit(root, "epoch0001", {"epoch": 1}, update_latest=True)
+    latest = (root / "latest").read_text()
+    assert run_dir.is_complete(root / latest), f"latest names {latest}, which has no complete.json"
+
+
 def test_output_dir_guard_and_overwrite(tmp_path):
     root = tmp_path / "out"
     run_dir.prepare_output_dir(root, None, False)  # a new directory is fine
