@@ -232,7 +232,7 @@ class Trainer:
         """Train from ``self.epoch`` to ``cfg.epochs`` (or ``--exit_after_epochs`` of them). Returns the last
         epoch's record ({} when there was nothing to train); rank 0 writes ``summary.json``."""
         cfg, engine = self.cfg, self.engine
-        from lomar_fast.data import epoch_order, set_epoch
+        from lomar_fast.data import epoch_order, set_epoch, stop_epoch
 
         meter = LossMeter(self.device, cfg.log_every, cfg.output_dir)
         last: dict = {}
@@ -273,7 +273,7 @@ class Trainer:
                                               data_wait_s=wait / n, **extra)
                         epoch_wait, wait = epoch_wait + wait, 0.0
                 seconds = time.perf_counter() - t0
-                del batches  # FFCV stops its workers for this epoch
+                stop_epoch(batches)  # an epoch cut short: FFCV's decoding thread must be gone before the next
                 last = dict(epoch=epoch, step=self.step, loss=meter.epoch_mean, lr=lr, epoch_time=seconds,
                             data_wait_s=epoch_wait,
                             images_per_sec=meter.epoch_steps * self.micro * self.world / max(seconds, 1e-9))

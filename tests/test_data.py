@@ -494,3 +494,30 @@ def test_loader_benchmark_quick(tmp_path):
     assert run["images_per_epoch"] == run["batches_per_epoch"] * res["config"]["batch_size"] > 0
     assert len(run["epoch_seconds"]) == res["config"]["epochs"]
     assert run["images_per_sec"] > 0 and res["decode_only"]["images_per_sec"] > 0
+
+
+def test_an_epoch_cut_short_leaves_no_decoding_thread_behind(tiny):
+    """stop_epoch ends FFCV's decoding thread before the next epoch starts (two pipelines at once share numba's
+    workers and their per-thread random state), and the next epoch's first batch is then exactly a fresh run's."""
+    import threading
+
+    import torch
+
+    from lomar_fast.data import stop_epoch
+
+    _, out = tiny
+
+    def loader(epoch):
+        return build_pretrain_loader(out / "train.beton", batch_size=4, input_size=48, num_workers=2, seed=1,
+                                     start_epoch=epoch, batches_ahead=2)
+
+    cut = loader(0)
+    batches = iter(cut)
+    next(batches)  # 1 of 6 batches, then the epoch is abandoned
+    thread = batches._it  # FFCV's EpochIterator (a Thread) behind the image-only wrapper
+    assert isinstance(thread, threading.Thread) and thread.is_alive()
+    stop_epoch(batches)
+    assert not thread.is_alive()
+    set_epoch(cut, 1)
+    first = next(iter(cut)).clone()
+    assert torch.equal(first, next(iter(loader(1))))

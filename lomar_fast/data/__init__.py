@@ -24,6 +24,7 @@ from .loaders import (
     finetune_pipelines,
     pretrain_pipelines,
     set_epoch,
+    stop_epoch,
     val_pipelines,
 )
 
@@ -31,6 +32,6 @@ __all__ = [
     "BetonError", "check_beton", "dataset_info",
     "build_pretrain_loader", "build_finetune_loader", "build_val_loader",
     "pretrain_pipelines", "finetune_pipelines", "val_pipelines",
-    "set_epoch", "epoch_order", "default_num_workers",
+    "set_epoch", "stop_epoch", "epoch_order", "default_num_workers",
     "PRETRAIN_SCALE", "FINETUNE_SCALE", "RATIO", "eval_crop_pct",
 ]

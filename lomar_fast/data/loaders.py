@@ -31,6 +31,8 @@ you want to keep past the next few iterations.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from typing import Union
 
 import numpy as np
@@ -241,6 +243,24 @@ def build_val_loader(path: str | os.PathLike, batch_size: int, input_size: int =
     info = check_beton(path, need_label=True, input_size=input_size)
     return _build(path, info["fields"], val_pipelines(input_size, device), batch_size, num_workers,
                   distributed, seed, order, os_cache, batches_ahead, drop_last, start_epoch)
+
+
+def stop_epoch(batches) -> None:
+    """End an epoch's iterator that was not run to its end (``--max_steps_per_epoch``), and wait for FFCV's
+    decoding thread to exit. Without the wait, that thread can still be decoding the abandoned epoch's next
+    batches when the next epoch starts, and two pipelines then share numba's worker threads and their
+    per-thread random state: the seeded crops of the new epoch's first batch can come out wrong."""
+    inner = getattr(batches, "_it", batches)
+    if isinstance(inner, threading.Thread):
+        inner.terminate_event.set()  # seen by the thread when its output queue is full
+        while inner.is_alive():
+            inner.join(timeout=1.0)
+            if inner.is_alive() and inner.output_queue.full():  # e.g. blocked handing over its end marker
+                try:
+                    inner.output_queue.get_nowait()
+                except queue.Empty:
+                    pass
+    inner.close()  # releases the epoch's memory, once nothing decodes into it
 
 
 def set_epoch(loader, epoch: int) -> None:
