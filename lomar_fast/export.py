@@ -54,7 +54,10 @@ def consolidate(checkpoint: str, tag: str | None = None) -> tuple[dict[str, torc
     else:
         sd = client["module"]
     sd = {k.removeprefix("module."): v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    meta = {k: client[k] for k in ("epoch", "step", "config") if k in client}
+    meta = {k: client[k] for k in ("epoch", "step") if k in client}
+    config = (client.get("run") or {}).get("config") or client.get("config")  # the trainer saves it under "run"
+    if config:
+        meta["config"] = config
     return sd, meta
 
 

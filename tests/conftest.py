@@ -11,11 +11,14 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
-# the session's pretraining run; tests that repeat part of it (kill during a save, then resume) reuse these
+# the session's pretraining run: 2 ranks x micro-batch 4 x accum 2 (16 images per step), 3 epochs of 6 micro-steps
+# (3 optimizer steps); tests that repeat part of it (a kill during a save, then a resume) reuse these flags
 PRETRAIN_SMALL = ["--model", "lomar_vit_tiny_patch16", "--input_size", "64", "--window_size", "3", "--num_window", "2",
                   "--num_workers", "2", "--log_every", "1", "--deepspeed_config", "ds_configs/cpu.json",
-                  "--batch_size", "16", "--epochs", "3", "--warmup_epochs", "0", "--blr", "4e-3",
-                  "--max_steps_per_epoch", "4", "--save_every", "1"]
+                  "--zero_stage", "2", "--batch_size", "4", "--accum_iter", "2", "--epochs", "3",
+                  "--warmup_epochs", "1", "--blr", "4e-3", "--max_steps_per_epoch", "6", "--save_every", "1",
+                  "--record_data_order"]
+PRETRAIN_RANKS = 2
 
 
 @pytest.fixture
@@ -48,9 +51,9 @@ def small_demo(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def pretrain_run(small_demo, tmp_path_factory) -> dict:
-    """One process of ``lomar_fast.pretrain`` on the demo data (tiny LoMaR at 64 px, 3 epochs of 4 steps,
-    a checkpoint each epoch, the k-NN monitor after the last), then its export: the run directory, the
-    process result, and ``model.pth``."""
+    """``lomar_fast.pretrain`` on the demo data through the ``deepspeed`` launcher on 2 CPU ranks (tiny LoMaR at
+    64 px, ``PRETRAIN_SMALL``: a checkpoint each epoch, the k-NN monitor after the last), then its export: the
+    run directory, the process result, and ``model.pth``."""
     from launch import launch
 
     from lomar_fast.export import export
@@ -58,7 +61,7 @@ def pretrain_run(small_demo, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("pretrain") / "run"
     proc = launch("pretrain", ["--data_path", str(small_demo["train"]), "--output_dir", str(out), *PRETRAIN_SMALL,
                                "--knn_every", "3", "--knn_train", str(small_demo["train"]),
-                               "--knn_val", str(small_demo["val"])])
+                               "--knn_val", str(small_demo["val"])], ranks=PRETRAIN_RANKS)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     model = export(str(out), str(out.parent / "model.pth"))
     return {"out": out, "proc": proc, "model": model, "demo": small_demo}

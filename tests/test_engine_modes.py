@@ -228,7 +228,7 @@ def test_sync_count_catches_deepspeed_syncs_and_an_inserted_read(two_ranks):
 def test_finetune_on_zero3_in_torch_autocast(small_demo, tmp_path):
     out = tmp_path / "ft"
     proc = launch("finetune", ["--data_path", str(small_demo["train"]), "--val_path", str(small_demo["val"]),
-                               "--deepspeed_config", "ds_configs/zero3.json", "--model", "vit_tiny_patch16",
+                               "--deepspeed_config", "ds_configs/zero3.json", "--model", "vit_tiny_patch16", "--depth", "2",
                                "--input_size", "64", "--batch_size", "8", "--epochs", "1", "--warmup_epochs", "0",
                                "--max_steps_per_epoch", "2", "--num_workers", "2", "--log_every", "1",
                                "--output_dir", str(out)], ranks=1, timeout=600)
