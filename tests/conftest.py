@@ -22,6 +22,19 @@ PRETRAIN_RANKS = 2
 
 
 @pytest.fixture
+def kernels_on():
+    """LOMAR_KERNELS=on for the test; exact fp32 matmuls (no TF32) so fp32 tolerances stay tight."""
+    from lomar_fast.ops._dispatch import set_kernels
+
+    set_kernels("on")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    set_kernels(None)
+
+
+@pytest.fixture
 def seed() -> int:
     """Seed torch's global RNG for a reproducible test; returns the seed."""
     torch.manual_seed(0)

@@ -5,6 +5,9 @@ thread, std::barrier for __syncthreads and the warp collectives, blocks run one 
 (so __shared__ becomes static storage and the dynamic shared memory one static buffer). fp16
 conversions (inline PTX) are stubbed out; the fp32 and bf16 paths are exercised for real.
 
+It also holds what both kernel test files share: the architectures and dtypes checked, the GPU-only
+marker and the toolchain requirement.
+
 A test module builds one shared library from the sources it needs plus its own ``extern "C"`` entry
 points (each calling ``emu_launch(grid, block, [&] { ns::kernel(...); })``), loads it with ctypes and
 passes arguments through :func:`c_args`.
@@ -23,6 +26,31 @@ import pytest
 import torch
 
 from lomar_fast.ops import _cuda_build as cb
+
+ARCHS = (80, 90)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _has_cupy() -> bool:
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gpu_test(fn):
+    """Mark a test as GPU-only: skipped cleanly without a CUDA device (or without CuPy)."""
+    if not _has_cuda():
+        fn = pytest.mark.skip(reason="needs a CUDA device")(fn)
+    elif not _has_cupy():
+        fn = pytest.mark.skip(reason="CuPy is not installed (pip install 'lomar_fast[gpu]')")(fn)
+    return pytest.mark.gpu(fn)
+
 
 EMU_LAYER = r"""#include <thread>
 #include <barrier>

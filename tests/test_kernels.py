@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_emulation import build_library, emulation_source, missing_toolchain
+from kernel_emulation import ARCHS, DTYPES, build_library, emulation_source, gpu_test, missing_toolchain
 from kernel_emulation import c_args as _c_args
 
 import lomar_fast.ops as ops_pkg
@@ -28,34 +28,10 @@ from lomar_fast.ops import _cuda_build as cb
 from lomar_fast.ops import _irpe_cuda, _window_gather_cuda
 from lomar_fast.ops import irpe as irpe_mod
 from lomar_fast.ops import window_gather as wg_mod
-from lomar_fast.ops._dispatch import set_kernels
 from lomar_fast.ops.window_gather_ref import n_mask_of
 
 REPO = Path(__file__).resolve().parent.parent
 KERNEL_MODULES = (_irpe_cuda, _window_gather_cuda)
-ARCHS = (80, 90)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _has_cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-def _has_cupy() -> bool:
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def gpu_test(fn):
-    """Mark a test as GPU-only: skipped cleanly without a CUDA device (or without CuPy)."""
-    if not _has_cuda():
-        fn = pytest.mark.skip(reason="needs a CUDA device")(fn)
-    elif not _has_cupy():
-        fn = pytest.mark.skip(reason="CuPy is not installed (pip install 'lomar_fast[gpu]')")(fn)
-    return pytest.mark.gpu(fn)
 
 
 def require_nvrtc() -> None:
@@ -65,15 +41,6 @@ def require_nvrtc() -> None:
         missing_toolchain("cuda-python (cuda.bindings) is not installed")
 
 
-@pytest.fixture
-def kernels_on():
-    """LOMAR_KERNELS=on for the test; exact fp32 matmuls (no TF32) so fp32 tolerances stay tight."""
-    set_kernels("on")
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    set_kernels(None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,7 +440,7 @@ def test_benchmark_cpu_smoke(tmp_path):
     assert (tmp_path / "kernels.md").read_text().startswith("#")
 
 
-@pytest.mark.skipif(_has_cuda(), reason="checks the message shown without a GPU")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_benchmark_without_gpu_exits_clearly(tmp_path):
     from benchmarks import kernels as bench
 

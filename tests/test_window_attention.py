@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_emulation import SHARED_BYTES, build_library, c_args, emulation_source, missing_toolchain
+from kernel_emulation import (ARCHS, DTYPES, SHARED_BYTES, build_library, c_args, emulation_source, gpu_test,
+                              missing_toolchain)
 
 from lomar_fast.models.irpe import bucket_ids
 from lomar_fast.models.vit import Attention
@@ -36,40 +37,8 @@ from lomar_fast.ops.irpe import irpe_key_bias
 from lomar_fast.ops.window_attention_ref import window_attention_reference
 
 REPO = Path(__file__).resolve().parent.parent
-ARCHS = (80, 90)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _has_cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-def _has_cupy() -> bool:
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def gpu_test(fn):
-    """Mark a test as GPU-only: skipped cleanly without a CUDA device (or without CuPy)."""
-    if not _has_cuda():
-        fn = pytest.mark.skip(reason="needs a CUDA device")(fn)
-    elif not _has_cupy():
-        fn = pytest.mark.skip(reason="CuPy is not installed (pip install 'lomar_fast[gpu]')")(fn)
-    return pytest.mark.gpu(fn)
-
-
-@pytest.fixture
-def kernels_on():
-    """LOMAR_KERNELS=on for the test; exact fp32 matmuls (no TF32) so fp32 tolerances stay tight."""
-    set_kernels("on")
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    set_kernels(None)
 
 
 # ---------------------------------------------------------------------------------------------
