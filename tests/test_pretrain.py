@@ -53,6 +53,9 @@ def test_loss_falls_checkpoints_disjoint_shards_and_export(pretrain_run):
     # every saved tag is complete; --keep_last 3 kept all three
     assert sorted(p.name for p in out.glob("epoch*")) == ["epoch0000", "epoch0001", "epoch0002"]
     assert all((out / t / "complete.json").is_file() for t in ("epoch0000", "epoch0001", "epoch0002"))
+    # gradient accumulation: 18 micro-steps of 2 x 4 images made 9 optimizer steps of 16 images
+    states = torch.load(out / "epoch0002" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    assert (states["global_steps"], states["global_samples"]) == (9, 9 * 16)
     assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
     assert "loss by epoch" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
