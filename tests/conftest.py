@@ -63,6 +63,17 @@ def small_demo(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
+def mini_demo(tmp_path_factory) -> dict:
+    """The demo dataset at 2 train + 1 val image per class (16 + 8, 8 classes): for the tests that only need
+    valid labelled .beton files (bad-input checks, k-NN plumbing), quicker to build than ``small_demo``."""
+    from data_prep.make_demo import make_demo
+
+    root = tmp_path_factory.mktemp("mini_demo")
+    make_demo(root, train_per_class=2, val_per_class=1, quiet=True)
+    return {"root": root, "train": root / "train.beton", "val": root / "val.beton", "n_train": 16, "n_val": 8}
+
+
+@pytest.fixture(scope="session")
 def pretrain_run(small_demo, tmp_path_factory) -> dict:
     """``lomar_fast.pretrain`` on the demo data through the ``deepspeed`` launcher on 2 CPU ranks (tiny LoMaR at
     64 px, ``PRETRAIN_SMALL``: a checkpoint each epoch, the k-NN monitor after the last), then its export: the

@@ -204,14 +204,14 @@ def test_two_ranks_zero3_autocast_evaluates_each_val_image_once_keeps_lr_scale(d
     assert one["loss"] == pytest.approx(best["val_loss"], rel=2e-3)
 
 
-def test_bad_inputs_stop_before_any_work(demo, tmp_path, monkeypatch):
+def test_bad_inputs_stop_before_any_work(mini_demo, tmp_path, monkeypatch):
     from lomar_fast import trainer
     from lomar_fast.errors import ConfigError
     from lomar_fast.finetune import main
 
     monkeypatch.setattr(trainer, "init_distributed", lambda *a: (_ for _ in ()).throw(AssertionError("started")))
     out = ["--output_dir", str(tmp_path / "o")]
-    data = ["--data_path", str(demo["train"]), "--val_path", str(demo["val"])]
+    data = ["--data_path", str(mini_demo["train"]), "--val_path", str(mini_demo["val"])]
     for args, message in ((["--val_path", str(tmp_path / "nope.beton")], "--val_path .*nope.beton"),
                           (["--finetune", str(tmp_path / "missing.pth")], "--finetune"),
                           (["--batch_size", "7"], "even"),  # mixup mixes pairs
@@ -223,5 +223,5 @@ def test_bad_inputs_stop_before_any_work(demo, tmp_path, monkeypatch):
         with pytest.raises(ConfigError, match=message):
             main([*SMALL, *out, *data, *args])
     with pytest.raises(ConfigError, match="--eval needs"):
-        main([*SMALL, "--eval", "--val_path", str(demo["val"])])
+        main([*SMALL, "--eval", "--val_path", str(mini_demo["val"])])
     assert not (tmp_path / "o").exists()

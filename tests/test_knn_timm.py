@@ -20,12 +20,6 @@ from launch import REPO, VENV_BIN, cpu_env, free_port
 
 
 
-@pytest.fixture(scope="module")
-def demo(small_demo) -> dict:
-    """128 train images and an odd-sized val set of 29 (8 classes; see conftest.small_demo)."""
-    return small_demo
-
-
 # ------------------------------------------------------------------------------------------- k-NN
 def test_knn_vote_matches_brute_force():
     g = torch.Generator().manual_seed(0)
@@ -43,7 +37,7 @@ def test_knn_vote_matches_brute_force():
         assert scores[i].tolist() == pytest.approx(expect, rel=1e-4)
 
 
-def test_encoder_shape_from_checkpoint_and_self_retrieval(demo, tmp_path):
+def test_encoder_shape_from_checkpoint_and_self_retrieval(mini_demo, tmp_path):
     torch.manual_seed(0)
     lomar = create_model("lomar_vit_small_patch16", img_size=64, window_size=3, num_window=2, depth=2)
     save_checkpoint(lomar, tmp_path / "small.pth")
@@ -52,8 +46,8 @@ def test_encoder_shape_from_checkpoint_and_self_retrieval(demo, tmp_path):
     enc = build_encoder(tmp_path / "small.pth", input_size=64)
     assert "mask_token" in enc.load_report["dropped"]
     # val = train and k = 1: every image's nearest neighbour is itself, so features and labels line up
-    res = knn_eval(enc, demo["train"], demo["train"], input_size=64, batch_size=24, k=1, num_workers=2)
-    assert res["top1"] == 100.0 and res["n_val"] == res["n_train"] == demo["n_train"]
+    res = knn_eval(enc, mini_demo["train"], mini_demo["train"], input_size=64, batch_size=5, k=1, num_workers=2)
+    assert res["top1"] == 100.0 and res["n_val"] == res["n_train"] == mini_demo["n_train"]
 
 
 @pytest.mark.slow
@@ -83,21 +77,22 @@ def test_knn_pretrained_beats_random_and_matches_the_pretraining_monitor(pretrai
     assert f"k-NN top-1 {trained['top1']:.2f}%" in proc.stdout
 
 
-def test_knn_flags_are_checked(demo, tmp_path):
+def test_knn_flags_are_checked(mini_demo, tmp_path):
     from lomar_fast.config import parse_config
     from lomar_fast.errors import ConfigError
 
     def validate(cfg):
         cfg.validate()
 
-    base = ["--data_path", str(demo["train"]), "--output_dir", str(tmp_path / "o"), "--model", "lomar_vit_tiny_patch16",
+    base = ["--data_path", str(mini_demo["train"]), "--output_dir", str(tmp_path / "o"),
+            "--model", "lomar_vit_tiny_patch16",
             "--input_size", "64", "--window_size", "3", "--num_window", "2"]
     with pytest.raises(ConfigError, match="--knn_train and --knn_val"):
         validate(parse_config([*base, "--knn_every", "1"]))
     with pytest.raises(ConfigError, match="--knn_every"):
-        validate(parse_config([*base, "--knn_train", str(demo["train"]), "--knn_val", str(demo["val"])]))
+        validate(parse_config([*base, "--knn_train", str(mini_demo["train"]), "--knn_val", str(mini_demo["val"])]))
     with pytest.raises(ConfigError, match="missing.beton"):
-        validate(parse_config([*base, "--knn_every", "2", "--knn_train", str(demo["train"]),
+        validate(parse_config([*base, "--knn_every", "2", "--knn_train", str(mini_demo["train"]),
                                "--knn_val", str(tmp_path / "missing.beton")]))
 
 

@@ -273,9 +273,9 @@ def no_distributed(monkeypatch):
     monkeypatch.setattr(trainer, "init_distributed", refuse)
 
 
-def test_bad_inputs_stop_before_any_work(small_demo, tmp_path, no_distributed, capsys):
+def test_bad_inputs_stop_before_any_work(mini_demo, tmp_path, no_distributed, capsys):
     out = tmp_path / "out"
-    data = ["--data_path", str(small_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", *SMALL]
+    data = ["--data_path", str(mini_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", *SMALL]
     bad_json = tmp_path / "ds.json"
     bad_json.write_text(json.dumps({"train_micro_batch_size_per_gpu": 32}))
     blocker = tmp_path / "file"
@@ -300,12 +300,12 @@ def test_bad_inputs_stop_before_any_work(small_demo, tmp_path, no_distributed, c
     assert e.value.code == 2 and err.startswith("error: --num_window 3") and err.count("\n") == 1
 
 
-def test_output_dir_holding_a_run_refuses_a_fresh_start(small_demo, tmp_path, no_distributed):
+def test_output_dir_holding_a_run_refuses_a_fresh_start(mini_demo, tmp_path, no_distributed):
     out = tmp_path / "old"
     out.mkdir()
     (out / "log.jsonl").write_text("{}\n")
     (out / "epoch0004").mkdir()
-    args = ["--data_path", str(small_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", *SMALL,
+    args = ["--data_path", str(mini_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", *SMALL,
             "--output_dir", str(out)]
     with pytest.raises(ConfigError, match=r"already holds a run \(log.jsonl, epoch0004\); continue it with "
                                           r"--resume auto, .* another --output_dir, or pass --overwrite"):
@@ -313,7 +313,7 @@ def test_output_dir_holding_a_run_refuses_a_fresh_start(small_demo, tmp_path, no
     assert (out / "log.jsonl").read_text() == "{}\n" and (out / "epoch0004").is_dir()
 
 
-def test_resume_of_another_shape_is_refused_before_any_work(small_demo, tmp_path, no_distributed):
+def test_resume_of_another_shape_is_refused_before_any_work(mini_demo, tmp_path, no_distributed):
     """The saved run's model settings and global batch are compared with this run's before any process group."""
     from lomar_fast import run_dir
 
@@ -324,7 +324,7 @@ def test_resume_of_another_shape_is_refused_before_any_work(small_demo, tmp_path
                         "mask_ratio": 0.8, "norm_pix_loss": True, "window_sampling": "per_batch", "pairing": "all",
                         "drop_path": 0.0}}
     run_dir.commit(out, "epoch0000", {"epoch": 0, "run": saved}, update_latest=True)
-    args = ["--data_path", str(small_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", *SMALL,
+    args = ["--data_path", str(mini_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", *SMALL,
             "--output_dir", str(out), "--resume", "auto"]
     with pytest.raises(ConfigError, match="world size 2 x micro-batch 8 x accum_iter 1 = 16 images per step, this "
                                           "run has world size 1 x micro-batch 8 x accum_iter 1 = 8"):
@@ -369,7 +369,7 @@ def test_visualize_draws_windows_masked_inputs_and_reconstructions(pretrain_run,
                         "--out", str(out)])
 
 
-def test_compile_flag_compiles_the_model_the_trainer_builds(small_demo, tmp_path, monkeypatch):
+def test_compile_flag_compiles_the_model_the_trainer_builds(mini_demo, tmp_path, monkeypatch):
     """--compile --compile_backend B: the trainer hands DeepSpeed a model compiled with B, whose loss and
     gradients equal the eager model's (aot_eager: traced by dynamo and AOTAutograd, no code generation)."""
     import deepspeed
@@ -379,7 +379,7 @@ def test_compile_flag_compiles_the_model_the_trainer_builds(small_demo, tmp_path
 
     monkeypatch.setattr(trainer_mod, "init_distributed", lambda device: (0, 1, 0))
     monkeypatch.setattr(deepspeed, "initialize", lambda model, optimizer, config: (model, optimizer, None, None))
-    cfg = parse_config(["--data_path", str(small_demo["train"]), "--output_dir", str(tmp_path / "o"),
+    cfg = parse_config(["--data_path", str(mini_demo["train"]), "--output_dir", str(tmp_path / "o"),
                         "--deepspeed_config", "ds_configs/cpu.json", *SMALL, "--compile", "--compile_backend",
                         "aot_eager"], PretrainConfig)
     t = trainer_mod.Trainer(cfg, "epoch")

@@ -336,11 +336,11 @@ def test_op_compiles_as_one_node_cpu():
 
 
 def test_modules_import_without_cupy_and_without_a_loop():
-    """Importing the CUDA wrapper pulls in neither CuPy nor the owner; the owner and the model import
-    without CuPy (the owner imports the wrapper only when it launches the kernel)."""
+    """Importing the CUDA wrappers (all three kernels') pulls in neither CuPy nor the owner; the owner and the
+    model import without CuPy (the owner imports the wrapper only when it launches the kernel)."""
     code = (
         "import sys\n"
-        "import lomar_fast.ops._window_attention_cuda\n"
+        "import lomar_fast.ops._window_attention_cuda, lomar_fast.ops._irpe_cuda, lomar_fast.ops._window_gather_cuda\n"
         "assert 'lomar_fast.ops.window_attention' not in sys.modules, 'the CUDA wrapper imports the owner'\n"
         "import lomar_fast.ops.window_attention, lomar_fast.models.vit\n"
         "assert 'cupy' not in sys.modules, 'cupy imported at module import'\n"
@@ -795,6 +795,7 @@ def test_gpu_opcheck(dtype):
 
 
 # compile checks (results of the jobs started with the module)
+@pytest.mark.slow
 @pytest.mark.parametrize("compile_job", [f"nvcc{a}" for a in ARCHS], indirect=True)
 def test_nvcc_compiles_without_warnings(compile_job):
     rc, out, _ = compile_job
@@ -802,6 +803,7 @@ def test_nvcc_compiles_without_warnings(compile_job):
     assert "warning" not in out.lower(), f"nvcc warnings in {wac.SOURCE}:\n{out}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compile_job", [f"nvrtc{a}" for a in ARCHS], indirect=True)
 def test_nvrtc_compiles_runtime_source(compile_job):
     rc, out, err = compile_job
