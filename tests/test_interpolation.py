@@ -270,6 +270,15 @@ def test_config_flag(tmp_path):
     assert parse_config(["--config", str(tmp_path / "run.yaml")], PretrainConfig).interpolation == "bicubic"
     with pytest.raises(ConfigError, match="interpolation = 'cubic' must be one of area, bicubic"):
         parse_config(["--interpolation", "cubic"], FinetuneConfig)
+    # --eval --finetune checkpoint-best.pth evaluates with the interpolation the checkpoint was trained with
+    import torch
+
+    torch.save({"model": {}, "args": {"interpolation": "bicubic"}}, tmp_path / "best.pth")
+    cfg = parse_config(["--eval"], FinetuneConfig)
+    assert cfg.adopt_checkpoint_args(str(tmp_path / "best.pth")) == ["interpolation=bicubic"]
+    assert cfg.interpolation == "bicubic"
+    cfg = parse_config(["--eval", "--interpolation", "area"], FinetuneConfig)  # ... unless the flag says otherwise
+    assert cfg.adopt_checkpoint_args(str(tmp_path / "best.pth")) == [] and cfg.interpolation == "area"
 
 
 class _Reached(Exception):

@@ -1,26 +1,30 @@
 """Antialiased bicubic resizing of uint8 HWC images, compiled with numba, with PIL's exact arithmetic.
 
-``resize_bicubic(src, top, bottom, left, right, dst)`` writes into ``dst`` (uint8 (H, W, 3)) what
-``PIL.Image.fromarray(src).resize((W, H), Image.BICUBIC, box=(left, top, right, bottom))`` returns.
-Passing a cropped view ``src[t:b, l:r]`` with the box ``(0, b - t, 0, r - l)`` gives
-``img.crop((l, t, r, b)).resize((W, H), Image.BICUBIC)`` instead: the filter then stops at the crop's
-edges, as torchvision's and timm's RandomResizedCrop do; with the whole image and a box it reads the
-pixels just outside the box.
+``resize_crop_bicubic(src, top, bottom, left, right, dst)`` writes into ``dst`` (uint8 (H, W, 3)) what
+``Image.fromarray(src).crop((left, top, right, bottom)).resize((W, H), Image.BICUBIC)`` returns: the filter stops
+at the crop's edges, as in torchvision's and timm's RandomResizedCrop (crop, then resize). The arguments are those
+of FFCV's ``resize_crop`` (OpenCV INTER_AREA), so a decoder can call either. ``resize_bicubic`` (same arguments)
+is ``Image.resize((W, H), Image.BICUBIC, box=(left, top, right, bottom))`` instead: the filter also reads the
+pixels around the box. Both are exact, pixel for pixel, for boxes inside the image.
 
 The arithmetic is PIL's (Pillow's ``libImaging/Resample.c``):
 
 - Per axis, output pixel ``o`` is centred at ``in0 + (o + 0.5) * scale`` with ``scale = (in1 - in0) / out``
   (box bounds as float32, the rest in double). When shrinking, the cubic kernel (a = -0.5, support 2) is
-  stretched by ``scale``, so its support covers ``2 * scale`` input pixels on each side (antialiasing).
+  stretched by ``scale``, so it covers ``2 * scale`` input pixels on each side (antialiasing).
 - The taps run over input pixels ``[int(center - support + 0.5), int(center + support + 0.5))`` clipped to
   the image; tap ``x`` weighs ``cubic((x - center + 0.5) / max(scale, 1))``, the weights are divided by
   their sum, then rounded half away from zero to fixed point with 22 fractional bits.
-- Two passes, horizontal then vertical, each accumulating ``pixel * weight`` in integers from
-  ``2**21`` (the rounding half), shifting right by 22 and clamping to 0..255; the intermediate image
-  is uint8.
+- Two separable passes, each accumulating ``pixel * weight`` in integers from ``2**21`` (the rounding half),
+  shifting right by 22 and clamping to 0..255; the intermediate image is uint8, so the order of the passes
+  matters. Pillow <= 12 always runs the horizontal pass first; Pillow >= 13 runs the vertical pass first when the
+  image's height shrinks by more than twice its width (in pixels). ``order`` picks one; the default is
+  Pillow 13's, so the pixels do not depend on which Pillow is installed.
 
-The coefficient functions are compiled without fastmath so that the double arithmetic, and so every
-rounding, is the same as PIL's. Decoders call :func:`resize_bicubic` from their own compiled code.
+The coefficients are computed without fastmath, so the double arithmetic, and so every rounding, is PIL's
+(the FFCV pipeline that calls these functions is compiled with fastmath; these keep their own flags). Both
+passes run along the first axis of a C-contiguous array, whole rows at a time, which vectorizes; the horizontal
+pass therefore works on a transposed copy of the pixels it reads.
 """
 from __future__ import annotations
 
