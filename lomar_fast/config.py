@@ -243,8 +243,9 @@ class FinetuneConfig(RunConfig):
     ADOPTED_KEYS: ClassVar[tuple[str, ...]] = ("model", "depth", "input_size", "global_pool", "interpolation")
 
     def adopt_checkpoint_args(self, path: str) -> list[str]:
-        """For ``--eval --finetune checkpoint-best.pth``: take the model settings and the interpolation the checkpoint
-        was trained with (saved under ``args``) for every one the user did not set. Returns 'name=value' of those taken."""
+        """For ``--eval --finetune checkpoint-best.pth``: take the model settings and the interpolation the
+        checkpoint was trained with (saved under ``args``) for every one the user did not set. Returns
+        'name=value' of those taken."""
         import torch
 
         try:
@@ -345,8 +346,8 @@ HELP = {
     "eval": "only evaluate --finetune or --resume on --val_path and print top-1/top-5",
 }
 
-CHOICES = {"interpolation": ("area", "bicubic"), "window_sampling": ("per_batch", "per_image"), "pairing": ("all", "published"),
-           "kernels": ("on", "off", "auto"), "mixup_mode": ("batch", "pair", "elem"),
+CHOICES = {"interpolation": ("area", "bicubic"), "window_sampling": ("per_batch", "per_image"),
+           "pairing": ("all", "published"), "kernels": ("on", "off", "auto"), "mixup_mode": ("batch", "pair", "elem"),
            "remode": ("pixel", "rand", "const"), "device": ("cpu", "cuda")}
 
 
