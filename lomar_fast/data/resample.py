@@ -114,18 +114,43 @@ def _pass(src, r0, c0, first, count, weights, out):
 
 @njit(nogil=True, cache=True)
 def _transpose(src, r0, c0, out):
-    """``out[c, r] = src[r0 + r, c0 + c]`` (pixels of 3 bytes) for ``out`` of shape (cols, rows, 3), in tiles."""
+    """``out[c, r] = src[r0 + r, c0 + c]`` (pixels of 3 bytes) for ``out`` of shape (cols, rows, 3); both arrays
+    C-contiguous. Four source rows at a time, so each output row gets 12 contiguous bytes per visit."""
     cols, rows = out.shape[0], out.shape[1]
-    tile = 32
-    for rb in range(0, rows, tile):
-        re = min(rb + tile, rows)
-        for cb in range(0, cols, tile):
-            ce = min(cb + tile, cols)
-            for r in range(rb, re):
-                for c in range(cb, ce):
-                    out[c, r, 0] = src[r0 + r, c0 + c, 0]
-                    out[c, r, 1] = src[r0 + r, c0 + c, 1]
-                    out[c, r, 2] = src[r0 + r, c0 + c, 2]
+    s2 = src.reshape(src.shape[0], src.shape[1] * 3)
+    o2 = out.reshape(cols, rows * 3)
+    r = 0
+    while r + 4 <= rows:
+        a = s2[r0 + r]
+        b = s2[r0 + r + 1]
+        c = s2[r0 + r + 2]
+        d = s2[r0 + r + 3]
+        q = 3 * r
+        for x in range(cols):
+            p = 3 * (c0 + x)
+            line = o2[x]
+            line[q] = a[p]
+            line[q + 1] = a[p + 1]
+            line[q + 2] = a[p + 2]
+            line[q + 3] = b[p]
+            line[q + 4] = b[p + 1]
+            line[q + 5] = b[p + 2]
+            line[q + 6] = c[p]
+            line[q + 7] = c[p + 1]
+            line[q + 8] = c[p + 2]
+            line[q + 9] = d[p]
+            line[q + 10] = d[p + 1]
+            line[q + 11] = d[p + 2]
+        r += 4
+    while r < rows:
+        a = s2[r0 + r]
+        q = 3 * r
+        for x in range(cols):
+            p = 3 * (c0 + x)
+            o2[x, q] = a[p]
+            o2[x, q + 1] = a[p + 1]
+            o2[x, q + 2] = a[p + 2]
+        r += 1
 
 
 ORDER_PIL13 = 0  # Pillow >= 13: vertical pass first when the height shrinks by more than twice the width
