@@ -83,7 +83,8 @@ def _to_device(device: Device):
     return ToDevice(dev, non_blocking=dev.type == "cuda")
 
 
-def pretrain_pipelines(input_size: int, device: Device = "cpu", seed: int = 0, interpolation: str = "area") -> dict:
+def pretrain_pipelines(input_size: int, device: Device = "cpu", seed: int = 0,
+                       interpolation: str = "area") -> dict:
     """{'image': [...], 'label': None}: RandomResizedCrop(scale 0.2..1) + flip, uint8 NHWC."""
     from ffcv.transforms import ToTensor
 
@@ -107,7 +108,8 @@ def _label_pipeline(device: Device) -> list:
     return [IntDecoder(), ToTensor(), Squeeze(1), _to_device(device)]
 
 
-def finetune_pipelines(input_size: int, device: Device = "cpu", seed: int = 0, interpolation: str = "area") -> dict:
+def finetune_pipelines(input_size: int, device: Device = "cpu", seed: int = 0,
+                       interpolation: str = "area") -> dict:
     """RandomResizedCrop(scale 0.08..1) + flip; labels int64 (B,)."""
     from ffcv.transforms import ToTensor
 
@@ -208,8 +210,9 @@ def build_pretrain_loader(path: str | os.PathLike, batch_size: int, input_size: 
     """Pretraining loader: iterating yields uint8 image batches of shape (B, S, S, 3) on ``device``.
 
     RandomResizedCrop to input_size (scale 0.2..1, ratio 3/4..4/3), horizontal flip p=0.5, crops resized with
-    ``interpolation`` ('area' or 'bicubic', see the module doc). Labels are not read. Raises FileNotFoundError / BetonError for a bad file or an
-    input_size larger than the stored images, ValueError for a bad order/distributed combo.
+    ``interpolation`` ('area' or 'bicubic', see the module doc). Labels are not read. Raises FileNotFoundError /
+    BetonError for a bad file or an input_size larger than the stored images, ValueError for a bad
+    order/distributed combo or interpolation.
     """
     info = check_beton(path, need_label=False, input_size=input_size)
     return _build(path, info["fields"], pretrain_pipelines(input_size, device, seed, interpolation), batch_size,
