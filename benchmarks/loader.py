@@ -4,6 +4,7 @@ Usage::
 
     python -m benchmarks.loader                    # 1..N workers (N = cores), sizes 224 and 384
     python -m benchmarks.loader --quick --out /tmp/loader.json
+    python -m benchmarks.loader --pipeline finetune --sizes 224 --workers 1 --interpolations area bicubic
 
 The dataset is built once into ``--cache-dir``: random views of the scikit-image demo
 photos at ImageNet-like sizes (500x375, a quarter of them 375x500 portrait), written as
@@ -11,7 +12,10 @@ JPEG q90 with max side 512 by data_prep.write_beton. For each (size, workers) th
 runs one warm-up epoch (it includes Numba compilation), then ``--epochs`` timed epochs;
 the reported rate is the median epoch. ``decode_only`` times libjpeg-turbo full-image
 decodes (FFCV's own decoder, one thread) and ``resize_only`` the crop+resize of decoded
-images, to show where the time goes. Results: ``benchmarks/results/loader_<host>.json``.
+images, to show where the time goes. ``--pipeline finetune`` times the fine-tuning loader (scale 0.08..1, with
+labels) instead, and ``--interpolations`` the crop resizes to compare (``area``: FFCV's INTER_AREA, the default;
+``bicubic``: PIL's, lomar_fast.data.resample); every (size, workers) runs each interpolation in turn, ``--rounds``
+times, so a change in the machine's load hits both. Results: ``benchmarks/results/loader_<host>.json``.
 """
 from __future__ import annotations
 
@@ -84,10 +88,14 @@ def build_dataset(cache_dir: Path, num_images: int, seed: int = 0) -> Path:
     return beton
 
 
-def time_decode_and_resize(beton: Path, size: int, limit: int = 400) -> tuple[dict, dict]:
+def time_decode_and_resize(beton: Path, size: int, limit: int = 400,
+                           interpolation: str = "area") -> tuple[dict, dict]:
     """Single-thread libjpeg-turbo decode of whole images, then crop+resize to ``size``."""
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.reader import Reader
+
+    if interpolation == "bicubic":
+        from lomar_fast.data.resample import resize_crop_bicubic as resize_crop
 
     r = Reader(str(beton))
     meta = r.metadata[r.metadata.dtype.names[r.field_names.index("image")]][:limit]
@@ -105,6 +113,7 @@ def time_decode_and_resize(beton: Path, size: int, limit: int = 400) -> tuple[di
         dec = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     dst = np.empty((size, size, 3), np.uint8)
+    resize_crop(outs[0], 0, 8, 0, 8, dst)  # compiles the bicubic resize outside the timing
     t0 = time.perf_counter()
     for (h, w), o in zip(hw, outs):
         area = h * w * rng.uniform(0.2, 1.0)
@@ -119,16 +128,18 @@ def time_decode_and_resize(beton: Path, size: int, limit: int = 400) -> tuple[di
               "ms_per_image": round(1e3 * dec / n, 3), "mean_width": round(mean_w, 1),
               "mean_height": round(mean_h, 1),
               "mean_jpeg_kb": round(float(np.mean([len(b) for b in blobs])) / 1024, 1)}
-    resize = {"size": size, "images": n, "seconds": round(rs, 4),
+    resize = {"size": size, "interpolation": interpolation, "images": n, "seconds": round(rs, 4),
               "images_per_sec": round(n / rs, 1), "ms_per_image": round(1e3 * rs / n, 3)}
     return decode, resize
 
 
-def run_loader(beton: Path, size: int, workers: int, batch_size: int, epochs: int) -> dict:
-    from lomar_fast.data import build_pretrain_loader
+def run_loader(beton: Path, size: int, workers: int, batch_size: int, epochs: int, pipeline: str = "pretrain",
+               interpolation: str = "area") -> dict:
+    from lomar_fast.data import build_finetune_loader, build_pretrain_loader
 
-    loader = build_pretrain_loader(beton, batch_size=batch_size, input_size=size,
-                                   num_workers=workers, order="random", seed=0)
+    build = build_pretrain_loader if pipeline == "pretrain" else build_finetune_loader
+    loader = build(beton, batch_size=batch_size, input_size=size, num_workers=workers, order="random", seed=0,
+                   interpolation=interpolation)
     t0 = time.perf_counter()
     for _ in loader:
         pass
@@ -138,32 +149,49 @@ def run_loader(beton: Path, size: int, workers: int, batch_size: int, epochs: in
         count = 0
         t0 = time.perf_counter()
         for x in loader:
-            count += x.shape[0]
+            count += (x if pipeline == "pretrain" else x[0]).shape[0]
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    return {"size": size, "workers": workers, "batches_per_epoch": len(loader),
+    return {"size": size, "workers": workers, "pipeline": pipeline, "interpolation": interpolation,
+            "batches_per_epoch": len(loader),
             "images_per_epoch": count, "warmup_seconds": round(warmup, 3),
             "epoch_seconds": [round(t, 4) for t in times],
             "images_per_sec": round(count / med, 1),
             "images_per_sec_per_core": round(count / med / workers, 1)}
 
 
-def pipeline_description() -> str:
-    from lomar_fast.data import PRETRAIN_SCALE, RATIO, pretrain_pipelines
+def pipeline_description(pipeline: str = "pretrain") -> str:
+    from lomar_fast.data import FINETUNE_SCALE, PRETRAIN_SCALE, RATIO, finetune_pipelines, pretrain_pipelines
 
-    ops = " -> ".join(type(op).__name__ for op in pretrain_pipelines(224)["image"])
-    return f"pretrain: {ops} (scale {PRETRAIN_SCALE}, ratio {RATIO[0]:.3f}-{RATIO[1]:.3f}, device cpu)"
+    pipes, scale = (pretrain_pipelines, PRETRAIN_SCALE) if pipeline == "pretrain" else (finetune_pipelines,
+                                                                                         FINETUNE_SCALE)
+    ops = " -> ".join(type(op).__name__ for op in pipes(224)["image"])
+    return f"{pipeline}: {ops} (scale {scale}, ratio {RATIO[0]:.3f}-{RATIO[1]:.3f}, device cpu)"
 
 
 def render(res: dict) -> str:
-    lines = ["| size | workers | img/s | img/s per core |", "|---|---|---|---|"]
-    for r in res["results"]:
-        lines.append(f"| {r['size']} | {r['workers']} | {r['images_per_sec']:.0f} | "
-                     f"{r['images_per_sec_per_core']:.0f} |")
+    rows = res["results"]
+    interps = len({r.get("interpolation", "area") for r in rows}) > 1
+    if interps:  # the median over the rounds of each (size, workers, interpolation)
+        groups: dict = {}
+        for r in rows:
+            groups.setdefault((r["size"], r["workers"], r["interpolation"]), []).append(r)
+        lines = ["| size | workers | interpolation | img/s (median of rounds) | img/s per core | rounds |",
+                 "|---|---|---|---|---|---|"]
+        for (size, workers, interp), rs in groups.items():
+            ips = statistics.median(r["images_per_sec"] for r in rs)
+            each = ", ".join(f"{r['images_per_sec']:.0f}" for r in rs)
+            lines.append(f"| {size} | {workers} | {interp} | {ips:.0f} | {ips / workers:.0f} | {each} |")
+    else:
+        lines = ["| size | workers | img/s | img/s per core |", "|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['size']} | {r['workers']} | {r['images_per_sec']:.0f} | "
+                         f"{r['images_per_sec_per_core']:.0f} |")
     d = res["decode_only"]
-    rs = ", ".join(f"{r['images_per_sec']:.0f} img/s at {r['size']}" for r in res["resize_only"])
+    rs = ", ".join(f"{r['images_per_sec']:.0f} img/s at {r['size']} ({r.get('interpolation', 'area')})"
+                   for r in res["resize_only"])
     lines.append(f"\nfull JPEG decode only (1 thread, {d['mean_width']:.0f}x{d['mean_height']:.0f} "
-                 f"mean): {d['images_per_sec']:.0f} img/s; crop+resize only (INTER_AREA): {rs}")
+                 f"mean): {d['images_per_sec']:.0f} img/s; crop+resize only: {rs}")
     return "\n".join(lines)
 
 
@@ -180,6 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=list(range(1, cores + 1)))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=5, help="timed epochs after one warm-up epoch")
+    p.add_argument("--pipeline", choices=["pretrain", "finetune"], default="pretrain")
+    p.add_argument("--interpolations", nargs="+", choices=["area", "bicubic"], default=["area"])
+    p.add_argument("--rounds", type=int, default=1, help="times each (size, workers) runs every interpolation")
     p.add_argument("--quick", action="store_true", help="tiny run (64 images, 224, 1 worker, 1 epoch)")
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/loader_<host>.json)")
     a = p.parse_args(argv)
@@ -191,15 +222,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     beton = Path(a.data) if a.data else build_dataset(cache, a.num_images)
     load_before = os.getloadavg()
     limit = 64 if a.quick else 400
-    timed = [time_decode_and_resize(beton, size, limit) for size in a.sizes]
+    timed = [time_decode_and_resize(beton, size, limit, interp) for size in a.sizes for interp in a.interpolations]
     decode, resize = timed[0][0], [r for _, r in timed]
     results = []
     for size in a.sizes:
         for w in a.workers:
-            r = run_loader(beton, size, w, a.batch_size, a.epochs)
-            results.append(r)
-            print(f"size {size} workers {w}: {r['images_per_sec']:.0f} img/s "
-                  f"({r['images_per_sec_per_core']:.0f}/core)", file=sys.stderr)
+            for _ in range(a.rounds):
+                for interp in a.interpolations:
+                    r = run_loader(beton, size, w, a.batch_size, a.epochs, a.pipeline, interp)
+                    results.append(r)
+                    print(f"size {size} workers {w} {interp}: {r['images_per_sec']:.0f} img/s "
+                          f"({r['images_per_sec_per_core']:.0f}/core)", file=sys.stderr)
     from lomar_fast.data import dataset_info
 
     info = dataset_info(beton)
@@ -210,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpu": {"model": cpu_model(), "cores": cores, "load_average_before": load_before,
                 "load_average_after": os.getloadavg()},
         "versions": versions(),
-        "config": {"quick": a.quick, "pipeline": pipeline_description(), "batch_size": a.batch_size,
+        "config": {"quick": a.quick, "pipeline": pipeline_description(a.pipeline),
+                   "interpolations": a.interpolations, "rounds": a.rounds, "batch_size": a.batch_size,
                    "epochs": a.epochs, "warmup_epochs": 1, "sizes": a.sizes, "workers": a.workers,
                    "order": "random", "os_cache": True},
         "dataset": {"path": str(beton), "num_images": info["num_images"], "max_side": info["max_side"],

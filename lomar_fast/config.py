@@ -21,6 +21,7 @@ from typing import Any, Callable, ClassVar
 import yaml
 
 from lomar_fast.errors import ConfigError
+from lomar_fast.images import DEFAULT_INTERPOLATION, INTERPOLATIONS
 
 
 @dataclass
@@ -32,6 +33,7 @@ class RunConfig:
     num_workers: int = 8
     os_cache: bool = True
     batches_ahead: int = 3
+    interpolation: str = DEFAULT_INTERPOLATION
     # optimisation shared by both recipes
     batch_size: int = 64
     accum_iter: int = 1
@@ -239,11 +241,12 @@ class FinetuneConfig(RunConfig):
             return head_rows
         return len(classes) if classes is not None else 1000
 
-    ADOPTED_KEYS: ClassVar[tuple[str, ...]] = ("model", "depth", "input_size", "global_pool")
+    ADOPTED_KEYS: ClassVar[tuple[str, ...]] = ("model", "depth", "input_size", "global_pool", "interpolation")
 
     def adopt_checkpoint_args(self, path: str) -> list[str]:
-        """For ``--eval --finetune checkpoint-best.pth``: take the model settings the checkpoint was trained
-        with (saved under ``args``) for every one the user did not set. Returns 'name=value' of those taken."""
+        """For ``--eval --finetune checkpoint-best.pth``: take the model settings and the interpolation the
+        checkpoint was trained with (saved under ``args``) for every one the user did not set. Returns
+        'name=value' of those taken."""
         import torch
 
         try:
@@ -275,6 +278,8 @@ HELP = {
     "num_workers": "FFCV decode threads per rank",
     "os_cache": "let the OS page cache hold the .beton (false: FFCV's own process cache, for data larger than RAM)",
     "batches_ahead": "batches FFCV prepares ahead of the step",
+    "interpolation": "resize of the training crops and the evaluation center crop: area (OpenCV INTER_AREA, FFCV's) "
+                     "or bicubic (PIL's antialiased bicubic, pixel for pixel, as the MAE/LoMaR reference pipelines)",
     "batch_size": "micro-batch per GPU (DeepSpeed train_micro_batch_size_per_gpu)",
     "accum_iter": "gradient accumulation steps",
     "blr": "base lr: lr = blr * effective batch / 256",
@@ -342,8 +347,8 @@ HELP = {
     "eval": "only evaluate --finetune or --resume on --val_path and print top-1/top-5",
 }
 
-CHOICES = {"window_sampling": ("per_batch", "per_image"), "pairing": ("all", "published"),
-           "kernels": ("on", "off", "auto"), "mixup_mode": ("batch", "pair", "elem"),
+CHOICES = {"interpolation": INTERPOLATIONS, "window_sampling": ("per_batch", "per_image"),
+           "pairing": ("all", "published"), "kernels": ("on", "off", "auto"), "mixup_mode": ("batch", "pair", "elem"),
            "remode": ("pixel", "rand", "const"), "device": ("cpu", "cuda")}
 
 

@@ -52,12 +52,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     trainer = Trainer(cfg, "last", None if cfg.clip_grad is None else {"gradient_clipping": float(cfg.clip_grad)})
     dev, dtype = trainer.device, trainer.input_dtype  # fp32 under torch_autocast: the engine casts inside matmuls
-    val = build_shard(cfg.val_path, trainer.micro, cfg.input_size, dev, cfg.num_workers, os_cache=cfg.os_cache)
+    val = build_shard(cfg.val_path, trainer.micro, cfg.input_size, dev, cfg.num_workers, os_cache=cfg.os_cache,
+                      interpolation=cfg.interpolation)
     if not cfg.eval:
         trainer.set_loader(build_finetune_loader(
             cfg.data_path, batch_size=trainer.micro, input_size=cfg.input_size, num_workers=cfg.num_workers,
             device=dev, distributed=trainer.world > 1, seed=cfg.seed, os_cache=cfg.os_cache,
-            batches_ahead=cfg.batches_ahead))
+            batches_ahead=cfg.batches_ahead, interpolation=cfg.interpolation))
     loaded: list[str] = []
 
     def make_model():

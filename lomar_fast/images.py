@@ -21,3 +21,10 @@ def eval_crop_pct(input_size: int) -> float:
     """The evaluation crop as a fraction of the short side (MAE's): 224/256 up to 224 px, 1.0 (a plain
     resize of the whole short side) above."""
     return 224 / 256 if input_size <= 224 else 1.0
+
+
+# How the training crops and the evaluation center crop are resized (lomar_fast.data.seeded_crop):
+# "bicubic" is PIL's antialiased bicubic of the MAE/LoMaR reference pipelines, pixel for pixel; "area" is
+# FFCV's OpenCV INTER_AREA (faster where crops are enlarged, e.g. at 384 px and above).
+DEFAULT_INTERPOLATION = "bicubic"
+INTERPOLATIONS = ("area", "bicubic")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from lomar_fast.checkpoint import CheckpointMismatch, extract_state_dict, load_file, module_state_dict
 from lomar_fast.data.shard import Shard, build_shard
 from lomar_fast.distributed import all_gather_rows, all_reduce, rank_world
-from lomar_fast.images import normalize_images
+from lomar_fast.images import DEFAULT_INTERPOLATION, INTERPOLATIONS, normalize_images
 from lomar_fast.models.classifier import VisionTransformerRPE
 
 DEFAULT_K = 20
@@ -138,8 +138,9 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats
 def knn_eval(encoder: FeatureEncoder, train: str | os.PathLike, val: str | os.PathLike, input_size: int = 224,
              batch_size: int = 64, device: torch.device | str = "cpu", k: int = DEFAULT_K,
              temperature: float = DEFAULT_T, num_workers: int | None = None,
-             dtype: torch.dtype = torch.float32) -> dict[str, float]:
-    """k-NN top-1 (and top-5) in percent over the whole val set, the same on every rank.
+             dtype: torch.dtype = torch.float32, interpolation: str = DEFAULT_INTERPOLATION) -> dict[str, float]:
+    """k-NN top-1 (and top-5) in percent over the whole val set, the same on every rank. Both files are read with
+    the evaluation center crop, resized with ``interpolation`` ('area' or 'bicubic').
 
     Returns {"top1", "top5", "n_train", "n_val", "seconds"}. Call it on every rank (or with no
     process group), all with the same arguments.
@@ -148,7 +149,8 @@ def knn_eval(encoder: FeatureEncoder, train: str | os.PathLike, val: str | os.Pa
     t0 = time.perf_counter()
     # both loaders live until the end: freeing one while numba compiles another pipeline makes
     # numba's finalizer race the compiler (a harmless but noisy "Exception ignored ... KeyError")
-    shards = [build_shard(p, batch_size, input_size, device, num_workers) for p in (train, val)]
+    shards = [build_shard(p, batch_size, input_size, device, num_workers, interpolation=interpolation)
+              for p in (train, val)]
     n_train, n_val = shards[0].total, shards[1].total
     tf, tl = extract_features(encoder, shards[0], dtype)
     vf, vl = extract_features(encoder, shards[1], dtype)
@@ -173,13 +175,15 @@ def knn_eval(encoder: FeatureEncoder, train: str | os.PathLike, val: str | os.Pa
 
 
 def monitor(module: torch.nn.Module, train: str, val: str, input_size: int, batch_size: int,
-            device: torch.device, num_workers: int | None = None, dtype: torch.dtype = torch.float32) -> dict:
+            device: torch.device, num_workers: int | None = None, dtype: torch.dtype = torch.float32,
+            interpolation: str = DEFAULT_INTERPOLATION) -> dict:
     """k-NN of a live pretraining model (the pretraining ``--knn_every`` hook); all ranks call it."""
     sd = module_state_dict(module)
     # the throwaway encoder's init must not move the training run's RNG streams (exact resume)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         encoder = build_encoder(sd, input_size, device)
-    return knn_eval(encoder, train, val, input_size, batch_size, device, num_workers=num_workers, dtype=dtype)
+    return knn_eval(encoder, train, val, input_size, batch_size, device, num_workers=num_workers, dtype=dtype,
+                    interpolation=interpolation)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -195,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--temperature", type=float, default=DEFAULT_T, help="vote weight exp(sim / T)")
     p.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
     p.add_argument("--num_workers", type=int, default=0, help="FFCV decode threads (0: the usable cores)")
+    p.add_argument("--interpolation", choices=INTERPOLATIONS, default=DEFAULT_INTERPOLATION,
+                   help="resize of the center crops: area (OpenCV INTER_AREA) or bicubic (PIL's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -214,11 +220,11 @@ def main(argv: list[str] | None = None) -> dict:
     encoder = build_encoder(a.checkpoint, a.input_size, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     res = knn_eval(encoder, a.train, a.val, a.input_size, a.batch_size, device, a.k, a.temperature,
-                   a.num_workers, dtype)
+                   a.num_workers, dtype, a.interpolation)
     if rank == 0:
         shape = encoder_shape(load_file(a.checkpoint))
         print(f"k-NN top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  (k={a.k}, T={a.temperature}, "
-              f"{res['n_train']} train / {res['n_val']} val images at {a.input_size} px, encoder "
+              f"{res['n_train']} train / {res['n_val']} val images at {a.input_size} px ({a.interpolation}), encoder "
               f"D={shape['embed_dim']} depth={shape['depth']} heads={shape['num_heads']}, {res['seconds']:.1f} s)")
     return res
 

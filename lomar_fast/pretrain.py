@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     dev = trainer.device
     trainer.set_loader(build_pretrain_loader(
         cfg.data_path, batch_size=trainer.micro, input_size=cfg.input_size, num_workers=cfg.num_workers, device=dev,
-        distributed=trainer.world > 1, seed=cfg.seed, os_cache=cfg.os_cache, batches_ahead=cfg.batches_ahead))
+        distributed=trainer.world > 1, seed=cfg.seed, os_cache=cfg.os_cache, batches_ahead=cfg.batches_ahead,
+        interpolation=cfg.interpolation))
     model = trainer.build(lambda: build_model(cfg), lambda m: param_groups_weight_decay(m, cfg.weight_decay),
                           betas=(0.9, 0.95))
     trainer.resume()
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
         from lomar_fast.knn import monitor
 
         knn = monitor(trainer.engine.module, cfg.knn_train, cfg.knn_val, cfg.input_size, trainer.micro, dev,
-                      cfg.num_workers, trainer.dtype)  # every rank takes a slice of the images
+                      cfg.num_workers, trainer.dtype, cfg.interpolation)  # every rank takes a slice of the images
         return dict(knn_top1=knn["top1"], knn_top5=knn["top5"], knn_seconds=knn["seconds"])
 
     last = trainer.fit(step, end_epoch)

@@ -2,8 +2,9 @@
 guarded output dirs), the CLI wrapper, and the package's import graph."""
 from __future__ import annotations
 
-import ast
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,31 +203,44 @@ def test_run_cli_turns_only_the_projects_input_errors_into_one_line(capsys):
 
 
 # ---------------------------------------------------------------------------------------- import graph
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+# Parsed in a fresh interpreter: CPython 3.11.7's ast.parse can fail with "AST constructor recursion depth
+# mismatch" in a process where a RecursionError happened before (some other test's library code).
+_GRAPH_SCRIPT = r"""
+import ast, json, sys
+from pathlib import Path
+
+package = Path(sys.argv[1])
+
+
+def module_name(path):
+    parts = path.relative_to(package.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+modules = {module_name(p): p for p in package.rglob("*.py")}
+graph = {m: set() for m in modules}
+for mod, path in modules.items():
+    pkg = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        graph[mod] |= {t for t in targets if t in modules and t != mod}
+print(json.dumps({m: sorted(d) for m, d in graph.items()}))
+"""
 
 
 def import_graph() -> dict[str, set[str]]:
     """Every module of the package -> the package modules it imports anywhere (top level or inside a function)."""
-    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph: dict[str, set[str]] = {m: set() for m in modules}
-    for mod, path in modules.items():
-        package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
-        for node in ast.walk(ast.parse(path.read_text())):
-            targets = []
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join(up + ([base] if base else []))
-                targets = [base] + [f"{base}.{a.name}" for a in node.names]
-            for t in targets:
-                if t in modules and t != mod:
-                    graph[mod].add(t)
-    return graph
+    out = subprocess.run([sys.executable, "-c", _GRAPH_SCRIPT, str(PACKAGE)], capture_output=True, text=True,
+                         check=True).stdout
+    return {m: set(d) for m, d in json.loads(out).items()}
 
 
 def test_the_package_has_no_import_loop():

@@ -12,7 +12,10 @@ finetune       RandomResizedCrop(S, scale 0.08..1, ratio 3/4..4/3) + flip  (imag
 val            center crop (side * crop_pct) resized to S                  (images, labels)
 =============  ==========================================================  ===============
 
-images: uint8 (B, S, S, 3); labels: int64 (B,). Resizing is OpenCV INTER_AREA (FFCV).
+images: uint8 (B, S, S, 3); labels: int64 (B,). ``interpolation`` picks the resize of every crop: ``"area"``
+(OpenCV INTER_AREA, FFCV's; the default) or ``"bicubic"`` (PIL's antialiased bicubic, exactly, as the MAE/LoMaR
+reference pipelines resize); the crop boxes and flips are the same for both. See
+:mod:`lomar_fast.data.seeded_crop`.
 
 Order and resuming. With ``order='random'`` FFCV draws epoch e's order from
 ``default_rng(seed + e)`` (single process) or from ``DistributedSampler(seed=seed)`` with
@@ -38,7 +41,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from lomar_fast.images import eval_crop_pct
+from lomar_fast.images import DEFAULT_INTERPOLATION, eval_crop_pct
 
 from .beton import IMAGE_FIELD, LABEL_FIELD, check_beton
 
@@ -82,7 +85,8 @@ def _to_device(device: Device):
     return ToDevice(dev, non_blocking=dev.type == "cuda")
 
 
-def pretrain_pipelines(input_size: int, device: Device = "cpu", seed: int = 0) -> dict:
+def pretrain_pipelines(input_size: int, device: Device = "cpu", seed: int = 0,
+                       interpolation: str = DEFAULT_INTERPOLATION) -> dict:
     """{'image': [...], 'label': None}: RandomResizedCrop(scale 0.2..1) + flip, uint8 NHWC."""
     from ffcv.transforms import ToTensor
 
@@ -91,7 +95,7 @@ def pretrain_pipelines(input_size: int, device: Device = "cpu", seed: int = 0) -
     return {
         IMAGE_FIELD: [
             SeededRandomResizedCrop((input_size, input_size), scale=PRETRAIN_SCALE, ratio=RATIO,
-                                    flip_prob=0.5, seed=seed),
+                                    flip_prob=0.5, seed=seed, interpolation=interpolation),
             ToTensor(),
             _to_device(device),
         ],
@@ -106,7 +110,8 @@ def _label_pipeline(device: Device) -> list:
     return [IntDecoder(), ToTensor(), Squeeze(1), _to_device(device)]
 
 
-def finetune_pipelines(input_size: int, device: Device = "cpu", seed: int = 0) -> dict:
+def finetune_pipelines(input_size: int, device: Device = "cpu", seed: int = 0,
+                       interpolation: str = DEFAULT_INTERPOLATION) -> dict:
     """RandomResizedCrop(scale 0.08..1) + flip; labels int64 (B,)."""
     from ffcv.transforms import ToTensor
 
@@ -115,7 +120,7 @@ def finetune_pipelines(input_size: int, device: Device = "cpu", seed: int = 0) -
     return {
         IMAGE_FIELD: [
             SeededRandomResizedCrop((input_size, input_size), scale=FINETUNE_SCALE, ratio=RATIO,
-                                    flip_prob=0.5, seed=seed),
+                                    flip_prob=0.5, seed=seed, interpolation=interpolation),
             ToTensor(),
             _to_device(device),
         ],
@@ -123,15 +128,16 @@ def finetune_pipelines(input_size: int, device: Device = "cpu", seed: int = 0) -
     }
 
 
-def val_pipelines(input_size: int, device: Device = "cpu") -> dict:
+def val_pipelines(input_size: int, device: Device = "cpu", interpolation: str = DEFAULT_INTERPOLATION) -> dict:
     """Center crop of side int(min(H, W) * eval_crop_pct(input_size)) (224/256 up to 224 px, the whole short
     side above), resized to input_size; labels int64 (B,)."""
-    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
     from ffcv.transforms import ToTensor
+
+    from .seeded_crop import CenterCrop
 
     return {
         IMAGE_FIELD: [
-            CenterCropRGBImageDecoder((input_size, input_size), ratio=eval_crop_pct(input_size)),
+            CenterCrop((input_size, input_size), ratio=eval_crop_pct(input_size), interpolation=interpolation),
             ToTensor(),
             _to_device(device),
         ],
@@ -202,16 +208,17 @@ def build_pretrain_loader(path: str | os.PathLike, batch_size: int, input_size: 
                           num_workers: int | None = None, device: Device = "cpu",
                           distributed: bool = False, seed: int = 0, order="random",
                           os_cache: bool = True, batches_ahead: int = 3, drop_last: bool = True,
-                          start_epoch: int = 0):
+                          start_epoch: int = 0, interpolation: str = DEFAULT_INTERPOLATION):
     """Pretraining loader: iterating yields uint8 image batches of shape (B, S, S, 3) on ``device``.
 
-    RandomResizedCrop to input_size (scale 0.2..1, ratio 3/4..4/3), horizontal flip p=0.5.
-    Labels are not read. Raises FileNotFoundError / BetonError for a bad file or an
-    input_size larger than the stored images, ValueError for a bad order/distributed combo.
+    RandomResizedCrop to input_size (scale 0.2..1, ratio 3/4..4/3), horizontal flip p=0.5, crops resized with
+    ``interpolation`` ('area' or 'bicubic', see the module doc). Labels are not read. Raises FileNotFoundError /
+    BetonError for a bad file or an input_size larger than the stored images, ValueError for a bad
+    order/distributed combo or interpolation.
     """
     info = check_beton(path, need_label=False, input_size=input_size)
-    return _build(path, info["fields"], pretrain_pipelines(input_size, device, seed), batch_size, num_workers,
-                  distributed, seed, order, os_cache, batches_ahead, drop_last, start_epoch,
+    return _build(path, info["fields"], pretrain_pipelines(input_size, device, seed, interpolation), batch_size,
+                  num_workers, distributed, seed, order, os_cache, batches_ahead, drop_last, start_epoch,
                   image_only=True)
 
 
@@ -219,29 +226,30 @@ def build_finetune_loader(path: str | os.PathLike, batch_size: int, input_size: 
                           num_workers: int | None = None, device: Device = "cpu",
                           distributed: bool = False, seed: int = 0, order="random",
                           os_cache: bool = True, batches_ahead: int = 3, drop_last: bool = True,
-                          start_epoch: int = 0):
+                          start_epoch: int = 0, interpolation: str = DEFAULT_INTERPOLATION):
     """Fine-tuning loader: yields (images uint8 (B, S, S, 3), labels int64 (B,)) on ``device``.
 
-    RandomResizedCrop (scale 0.08..1, ratio 3/4..4/3) + horizontal flip.
+    RandomResizedCrop (scale 0.08..1, ratio 3/4..4/3) + horizontal flip, resized with ``interpolation``.
     """
     info = check_beton(path, need_label=True, input_size=input_size)
-    return _build(path, info["fields"], finetune_pipelines(input_size, device, seed), batch_size, num_workers,
-                  distributed, seed, order, os_cache, batches_ahead, drop_last, start_epoch)
+    return _build(path, info["fields"], finetune_pipelines(input_size, device, seed, interpolation), batch_size,
+                  num_workers, distributed, seed, order, os_cache, batches_ahead, drop_last, start_epoch)
 
 
 def build_val_loader(path: str | os.PathLike, batch_size: int, input_size: int = 224,
                      num_workers: int | None = None, device: Device = "cpu",
                      distributed: bool = False, seed: int = 0, order="sequential",
                      os_cache: bool = True, batches_ahead: int = 3, drop_last: bool = False,
-                     start_epoch: int = 0):
+                     start_epoch: int = 0, interpolation: str = DEFAULT_INTERPOLATION):
     """Validation loader: yields (images uint8 (B, S, S, 3), labels int64 (B,)) on ``device``.
 
-    Center crop of side int(min(H, W) * eval_crop_pct(input_size)), resized to input_size. Sequential order and
+    Center crop of side int(min(H, W) * eval_crop_pct(input_size)), resized to input_size with ``interpolation``
+    ('bicubic' reads the pixels around the crop too, as resizing the whole image first would). Sequential order and
     no dropped tail by default, so every image is seen once (with ``distributed=True``
     FFCV's sampler pads the last shard with repeated images, as DistributedSampler does).
     """
     info = check_beton(path, need_label=True, input_size=input_size)
-    return _build(path, info["fields"], val_pipelines(input_size, device), batch_size, num_workers,
+    return _build(path, info["fields"], val_pipelines(input_size, device, interpolation), batch_size, num_workers,
                   distributed, seed, order, os_cache, batches_ahead, drop_last, start_epoch)
 
 

@@ -14,11 +14,22 @@ import numpy as np
 from numba import carray, types
 from numba.extending import intrinsic
 
-from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder, get_random_crop
+from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, get_center_crop,
+                                   get_random_crop)
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline.compiler import Compiler
 
+from lomar_fast.images import DEFAULT_INTERPOLATION, INTERPOLATIONS
+
+from .resample import resize_bicubic, resize_crop_bicubic
+
 _MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def check_interpolation(interpolation: str) -> str:
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}; got {interpolation!r}")
+    return interpolation
 
 
 @intrinsic
@@ -48,6 +59,22 @@ def _mix_seed_jit(seed, epoch, index):
     return (z ^ (z >> np.uint64(31))) & _MASK32
 
 
+def compile_draws():
+    """The compiled per-image draw: ``draw(seed, epoch, index, height, width, scale, ratio, flip_prob)`` ->
+    ``(top, left, crop_h, crop_w, flip)``. It reseeds the calling thread's numba generator from (seed, epoch,
+    index), then draws FFCV's RandomResizedCrop box and the flip. The decoder calls it; anything that needs to
+    know which crop and flip an image got can call it too (compiled the same way, it draws the same)."""
+    mix_c = Compiler.compile(_mix_seed_jit)
+    get_crop_c = Compiler.compile(get_random_crop)
+
+    def draw(seed, epoch, index, height, width, scale, ratio, flip_prob):
+        np.random.seed(mix_c(seed, epoch, index))
+        i, j, h, w = get_crop_c(height, width, scale, ratio)
+        return i, j, h, w, np.random.random() < flip_prob
+
+    return Compiler.compile(draw)
+
+
 def _flip_rows(img):
     h, w, c = img.shape
     for r in range(h):
@@ -59,13 +86,16 @@ def _flip_rows(img):
 
 
 class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
-    """RandomResizedCrop (scale, ratio) to ``output_size`` plus a flip with probability ``flip_prob``.
+    """RandomResizedCrop (scale, ratio) to ``output_size`` plus a flip with probability ``flip_prob``; the crop is
+    resized with ``interpolation`` (``"area"`` or ``"bicubic"``, see the module doc).
 
     ``set_epoch(e)`` selects the epoch whose draws the next batches use.
     """
 
-    def __init__(self, output_size, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), flip_prob: float = 0.5, seed: int = 0):
+    def __init__(self, output_size, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), flip_prob: float = 0.5, seed: int = 0,
+                 interpolation: str = DEFAULT_INTERPOLATION):
         super().__init__(output_size, scale=scale, ratio=ratio)
+        self.interpolation = check_interpolation(interpolation)
         self.flip_prob = float(flip_prob)
         self.seed = int(seed) & 0xFFFFFFFF
         self._epoch = np.zeros(1, dtype=np.int64)  # read by the compiled code through its address
@@ -78,9 +108,9 @@ class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
-        resize_crop_c = Compiler.compile(resize_crop)
-        get_crop_c = Compiler.compile(get_random_crop)
-        mix_c = Compiler.compile(_mix_seed_jit)
+        # both take (image, top, bottom, left, right, destination) and resize that crop alone
+        resize_crop_c = resize_crop_bicubic if self.interpolation == "bicubic" else Compiler.compile(resize_crop)
+        draw_c = compile_draws()
         flip_c = Compiler.compile(_flip_rows)
         scale = np.array(self.scale, dtype=np.float64)
         ratio = np.array(self.ratio, dtype=np.float64)
@@ -103,11 +133,52 @@ class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
                     buf = buf.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     buf = image_data.reshape(height, width, 3)
-                np.random.seed(mix_c(seed, epoch, source_ix))
-                i, j, h, w = get_crop_c(height, width, scale, ratio)
+                i, j, h, w, flip = draw_c(seed, epoch, source_ix, height, width, scale, ratio, flip_prob)
                 resize_crop_c(buf, i, i + h, j, j + w, destination[dst_ix])
-                if np.random.random() < flip_prob:
+                if flip:
                     flip_c(destination[dst_ix])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class CenterCrop(CenterCropRGBImageDecoder):
+    """FFCV's center crop (side ``int(ratio * min(H, W))``, centred) resized to ``output_size`` with
+    ``interpolation``. ``"area"`` is FFCV's decoder unchanged; ``"bicubic"`` is PIL's ``img.resize(size,
+    Image.BICUBIC, box=crop)`` of the whole image, so the filter reads the pixels around the crop as the reference
+    evaluation (resize the whole image, then center crop) does."""
+
+    def __init__(self, output_size, ratio: float, interpolation: str = DEFAULT_INTERPOLATION):
+        super().__init__(output_size, ratio)
+        self.interpolation = check_interpolation(interpolation)
+
+    def generate_code(self):
+        if self.interpolation == "area":
+            return super().generate_code()
+        jpg = 0
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        get_crop_c = Compiler.compile(get_center_crop)
+        ratio = float(self.ratio)
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                image_data = mem_read(field['data_ptr'], storage_state)
+                height = np.uint32(field['height'])
+                width = np.uint32(field['width'])
+                if field['mode'] == jpg:
+                    buf = temp_storage[dst_ix]
+                    imdecode_c(image_data, buf, height, width, height, width, 0, 0, 1, 1, False, False)
+                    buf = buf.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                else:
+                    buf = image_data.reshape(height, width, 3)
+                i, j, h, w = get_crop_c(height, width, None, ratio)
+                resize_bicubic(buf, i, i + h, j, j + w, destination[dst_ix])
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True

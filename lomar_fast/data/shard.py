@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 
 from lomar_fast.distributed import rank_world
+from lomar_fast.images import DEFAULT_INTERPOLATION
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -51,8 +52,9 @@ class Shard:
 
 def build_shard(path: str | os.PathLike, batch_size: int, input_size: int, device: torch.device | str,
                 num_workers: int | None = None, rank: int | None = None, world: int | None = None,
-                os_cache: bool = True, batches_ahead: int = 2) -> Shard:
-    """This rank's :class:`Shard` of ``path`` (center crop to ``input_size``, see ``val_pipelines``)."""
+                os_cache: bool = True, batches_ahead: int = 2, interpolation: str = DEFAULT_INTERPOLATION) -> Shard:
+    """This rank's :class:`Shard` of ``path`` (center crop to ``input_size``, resized with ``interpolation``, see
+    ``val_pipelines``)."""
     import numpy as np
     from ffcv.loader import Loader, OrderOption
 
@@ -70,7 +72,7 @@ def build_shard(path: str | os.PathLike, batch_size: int, input_size: int, devic
     loader = None
     if stop > start:
         pipes = {name: None for name in info["fields"]}
-        pipes.update(val_pipelines(input_size, device))
+        pipes.update(val_pipelines(input_size, device, interpolation))
         loader = Loader(str(path), batch_size=batch_size,
                         num_workers=num_workers if num_workers and num_workers > 0 else default_num_workers(),
                         os_cache=os_cache, order=OrderOption.SEQUENTIAL, distributed=False,

@@ -1,0 +1,329 @@
+"""The bicubic resize of the crops (lomar_fast.data.resample) against PIL, and the --interpolation flag from the
+config to the decoders. CPU only.
+
+Exactness: every comparison with PIL below is exact (0 differing pixels) on random noise and on photos, shrinking
+and enlarging, odd sizes, crop-then-resize and resize-with-box, for the pass order of the installed Pillow
+(Pillow >= 13 runs the vertical pass first when the height shrinks by more than twice the width; older ones always
+run the horizontal pass first).
+"""
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import PIL
+import pytest
+from PIL import Image
+
+import ffcv  # noqa: F401  (a core dependency: fail, do not skip, without it)
+
+from lomar_fast.data.resample import (ORDER_HORIZONTAL_FIRST, ORDER_PIL13, horizontal_first, resize_bicubic,
+                                      resize_crop_bicubic)
+
+PIL_ORDER = ORDER_PIL13 if int(PIL.__version__.split(".")[0]) >= 13 else ORDER_HORIZONTAL_FIRST
+
+
+def pil_box(img: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
+    """PIL's resize of ``box`` (left, top, right, bottom) to ``size`` (W, H), reading the pixels around the box."""
+    return np.asarray(Image.fromarray(img).resize(size, Image.BICUBIC, box=box))
+
+
+def pil_crop(img: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
+    """PIL's crop to ``box``, then resize to ``size``: torchvision's and timm's RandomResizedCrop."""
+    return np.asarray(Image.fromarray(img).crop(box).resize(size, Image.BICUBIC))
+
+
+def ours_box(img, size, box, order=PIL_ORDER):
+    (w, h), (l, t, r, b) = size, box
+    dst = np.empty((h, w, 3), np.uint8)
+    resize_bicubic(img, t, b, l, r, dst, order)
+    return dst
+
+
+def ours_crop(img, size, box, order=PIL_ORDER):
+    (w, h), (l, t, r, b) = size, box
+    dst = np.empty((h, w, 3), np.uint8)
+    resize_crop_bicubic(img, t, b, l, r, dst, order)
+    return dst
+
+
+def random_box(rng, h, w):
+    t = int(rng.integers(0, h))
+    l = int(rng.integers(0, w))
+    return l, t, int(rng.integers(l + 1, w + 1)), int(rng.integers(t + 1, h + 1))
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[np.ndarray]:
+    """Four natural photos (scikit-image's), at ImageNet-like sizes, one of them portrait."""
+    from data_prep.make_demo import available_photos
+
+    out = []
+    for k, path in enumerate(sorted(available_photos().values())[:4]):
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            size = (375, 500) if k == 1 else (500, 375) if k != 3 else (333, 271)
+            out.append(np.array(im.resize(size, Image.LANCZOS)))  # writable, as the decoders' buffers are
+    return out
+
+
+def test_resampler_equals_pil_on_random_noise():
+    """Noise makes every rounding visible (no smooth neighbourhood hides an off-by-one weight)."""
+    rng = np.random.default_rng(0)
+    cases = 0
+    for _ in range(120):
+        h, w = (int(v) for v in rng.integers(1, 90, size=2))
+        img = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        box = random_box(rng, h, w)
+        size = tuple(int(v) for v in rng.integers(1, 80, size=2))  # shrinking, enlarging, or mixed per axis
+        np.testing.assert_array_equal(ours_box(img, size, box), pil_box(img, size, box), err_msg=f"{img.shape} {box}")
+        np.testing.assert_array_equal(ours_crop(img, size, box), pil_crop(img, size, box),
+                                      err_msg=f"{img.shape} {box}")
+        cases += 1
+    # non-contiguous input (a view) is read the same
+    img = rng.integers(0, 256, size=(61, 90, 3), dtype=np.uint8)[:, ::2]
+    np.testing.assert_array_equal(ours_box(img, (17, 23), (3, 5, 40, 58)),
+                                  pil_box(np.ascontiguousarray(img), (17, 23), (3, 5, 40, 58)))
+    assert cases == 120
+
+
+def test_resampler_equals_pil_on_photos(photos):
+    """RandomResizedCrop-like boxes of photos to 224 and 160 (the demo), the whole image, thin crops, and
+    enlargements; odd output sizes too."""
+    rng = np.random.default_rng(1)
+    for img in photos:
+        h, w = img.shape[:2]
+        boxes = [(0, 0, w, h), (1, 2, w - 3, h - 1), (w // 3, 0, w // 3 + 41, h)]  # whole, inset, tall and thin
+        for _ in range(6):
+            area = h * w * rng.uniform(0.08, 1.0)
+            ar = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+            cw, ch = min(w, int(round(np.sqrt(area * ar)))), min(h, int(round(np.sqrt(area / ar))))
+            t, l = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            boxes.append((l, t, l + cw, t + ch))
+        for box in boxes:
+            for size in ((224, 224), (160, 160), (97, 131), (600, 451)):
+                np.testing.assert_array_equal(ours_crop(img, size, box), pil_crop(img, size, box), err_msg=str(box))
+                np.testing.assert_array_equal(ours_box(img, size, box), pil_box(img, size, box), err_msg=str(box))
+
+
+def test_pass_order_is_pils():
+    """The pass order changes pixels (the intermediate is rounded to uint8), and the installed PIL's order is
+    the one that matches it."""
+    assert horizontal_first(300, 300, 224, 224) and horizontal_first(500, 300, 224, 224, ORDER_HORIZONTAL_FIRST)
+    assert not horizontal_first(500, 300, 224, 224)  # 276 > 2 * 76: height shrinks much more
+    assert horizontal_first(350, 300, 224, 224)  # 126 > 2 * 76 is false
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, size=(500, 300, 3), dtype=np.uint8)
+    box, size = (0, 0, 300, 500), (224, 224)
+    hv = ours_box(img, size, box, ORDER_HORIZONTAL_FIRST)
+    rule = ours_box(img, size, box, ORDER_PIL13)
+    assert (hv != rule).any()  # the uint8 intermediate is rounded and clipped differently
+    np.testing.assert_array_equal(ours_box(img, size, box), pil_box(img, size, box))
+
+
+def test_bicubic_and_area_differ_on_photos(photos):
+    """The two resizes of one crop differ on a photo, by about one grey level on average (a shrink by 1.34)."""
+    from ffcv.libffcv import resize_crop
+
+    img = photos[0]
+    area = np.empty((224, 224, 3), np.uint8)
+    resize_crop(img, 10, 310, 20, 320, area)  # rows 10..310, columns 20..320
+    bicubic = ours_crop(img, (224, 224), (20, 10, 320, 310))
+    np.testing.assert_array_equal(bicubic, pil_crop(img, (224, 224), (20, 10, 320, 310)))
+    diff = np.abs(area.astype(int) - bicubic)
+    assert diff.max() > 0 and 0.2 < diff.mean() < 4, diff.mean()
+
+
+# ------------------------------------------------------------------------------------- the decoders in loaders
+
+@pytest.fixture(scope="module")
+def betons(tmp_path_factory, photos):
+    """The photos as a JPEG .beton and a raw one (two classes), 8 images each: random views of the 4 photos."""
+    from data_prep.write_beton import WriteOptions, write_dataset
+
+    root = tmp_path_factory.mktemp("interp")
+    rng = np.random.default_rng(3)
+    for k in range(8):
+        img = photos[k % 4]
+        h, w = img.shape[:2]
+        l, t = int(rng.integers(0, w // 4)), int(rng.integers(0, h // 4))
+        d = root / "src" / "train" / f"c{k % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[t:, l:]).save(d / f"{k}.png")
+    out = {}
+    for mode in ("jpg", "raw"):
+        write_dataset(root / "src", root / mode, ("train",), WriteOptions(write_mode=mode, workers=1, progress=False))
+        out[mode] = root / mode / "train.beton"
+    return out
+
+
+def stored_images(beton) -> list[np.ndarray]:
+    """Every image of a .beton decoded as FFCV's decoders see it (libjpeg-turbo for JPEG), in file order."""
+    from ffcv.libffcv import imdecode
+    from ffcv.reader import Reader
+
+    r = Reader(str(beton))
+    meta = r.metadata[r.metadata.dtype.names[r.field_names.index("image")]]
+    sizes = dict(zip(r.alloc_table["ptr"].tolist(), r.alloc_table["size"].tolist()))
+    mm = np.memmap(beton, dtype=np.uint8, mode="r")
+    out = []
+    for m in meta:
+        h, w, p = int(m["height"]), int(m["width"]), int(m["data_ptr"])
+        data = np.array(mm[p:p + sizes[p]])
+        if m["mode"] == 0:
+            img = np.empty((h, w, 3), np.uint8)
+            imdecode(data, img, h, w, h, w, 0, 0, 1, 1, False, False)
+        else:
+            img = data[:h * w * 3].reshape(h, w, 3)
+        out.append(img)
+    return out
+
+
+def loader_images(loader) -> np.ndarray:
+    import torch
+
+    return torch.cat([x.clone() for x, _ in loader]).numpy()
+
+
+def test_training_crop_bicubic_equals_pil_with_the_same_draws(betons):
+    """The fine-tuning decoder with 'bicubic' yields PIL's crop-then-resize of the box it drew, flipped when it drew
+    a flip; with 'area' it yields FFCV's resize of the same box with the same flip: same draws, another resize."""
+    from ffcv.libffcv import resize_crop
+
+    from lomar_fast.data import FINETUNE_SCALE, RATIO, build_finetune_loader
+    from lomar_fast.data.seeded_crop import compile_draws
+
+    images = stored_images(betons["jpg"])
+    draw = compile_draws()
+    scale, ratio = np.array(FINETUNE_SCALE, np.float64), np.array(RATIO, np.float64)
+    loaders, got = {}, {}
+    for interp in ("area", "bicubic"):
+        loaders[interp] = build_finetune_loader(betons["jpg"], batch_size=4, input_size=64, num_workers=1, seed=7,
+                                                order="sequential", start_epoch=1, interpolation=interp)
+        assert loaders[interp].seeded_ops[0].interpolation == interp
+        got[interp] = loader_images(loaders[interp])
+    flips = 0
+    for ix, img in enumerate(images):
+        t, l, h, w, flip = draw(7, 1, ix, np.uint32(img.shape[0]), np.uint32(img.shape[1]), scale, ratio, 0.5)
+        ref = pil_crop(img, (64, 64), (l, t, l + w, t + h))
+        area = np.empty((64, 64, 3), np.uint8)
+        resize_crop(img, t, t + h, l, l + w, area)
+        if flip:
+            ref, area = ref[:, ::-1], area[:, ::-1]
+        flips += bool(flip)
+        np.testing.assert_array_equal(got["bicubic"][ix], ref, err_msg=f"image {ix}")
+        np.testing.assert_array_equal(got["area"][ix], area, err_msg=f"image {ix}")
+    assert 0 < flips < len(images)  # both branches were exercised
+    assert (got["area"] != got["bicubic"]).any()
+    del loaders
+    gc.collect()  # free the compiled pipelines now, while numba compiles nothing else
+
+
+def test_val_center_crop_bicubic_equals_pil(betons):
+    """'bicubic' evaluation (here through build_shard, on raw-stored images): PIL's resize of FFCV's center box
+    (side int(min(H, W) * crop_pct)), reading the pixels around the box."""
+    from lomar_fast.data import eval_crop_pct
+    from lomar_fast.data.shard import build_shard
+
+    images = stored_images(betons["raw"])
+    shard = build_shard(betons["raw"], 5, 48, "cpu", 1, rank=0, world=1, interpolation="bicubic")
+    assert shard.loader.pipeline_specs["image"].decoder.interpolation == "bicubic"
+    got = np.concatenate([x.numpy().copy() for x, _ in shard.batches()])
+    assert len(got) == len(images)
+    for ix, img in enumerate(images):
+        h, w = img.shape[:2]
+        c = int(eval_crop_pct(48) * min(h, w))
+        t, l = (h - c) // 2, (w - c) // 2
+        np.testing.assert_array_equal(got[ix], pil_box(img, (48, 48), (l, t, l + c, t + c)), err_msg=f"image {ix}")
+    assert (got[-1] != pil_crop(images[-1], (48, 48), (l, t, l + c, t + c))).any()  # the filter reads around the box
+    del shard
+    gc.collect()
+
+
+def test_pretrain_pipeline_and_bad_values():
+    from lomar_fast.data import finetune_pipelines, pretrain_pipelines, val_pipelines
+    from lomar_fast.data.seeded_crop import INTERPOLATIONS, CenterCrop, SeededRandomResizedCrop
+
+    for interp in INTERPOLATIONS:
+        ops = [pipelines(32, interpolation=interp)["image"][0]
+               for pipelines in (pretrain_pipelines, finetune_pipelines, val_pipelines)]
+        assert [type(o) for o in ops] == [SeededRandomResizedCrop, SeededRandomResizedCrop, CenterCrop]
+        assert all(o.interpolation == interp for o in ops)
+    assert pretrain_pipelines(32)["image"][0].interpolation == "bicubic"  # the default: the reference recipe
+    with pytest.raises(ValueError, match="interpolation must be one of area, bicubic"):
+        finetune_pipelines(32, interpolation="bilinear")
+    with pytest.raises(ValueError, match="interpolation"):
+        val_pipelines(32, interpolation="nearest")
+
+
+# ---------------------------------------------------------------------------------------- the flag, end to end
+
+def test_config_flag(tmp_path):
+    from lomar_fast.config import CHOICES, FinetuneConfig, PretrainConfig, parse_config
+    from lomar_fast.data.seeded_crop import INTERPOLATIONS
+    from lomar_fast.errors import ConfigError
+
+    assert CHOICES["interpolation"] == INTERPOLATIONS
+    assert parse_config([], PretrainConfig).interpolation == "bicubic"  # the reference recipe's resize
+    assert parse_config(["--interpolation", "area"], FinetuneConfig).interpolation == "area"
+    (tmp_path / "run.yaml").write_text("interpolation: area\n")
+    assert parse_config(["--config", str(tmp_path / "run.yaml")], PretrainConfig).interpolation == "area"
+    with pytest.raises(ConfigError, match="interpolation = 'cubic' must be one of area, bicubic"):
+        parse_config(["--interpolation", "cubic"], FinetuneConfig)
+    # --eval --finetune checkpoint-best.pth evaluates with the interpolation the checkpoint was trained with
+    import torch
+
+    torch.save({"model": {}, "args": {"interpolation": "area"}}, tmp_path / "best.pth")
+    cfg = parse_config(["--eval"], FinetuneConfig)
+    assert cfg.adopt_checkpoint_args(str(tmp_path / "best.pth")) == ["interpolation=area"]
+    assert cfg.interpolation == "area"
+    cfg = parse_config(["--eval", "--interpolation", "bicubic"], FinetuneConfig)  # ... unless the flag says otherwise
+    assert cfg.adopt_checkpoint_args(str(tmp_path / "best.pth")) == [] and cfg.interpolation == "bicubic"
+
+
+class _Reached(Exception):
+    pass
+
+
+def test_entry_points_pass_the_flag_to_the_loaders(betons, tmp_path, monkeypatch):
+    """pretrain, finetune and the k-NN CLI hand --interpolation to every loader they build."""
+    import torch
+
+    import lomar_fast.data as data
+    import lomar_fast.data.shard as shard
+    import lomar_fast.knn as knn
+    import lomar_fast.trainer as trainer
+    from lomar_fast import finetune, pretrain
+
+    monkeypatch.setattr(trainer, "init_distributed", lambda device: (0, 1, 0))
+    seen = []
+
+    def spy(name, stop):
+        def fn(*a, **k):
+            seen.append((name, k.get("interpolation")))
+            if stop:
+                raise _Reached
+            return object()
+        return fn
+
+    beton = str(betons["jpg"])
+    common = ["--deepspeed_config", "ds_configs/cpu.json", "--batch_size", "2", "--num_workers", "1"]
+    for interp in ("bicubic", "area"):
+        seen.clear()
+        monkeypatch.setattr(data, "build_pretrain_loader", spy("pretrain", True))
+        with pytest.raises(_Reached):
+            pretrain.main(["--data_path", beton, "--model", "lomar_vit_tiny_patch16", "--input_size", "64",
+                           "--window_size", "3", "--num_window", "2", "--output_dir", str(tmp_path / f"p{interp}"),
+                           "--interpolation", interp, *common])
+        monkeypatch.setattr(shard, "build_shard", spy("val", False))
+        monkeypatch.setattr(data, "build_finetune_loader", spy("finetune", True))
+        with pytest.raises(_Reached):
+            finetune.main(["--data_path", beton, "--val_path", beton, "--model", "vit_tiny_patch16",
+                           "--input_size", "64", "--output_dir", str(tmp_path / f"f{interp}"),
+                           "--interpolation", interp, *common])
+        monkeypatch.setattr(knn, "build_encoder", lambda *a, **k: torch.nn.Identity())
+        monkeypatch.setattr(knn, "build_shard", spy("knn", True))
+        with pytest.raises(_Reached):
+            knn.main(["--checkpoint", beton, "--train", beton, "--val", beton, "--interpolation", interp,
+                      "--device", "cpu"])
+        assert seen == [("pretrain", interp), ("val", interp), ("finetune", interp), ("knn", interp)]
