@@ -350,25 +350,38 @@ def test_pipeline_declarations():
 
 
 def test_seeded_crops_replay_an_epoch_whatever_the_workers(tiny):
-    """The crops and flips of epoch e are a function of (seed, e, index): a loader that went through epochs 0
-    and 1 and a fresh one started at epoch 1 (a resumed run) yield the same pixels in epoch 1."""
+    """The crops and flips of epoch e are a function of (seed, e, index). A loader whose epoch 0 was cut short
+    (stop_epoch: FFCV's decoding thread is gone before the next epoch, so no two pipelines share numba's
+    workers and their per-thread random state) and that then ran epochs 1 and 2, and a fresh loader started at
+    epoch 1 with another worker count (a resumed run), yield the same pixels in epochs 1 and 2."""
+    import threading
+
+    from lomar_fast.data import stop_epoch
+
     _, out = tiny
 
     def loader(epoch, workers, seed=0):
-        return build_pretrain_loader(out / "train.beton", batch_size=8, input_size=48, num_workers=workers,
-                                     seed=seed, start_epoch=epoch)
+        return build_pretrain_loader(out / "train.beton", batch_size=4, input_size=48, num_workers=workers,
+                                     seed=seed, start_epoch=epoch, batches_ahead=2)
 
     def pixels(ld):
         return torch_cat([x.clone() for x in ld])
 
     continued = loader(0, workers=2)
-    epoch0 = pixels(continued)
-    epoch1 = pixels(continued)  # the same loader's next epoch
-    resumed = pixels(loader(1, workers=1))  # a fresh loader started at epoch 1, another worker count
-    assert (epoch1 == resumed).all()
-    assert not (epoch1 == pixels(loader(1, workers=2, seed=5))).all()
+    batches = iter(continued)
+    next(batches)  # 1 of 6 batches, then the epoch is abandoned
+    thread = batches._it  # FFCV's EpochIterator (a Thread) behind the image-only wrapper
+    assert isinstance(thread, threading.Thread) and thread.is_alive()
+    stop_epoch(batches)
+    assert not thread.is_alive()
+    set_epoch(continued, 1)
+    epochs = [pixels(continued), pixels(continued)]  # epochs 1 and 2
+    resumed = loader(1, workers=1)
+    assert (epochs[0] == pixels(resumed)).all() and (epochs[1] == pixels(resumed)).all()
+    assert not (next(iter(loader(1, workers=2, seed=5))) == epochs[0][:4]).all()
     # sample by sample (the order changes with the epoch too): every image gets new crops or flips each epoch
-    by_index = [{int(i): x for i, x in zip(epoch_order(continued, e), ep)} for e, ep in ((0, epoch0), (1, epoch1))]
+    by_index = [{int(i): x for i, x in zip(epoch_order(continued, e), ep)} for e, ep in ((1, epochs[0]),
+                                                                                          (2, epochs[1]))]
     assert all(not torch_equal(by_index[0][i], by_index[1][i]) for i in by_index[0])
 
 
@@ -382,18 +395,17 @@ def torch_equal(a, b) -> bool:
     return torch.equal(a, b)
 
 
-def test_finetune_batches_follow_the_epoch_order(tiny):
-    """Batch i of epoch e holds samples epoch_order(e)[i*B:(i+1)*B]: what the trainer hands RandAugment as the
-    batch's sample indices."""
-    tree, out = tiny
+def test_batches_follow_the_epoch_order(tiny, val_loader):
+    """Batch i of epoch e holds samples epoch_order(e)[i*B:(i+1)*B] (FFCV's Loader, whatever the pipeline): what
+    the trainer hands RandAugment as the batch's sample indices."""
+    tree, _ = tiny
     labels = [c for _, c in expected_samples(tree, "train")]
-    loader = build_finetune_loader(out / "train.beton", batch_size=5, input_size=32, num_workers=2, seed=3)
-    for epoch in (0, 1):
-        set_epoch(loader, epoch)
-        order = epoch_order(loader, epoch)
-        got = [int(y) for _, ys in loader for y in ys.reshape(-1)]
+    for epoch in (4, 5):
+        set_epoch(val_loader, epoch)
+        order = epoch_order(val_loader, epoch)
+        got = [int(y) for _, ys in val_loader for y in ys.reshape(-1)]
         assert got == [labels[i] for i in order] and len(got) == len(order)
-    assert list(epoch_order(loader, 0)) != list(epoch_order(loader, 1))
+    assert list(epoch_order(val_loader, 4)) != list(epoch_order(val_loader, 5))
 
 
 def test_pretrain_pipeline(tiny):
@@ -494,30 +506,3 @@ def test_loader_benchmark_quick(tmp_path):
     assert run["images_per_epoch"] == run["batches_per_epoch"] * res["config"]["batch_size"] > 0
     assert len(run["epoch_seconds"]) == res["config"]["epochs"]
     assert run["images_per_sec"] > 0 and res["decode_only"]["images_per_sec"] > 0
-
-
-def test_an_epoch_cut_short_leaves_no_decoding_thread_behind(tiny):
-    """stop_epoch ends FFCV's decoding thread before the next epoch starts (two pipelines at once share numba's
-    workers and their per-thread random state), and the next epoch's first batch is then exactly a fresh run's."""
-    import threading
-
-    import torch
-
-    from lomar_fast.data import stop_epoch
-
-    _, out = tiny
-
-    def loader(epoch):
-        return build_pretrain_loader(out / "train.beton", batch_size=4, input_size=48, num_workers=2, seed=1,
-                                     start_epoch=epoch, batches_ahead=2)
-
-    cut = loader(0)
-    batches = iter(cut)
-    next(batches)  # 1 of 6 batches, then the epoch is abandoned
-    thread = batches._it  # FFCV's EpochIterator (a Thread) behind the image-only wrapper
-    assert isinstance(thread, threading.Thread) and thread.is_alive()
-    stop_epoch(batches)
-    assert not thread.is_alive()
-    set_epoch(cut, 1)
-    first = next(iter(cut)).clone()
-    assert torch.equal(first, next(iter(loader(1))))

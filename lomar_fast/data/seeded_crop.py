@@ -11,7 +11,7 @@ pipeline reads through its address, so changing epochs needs no recompilation.
 from __future__ import annotations
 
 import numpy as np
-from numba import carray, types
+from numba import carray, njit, types
 from numba.extending import intrinsic
 
 from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, get_center_crop,
@@ -59,22 +59,27 @@ def _mix_seed_jit(seed, epoch, index):
     return (z ^ (z >> np.uint64(31))) & _MASK32
 
 
+# Compiled once and cached on disk (numba's cache=True): a new loader then compiles only its own decode loop.
+_mix_seed_c = njit(nogil=True, cache=True)(_mix_seed_jit)
+_get_crop_c = njit(nogil=True, cache=True)(get_random_crop)
+
+
+@njit(nogil=True, cache=True)
+def draw_crop(seed, epoch, index, height, width, scale, ratio, flip_prob):
+    """One image's draw: ``(top, left, crop_h, crop_w, flip)``. It reseeds the calling thread's numba generator
+    from (seed, epoch, index), then draws FFCV's RandomResizedCrop box and the flip. The decoder calls it;
+    anything that needs to know which crop and flip an image got can call it too."""
+    np.random.seed(_mix_seed_c(seed, epoch, index))
+    i, j, h, w = _get_crop_c(height, width, scale, ratio)
+    return i, j, h, w, np.random.random() < flip_prob
+
+
 def compile_draws():
-    """The compiled per-image draw: ``draw(seed, epoch, index, height, width, scale, ratio, flip_prob)`` ->
-    ``(top, left, crop_h, crop_w, flip)``. It reseeds the calling thread's numba generator from (seed, epoch,
-    index), then draws FFCV's RandomResizedCrop box and the flip. The decoder calls it; anything that needs to
-    know which crop and flip an image got can call it too (compiled the same way, it draws the same)."""
-    mix_c = Compiler.compile(_mix_seed_jit)
-    get_crop_c = Compiler.compile(get_random_crop)
-
-    def draw(seed, epoch, index, height, width, scale, ratio, flip_prob):
-        np.random.seed(mix_c(seed, epoch, index))
-        i, j, h, w = get_crop_c(height, width, scale, ratio)
-        return i, j, h, w, np.random.random() < flip_prob
-
-    return Compiler.compile(draw)
+    """The compiled per-image draw (see :func:`draw_crop`)."""
+    return draw_crop
 
 
+@njit(nogil=True, cache=True)
 def _flip_rows(img):
     h, w, c = img.shape
     for r in range(h):
@@ -110,8 +115,8 @@ class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
         imdecode_c = Compiler.compile(imdecode)
         # both take (image, top, bottom, left, right, destination) and resize that crop alone
         resize_crop_c = resize_crop_bicubic if self.interpolation == "bicubic" else Compiler.compile(resize_crop)
-        draw_c = compile_draws()
-        flip_c = Compiler.compile(_flip_rows)
+        draw_c = draw_crop
+        flip_c = _flip_rows
         scale = np.array(self.scale, dtype=np.float64)
         ratio = np.array(self.ratio, dtype=np.float64)
         flip_prob = self.flip_prob
