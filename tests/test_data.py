@@ -495,6 +495,7 @@ def test_make_demo_is_quick_and_idempotent(tmp_path, capsys):
     assert (out / "train.beton").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow  # starts fresh interpreters or a benchmark
 def test_loader_benchmark_quick(tmp_path):
     from benchmarks import loader as bench
 

@@ -66,6 +66,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # starts fresh interpreters or a benchmark
 def test_stage_time_limit_kills_the_whole_process_group(tmp_path):
     run = new_run(tmp_path)
     pidfile = tmp_path / "child.pid"

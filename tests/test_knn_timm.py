@@ -144,6 +144,7 @@ def test_timm_checkpoint_path_accepts_pretraining_export(tmp_path):
         timm.create_model("lomar_vit_tiny_patch16_224", pretrained=True)
 
 
+@pytest.mark.slow  # starts fresh interpreters or a benchmark
 def test_registration_is_one_explicit_import():
     """``import lomar_fast`` installs no import hook and does not touch timm; ``import lomar_fast.timm_models``
     registers the models (checked in a fresh interpreter, where nothing was imported before)."""

@@ -335,6 +335,7 @@ def test_op_compiles_as_one_node_cpu():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # starts fresh interpreters or a benchmark
 def test_modules_import_without_cupy_and_without_a_loop():
     """Importing the CUDA wrappers (all three kernels') pulls in neither CuPy nor the owner; the owner and the
     model import without CuPy (the owner imports the wrapper only when it launches the kernel)."""
