@@ -12,12 +12,13 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 # the session's pretraining run: 2 ranks x micro-batch 4 x accum 2 (16 images per step), 3 epochs of 6 micro-steps
-# (3 optimizer steps); tests that repeat part of it (a kill during a save, then a resume) reuse these flags
+# (3 optimizer steps), drop path on (per-rank random streams); tests that repeat part of it (a kill during a
+# save, then a resume) reuse these flags
 PRETRAIN_SMALL = ["--model", "lomar_vit_tiny_patch16", "--input_size", "64", "--window_size", "3", "--num_window", "2",
                   "--num_workers", "2", "--log_every", "1", "--deepspeed_config", "ds_configs/cpu.json",
                   "--zero_stage", "2", "--batch_size", "4", "--accum_iter", "2", "--epochs", "3",
                   "--warmup_epochs", "1", "--blr", "4e-3", "--max_steps_per_epoch", "6", "--save_every", "1",
-                  "--record_data_order"]
+                  "--drop_path", "0.2", "--record_data_order"]
 PRETRAIN_RANKS = 2
 
 
@@ -89,3 +90,19 @@ def pretrain_run(small_demo, tmp_path_factory) -> dict:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     model = export(str(out), str(out.parent / "model.pth"))
     return {"out": out, "proc": proc, "model": model, "demo": small_demo}
+
+
+@pytest.fixture
+def in_process_world(monkeypatch):
+    """Run an entry point inside the test process as a world of one (a process group over gloo, as a plain
+    ``python -m`` start makes it), then take the process group and the launcher variables away again."""
+    import deepspeed.comm.comm as ds_comm
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    ds_comm.cdb = None
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
