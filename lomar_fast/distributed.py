@@ -37,9 +37,8 @@ def init_distributed(device: torch.device) -> tuple[int, int, int]:
     """Start torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); returns (rank, world, local_rank)."""
     import deepspeed
 
-    if "WORLD_SIZE" not in os.environ:  # plain python: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if "WORLD_SIZE" not in os.environ:  # plain python: a world of one, on a port nobody holds (not a stale MASTER_PORT)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)

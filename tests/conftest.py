@@ -93,16 +93,17 @@ def pretrain_run(small_demo, tmp_path_factory) -> dict:
 
 
 @pytest.fixture
-def in_process_world(monkeypatch):
+def in_process_world():
     """Run an entry point inside the test process as a world of one (a process group over gloo, as a plain
     ``python -m`` start makes it), then take the process group and the launcher variables away again."""
     import deepspeed.comm.comm as ds_comm
 
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+    saved = {k: os.environ.pop(k) for k in keys if k in os.environ}
     yield
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     ds_comm.cdb = None
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+    for k in keys:  # what the entry point set (not through monkeypatch, which would put it back afterwards)
+        os.environ.pop(k, None)
+    os.environ.update(saved)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import torch
 
 from lomar_fast import pretrain
 from lomar_fast.cli import run_cli
-from lomar_fast.distributed import seed_rank, seed_shared
+from lomar_fast.distributed import init_distributed, seed_rank, seed_shared
 from lomar_fast.ds_config import resolve_ds_config
 from lomar_fast.errors import ConfigError, NonFiniteLoss
 from lomar_fast.models import create_model
@@ -256,6 +257,16 @@ def test_per_rank_and_shared_seeds():
     assert len({tuple(v.tolist()) for v in draws.values()}) == 4  # every (rank, epoch) its own stream
     seed_rank(7, 1, 1)
     assert torch.equal(torch.rand(4), draws[1, 1])  # ... and a function of (seed, rank, epoch): resumable
+
+
+def test_a_world_of_one_ignores_a_stale_master_port(in_process_world):
+    """A plain ``python`` start after a launcher run (MASTER_PORT still exported, the port now taken) still starts."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        os.environ["MASTER_PORT"] = str(held.getsockname()[1])
+        assert init_distributed(torch.device("cpu")) == (0, 1, 0)
+        assert os.environ["MASTER_PORT"] != str(held.getsockname()[1])
 
 
 @pytest.fixture
