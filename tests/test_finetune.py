@@ -121,14 +121,18 @@ SMALL = ["--model", "vit_tiny_patch16", "--depth", "4", "--input_size", "64", "-
          "--deepspeed_config", "ds_configs/cpu.json"]
 
 
-def _eval_line(proc: subprocess.CompletedProcess) -> dict:
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("eval "))
+def _eval_line(stdout: str) -> dict:
+    line = next(l for l in stdout.splitlines() if l.startswith("eval "))
     return {"top1": float(line.split("top-1 ")[1].split("%")[0]), "loss": float(line.split("loss ")[1].split()[0]),
             "line": line}
 
 
 @pytest.mark.slow
 def test_one_rank_learns_demo_classes_eval_and_resume(demo, tmp_path, in_process_world, capsys):
+    """Training, --eval and --resume auto, each run in this process as a world of one (the launcher's start is
+    the 2-rank test's)."""
+    from lomar_fast import finetune
+
     torch.manual_seed(0)
     init = tmp_path / "pretrained.pth"  # a (random) pretraining export: exercises --finetune's loading
     save_checkpoint(create_model("lomar_vit_tiny_patch16", img_size=64, window_size=3, num_window=2, depth=4), init)
@@ -138,9 +142,9 @@ def test_one_rank_learns_demo_classes_eval_and_resume(demo, tmp_path, in_process
               "--reprob", "0", "--aa", "none", "--drop_path", "0", "--layer_decay", "0.9", "--log_every", "8",
               "--save_every", "3",
               "--keep_last", "2", "--output_dir", str(out), *SMALL]
-    proc = run_finetune([*common, "--epochs", "10"])
-    _ok(proc)
-    assert "dropped 6: encoder_pred.bias, encoder_pred.weight, mask_token, norm.bias, norm.weight, pos_embed" in proc.stdout
+    finetune.main([*common, "--epochs", "10"])
+    stdout = capsys.readouterr().out
+    assert "dropped 6: encoder_pred.bias, encoder_pred.weight, mask_token, norm.bias, norm.weight, pos_embed" in stdout
     epochs = _records(out, "epoch")
     assert len(epochs) == 10 and epochs[-1]["step"] == 10 * 8  # 128 images / 16
     assert all(e["val_n"] == demo["n_val"] for e in epochs)  # every val image exactly once, each epoch
@@ -156,27 +160,25 @@ def test_one_rank_learns_demo_classes_eval_and_resume(demo, tmp_path, in_process
     assert f"best_epoch{best_epoch:04d}" in [p.name for p in out.glob("best_epoch*")]
     assert len(list(out.glob("best_epoch*"))) <= 2 and (out / "checkpoint-best.pth").is_file()
 
-    # --eval of the DeepSpeed best tag reproduces the best epoch's numbers (checkpoint-best.pth: the 2-rank test);
-    # run in this process, as a world of one
-    from lomar_fast import finetune
-
+    # --eval of the DeepSpeed best tag reproduces the best epoch's numbers (checkpoint-best.pth: the 2-rank test)
     res = finetune.main(["--eval", "--resume", str(out / "best"), "--val_path", str(demo["val"]), "--batch_size", "5",
                          *SMALL])
-    tag = _eval_line(subprocess.CompletedProcess([], 0, capsys.readouterr().out, ""))
+    tag = _eval_line(capsys.readouterr().out)
     assert f"best_epoch{best_epoch:04d}" in tag["line"] and tag["top1"] == pytest.approx(best, abs=0.01)
     assert res["val_loss"] == pytest.approx(epochs[best_epoch]["val_loss"], rel=1e-6)
     assert res["val_n"] == demo["n_val"] and f"({demo['n_val']} images" in tag["line"]
 
     # --resume auto continues after the last epoch with the best result carried over
-    res = run_finetune([*common, "--epochs", "11", "--resume", "auto"])
-    _ok(res)
-    assert "at epoch 10 step 80" in res.stdout and "last_epoch0009" in res.stdout
+    finetune.main([*common, "--epochs", "11", "--resume", "auto"])
+    stdout = capsys.readouterr().out
+    assert "at epoch 10 step 80" in stdout and "last_epoch0009" in stdout
     last = _records(out, "epoch")[-1]
     assert last["epoch"] == 10 and last["step"] == 88 and last["best_top1"] >= best
 
 
 @pytest.mark.slow
-def test_two_ranks_zero3_autocast_evaluates_each_val_image_once_keeps_lr_scale(demo, tmp_path):
+def test_two_ranks_zero3_autocast_evaluates_each_val_image_once_keeps_lr_scale(demo, tmp_path, in_process_world,
+                                                                                capsys):
     """The shipped ZeRO-3 config (torch_autocast, bf16 matmuls) on 2 ranks with RandAugment, Mixup/CutMix and
     erasing on: 29 val images (14 + 15) evaluated with the same number of forwards on both ranks (padded),
     each image once: the counts, top-1 and loss equal a one-rank evaluation of the saved weights."""
@@ -198,12 +200,14 @@ def test_two_ranks_zero3_autocast_evaluates_each_val_image_once_keeps_lr_scale(d
     best_pth = torch.load(out / "checkpoint-best.pth", weights_only=True)
     assert best_pth["model"]["head.weight"].dtype == torch.float32 and best_pth["model"]["head.weight"].shape[0] == 8
     best = max(epochs, key=lambda e: e["val_top1"])
-    # --eval of checkpoint-best.pth on one rank (model settings read from the checkpoint)
-    ev = run_finetune(["--eval", "--finetune", str(out / "checkpoint-best.pth"), "--val_path", str(demo["val"]),
-                       "--batch_size", "7", "--num_workers", "2", "--deepspeed_config", "ds_configs/zero3.json"])
-    _ok(ev)
-    one = _eval_line(ev)
-    assert f"({demo['n_val']} images" in one["line"] and "depth=4" in ev.stdout
+    # --eval of checkpoint-best.pth on one rank (model settings read from the checkpoint), in this process
+    from lomar_fast import finetune
+
+    finetune.main(["--eval", "--finetune", str(out / "checkpoint-best.pth"), "--val_path", str(demo["val"]),
+                   "--batch_size", "7", "--num_workers", "2", "--deepspeed_config", "ds_configs/zero3.json"])
+    stdout = capsys.readouterr().out
+    one = _eval_line(stdout)
+    assert f"({demo['n_val']} images" in one["line"] and "depth=4" in stdout
     assert one["top1"] == pytest.approx(best["val_top1"], abs=0.01)
     assert one["loss"] == pytest.approx(best["val_loss"], rel=2e-3)
 

@@ -14,7 +14,7 @@ from lomar_fast.checkpoint import save_checkpoint
 from lomar_fast.knn import build_encoder, encoder_shape, knn_eval, knn_predict, main as knn_main
 from lomar_fast.models import create_model
 
-from launch import REPO, VENV_BIN, cpu_env, free_port
+from launch import REPO, cpu_env
 
 
 
@@ -67,14 +67,9 @@ def test_knn_pretrained_beats_random_and_matches_the_pretraining_monitor(pretrai
         assert res["top1"] * demo["n_val"] / 100 == pytest.approx(round(res["top1"] * demo["n_val"] / 100))
     # 12 steps of pretraining already make the features better neighbours than a random encoder's
     assert trained["top1"] > random_init["top1"], (trained, random_init)
-    # the monitor inside pretraining saw the same weights as the exported file: the same answer
+    # the monitor inside the 2-rank pretraining (each rank a slice, features all-gathered) saw the same weights as
+    # the exported file, evaluated here on one rank: the same answer
     assert epochs[-1]["knn_top1"] == pytest.approx(trained["top1"], abs=100 / demo["n_val"] + 1e-6)
-    # and two ranks under torchrun (each a slice, features all-gathered) give the same answer again
-    proc = subprocess.run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-                           "-m", "lomar_fast.knn", "--checkpoint", str(pretrain_run["model"]), *common],
-                          cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"k-NN top-1 {trained['top1']:.2f}%" in proc.stdout
 
 
 def test_knn_flags_are_checked(mini_demo, tmp_path):

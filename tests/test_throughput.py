@@ -5,9 +5,6 @@ No speed is asserted: images/sec, MFU and memory come from the benchmark's own r
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -125,15 +122,21 @@ def test_bad_size_is_rejected_before_any_work(capsys):
 
 
 # --------------------------------------------------------------------------------------------- end to end
+@pytest.fixture
+def bench(in_process_world):
+    """``benchmarks.throughput.main`` in this process (a world of one on the CPU); the kernel mode it sets is put
+    back afterwards."""
+    from benchmarks.throughput import main
+    from lomar_fast.ops._dispatch import set_kernels
+
+    yield lambda *argv: main(["--tiny", "--device", "cpu", *argv])
+    set_kernels(None)
+
+
 @pytest.mark.slow
-def test_benchmark_runs_end_to_end_on_cpu(tmp_path):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "benchmarks.throughput", "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1",
-           "--sizes", "64", "--variants", "eager", "compile+kernels", "--profile", "--profile_steps", "1",
-           "--out", str(tmp_path), "--name", "smoke"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_benchmark_runs_end_to_end_on_cpu(tmp_path, bench):
+    bench("--steps", "2", "--warmup", "1", "--sizes", "64", "--variants", "eager", "compile+kernels", "--profile",
+          "--profile_steps", "1", "--out", str(tmp_path), "--name", "smoke")
 
     report = json.loads((tmp_path / "smoke.json").read_text())
     for key in ("schema", "device", "versions", "config", "matmul", "results", "speedups", "profile"):
@@ -170,29 +173,25 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path):
     assert (tmp_path / "smoke_profile.md").read_text().startswith("# Profile: lomar:64:eager")
 
 
-def _skipped_rows_report(tmp_path: Path, name: str, *extra: str) -> dict:
+def _skipped_rows_report(bench, tmp_path: Path, name: str, *extra: str) -> dict:
     """A CPU run whose rows are all skipped (the fused kernels need CUDA): the run's dtypes, peaks and records only."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "benchmarks.throughput", "--tiny", "--device", "cpu", "--models", "lomar",
-           "--variants", "compile+kernels", "--matmul_size", "64", "--out", str(tmp_path), "--name", name, *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bench("--models", "lomar", "--variants", "compile+kernels", "--matmul_size", "64", "--out", str(tmp_path),
+          "--name", name, *extra)
     return json.loads((tmp_path / f"{name}.json").read_text())
 
 
 @pytest.mark.slow
-def test_benchmark_times_the_peak_in_the_engine_modes_compute_dtype(tmp_path):
+def test_benchmark_times_the_peak_in_the_engine_modes_compute_dtype(tmp_path, bench):
     # ds_configs/zero2.json trains in torch_autocast: bf16 matmuls, so MFU must be taken against a bf16 peak
     # (an fp32 peak made a torch_autocast run look like 81% MFU)
-    report = _skipped_rows_report(tmp_path, "autocast", "--ds_config", "ds_configs/zero2.json")
+    report = _skipped_rows_report(bench, tmp_path, "autocast", "--ds_config", "ds_configs/zero2.json")
     assert report["matmul"]["dtype"] == "bfloat16" and report["config"]["dtype"] == "bfloat16"
     assert report["config"]["engine_mode"] == "torch_autocast" and set(report["matmul_by_dtype"]) == {"bfloat16"}
     (row,) = report["results"]
     assert (row["engine_mode"], row["compute_dtype"], row["status"]) == ("torch_autocast", "bfloat16", "skipped")
 
     # several engine modes in one run: each row carries its mode and dtype, and each dtype gets its own peak
-    report = _skipped_rows_report(tmp_path, "modes", "--ds_config", "ds_configs/cpu.json",
+    report = _skipped_rows_report(bench, tmp_path, "modes", "--ds_config", "ds_configs/cpu.json",
                                   "--engine_mode", "bf16", "torch_autocast", "no_deepspeed")
     assert report["config"]["engine_modes"] == ["bf16", "torch_autocast", "no_deepspeed"]
     assert {(r["engine_mode"], r["compute_dtype"]) for r in report["results"]} == {

@@ -9,7 +9,11 @@ Builders (see :mod:`lomar_fast.data.loaders` for pipelines, ordering and resumin
 ``dataset_info(path)`` checks a ``.beton`` and returns its size, fields and largest side.
 ``.beton`` files are written by ``python -m data_prep.write_beton``.
 """
-from .beton import BetonError, check_beton, dataset_info
+from .numba_cache import cache_typed_dict_helpers
+
+cache_typed_dict_helpers()  # before the first FFCV import below: a second start skips ~3.5 s of numba compiles
+
+from .beton import BetonError, check_beton, dataset_info  # noqa: E402
 from lomar_fast.images import eval_crop_pct
 
 from .loaders import (
