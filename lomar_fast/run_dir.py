@@ -188,10 +188,12 @@ def clear_run(root: Path) -> list[str]:
 def check_resume(saved: dict[str, Any], now: dict[str, Any], model_keys: tuple[str, ...]) -> str | None:
     """Compare the shape of a saved run with this one.
 
-    ``saved`` and ``now`` hold ``world_size``, ``micro_batch``, ``accum_iter`` and ``config`` (a dict of
-    settings). A different model setting or global batch changes what a step means (the lr schedule and
-    the window/mask stream key on the step): ConfigError saying what differs. The same global batch on
-    another split of ranks, micro-batch and accumulation continues; the returned note says what changed
+    ``saved`` and ``now`` hold ``world_size``, ``micro_batch``, ``accum_iter``, ``zero_stage`` and ``config``
+    (a dict of settings). A different model setting or global batch changes what a step means (the lr
+    schedule and the window/mask stream key on the step): ConfigError saying what differs. So does another
+    ZeRO stage, or another rank count under ZeRO-1/2/3 (DeepSpeed keeps one optimizer-state file per rank and
+    loads them only on the rank count that wrote them). The same global batch on another split of
+    micro-batch and accumulation (and, under ZeRO-0, of ranks) continues; the returned note says what changed
     (None when nothing did).
     """
     old_cfg, new_cfg = saved.get("config") or {}, now["config"]
@@ -202,6 +204,17 @@ def check_resume(saved: dict[str, Any], now: dict[str, Any], model_keys: tuple[s
                           + "); pass the saved values or start a new --output_dir")
     if "world_size" not in saved or "micro_batch" not in saved:
         return None
+    world_old, world_new = int(saved["world_size"]), int(now["world_size"])
+    stage_old, stage_new = saved.get("zero_stage"), now.get("zero_stage")
+    if stage_old is not None and stage_new is not None and int(stage_old) != int(stage_new):
+        raise ConfigError(f"--resume: the checkpoint was written under ZeRO-{stage_old}, this run uses ZeRO-{stage_new}; "
+                          f"DeepSpeed loads a checkpoint under the stage that wrote it: pass --zero_stage {stage_old} "
+                          f"or start a new --output_dir")
+    if world_old != world_new and max(int(stage_old or 0), int(stage_new or 0)) >= 1:
+        raise ConfigError(f"--resume: the checkpoint was written by {world_old} rank(s) under ZeRO-"
+                          f"{max(int(stage_old or 0), int(stage_new or 0))}, which splits the optimizer state into one "
+                          f"file per rank, and DeepSpeed loads it only on the same number of ranks; this run has "
+                          f"{world_new}. Resume on {world_old} rank(s), or start a new --output_dir")
     shape_old = (int(saved["world_size"]), int(saved["micro_batch"]), int(saved.get("accum_iter", 1)))
     shape_new = (int(now["world_size"]), int(now["micro_batch"]), int(now["accum_iter"]))
     g_old, g_new = shape_old[0] * shape_old[1] * shape_old[2], shape_new[0] * shape_new[1] * shape_new[2]

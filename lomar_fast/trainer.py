@@ -185,7 +185,8 @@ class Trainer:
         return model
 
     def run_shape(self) -> dict[str, Any]:
-        return dict(world_size=self.world, micro_batch=self.micro, accum_iter=self.accum, config=self.cfg.to_dict())
+        return dict(world_size=self.world, micro_batch=self.micro, accum_iter=self.accum,
+                    zero_stage=zero_stage_of(self.ds_cfg), config=self.cfg.to_dict())
 
     def resume(self, module_only: bool = False) -> run_dir.ResumePoint | None:
         """Load the checkpoint ``--resume`` names (lomar_fast.run_dir's rule; its model settings and global

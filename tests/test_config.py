@@ -165,11 +165,17 @@ def test_output_dir_guard_and_overwrite(tmp_path):
 
 def test_check_resume_maps_the_same_global_batch_and_refuses_other_shapes():
     cfg = {"model": "m", "input_size": 224}
-    saved = {"world_size": 4, "micro_batch": 64, "accum_iter": 1, "config": cfg}
+    saved = {"world_size": 4, "micro_batch": 64, "accum_iter": 1, "zero_stage": 0, "config": cfg}
     assert run_dir.check_resume(saved, dict(saved), ("model", "input_size")) is None
-    note = run_dir.check_resume(saved, {"world_size": 2, "micro_batch": 64, "accum_iter": 2, "config": cfg},
-                                ("model", "input_size"))
+    note = run_dir.check_resume(saved, {**saved, "world_size": 2, "accum_iter": 2}, ("model", "input_size"))
     assert "the same 256 images per step" in note
+    # under ZeRO the optimizer state is one file per rank: the same rank count, any micro-batch/accum split
+    zero2 = {**saved, "zero_stage": 2}
+    assert "the same 256" in run_dir.check_resume(zero2, {**zero2, "micro_batch": 32, "accum_iter": 2}, ())
+    with pytest.raises(ConfigError, match="written by 4 rank.*ZeRO-2.*this run has 2. Resume on 4 rank"):
+        run_dir.check_resume(zero2, {**zero2, "world_size": 2, "accum_iter": 2}, ())
+    with pytest.raises(ConfigError, match="under ZeRO-2, this run uses ZeRO-3.*--zero_stage 2"):
+        run_dir.check_resume(zero2, {**zero2, "zero_stage": 3}, ())
     with pytest.raises(ConfigError, match="= 256 images per step, this run has .* = 128.*--batch_size 128"):
         run_dir.check_resume(saved, {"world_size": 2, "micro_batch": 64, "accum_iter": 1, "config": cfg},
                              ("model", "input_size"))

@@ -326,18 +326,25 @@ def test_resume_of_another_shape_is_refused_before_any_work(mini_demo, tmp_path,
 
     out = tmp_path / "run"
     (out / "epoch0000").mkdir(parents=True)
-    saved = {"world_size": 2, "micro_batch": 8, "accum_iter": 1,
+    saved = {"world_size": 1, "micro_batch": 16, "accum_iter": 1, "zero_stage": 2,
              "config": {"model": "lomar_vit_tiny_patch16", "input_size": 64, "window_size": 3, "num_window": 2,
                         "mask_ratio": 0.8, "norm_pix_loss": True, "window_sampling": "per_batch", "pairing": "all",
                         "drop_path": 0.0}}
     run_dir.commit(out, "epoch0000", {"epoch": 0, "run": saved}, update_latest=True)
     args = ["--data_path", str(mini_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", *SMALL,
             "--output_dir", str(out), "--resume", "auto"]
-    with pytest.raises(ConfigError, match="world size 2 x micro-batch 8 x accum_iter 1 = 16 images per step, this "
+    with pytest.raises(ConfigError, match="world size 1 x micro-batch 16 x accum_iter 1 = 16 images per step, this "
                                           "run has world size 1 x micro-batch 8 x accum_iter 1 = 8"):
         pretrain.main([*args, "--batch_size", "8"])
     with pytest.raises(ConfigError, match="window_size: saved 3, now 2"):
         pretrain.main([*args, "--batch_size", "16", "--window_size", "2"])
+    with pytest.raises(ConfigError, match="under ZeRO-2, this run uses ZeRO-3"):
+        pretrain.main([*args, "--batch_size", "16", "--zero_stage", "3"])
+    # written by 2 ranks under ZeRO-2 (one optimizer-state file each): not loadable on 1 rank, even at 16 per step
+    run_dir.commit(out, "epoch0000", {"epoch": 0, "run": {**saved, "world_size": 2, "micro_batch": 8}},
+                   update_latest=True)
+    with pytest.raises(ConfigError, match="written by 2 rank.*ZeRO-2.*this run has 1. Resume on 2 rank"):
+        pretrain.main([*args, "--batch_size", "16"])
 
 
 def test_non_finite_read_back_raises_with_the_resume_hint():
