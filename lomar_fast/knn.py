@@ -18,7 +18,6 @@ features are all-gathered and the correct counts summed.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import time
@@ -135,6 +134,26 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats
     return torch.cat(out) if out else torch.zeros(0, num_classes, device=train_feats.device)
 
 
+_SHARDS: dict[tuple, Shard] = {}
+
+
+def _shard(path: str | os.PathLike, batch_size: int, input_size: int, device: torch.device,
+           num_workers: int | None, interpolation: str) -> Shard:
+    """This rank's shard of ``path``, built once per process and setting: a new loader compiles its decode loop
+    (seconds), and the pretraining monitor reads the same two files every time it runs. The loaders are kept,
+    never freed: freeing one while numba compiles another pipeline races numba's finalizer with the compiler.
+    A rewritten file (another size or modification time) gets a new loader."""
+    try:
+        st = os.stat(path)
+    except OSError:  # build_shard says what is wrong with the path
+        return build_shard(path, batch_size, input_size, device, num_workers, interpolation=interpolation)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, batch_size, input_size, str(device), num_workers,
+           interpolation, *rank_world())
+    if key not in _SHARDS:
+        _SHARDS[key] = build_shard(path, batch_size, input_size, device, num_workers, interpolation=interpolation)
+    return _SHARDS[key]
+
+
 def knn_eval(encoder: FeatureEncoder, train: str | os.PathLike, val: str | os.PathLike, input_size: int = 224,
              batch_size: int = 64, device: torch.device | str = "cpu", k: int = DEFAULT_K,
              temperature: float = DEFAULT_T, num_workers: int | None = None,
@@ -147,10 +166,7 @@ def knn_eval(encoder: FeatureEncoder, train: str | os.PathLike, val: str | os.Pa
     """
     device = torch.device(device)
     t0 = time.perf_counter()
-    # both loaders live until the end: freeing one while numba compiles another pipeline makes
-    # numba's finalizer race the compiler (a harmless but noisy "Exception ignored ... KeyError")
-    shards = [build_shard(p, batch_size, input_size, device, num_workers, interpolation=interpolation)
-              for p in (train, val)]
+    shards = [_shard(p, batch_size, input_size, device, num_workers, interpolation) for p in (train, val)]
     n_train, n_val = shards[0].total, shards[1].total
     tf, tl = extract_features(encoder, shards[0], dtype)
     vf, vl = extract_features(encoder, shards[1], dtype)
@@ -166,8 +182,6 @@ def knn_eval(encoder: FeatureEncoder, train: str | os.PathLike, val: str | os.Pa
         hit = top == vl[:, None]
         counts += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), torch.tensor(vl.numel(), device=device)]).double()
     counts = all_reduce(counts)
-    del shards
-    gc.collect()  # free the loaders' compiled code now, while nothing is being compiled
     if int(counts[2]) != n_val:
         raise RuntimeError(f"k-NN counted {int(counts[2])} val images, the file holds {n_val}")
     return {"top1": 100.0 * float(counts[0]) / n_val, "top5": 100.0 * float(counts[1]) / n_val,

@@ -72,6 +72,24 @@ def test_knn_pretrained_beats_random_and_matches_the_pretraining_monitor(pretrai
     assert epochs[-1]["knn_top1"] == pytest.approx(trained["top1"], abs=100 / demo["n_val"] + 1e-6)
 
 
+def test_knn_loaders_are_built_once_per_file_and_setting(mini_demo, tmp_path):
+    """The monitor's loaders are kept (a new one compiles its decode loop); a rewritten file gets a new one."""
+    import os
+    import shutil
+
+    from lomar_fast.knn import _shard
+
+    path = tmp_path / "val.beton"
+    shutil.copy(mini_demo["val"], path)
+    first = _shard(path, 4, 32, torch.device("cpu"), 1, "bicubic")
+    assert _shard(path, 4, 32, torch.device("cpu"), 1, "bicubic") is first
+    assert _shard(path, 8, 32, torch.device("cpu"), 1, "bicubic") is not first  # another batch size
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = _shard(path, 4, 32, torch.device("cpu"), 1, "bicubic")
+    assert again is not first and again.total == first.total == mini_demo["n_val"]
+
+
 def test_knn_flags_are_checked(mini_demo, tmp_path):
     from lomar_fast.config import parse_config
     from lomar_fast.errors import ConfigError
