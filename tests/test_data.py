@@ -507,3 +507,21 @@ def test_loader_benchmark_quick(tmp_path):
     assert run["images_per_epoch"] == run["batches_per_epoch"] * res["config"]["batch_size"] > 0
     assert len(run["epoch_seconds"]) == res["config"]["epochs"]
     assert run["images_per_sec"] > 0 and res["decode_only"]["images_per_sec"] > 0
+
+
+def test_numba_dict_helpers_are_cached_and_a_read_only_machine_is_not_fatal(monkeypatch):
+    """FFCV's import compiles numba's typed-dict helpers: cached on disk after the first start; where numba finds no
+    writable cache location, enabling the cache fails and the import goes on compiling as before."""
+    import numba.typed.typeddict as td
+
+    from lomar_fast.data import numba_cache
+
+    assert numba_cache.cache_typed_dict_helpers() is True  # done at import of lomar_fast.data
+    assert type(td._setitem._cache).__name__ == "FunctionCache" and type(td._make_dict._cache).__name__ == "FunctionCache"
+    monkeypatch.setattr(numba_cache, "_done", False)
+
+    def no_locator():
+        raise RuntimeError("cannot cache function '_make_dict': no locator available for file")
+
+    monkeypatch.setattr(td._make_dict, "enable_caching", no_locator)
+    assert numba_cache.cache_typed_dict_helpers() is False

@@ -5,7 +5,8 @@ Importing FFCV fills a module-level ``numba.typed.Dict``; numba compiles that di
 helpers are plain module-level functions without closures or global state, so numba's own on-disk cache
 (the one ``@njit(cache=True)`` uses, in ``__pycache__`` or ``NUMBA_CACHE_DIR``) keeps them valid: after the
 first start they load in well under a second. Call :func:`cache_typed_dict_helpers` before importing FFCV.
-``LOMAR_NUMBA_DICT_CACHE=0`` leaves numba as it is.
+``LOMAR_NUMBA_DICT_CACHE=0`` leaves numba as it is; so does a machine where numba finds no writable cache
+location (the helpers then compile in each process, as without this module).
 """
 from __future__ import annotations
 
@@ -25,9 +26,12 @@ def cache_typed_dict_helpers() -> bool:
         import numba.typed.typeddict as typeddict
     except ImportError:  # numba moved its typed dict: FFCV's import just compiles as before
         return False
-    for name in _HELPERS:
-        helper = getattr(typeddict, name, None)
-        if hasattr(helper, "enable_caching"):
-            helper.enable_caching()
+    try:
+        for name in _HELPERS:
+            helper = getattr(typeddict, name, None)
+            if hasattr(helper, "enable_caching"):
+                helper.enable_caching()
+    except (RuntimeError, OSError):  # no writable cache location (read-only site-packages and home): compile
+        return False
     _done = True
     return True
