@@ -117,7 +117,7 @@ def test_published_checkpoint_loads_every_encoder_key(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ training
-SMALL = ["--model", "vit_tiny_patch16", "--depth", "4", "--input_size", "64", "--num_workers", "2",
+SMALL = ["--model", "vit_tiny_patch16", "--depth", "4", "--input_size", "64", "--num_workers", "1",
          "--deepspeed_config", "ds_configs/cpu.json"]
 
 
@@ -183,7 +183,7 @@ def test_two_ranks_zero3_autocast_evaluates_each_val_image_once_keeps_lr_scale(d
     erasing on: 29 val images (14 + 15) evaluated with the same number of forwards on both ranks (padded),
     each image once: the counts, top-1 and loss equal a one-rank evaluation of the saved weights."""
     out = tmp_path / "ft2"
-    common = ["--model", "vit_tiny_patch16", "--depth", "4", "--input_size", "64", "--num_workers", "2",
+    common = ["--model", "vit_tiny_patch16", "--depth", "4", "--input_size", "64", "--num_workers", "1",
               "--deepspeed_config", "ds_configs/zero3.json"]
     proc = run_finetune(["--data_path", str(demo["train"]), "--val_path", str(demo["val"]), "--batch_size", "8",
                          "--epochs", "2", "--warmup_epochs", "1", "--max_steps_per_epoch", "2", "--log_every", "1",
@@ -204,7 +204,7 @@ def test_two_ranks_zero3_autocast_evaluates_each_val_image_once_keeps_lr_scale(d
     from lomar_fast import finetune
 
     finetune.main(["--eval", "--finetune", str(out / "checkpoint-best.pth"), "--val_path", str(demo["val"]),
-                   "--batch_size", "7", "--num_workers", "2", "--deepspeed_config", "ds_configs/zero3.json"])
+                   "--batch_size", "7", "--num_workers", "1", "--deepspeed_config", "ds_configs/zero3.json"])
     stdout = capsys.readouterr().out
     one = _eval_line(stdout)
     assert f"({demo['n_val']} images" in one["line"] and "depth=4" in stdout

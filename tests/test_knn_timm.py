@@ -56,7 +56,7 @@ def test_knn_pretrained_beats_random_and_matches_the_pretraining_monitor(pretrai
     epochs = [r for r in map(json.loads, (pretrain_run["out"] / "log.jsonl").read_text().splitlines())
               if r["kind"] == "epoch"]
     assert [("knn_top1" in e) for e in epochs] == [False, False, True]  # --knn_every 3 of 3 epochs
-    common = ["--train", str(demo["train"]), "--val", str(demo["val"]), "--input_size", "64", "--num_workers", "2"]
+    common = ["--train", str(demo["train"]), "--val", str(demo["val"]), "--input_size", "64", "--num_workers", "1"]
     trained = knn_main(["--checkpoint", str(pretrain_run["model"]), *common])
     torch.manual_seed(1)
     save_checkpoint(create_model("lomar_vit_tiny_patch16", img_size=64, window_size=3, num_window=2),
