@@ -161,7 +161,7 @@ def knn_eval(encoder: FeatureEncoder, train: str | os.PathLike, val: str | os.Pa
     """k-NN top-1 (and top-5) in percent over the whole val set, the same on every rank. Both files are read with
     the evaluation center crop, resized with ``interpolation`` ('area' or 'bicubic').
 
-    Returns {"top1", "top5", "n_train", "n_val", "seconds"}. Call it on every rank (or with no
+    Returns {"top1", "top5", "n_train", "n_val", "weights_l1", "seconds"}. Call it on every rank (or with no
     process group), all with the same arguments.
     """
     device = torch.device(device)
@@ -185,7 +185,13 @@ def knn_eval(encoder: FeatureEncoder, train: str | os.PathLike, val: str | os.Pa
     if int(counts[2]) != n_val:
         raise RuntimeError(f"k-NN counted {int(counts[2])} val images, the file holds {n_val}")
     return {"top1": 100.0 * float(counts[0]) / n_val, "top5": 100.0 * float(counts[1]) / n_val,
-            "n_train": n_train, "n_val": n_val, "seconds": time.perf_counter() - t0}
+            "n_train": n_train, "n_val": n_val, "weights_l1": weights_l1(encoder), "seconds": time.perf_counter() - t0}
+
+
+def weights_l1(module: torch.nn.Module) -> float:
+    """Sum of |w| over the module's parameters in float64: a fingerprint that tells which weights a k-NN result
+    came from (the pretraining monitor logs it next to its top-1)."""
+    return float(sum(p.detach().double().abs().sum() for p in module.parameters()))
 
 
 def monitor(module: torch.nn.Module, train: str, val: str, input_size: int, batch_size: int,

@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         knn = monitor(trainer.engine.module, cfg.knn_train, cfg.knn_val, cfg.input_size, trainer.micro, dev,
                       cfg.num_workers, trainer.dtype, cfg.interpolation)  # every rank takes a slice of the images
-        return dict(knn_top1=knn["top1"], knn_top5=knn["top5"], knn_seconds=knn["seconds"])
+        return dict(knn_top1=knn["top1"], knn_top5=knn["top5"], knn_weights_l1=knn["weights_l1"],
+                    knn_seconds=knn["seconds"])
 
     last = trainer.fit(step, end_epoch)
     if trainer.rank == 0:

@@ -76,6 +76,7 @@ def test_knn_pretrained_beats_random_and_matches_the_pretraining_monitor(pretrai
     assert trained["top1"] > random_init["top1"], (trained, random_init)
     # the monitor inside the 2-rank pretraining (each rank a slice, features all-gathered) saw the same weights as
     # the exported file, evaluated here on one rank: the same answer
+    assert epochs[-1]["knn_weights_l1"] == pytest.approx(trained["weights_l1"], rel=1e-9)
     assert epochs[-1]["knn_top1"] == pytest.approx(trained["top1"], abs=100 / demo["n_val"] + 1e-6)
 
 
