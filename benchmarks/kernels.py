@@ -200,12 +200,14 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
         def fwd(qq, k2, v2, tt):
             return F.scaled_dot_product_attention(qq, k2, v2, attn_mask=fn(qq, tt, buckets))
 
-        fwd_c = torch.compile(fwd) if compiled_sdpa else fwd
+        return attention_fwd_bwd(torch.compile(fwd) if compiled_sdpa else fwd, (q, kk, v))
 
+    def attention_fwd_bwd(fn, qkv):
+        """Forward of ``fn(q, k, v, table)`` from fresh leaves, then the gradients of q, k, v and the table."""
         def run():
-            qq, k2, v2 = (t.detach().requires_grad_(True) for t in (q, kk, v))
+            qq, k2, v2 = (t.detach().requires_grad_(True) for t in qkv)
             tt = table.detach().requires_grad_(True)
-            out = fwd_c(qq, k2, v2, tt)
+            out = fn(qq, k2, v2, tt)
             return (out, *torch.autograd.grad(out, (qq, k2, v2, tt), x["grad_attn"]))
 
         return run
@@ -222,13 +224,7 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
         return lambda: fn(qa, ka, va, table)
 
     def wattn_fwd_bwd(fn):
-        def run():
-            qq, k2, v2 = (t.detach().requires_grad_(True) for t in (qa, ka, va))
-            tt = table.detach().requires_grad_(True)
-            out = fn(qq, k2, v2, tt)
-            return (out, *torch.autograd.grad(out, (qq, k2, v2, tt), x["grad_attn"]))
-
-        return run
+        return attention_fwd_bwd(fn, (qa, ka, va))
 
     gather_bytes = b * k * ww * vdim * 1 + b * k * ww * vdim * esize + b * k * n_mask * vdim * 4
     vis_bytes = b * k * ww * vdim * 1 + b * k * n_vis * vdim * esize + b * k * n_mask * vdim * 4
