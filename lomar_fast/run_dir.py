@@ -204,19 +204,19 @@ def check_resume(saved: dict[str, Any], now: dict[str, Any], model_keys: tuple[s
                           + "); pass the saved values or start a new --output_dir")
     if "world_size" not in saved or "micro_batch" not in saved:
         return None
-    world_old, world_new = int(saved["world_size"]), int(now["world_size"])
-    stage_old, stage_new = saved.get("zero_stage"), now.get("zero_stage")
+    shape_old = (int(saved["world_size"]), int(saved["micro_batch"]), int(saved.get("accum_iter", 1)))
+    shape_new = (int(now["world_size"]), int(now["micro_batch"]), int(now["accum_iter"]))
+    stage_old, stage_new = saved.get("zero_stage"), now.get("zero_stage")  # absent in older checkpoints
     if stage_old is not None and stage_new is not None and int(stage_old) != int(stage_new):
         raise ConfigError(f"--resume: the checkpoint was written under ZeRO-{stage_old}, this run uses ZeRO-{stage_new}; "
                           f"DeepSpeed loads a checkpoint under the stage that wrote it: pass --zero_stage {stage_old} "
                           f"or start a new --output_dir")
-    if world_old != world_new and max(int(stage_old or 0), int(stage_new or 0)) >= 1:
-        raise ConfigError(f"--resume: the checkpoint was written by {world_old} rank(s) under ZeRO-"
-                          f"{max(int(stage_old or 0), int(stage_new or 0))}, which splits the optimizer state into one "
-                          f"file per rank, and DeepSpeed loads it only on the same number of ranks; this run has "
-                          f"{world_new}. Resume on {world_old} rank(s), or start a new --output_dir")
-    shape_old = (int(saved["world_size"]), int(saved["micro_batch"]), int(saved.get("accum_iter", 1)))
-    shape_new = (int(now["world_size"]), int(now["micro_batch"]), int(now["accum_iter"]))
+    stage = max(int(stage_old or 0), int(stage_new or 0))
+    if shape_old[0] != shape_new[0] and stage >= 1:
+        raise ConfigError(f"--resume: the checkpoint was written by {shape_old[0]} rank(s) under ZeRO-{stage}, which "
+                          f"splits the optimizer state into one file per rank, and DeepSpeed loads it only on the same "
+                          f"number of ranks; this run has {shape_new[0]}. Resume on {shape_old[0]} rank(s), or start a "
+                          f"new --output_dir")
     g_old, g_new = shape_old[0] * shape_old[1] * shape_old[2], shape_new[0] * shape_new[1] * shape_new[2]
     what = "world size {} x micro-batch {} x accum_iter {}"
     if g_old != g_new:
