@@ -16,7 +16,9 @@ Cases at ViT-B shapes (B=256 images, K=4 windows of 7x7 patches, 224 px, p=16; 1
 * ``window_attention_fwd`` / ``window_attention_fwd_bwd``: the fused window-attention kernel (scores, iRPE
   term, softmax, P v in one kernel; dq, dk, dv, dtable in its backward) against the current path,
   ``scaled_dot_product_attention`` with the batched-matmul iRPE bias, eager and ``torch.compile``'d; q, k, v
-  are the views of a fused (N, L, 3, H, D) qkv projection, as in the model.
+  are the views of a fused (N, L, 3, H, D) qkv projection, as in the model. bf16 inputs take the tensor-core
+  kernels; the ``[cuda cores]`` rows run the same kernels with fp32 products on CUDA cores
+  (LOMAR_WA_TENSOR_CORES=0).
 
 Each case: median time over repeated runs (CUDA events, after warm-up), achieved GB/s from the bytes the
 operation must read and write (listed per case), as a fraction of the device-to-device copy bandwidth
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -226,6 +229,21 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
     def wattn_fwd_bwd(fn):
         return attention_fwd_bwd(fn, (qa, ka, va))
 
+    def cuda_cores(run):
+        """``run`` with the window-attention kernels' products on CUDA cores (LOMAR_WA_TENSOR_CORES=0)."""
+        def wrapped():
+            old = os.environ.get(wac.TENSOR_CORES_ENV)
+            os.environ[wac.TENSOR_CORES_ENV] = "0"
+            try:
+                return run()
+            finally:
+                if old is None:
+                    os.environ.pop(wac.TENSOR_CORES_ENV)
+                else:
+                    os.environ[wac.TENSOR_CORES_ENV] = old
+
+        return wrapped
+
     gather_bytes = b * k * ww * vdim * 1 + b * k * ww * vdim * esize + b * k * n_mask * vdim * 4
     vis_bytes = b * k * ww * vdim * 1 + b * k * n_vis * vdim * esize + b * k * n_mask * vdim * 4
     q_bytes = n * h * length * d * esize
@@ -262,16 +280,16 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
              kernel=attention(kernel_bias) if with_kernels else None,
              reference=attention(irpe_key_bias_reference),
              compiled=lambda: attention(irpe_key_bias_reference, compiled_sdpa=True)),
-        dict(name="window_attention_fwd", bytes=4 * q_bytes, tol=3 * tol,
-             bytes_note="q, k, v read + out written",
-             kernel=wattn_fwd(fused_attention) if with_kernels else None,
-             reference=wattn_fwd(current_attention),
-             compiled=lambda: wattn_fwd(torch.compile(current_attention))),
-        dict(name="window_attention_fwd_bwd", bytes=12 * q_bytes, tol=3 * tol,
-             bytes_note="forward (q, k, v, out) + backward (q, k, v, out, grad out read; dq, dk, dv written)",
-             kernel=wattn_fwd_bwd(fused_attention) if with_kernels else None,
-             reference=wattn_fwd_bwd(current_attention),
-             compiled=lambda: wattn_fwd_bwd(torch.compile(current_attention))),
+        *(dict(name=f"window_attention_{kind}{label}", bytes=nbytes, tol=3 * tol, bytes_note=note + note_suffix,
+               kernel=wrap(make(fused_attention)) if with_kernels else None,
+               reference=make(current_attention),
+               compiled=lambda make=make: make(torch.compile(current_attention)))
+          for label, wrap, note_suffix in (("", lambda run: run, ""),
+                                           ("[cuda cores]", cuda_cores, "; the kernels' products in fp32 on CUDA cores"))
+          for kind, make, nbytes, note in (
+              ("fwd", wattn_fwd, 4 * q_bytes, "q, k, v read + out written"),
+              ("fwd_bwd", wattn_fwd_bwd, 12 * q_bytes,
+               "forward (q, k, v, out) + backward (q, k, v, out, grad out read; dq, dk, dv written)"))),
         # the pure-PyTorch batched-matmul formulation in the "kernel" column (always run)
         dict(name="irpe_fwd_bwd[bmm path]", bytes=2 * (q_bytes + bias_bytes) + q_bytes, tol=tol,
              bytes_note="as irpe_fwd_bwd; the kernel column is irpe_key_bias_bmm (pure PyTorch)",

@@ -21,13 +21,21 @@
 // the scores and probabilities, dS and G. Inputs are read with 16-byte loads when every row is 16-byte
 // aligned (`vec`), element by element otherwise; only the last dimension must be contiguous.
 //
-// The three kinds of products are small fp32 GEMMs on CUDA cores with register tiles:
+// Two kernels per head_dim, by the template argument TC. TC = false: the three kinds of products are small fp32
+// GEMMs on CUDA cores with register tiles:
 //   * A B^T (scores, dP): a warp owns 8 rows (4 per half-warp), a thread 4 rows x up to 8 columns
 //     strided by 16; warps whose rows are all past L skip the work;
 //   * A B and A^T B (P v, dq; dv, dk, dT): a thread owns RPT contiguous rows x 4 contiguous columns.
 // The iRPE term is folded into the score GEMM: T^T is stored as NB extra "key" rows, so one GEMM gives
 // [q k^T | q T] (L x (L4 + NB)); each logit then adds one shared-memory lookup by bucket. In the
 // backward, the dq GEMM runs over [dS | G] against [k ; T^T] the same way.
+//
+// TC = true (bf16 I/O only; the launcher's choice on sm_80 and newer): every product runs on tensor cores as
+// mma.sync m16n8k16 with bf16 operands and fp32 accumulation (see "tensor-core products" below). Each warp
+// owns a 16-row strip of the product and a run of 8-column tiles; the operands are read from the same fp32
+// shared tiles (rounded to bf16 as they are read) and the results go to the same places, so the loads, the
+// softmax, the bucket sums G and the layout are shared by both kernels. The table and the probabilities and
+// dS enter the products rounded to bf16, as under autocast; softmax, lse and every accumulation stay fp32.
 //
 // dT: each block keeps its dT contribution (up to 64 x D) in registers across all the pairs it handles
 // and writes it once, as a per-block partial, at the end; window_attention_dtable_reduce then sums the
@@ -407,13 +415,158 @@ __device__ __forceinline__ void wa_store_scores(float* sx, int SE, const float (
 }
 
 // ---------------------------------------------------------------------------------------------------
+// tensor-core products (the TC = true kernels, bf16 I/O)
+// ---------------------------------------------------------------------------------------------------
+// mma.sync m16n8k16 with bf16 operands and fp32 accumulation (sm_80 and newer). The operands stay in the fp32
+// shared tiles above; each is rounded to bf16 (nearest even) as its fragment is read, so q, k, v, dout (bf16
+// already) are exact and the table, P, dS and G are rounded as a bf16 flash attention rounds P. Fragment
+// layout (PTX ISA, mma.m16n8k16, .row.col), with g = lane / 4 and t2 = 2 * (lane % 4), the lower 16 bits of
+// each register holding the element of smaller index:
+//   A (16 x 16): a0 = A[g][t2, t2+1], a1 = A[g+8][t2, t2+1], a2 = A[g][t2+8, t2+9], a3 = A[g+8][t2+8, t2+9]
+//   B (16 x 8):  b0 = B[t2, t2+1][g], b1 = B[t2+8, t2+9][g]
+//   C (16 x 8):  c0, c1 = C[g][t2, t2+1], c2, c3 = C[g+8][t2, t2+1]
+// The CPU emulation (tests/kernel_emulation.py) builds the same matrices from the 32 lanes' registers.
+#define WA_TC_NT 8  // most n-tiles (8 columns each) one warp holds
+
+__device__ __forceinline__ unsigned int wa_bf16x2(float lo, float hi) {
+#if defined(LOMAR_EMULATION) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 800
+    return (unsigned int)from_f32<lomar_bf16>(lo).bits | ((unsigned int)from_f32<lomar_bf16>(hi).bits << 16);
+#else
+    unsigned int r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#endif
+}
+
+__device__ __forceinline__ void wa_mma(float (&c)[4], const unsigned int (&a)[4], unsigned int b0, unsigned int b1) {
+#if defined(LOMAR_EMULATION)
+    emu_mma_bf16_m16n8k16(c, a, b0, b1);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    asm volatile("trap;");  // the launcher picks the TC kernels on sm_80 and newer only
+#endif
+}
+
+// One warp's share of a product whose C is cut into 16-row strips and 8-column n-tiles: the strip at row m0
+// and n-tiles [nt0, nt1) (at most WA_TC_NT). Warps per strip: 8, 4, 2, 2 for 1..4 strips. Warp-uniform.
+struct WaTcWork {
+    int m0, nt0, nt1;
+};
+__device__ __forceinline__ WaTcWork wa_tc_work(int M, int NT, int warp) {
+    const int strips = (M + 15) >> 4;
+    const int wps = WA_WARPS / strips;
+    const int s = warp / wps;
+    const int per = (NT + wps - 1) / wps;
+    WaTcWork w;
+    w.m0 = 16 * s;
+    w.nt0 = (s < strips) ? (warp - s * wps) * per : 0;
+    w.nt1 = (s < strips) ? min(NT, w.nt0 + per) : 0;
+    return w;
+}
+
+__device__ __forceinline__ void wa_tc_zero(float (&c)[WA_TC_NT][4]) {
+#pragma unroll
+    for (int j = 0; j < WA_TC_NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c[j][e] = 0.f;
+}
+
+// c[j] += A[m0 .. m0+16, 0 .. K16) B[0 .. K16, n-tile nt0 + j] for the warp's n-tiles. fa(row, kk) and
+// fb(kk, col) read the fp32 operands; both must give 0 for kk past the product's inner length (K16 is that
+// length rounded up to 16), and finite values for rows and columns past the output (they are not stored).
+template <typename FA, typename FB>
+__device__ __forceinline__ void wa_tc_strip(float (&c)[WA_TC_NT][4], const WaTcWork& w, int K16, FA fa, FB fb) {
+    const int lane = threadIdx.x & 31;
+    const int r0 = w.m0 + (lane >> 2);
+    const int t2 = 2 * (lane & 3);
+    for (int k0 = 0; k0 < K16; k0 += 16) {
+        const int ka = k0 + t2;
+        unsigned int a[4];
+        a[0] = wa_bf16x2(fa(r0, ka), fa(r0, ka + 1));
+        a[1] = wa_bf16x2(fa(r0 + 8, ka), fa(r0 + 8, ka + 1));
+        a[2] = wa_bf16x2(fa(r0, ka + 8), fa(r0, ka + 9));
+        a[3] = wa_bf16x2(fa(r0 + 8, ka + 8), fa(r0 + 8, ka + 9));
+#pragma unroll
+        for (int j = 0; j < WA_TC_NT; ++j) {
+            if (w.nt0 + j < w.nt1) {
+                const int col = 8 * (w.nt0 + j) + (lane >> 2);
+                wa_mma(c[j], a, wa_bf16x2(fb(ka, col), fb(ka + 1, col)), wa_bf16x2(fb(ka + 8, col), fb(ka + 9, col)));
+            }
+        }
+    }
+}
+
+// Calls f(row, col, x0, x1) for each pair of the thread's accumulator elements: C[row][col], C[row][col + 1].
+template <typename F>
+__device__ __forceinline__ void wa_tc_pairs(const float (&c)[WA_TC_NT][4], const WaTcWork& w, F f) {
+    const int lane = threadIdx.x & 31;
+    const int r0 = w.m0 + (lane >> 2);
+    const int t2 = 2 * (lane & 3);
+#pragma unroll
+    for (int j = 0; j < WA_TC_NT; ++j) {
+        if (w.nt0 + j < w.nt1) {
+            const int col = 8 * (w.nt0 + j) + t2;
+            f(r0, col, c[j][0], c[j][1]);
+            f(r0 + 8, col, c[j][2], c[j][3]);
+        }
+    }
+}
+
+// Calls f(row, col, value) for each of the thread's accumulator elements.
+template <typename F>
+__device__ __forceinline__ void wa_tc_each(const float (&c)[WA_TC_NT][4], const WaTcWork& w, F f) {
+    wa_tc_pairs(c, w, [&](int r, int col, float x0, float x1) {
+        f(r, col, x0);
+        f(r, col + 1, x1);
+    });
+}
+
+// Rows < M of a warp's C (times mul) as bf16 pairs to byte address dst + row * row_stride (4-byte stores).
+__device__ __forceinline__ void wa_tc_store_bf16(unsigned char* dst, long long row_stride, int M,
+                                                 const float (&c)[WA_TC_NT][4], const WaTcWork& w, float mul) {
+    wa_tc_pairs(c, w, [&](int r, int col, float x0, float x1) {
+        if (r < M) *reinterpret_cast<unsigned int*>(dst + r * row_stride + 2 * col) = wa_pack(x0 * mul, x1 * mul, WA_BF16);
+    });
+}
+
+// The extended scores [q k^T | q T] of one pair on tensor cores (unscaled), the warp's tiles into c.
+template <int D>
+__device__ __forceinline__ WaTcWork wa_tc_scores(float (&c)[WA_TC_NT][4], const float* sq, const float* sk,
+                                                 const float* stt, int L, int L4, int NB4, int warp) {
+    constexpr int DS = D + 4;
+    const WaTcWork w = wa_tc_work(L, (L4 + NB4 + 7) >> 3, warp);
+    wa_tc_zero(c);
+    wa_tc_strip(c, w, D,
+                [&](int i, int d) { return sq[min(i, L - 1) * DS + d]; },
+                [&](int d, int col) {
+                    return col < L4 ? sk[col * DS + d] : (col < L4 + NB4 ? stt[(col - L4) * DS + d] : 0.f);
+                });
+    return w;
+}
+
+// Scores of the warp's tiles into the score rows (scaled q.k columns, then the q T columns).
+__device__ __forceinline__ void wa_tc_store_scores(float* sx, int SE, const float (&c)[WA_TC_NT][4], const WaTcWork& w,
+                                                   int L, int L4, int NB, float scale) {
+    wa_tc_each(c, w, [&](int i, int col, float x) {
+        if (i < L && col < L4 + NB) sx[i * SE + col] = (col < L4) ? scale * x : x;
+    });
+}
+
+__device__ __forceinline__ int wa_round16(int x) { return (x + 15) & ~15; }
+
+// ---------------------------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------------------------
 // Grid: any number of blocks (each loops over the pairs p = n * H + h); block: WA_THREADS threads;
 // dynamic shared memory: wa_fwd_shared_bytes(L, NB, D). Strides are in elements; q, k, v, out have the
 // I/O type `dtype`. out: (N, H, L, D) through its strides, last dimension contiguous, rows 16-byte
 // aligned; lse: (N * H, L) fp32 contiguous.
-template <int D>
+template <int D, bool TC>
 __global__ void __launch_bounds__(WA_THREADS, (D <= 64 ? 3 : 2))
 window_attention_fwd(const void* __restrict__ q, long long q_sn, long long q_sh, long long q_si,
                      const void* __restrict__ k, long long k_sn, long long k_sh, long long k_si,
@@ -469,10 +622,17 @@ window_attention_fwd(const void* __restrict__ q, long long q_sn, long long q_sh,
         __syncthreads();
 
         // scores [scale q k^T | q T] through registers: the tile then overwrites q and k
-        float acc[4][8];
-        if (warp_rows) wa_scores<D>(acc, sq, sk, stt, L, L4, NB4, row0, col0, ncc);
-        __syncthreads();
-        if (warp_rows) wa_store_scores(sx, SE, acc, L, L4, NB, row0, col0, ncc, scale);
+        if constexpr (TC) {
+            float c[WA_TC_NT][4];
+            const WaTcWork w = wa_tc_scores<D>(c, sq, sk, stt, L, L4, NB4, warp);
+            __syncthreads();
+            wa_tc_store_scores(sx, SE, c, w, L, L4, NB, scale);
+        } else {
+            float acc[4][8];
+            if (warp_rows) wa_scores<D>(acc, sq, sk, stt, L, L4, NB4, row0, col0, ncc);
+            __syncthreads();
+            if (warp_rows) wa_store_scores(sx, SE, acc, L, L4, NB, row0, col0, ncc, scale);
+        }
         __syncthreads();
 
         // softmax, one warp per row; P replaces the scores in columns [0, L4) (zero in [L, L4))
@@ -495,7 +655,15 @@ window_attention_fwd(const void* __restrict__ q, long long q_sn, long long q_sh,
         __syncthreads();
 
         // out = P v
-        if (tile_rows) {
+        if constexpr (TC) {
+            float c[WA_TC_NT][4];
+            const WaTcWork w = wa_tc_work(L, D / 8, warp);
+            wa_tc_zero(c);
+            wa_tc_strip(c, w, wa_round16(L),
+                        [&](int i, int j) { return j < L ? sx[min(i, L - 1) * SE + j] : 0.f; },
+                        [&](int j, int d) { return j < L ? sv[j * DS + d] : 0.f; });
+            wa_tc_store_bf16(ob + (n * o_sn + h * o_sh) * es, o_si * es, L, c, w, 1.f);
+        } else if (tile_rows) {
             float o[RPT][4];
             wa_zero(o);
             const float* a[RPT];
@@ -534,7 +702,7 @@ __device__ __forceinline__ void wa_bucket_lists(unsigned char* perm, unsigned ch
 // threads; dynamic shared memory: wa_bwd_shared_bytes(L, NB, D). Strides in elements, I/O type `dtype`.
 // dq, dk, dv share one set of strides (last dimension contiguous, rows 16-byte aligned);
 // dtable_part: (gridDim.x, D, NB) fp32, every element written.
-template <int D>
+template <int D, bool TC>
 __global__ void __launch_bounds__(WA_THREADS, (D <= 64 ? 2 : 1))
 window_attention_bwd(const void* __restrict__ q, long long q_sn, long long q_sh, long long q_si,
                      const void* __restrict__ k, long long k_sn, long long k_sh, long long k_si,
@@ -595,8 +763,11 @@ window_attention_bwd(const void* __restrict__ q, long long q_sn, long long q_sh,
     __syncthreads();
     wa_bucket_lists(sperm, soff, sbk, L, NB);
 
-    float dt[RPT][4];  // this block's dT rows b = i0 + r, columns d = 4 g + c, over all its pairs
-    wa_zero(dt);
+    float dt[TC ? 1 : RPT][4];  // this block's dT rows b = i0 + r, columns d = 4 g + c, over all its pairs
+    float dtc[TC ? WA_TC_NT : 1][4];  // TC: the same sum as the warp's tiles of dT^T (rows b, columns d)
+    const WaTcWork wt = wa_tc_work(NB, D / 8, warp);
+    if constexpr (TC) wa_tc_zero(dtc);
+    else wa_zero(dt);
 
     for (long long p = blockIdx.x; p < NP; p += gridDim.x) {
         const long long n = p / H;
@@ -621,7 +792,11 @@ window_attention_bwd(const void* __restrict__ q, long long q_sn, long long q_sh,
         }
 
         // scores [scale q k^T | q T]
-        {
+        if constexpr (TC) {
+            float c[WA_TC_NT][4];
+            const WaTcWork w = wa_tc_scores<D>(c, sq, sk, stt, L, L4, NB4, warp);
+            wa_tc_store_scores(sx, SE, c, w, L, L4, NB, scale);
+        } else {
             float acc[4][8];
             if (warp_rows) {
                 wa_scores<D>(acc, sq, sk, stt, L, L4, NB4, row0, col0, ncc_s);
@@ -644,37 +819,60 @@ window_attention_bwd(const void* __restrict__ q, long long q_sn, long long q_sh,
         }
         __syncthreads();
 
-        const long long goff = (n * g_sn + h * g_sh + 4 * g) * es;
         const long long grow = g_si * es;
+        const long long goff = (n * g_sn + h * g_sh + 4 * g) * es;
         // dv = P^T do
-        if (tile_rows) {
-            float acc[RPT][4];
-            wa_zero(acc);
-            wa_mm_atb<RPT>(acc, sx + i0, SE, sdo + 4 * g, DS, L);
-            wa_store_tile<RPT>(static_cast<unsigned char*>(dv) + goff, grow, i0, L, acc, 1.f, dtype);
-        }
-        // dP = do v^T (registers), then dS = P (dP - delta) over P
-        float dp[4][4];
-        if (warp_rows) {
-            const float* a[4];
+        if constexpr (TC) {
+            const long long hoff = (n * g_sn + h * g_sh) * es;
+            float c[WA_TC_NT][4];
+            {
+                const WaTcWork w = wa_tc_work(L, D / 8, warp);
+                wa_tc_zero(c);
+                wa_tc_strip(c, w, wa_round16(L),
+                            [&](int j, int i) { return i < L ? sx[i * SE + min(j, L - 1)] : 0.f; },
+                            [&](int i, int d) { return i < L ? sdo[i * DS + d] : 0.f; });
+                wa_tc_store_bf16(static_cast<unsigned char*>(dv) + hoff, grow, L, c, w, 1.f);
+            }
+            // dP = do v^T, then dS = P (dP - delta) over P
+            const WaTcWork w = wa_tc_work(L, (L + 7) >> 3, warp);
+            wa_tc_zero(c);
+            wa_tc_strip(c, w, D,
+                        [&](int i, int d) { return sdo[min(i, L - 1) * DS + d]; },
+                        [&](int d, int j) { return sv[min(j, L - 1) * DS + d]; });
+            __syncthreads();
+            wa_tc_each(c, w, [&](int i, int j, float x) {
+                if (i < L && j < L) sx[i * SE + j] *= x - sdelta[i];
+            });
+        } else {
+            if (tile_rows) {
+                float acc[RPT][4];
+                wa_zero(acc);
+                wa_mm_atb<RPT>(acc, sx + i0, SE, sdo + 4 * g, DS, L);
+                wa_store_tile<RPT>(static_cast<unsigned char*>(dv) + goff, grow, i0, L, acc, 1.f, dtype);
+            }
+            // dP = do v^T (registers), then dS = P (dP - delta) over P
+            float dp[4][4];
+            if (warp_rows) {
+                const float* a[4];
 #pragma unroll
-            for (int r = 0; r < 4; ++r) a[r] = sdo + min(row0 + r, L - 1) * DS;
-            const float* b[4];
+                for (int r = 0; r < 4; ++r) a[r] = sdo + min(row0 + r, L - 1) * DS;
+                const float* b[4];
 #pragma unroll
-            for (int c = 0; c < 4; ++c) b[c] = sv + min(col0 + 16 * c, L4 - 1) * DS;
-            wa_mm_abt<D, 4>(dp, a, b, ncc_p);
-        }
-        __syncthreads();
-        if (warp_rows) {
+                for (int c = 0; c < 4; ++c) b[c] = sv + min(col0 + 16 * c, L4 - 1) * DS;
+                wa_mm_abt<D, 4>(dp, a, b, ncc_p);
+            }
+            __syncthreads();
+            if (warp_rows) {
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int i = row0 + r;
-                if (i < L) {
-                    const float di = sdelta[i];
+                for (int r = 0; r < 4; ++r) {
+                    const int i = row0 + r;
+                    if (i < L) {
+                        const float di = sdelta[i];
 #pragma unroll
-                    for (int c = 0; c < 4; ++c) {
-                        const int j = col0 + 16 * c;
-                        if (c < ncc_p && j < L) sx[i * SE + j] *= dp[r][c] - di;
+                        for (int c = 0; c < 4; ++c) {
+                            const int j = col0 + 16 * c;
+                            if (c < ncc_p && j < L) sx[i * SE + j] *= dp[r][c] - di;
+                        }
                     }
                 }
             }
@@ -696,35 +894,69 @@ window_attention_bwd(const void* __restrict__ q, long long q_sn, long long q_sh,
         }
         __syncthreads();
 
-        if (tile_rows) {
+        if constexpr (TC) {
+            const long long hoff = (n * g_sn + h * g_sh) * es;
+            const WaTcWork w = wa_tc_work(L, D / 8, warp);
             // dq = scale * dS k + G T^T
-            float acc[RPT][4];
-            wa_zero(acc);
-            const float* a[RPT];
+            float c[WA_TC_NT][4];
+            wa_tc_zero(c);
+            wa_tc_strip(c, w, wa_round16(L),
+                        [&](int i, int j) { return j < L ? sx[min(i, L - 1) * SE + j] : 0.f; },
+                        [&](int j, int d) { return j < L ? sk[j * DS + d] : 0.f; });
 #pragma unroll
-            for (int r = 0; r < RPT; ++r) a[r] = sx + min(i0 + r, L - 1) * SE;
-            wa_mm_ab<RPT>(acc, a, sk + 4 * g, DS, L4);
+            for (int t = 0; t < WA_TC_NT; ++t)
 #pragma unroll
-            for (int r = 0; r < RPT; ++r)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) acc[r][c] *= scale;
-            const float* ag[RPT];
-#pragma unroll
-            for (int r = 0; r < RPT; ++r) ag[r] = a[r] + L4;
-            wa_mm_ab<RPT>(acc, ag, stt + 4 * g, DS, NB4);
-            wa_store_tile<RPT>(static_cast<unsigned char*>(dq) + goff, grow, i0, L, acc, 1.f, dtype);
-
+                for (int e = 0; e < 4; ++e) c[t][e] *= scale;
+            wa_tc_strip(c, w, wa_round16(NB),
+                        [&](int i, int b) { return b < NB ? sx[min(i, L - 1) * SE + L4 + b] : 0.f; },
+                        [&](int b, int d) { return b < NB ? stt[b * DS + d] : 0.f; });
+            wa_tc_store_bf16(static_cast<unsigned char*>(dq) + hoff, grow, L, c, w, 1.f);
             // dk = scale * dS^T q
-            wa_zero(acc);
-            wa_mm_atb<RPT>(acc, sx + i0, SE, sq + 4 * g, DS, L);
-            wa_store_tile<RPT>(static_cast<unsigned char*>(dk) + goff, grow, i0, L, acc, scale, dtype);
+            wa_tc_zero(c);
+            wa_tc_strip(c, w, wa_round16(L),
+                        [&](int j, int i) { return i < L ? sx[i * SE + min(j, L - 1)] : 0.f; },
+                        [&](int i, int d) { return i < L ? sq[i * DS + d] : 0.f; });
+            wa_tc_store_bf16(static_cast<unsigned char*>(dk) + hoff, grow, L, c, w, scale);
+            // dT^T += G^T q
+            wa_tc_strip(dtc, wt, wa_round16(L),
+                        [&](int b, int i) { return i < L ? sx[i * SE + L4 + min(b, NB - 1)] : 0.f; },
+                        [&](int i, int d) { return i < L ? sq[i * DS + d] : 0.f; });
+        } else {
+            if (tile_rows) {
+                // dq = scale * dS k + G T^T
+                float acc[RPT][4];
+                wa_zero(acc);
+                const float* a[RPT];
+#pragma unroll
+                for (int r = 0; r < RPT; ++r) a[r] = sx + min(i0 + r, L - 1) * SE;
+                wa_mm_ab<RPT>(acc, a, sk + 4 * g, DS, L4);
+#pragma unroll
+                for (int r = 0; r < RPT; ++r)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) acc[r][c] *= scale;
+                const float* ag[RPT];
+#pragma unroll
+                for (int r = 0; r < RPT; ++r) ag[r] = a[r] + L4;
+                wa_mm_ab<RPT>(acc, ag, stt + 4 * g, DS, NB4);
+                wa_store_tile<RPT>(static_cast<unsigned char*>(dq) + goff, grow, i0, L, acc, 1.f, dtype);
+
+                // dk = scale * dS^T q
+                wa_zero(acc);
+                wa_mm_atb<RPT>(acc, sx + i0, SE, sq + 4 * g, DS, L);
+                wa_store_tile<RPT>(static_cast<unsigned char*>(dk) + goff, grow, i0, L, acc, scale, dtype);
+            }
+            // dT^T += G^T q
+            if (tile_buckets) wa_mm_atb<RPT>(dt, sx + L4 + i0, SE, sq + 4 * g, DS, L);
         }
-        // dT^T += G^T q
-        if (tile_buckets) wa_mm_atb<RPT>(dt, sx + L4 + i0, SE, sq + 4 * g, DS, L);
         __syncthreads();
     }
 
-    if (tile_buckets) {
+    if constexpr (TC) {
+        float* part = dtable_part + (long long)blockIdx.x * D * NB;
+        wa_tc_each(dtc, wt, [&](int b, int d, float x) {
+            if (b < NB) part[d * NB + b] = x;
+        });
+    } else if (tile_buckets) {
         float* part = dtable_part + (long long)blockIdx.x * D * NB;
 #pragma unroll
         for (int r = 0; r < RPT; ++r) {
@@ -750,18 +982,22 @@ __global__ void window_attention_dtable_reduce(const float* __restrict__ part, f
 
 // Explicit instantiations: nvcc then compiles (and warns about) every variant the runtime can
 // ask NVRTC for; NVRTC finds the same ones by name expression.
-#define WA_INSTANTIATE(D)                                                                                  \
-    template __global__ void window_attention_fwd<D>(                                                      \
+#define WA_INSTANTIATE(D, TC)                                                                              \
+    template __global__ void window_attention_fwd<D, TC>(                                                  \
         const void*, long long, long long, long long, const void*, long long, long long, long long,       \
         const void*, long long, long long, long long, const float*, const long long*, void*, long long,   \
         long long, long long, float*, int, int, int, long long, float, int, int);                         \
-    template __global__ void window_attention_bwd<D>(                                                      \
+    template __global__ void window_attention_bwd<D, TC>(                                                  \
         const void*, long long, long long, long long, const void*, long long, long long, long long,       \
         const void*, long long, long long, long long, const void*, long long, long long, long long,       \
         const void*, long long, long long, long long, const float*, const float*, const long long*,       \
         void*, void*, void*, long long, long long, long long, float*, int, int, int, long long, float,    \
         int, int);
-WA_INSTANTIATE(32)
-WA_INSTANTIATE(64)
-WA_INSTANTIATE(80)
-WA_INSTANTIATE(128)
+WA_INSTANTIATE(32, false)
+WA_INSTANTIATE(64, false)
+WA_INSTANTIATE(80, false)
+WA_INSTANTIATE(128, false)
+WA_INSTANTIATE(32, true)
+WA_INSTANTIATE(64, true)
+WA_INSTANTIATE(80, true)
+WA_INSTANTIATE(128, true)

@@ -97,6 +97,39 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
   float r = __uint_as_float(g_warp_scratch[w][l ^ o]);
   g_warp_bar[w]->arrive_and_wait(); return r;
 }
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 as a warp collective: every lane publishes its
+// registers, each lane rebuilds A (16 x 16) and B (16 x 8) by the PTX fragment layout and computes its own
+// four accumulator elements (c0, c1: row g; c2, c3: row g + 8; columns 2 (lane % 4) + 0, 1).
+#define LOMAR_EMULATION 1
+static unsigned g_mma_frag[32][32][6];
+inline float emu_bf16(unsigned bits) { return __uint_as_float((bits & 0xffffu) << 16); }
+inline void emu_mma_bf16_m16n8k16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  for (int r = 0; r < 4; ++r) g_mma_frag[w][l][r] = a[r];
+  g_mma_frag[w][l][4] = b0; g_mma_frag[w][l][5] = b1;
+  g_warp_bar[w]->arrive_and_wait();
+  float A[16][16], B[16][8];
+  for (int x = 0; x < 32; ++x) {
+    const unsigned* f = g_mma_frag[w][x];
+    int g = x / 4, t2 = 2 * (x % 4);
+    for (int e = 0; e < 2; ++e) {
+      A[g][t2 + e] = emu_bf16(f[0] >> (16 * e));
+      A[g + 8][t2 + e] = emu_bf16(f[1] >> (16 * e));
+      A[g][t2 + 8 + e] = emu_bf16(f[2] >> (16 * e));
+      A[g + 8][t2 + 8 + e] = emu_bf16(f[3] >> (16 * e));
+      B[t2 + e][g] = emu_bf16(f[4] >> (16 * e));
+      B[t2 + 8 + e][g] = emu_bf16(f[5] >> (16 * e));
+    }
+  }
+  int g = l / 4, t2 = 2 * (l % 4);
+  for (int e = 0; e < 4; ++e) {
+    int row = g + 8 * (e / 2), col = t2 + e % 2;
+    float s = c[e];
+    for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
+    c[e] = s;
+  }
+  g_warp_bar[w]->arrive_and_wait();
+}
 alignas(16) float4 g_smem[1 << 14];
 template <typename F> void emu_launch(int grid, int block, F f) {
   gridDim.x = grid; blockDim.x = block;

@@ -16,6 +16,7 @@ torch.compile of an attention block, opcheck on CUDA.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -445,24 +446,25 @@ def compile_job(request):
 # CPU emulation of the kernels
 # ---------------------------------------------------------------------------------------------
 _EMU_ENTRY = r"""
-#define WA_EMU_DISPATCH(D, CALL) \
-  switch (D) { case 32: CALL(32); break; case 64: CALL(64); break; case 80: CALL(80); break; default: break; }
+#define WA_EMU_DISPATCH1(D, TC, CALL) \
+  switch (D) { case 32: CALL(32, TC); break; case 64: CALL(64, TC); break; case 80: CALL(80, TC); break; default: break; }
+#define WA_EMU_DISPATCH(D, CALL) if (tc) { WA_EMU_DISPATCH1(D, true, CALL) } else { WA_EMU_DISPATCH1(D, false, CALL) }
 extern "C" {
 int wa_fwd_bytes(int L, int NB, int D) { return wa_ns::wa_fwd_shared_bytes(L, NB, D); }
 int wa_bwd_bytes(int L, int NB, int D) { return wa_ns::wa_bwd_shared_bytes(L, NB, D); }
-void wa_fwd(int D, const void* q, const long long* qs, const void* k, const long long* ks, const void* v,
+void wa_fwd(int D, int tc, const void* q, const long long* qs, const void* k, const long long* ks, const void* v,
             const long long* vs, const float* table, const long long* bk, void* out, const long long* os, float* lse,
             int H, int L, int NB, long long NP, float scale, int dtype, int vec, int grid) {
-#define WA_FWD(DD) emu_launch(grid, 256, [&] { wa_ns::window_attention_fwd<DD>(q, qs[0], qs[1], qs[2], k, ks[0], \
+#define WA_FWD(DD, TC) emu_launch(grid, 256, [&] { wa_ns::window_attention_fwd<DD, TC>(q, qs[0], qs[1], qs[2], k, ks[0], \
       ks[1], ks[2], v, vs[0], vs[1], vs[2], table, bk, out, os[0], os[1], os[2], lse, H, L, NB, NP, scale, dtype, vec); })
   WA_EMU_DISPATCH(D, WA_FWD)
 }
-void wa_bwd(int D, const void* q, const long long* qs, const void* k, const long long* ks, const void* v,
+void wa_bwd(int D, int tc, const void* q, const long long* qs, const void* k, const long long* ks, const void* v,
             const long long* vs, const void* o, const long long* os, const void* go, const long long* gos,
             const float* lse, const float* table, const long long* bk, void* dq, void* dk, void* dv,
             const long long* gs, float* part, int H, int L, int NB, long long NP, float scale, int dtype, int vec,
             int grid) {
-#define WA_BWD(DD) emu_launch(grid, 256, [&] { wa_ns::window_attention_bwd<DD>(q, qs[0], qs[1], qs[2], k, ks[0], \
+#define WA_BWD(DD, TC) emu_launch(grid, 256, [&] { wa_ns::window_attention_bwd<DD, TC>(q, qs[0], qs[1], qs[2], k, ks[0], \
       ks[1], ks[2], v, vs[0], vs[1], vs[2], o, os[0], os[1], os[2], go, gos[0], gos[1], gos[2], lse, table, bk, \
       dq, dk, dv, gs[0], gs[1], gs[2], part, H, L, NB, NP, scale, dtype, vec); })
   WA_EMU_DISPATCH(D, WA_BWD)
@@ -472,24 +474,24 @@ void wa_reduce(const float* part, float* out, int parts, int count) {
 }
 // the kernels' own parameter lists, for launches made by the Python wrapper
 typedef long long ll;
-void wa_fwd_launch(int D, int grid, int block, const void* q, ll a0, ll a1, ll a2, const void* k, ll b0, ll b1, ll b2,
+void wa_fwd_launch(int D, int tc, int grid, int block, const void* q, ll a0, ll a1, ll a2, const void* k, ll b0, ll b1, ll b2,
                    const void* v, ll c0, ll c1, ll c2, const float* table, const ll* bk, void* out, ll o0, ll o1,
                    ll o2, float* lse, int H, int L, int NB, ll NP, float scale, int dtype, int vec) {
-#define WA_FWDL(DD) emu_launch(grid, block, [&] { wa_ns::window_attention_fwd<DD>(q, a0, a1, a2, k, b0, b1, b2, v, \
+#define WA_FWDL(DD, TC) emu_launch(grid, block, [&] { wa_ns::window_attention_fwd<DD, TC>(q, a0, a1, a2, k, b0, b1, b2, v, \
       c0, c1, c2, table, bk, out, o0, o1, o2, lse, H, L, NB, NP, scale, dtype, vec); })
   WA_EMU_DISPATCH(D, WA_FWDL)
 }
-void wa_bwd_launch(int D, int grid, int block, const void* q, ll a0, ll a1, ll a2, const void* k, ll b0, ll b1, ll b2,
+void wa_bwd_launch(int D, int tc, int grid, int block, const void* q, ll a0, ll a1, ll a2, const void* k, ll b0, ll b1, ll b2,
                    const void* v, ll c0, ll c1, ll c2, const void* o, ll o0, ll o1, ll o2, const void* go, ll g0,
                    ll g1, ll g2, const float* lse, const float* table, const ll* bk, void* dq, void* dk, void* dv,
                    ll s0, ll s1, ll s2, float* part, int H, int L, int NB, ll NP, float scale, int dtype, int vec) {
-#define WA_BWDL(DD) emu_launch(grid, block, [&] { wa_ns::window_attention_bwd<DD>(q, a0, a1, a2, k, b0, b1, b2, v, \
+#define WA_BWDL(DD, TC) emu_launch(grid, block, [&] { wa_ns::window_attention_bwd<DD, TC>(q, a0, a1, a2, k, b0, b1, b2, v, \
       c0, c1, c2, o, o0, o1, o2, go, g0, g1, g2, lse, table, bk, dq, dk, dv, s0, s1, s2, part, H, L, NB, NP, scale, \
       dtype, vec); })
   WA_EMU_DISPATCH(D, WA_BWDL)
 }
-void wa_reduce_launch(int D, int grid, int block, const float* part, float* out, int parts, int count) {
-  (void)D;
+void wa_reduce_launch(int D, int tc, int grid, int block, const float* part, float* out, int parts, int count) {
+  (void)D; (void)tc;
   emu_launch(grid, block, [&] { wa_ns::window_attention_dtable_reduce(part, out, parts, count); });
 }
 }
@@ -517,8 +519,9 @@ def _strides(t: torch.Tensor):
     return torch.tensor(t.stride()[:3], dtype=torch.long)
 
 
-def _emulate(emu, q, k, v, table, buckets, scale, go, fwd_grid, bwd_grid):
-    """Run the emulated forward, backward and dT reduction; returns out, lse, dq, dk, dv, dtable."""
+def _emulate(emu, q, k, v, table, buckets, scale, go, fwd_grid, bwd_grid, tc=False):
+    """Run the emulated forward, backward and dT reduction (``tc``: the tensor-core kernels); returns out, lse,
+    dq, dk, dv, dtable."""
     n, h, length, d = q.shape
     nb = table.shape[1]
     dtype = wac.DTYPE_CODES[q.dtype]
@@ -528,12 +531,12 @@ def _emulate(emu, q, k, v, table, buckets, scale, go, fwd_grid, bwd_grid):
     out = torch.full((n, length, h, d), 7.0).to(q.dtype).transpose(1, 2)
     lse = torch.full((n, h, length), 7.0)
     sq, sk, sv, so = _strides(q), _strides(k), _strides(v), _strides(out)
-    emu.wa_fwd(*c_args(d, q, sq, k, sk, v, sv, table_f, buckets, out, so, lse, h, length, nb, ("ll", n * h),
+    emu.wa_fwd(*c_args(d, int(tc), q, sq, k, sk, v, sv, table_f, buckets, out, so, lse, h, length, nb, ("ll", n * h),
                        float(scale), dtype, vec, fwd_grid))
     dq, dk, dv = (torch.full((n, length, h, d), 5.0).to(q.dtype).transpose(1, 2) for _ in range(3))
     part = torch.full((bwd_grid, d, nb), 3.0)
     sgo, sdq = _strides(go), _strides(dq)  # alive until the call returns
-    emu.wa_bwd(*c_args(d, q, sq, k, sk, v, sv, out, so, go, sgo, lse, table_f, buckets, dq, dk, dv, sdq, part, h,
+    emu.wa_bwd(*c_args(d, int(tc), q, sq, k, sk, v, sv, out, so, go, sgo, lse, table_f, buckets, dq, dk, dv, sdq, part, h,
                        length, nb, ("ll", n * h), float(scale), dtype, vec, bwd_grid))
     dtable = torch.full((d, nb), 9.0)
     emu.wa_reduce(*c_args(part, dtable, bwd_grid, d * nb))
@@ -541,15 +544,18 @@ def _emulate(emu, q, k, v, table, buckets, scale, go, fwd_grid, bwd_grid):
 
 
 EMU_CASES = [
-    # (N, H, side or L, D, NB, dtype, aligned, fwd grid, bwd grid)
-    (2, 3, 4, 32, 50, torch.float32, True, 2, 4),  # L = 17, 3 pairs per forward block
-    (1, 3, 26, 80, 13, torch.float32, False, 1, 2),  # random buckets, NB = 13, scalar loads
-    (1, 3, 7, 64, 50, torch.bfloat16, True, 2, 2),  # L = 50, the LoMaR window
+    # (N, H, side or L, D, NB, dtype, aligned, fwd grid, bwd grid, tensor cores)
+    (2, 3, 4, 32, 50, torch.float32, True, 2, 4, False),  # L = 17, 3 pairs per forward block
+    (1, 3, 26, 80, 13, torch.float32, False, 1, 2, False),  # random buckets, NB = 13, scalar loads
+    (1, 3, 7, 64, 50, torch.bfloat16, True, 2, 2, False),  # L = 50, the LoMaR window
+    (1, 3, 7, 64, 50, torch.bfloat16, True, 2, 2, True),  # the same on tensor cores (mma.sync emulated)
+    (2, 3, 4, 32, 50, torch.bfloat16, False, 2, 4, True),  # L = 17: one 16-row strip and a 1-row one
+    (1, 2, 37, 80, 13, torch.bfloat16, True, 1, 2, True),  # L = 37, NB = 13: padded k-steps, 5 k-steps of D
 ]
 
 
-@pytest.mark.parametrize("n,h,side,d,nb,dtype,aligned,fwd_grid,bwd_grid", EMU_CASES)
-def test_emulated_kernels_match_reference(emu, n, h, side, d, nb, dtype, aligned, fwd_grid, bwd_grid):
+@pytest.mark.parametrize("n,h,side,d,nb,dtype,aligned,fwd_grid,bwd_grid,tc", EMU_CASES)
+def test_emulated_kernels_match_reference(emu, n, h, side, d, nb, dtype, aligned, fwd_grid, bwd_grid, tc):
     torch.manual_seed(0)
     if nb == 50:
         buckets = window_buckets(side)
@@ -565,12 +571,13 @@ def test_emulated_kernels_match_reference(emu, n, h, side, d, nb, dtype, aligned
     table = random_table(d, nb)
     scale = d**-0.5
     go = torch.randn(n, length, h, d).to(dtype).transpose(1, 2)  # the gradient of a (N, L, H*D) view
-    out, lse, dq, dk, dv, dtable = _emulate(emu, q, k, v, table, buckets, scale, go, fwd_grid, bwd_grid)
+    out, lse, dq, dk, dv, dtable = _emulate(emu, q, k, v, table, buckets, scale, go, fwd_grid, bwd_grid, tc)
 
     want, want_lse = brute_force(q, k, v, table, buckets, scale)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel_err(out, want) <= tol, rel_err(out, want)
-    assert rel_err(lse, want_lse) <= 1e-5
+    # tensor cores round the table to bf16 in q T (as autocast rounds it for the PyTorch path)
+    assert rel_err(lse, want_lse) <= (4e-3 if tc else 1e-5)
     # gradients: float64 formulas from the same inputs, the kernel's saved out and lse
     got = dict(q=dq, k=dk, v=dv, table=dtable)
     ref = wac._backward_torch(go.double(), q.double(), k.double(), v.double(), out.double(), lse.double(),
@@ -584,13 +591,15 @@ def test_emulated_kernels_match_reference(emu, n, h, side, d, nb, dtype, aligned
         assert rel_err(a, b) <= (1e-5 if dtype == torch.float32 else 2e-2), (name, rel_err(a, b))
 
 
-def test_emulated_kernel_bad_bucket_gives_nan_rows(emu):
+@pytest.mark.parametrize("tc", [False, True])
+def test_emulated_kernel_bad_bucket_gives_nan_rows(emu, tc):
     """A bucket id outside [0, NB) poisons its query row only (the Python side documents it)."""
     buckets = window_buckets(3)
     buckets[4, 2] = 50
-    q, k, v = (x.contiguous() for x in qkv_views(1, 3, 10, 32))
-    go = torch.randn(1, 3, 10, 32)
-    out = _emulate(emu, q, k, v, random_table(32), buckets, 0.2, go, 1, 1)[0]
+    dtype = torch.bfloat16 if tc else torch.float32
+    q, k, v = (x.to(dtype).contiguous() for x in qkv_views(1, 3, 10, 32))
+    go = torch.randn(1, 3, 10, 32).to(dtype)
+    out = _emulate(emu, q, k, v, random_table(32), buckets, 0.2, go, 1, 1, tc)[0]
     assert bool(out[:, :, 4].isnan().all())
     assert bool(out[:, :, [0, 1, 2, 3, 5, 6, 7, 8, 9]].isfinite().all())
 
@@ -620,18 +629,24 @@ def _emulated_launcher(emu, launches):
         assert filename == wac.SOURCE and kernel in names
         assert shared_mem <= SHARED_BYTES
         base, _, rest = kernel.partition("<")
-        d = int(rest[:-1]) if rest else 0
+        d, _, tc = rest[:-1].partition(", ")
         launches.append((kernel, grid, block, shared_mem, args))
-        entries[base](ctypes.c_int(d), ctypes.c_int(grid), ctypes.c_int(block), *map(convert, args))
+        entries[base](ctypes.c_int(int(d or 0)), ctypes.c_int(int(tc == "true")), ctypes.c_int(grid),
+                      ctypes.c_int(block), *map(convert, args))
 
     return launch
 
 
-@pytest.mark.parametrize("length,d,dtype,aligned", [(17, 32, torch.float32, True), (26, 64, torch.bfloat16, False)])
-def test_wrapper_launches_match_reference_in_emulation(emu, monkeypatch, length, d, dtype, aligned):
-    """The CUDA wrapper's launches (argument order and widths, strides, dtype code, 16-byte flag, shared
-    memory, dT partials and their reduction) run through the emulated kernels on CPU tensors, as on a GPU,
-    through the registered autograd: values and gradients match the reference."""
+@pytest.mark.parametrize("length,d,dtype,aligned,tc", [(17, 32, torch.float32, True, False),
+                                                       (26, 64, torch.bfloat16, False, True),
+                                                       (26, 64, torch.bfloat16, True, False)])
+def test_wrapper_launches_match_reference_in_emulation(emu, monkeypatch, length, d, dtype, aligned, tc):
+    """The CUDA wrapper's launches (kernel choice, argument order and widths, strides, dtype code, 16-byte
+    flag, shared memory, dT partials and their reduction) run through the emulated kernels on CPU tensors, as on
+    a GPU, through the registered autograd: values and gradients match the reference. bf16 takes the
+    tensor-core kernels unless LOMAR_WA_TENSOR_CORES=0."""
+    if dtype == torch.bfloat16 and not tc:
+        monkeypatch.setenv(wac.TENSOR_CORES_ENV, "0")
     launches = []
     monkeypatch.setattr(cb, "launch", _emulated_launcher(emu, launches))
     monkeypatch.setattr(wac, "_kernel_ok", lambda kind, q, table: wac.kernel_supports(q, table) and q.numel() > 0)
@@ -646,8 +661,9 @@ def test_wrapper_launches_match_reference_in_emulation(emu, monkeypatch, length,
     out = wac.window_attention(q, k, v, table, buckets, 0.2)
     go = torch.randn(out.shape).to(dtype)
     grads = torch.autograd.grad(out, (q, k, v, table), go)
-    assert [name for name, *_ in launches] == [f"window_attention_fwd<{d}>", f"window_attention_bwd<{d}>",
+    assert [name for name, *_ in launches] == [wac.kernel_name("fwd", d, tc), wac.kernel_name("bwd", d, tc),
                                                "window_attention_dtable_reduce"]
+    assert all(name in wac.NAME_EXPRESSIONS for name, *_ in launches)
     assert launches[0][3] == wac.shared_bytes("fwd", length, 50, d) and launches[0][1:3] == (2, wac.THREADS)
     assert launches[1][3] == wac.shared_bytes("bwd", length, 50, d) and launches[1][1:3] == (2, wac.THREADS)
     # 16-byte loads only where every row is 16-byte aligned (the emulation would not notice: x86 does not trap)
@@ -679,6 +695,33 @@ def test_benchmark_window_attention_cases():
     torch.testing.assert_close(cases["window_attention_fwd"]["reference"](), want, rtol=1e-5, atol=1e-5)
     grads = cases["window_attention_fwd_bwd"]["reference"]()[1:]
     assert [g.shape for g in grads] == [x["q"].shape] * 3 + [x["table"].shape]
+
+
+def test_benchmark_cuda_core_rows_switch_the_kernels_off_for_the_call(monkeypatch):
+    """The ``[cuda cores]`` rows run the fused op with LOMAR_WA_TENSOR_CORES=0 during the call only (on CPU the op
+    computes in PyTorch, so the rows agree with the default rows)."""
+    import argparse
+
+    from benchmarks import kernels as bench
+
+    monkeypatch.delenv(wac.TENSOR_CORES_ENV, raising=False)
+    cfg = dict(bench.SMOKE_CONFIG, dtype="bfloat16")
+    x = bench.make_inputs(cfg, "cpu")
+    cases = {c["name"]: c for c in bench.build_cases(x, cfg, "cpu", with_kernels=True)}
+    seen = []
+    real = wac.window_attention
+
+    def spy(q, *args, **kwargs):
+        seen.append(wac.use_tensor_cores(q))
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(wac, "window_attention", spy)
+    for name in ("window_attention_fwd_bwd", "window_attention_fwd_bwd[cuda cores]"):
+        rec = bench.run_case(cases[name], argparse.Namespace(warmup=0, repeats=1), False, None, False)
+        assert rec["correct"] is True, rec
+        assert seen and set(seen) == {"cuda cores" not in name}, (name, seen)
+        seen.clear()
+    assert os.environ.get(wac.TENSOR_CORES_ENV) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -714,12 +757,17 @@ def _check_gpu(q, k, v, table, buckets, scale=None, rpe_scale=None, go=None):
 
 @gpu_test
 @pytest.mark.parametrize("length,d", [(17, 32), (26, 80), (37, 64), (50, 64), (50, 80), (64, 128)])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gpu_odd_shapes(kernels_on, dtype, length, d):
+@pytest.mark.parametrize("dtype,tc", [(torch.float32, False), (torch.bfloat16, True), (torch.bfloat16, False),
+                                      (torch.float16, False)])
+def test_gpu_odd_shapes(kernels_on, monkeypatch, dtype, tc, length, d):
+    """bf16 runs twice: on tensor cores (the default) and with LOMAR_WA_TENSOR_CORES=0."""
+    if dtype == torch.bfloat16 and not tc:
+        monkeypatch.setenv(wac.TENSOR_CORES_ENV, "0")
     torch.manual_seed(0)
     side = {17: 4, 26: 5, 37: 6, 50: 7}.get(length)
     buckets = (window_buckets(side) if side else torch.randint(0, 50, (length, length))).cuda()
     q, k, v = qkv_views(3, 5, length, d, dtype, "cuda", seed=length + d)
+    assert wac.use_tensor_cores(q) is tc
     _check_gpu(q, k, v, random_table(d, device="cuda"), buckets)
     assert (wac.SOURCE, torch.cuda.current_device()) in cb._modules  # the kernel ran
 

@@ -17,10 +17,14 @@ be checked on CPU. Shapes the kernels do not cover (head_dim not in 32/64/80/128
 more shared memory than the device allows) use the PyTorch computation on the GPU too.
 
 The table is used in fp32 whatever its dtype (the reference computes in fp32), and its gradient is
-returned in the table's dtype. Inputs need a contiguous last dimension (:func:`window_attention` copies
+returned in the table's dtype. bf16 inputs on sm_80 and newer take the tensor-core kernels (template argument
+TC: bf16 mma.sync products, fp32 accumulation; the table, P and dS enter the products rounded to bf16, as under
+autocast); LOMAR_WA_TENSOR_CORES=0 keeps them on the fp32 CUDA-core kernels, which fp32 and fp16 inputs use. Inputs need a contiguous last dimension (:func:`window_attention` copies
 otherwise); rows are read with 16-byte loads when every row is 16-byte aligned.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -41,11 +45,27 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # WA_F32,
 DEFAULT_SHARED = 48 * 1024  # above this a kernel must opt in to more dynamic shared memory
 REDUCE_THREADS = 256
 
+TENSOR_CORES_ENV = "LOMAR_WA_TENSOR_CORES"  # "0": bf16 inputs also take the CUDA-core (fp32 product) kernels
+
+
+def kernel_name(kind: str, head_dim: int, tensor_cores: bool) -> str:
+    """The name expression of the ``"fwd"`` or ``"bwd"`` kernel (template arguments D, TC)."""
+    return f"window_attention_{kind}<{head_dim}, {'true' if tensor_cores else 'false'}>"
+
+
 NAME_EXPRESSIONS: tuple[str, ...] = tuple(
-    [f"window_attention_fwd<{d}>" for d in HEAD_DIMS]
-    + [f"window_attention_bwd<{d}>" for d in HEAD_DIMS]
+    [kernel_name(kind, d, tc) for kind in ("fwd", "bwd") for tc in (False, True) for d in HEAD_DIMS]
     + ["window_attention_dtable_reduce"]
 )
+
+
+def use_tensor_cores(q: torch.Tensor) -> bool:
+    """Whether launches for ``q`` take the tensor-core kernels: bf16 inputs (bf16 mma.sync products with fp32
+    accumulation, sm_80 and newer), unless the environment sets LOMAR_WA_TENSOR_CORES=0. fp32 and fp16 inputs
+    keep the fp32 products on CUDA cores."""
+    if q.dtype != torch.bfloat16 or os.environ.get(TENSOR_CORES_ENV, "1") == "0":
+        return False
+    return not q.is_cuda or torch.cuda.get_device_capability(q.device) >= (8, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +215,7 @@ def window_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
         buckets_c = buckets.to(q.device).contiguous()
         nb = table.shape[1]
         shared = shared_bytes("fwd", length, nb, d)
-        kernel = f"window_attention_fwd<{d}>"
+        kernel = kernel_name("fwd", d, use_tensor_cores(q))
         grid = _grid(kernel, q.device, shared, n * h)
         args = (
             cb.ptr(q), *_strides3(q), cb.ptr(k), *_strides3(k), cb.ptr(v), *_strides3(v),
@@ -256,7 +276,7 @@ def window_attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
         buckets_c = buckets.to(q.device).contiguous()
         lse_c = lse.to(torch.float32).contiguous()
         shared = shared_bytes("bwd", length, nb, d)
-        kernel = f"window_attention_bwd<{d}>"
+        kernel = kernel_name("bwd", d, use_tensor_cores(q))
         grid = _grid(kernel, q.device, shared, n * h)
         part = torch.empty((grid, d, nb), dtype=torch.float32, device=q.device)
         args = (
