@@ -42,7 +42,31 @@ def init_distributed(device: torch.device) -> tuple[int, int, int]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        if device.type != "cuda":
+            release_cpu_shm_name()
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def cpu_shm_path(rank: int, addr: str | None = None, port: str | None = None) -> str:
+    """The /dev/shm file DeepSpeed's CPU communication op creates for ``rank`` (its allreduce workspace, 66 MiB),
+    named after the user id and MASTER_ADDR / MASTER_PORT."""
+    addr = os.environ.get("MASTER_ADDR", "") if addr is None else addr
+    port = os.environ.get("MASTER_PORT", "") if port is None else port
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_cpu_shm_name() -> None:
+    """Unlink this rank's shared-memory workspace name once every rank has mapped every workspace.
+
+    DeepSpeed's CPU op (0.19) creates one /dev/shm file per rank and process and never unlinks it, so each CPU
+    run left 66 MiB of RAM per rank in /dev/shm until the machine filled up. The mappings stay valid after the
+    unlink; the name is only needed while the ranks open each other's workspace inside init, which has returned
+    on every rank after the barrier."""
+    torch.distributed.barrier()
+    try:
+        os.unlink(cpu_shm_path(torch.distributed.get_rank()))
+    except FileNotFoundError:  # another DeepSpeed version or no shm op: nothing to release
+        pass
 
 
 def rank_world() -> tuple[int, int]:
