@@ -17,6 +17,7 @@ from lomar_fast.optim import build_adamw, set_lr
 
 from launch import launch
 
+TORCH_LINEAR = torch.nn.functional.linear  # at collection, before any test has started DeepSpeed
 PUBLISHED_ONLY = {"mask_token", "pos_embed", "norm.weight", "norm.bias", "encoder_pred.weight", "encoder_pred.bias"}
 
 
@@ -208,6 +209,10 @@ def test_two_ranks_zero3_autocast_evaluates_each_val_image_once_keeps_lr_scale(d
     stdout = capsys.readouterr().out
     one = _eval_line(stdout)
     assert f"({demo['n_val']} images" in one["line"] and "depth=4" in stdout
+    # ZeRO-3 left torch.nn.functional.linear alone ("memory_efficient_linear": false): DeepSpeed's replacement
+    # persists for the rest of the process, and under torch 2.11 a torch.compile'd model built after it
+    # got weight gradients unlike the eager model's
+    assert torch.nn.functional.linear is TORCH_LINEAR
     assert one["top1"] == pytest.approx(best["val_top1"], abs=0.01)
     assert one["loss"] == pytest.approx(best["val_loss"], rel=2e-3)
 
