@@ -28,6 +28,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -205,7 +206,9 @@ def make_synthetic(out: str | Path, n_train: int, n_val: int = 0, classes: int =
     if workers == 1:
         results = list(map(_make_chunk, jobs))
     else:
-        with mp.get_context("fork").Pool(workers) as pool:  # the bank is inherited, not pickled
+        # the bank is inherited, not pickled; the workers take SIGTERM's default action, so the pool's
+        # terminate() ends them even where the parent had installed a Python handler they would inherit
+        with mp.get_context("fork").Pool(workers, signal.signal, (signal.SIGTERM, signal.SIG_DFL)) as pool:
             results = pool.map(_make_chunk, jobs, chunksize=1)
     secs = time.perf_counter() - t1
     count = sum(r[0] for r in results)

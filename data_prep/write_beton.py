@@ -543,8 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # A plain kill must still clean up the temporary file.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # A plain kill must still clean up the temporary file. The handler is put back afterwards: a caller that
+    # runs main() in its own process (the tests) keeps its own, and its later forks do not inherit this one.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         opts = WriteOptions(max_side=args.max_side, write_mode=args.write_mode,
                             jpeg_quality=args.jpeg_quality,
@@ -560,6 +561,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; no partial .beton was left behind", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -193,6 +194,7 @@ def test_writer_class_subset_and_limit(tmp_path):
 def test_writer_refuses_to_overwrite_without_force(tiny, tmp_path):
     tree, _ = tiny
     out = tmp_path / "out"
+    handler = signal.getsignal(signal.SIGTERM)
     assert wb.main(["--src", str(tree), "--out", str(out), "--splits", "val", "--quiet",
                     "--write-mode", "raw", "--workers", "1"]) == 0
     before = (out / "val.beton").read_bytes()
@@ -202,6 +204,8 @@ def test_writer_refuses_to_overwrite_without_force(tiny, tmp_path):
     assert wb.main(["--src", str(tree), "--out", str(out), "--splits", "val", "--quiet",
                     "--workers", "1", "--force"]) == 0  # jpg now
     assert dataset_info(out / "val.beton")["jpeg_fraction"] == 1.0
+    # main() put the caller's SIGTERM handler back (a left-behind one was inherited by later fork pools)
+    assert signal.getsignal(signal.SIGTERM) is handler
 
 
 def test_interrupted_write_leaves_no_beton(tiny, tmp_path, monkeypatch):
