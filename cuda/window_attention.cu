@@ -766,6 +766,7 @@ window_attention_bwd(const void* __restrict__ q, long long q_sn, long long q_sh,
     float dt[TC ? 1 : RPT][4];  // this block's dT rows b = i0 + r, columns d = 4 g + c, over all its pairs
     float dtc[TC ? WA_TC_NT : 1][4];  // TC: the same sum as the warp's tiles of dT^T (rows b, columns d)
     const WaTcWork wt = wa_tc_work(NB, D / 8, warp);
+    const WaTcWork wd = wa_tc_work(L, D / 8, warp);  // TC: the (L x D) products dv, dq, dk
     if constexpr (TC) wa_tc_zero(dtc);
     else wa_zero(dt);
 
@@ -820,19 +821,16 @@ window_attention_bwd(const void* __restrict__ q, long long q_sn, long long q_sh,
         __syncthreads();
 
         const long long grow = g_si * es;
-        const long long goff = (n * g_sn + h * g_sh + 4 * g) * es;
+        const long long hoff = (n * g_sn + h * g_sh) * es;  // this pair's dq, dk, dv rows
+        const long long goff = hoff + 4 * g * es;            // CUDA cores: this thread's 4 columns of them
         // dv = P^T do
         if constexpr (TC) {
-            const long long hoff = (n * g_sn + h * g_sh) * es;
             float c[WA_TC_NT][4];
-            {
-                const WaTcWork w = wa_tc_work(L, D / 8, warp);
-                wa_tc_zero(c);
-                wa_tc_strip(c, w, wa_round16(L),
-                            [&](int j, int i) { return i < L ? sx[i * SE + min(j, L - 1)] : 0.f; },
-                            [&](int i, int d) { return i < L ? sdo[i * DS + d] : 0.f; });
-                wa_tc_store_bf16(static_cast<unsigned char*>(dv) + hoff, grow, L, c, w, 1.f);
-            }
+            wa_tc_zero(c);
+            wa_tc_strip(c, wd, wa_round16(L),
+                        [&](int j, int i) { return i < L ? sx[i * SE + min(j, L - 1)] : 0.f; },
+                        [&](int i, int d) { return i < L ? sdo[i * DS + d] : 0.f; });
+            wa_tc_store_bf16(static_cast<unsigned char*>(dv) + hoff, grow, L, c, wd, 1.f);
             // dP = do v^T, then dS = P (dP - delta) over P
             const WaTcWork w = wa_tc_work(L, (L + 7) >> 3, warp);
             wa_tc_zero(c);
@@ -895,28 +893,26 @@ window_attention_bwd(const void* __restrict__ q, long long q_sn, long long q_sh,
         __syncthreads();
 
         if constexpr (TC) {
-            const long long hoff = (n * g_sn + h * g_sh) * es;
-            const WaTcWork w = wa_tc_work(L, D / 8, warp);
             // dq = scale * dS k + G T^T
             float c[WA_TC_NT][4];
             wa_tc_zero(c);
-            wa_tc_strip(c, w, wa_round16(L),
+            wa_tc_strip(c, wd, wa_round16(L),
                         [&](int i, int j) { return j < L ? sx[min(i, L - 1) * SE + j] : 0.f; },
                         [&](int j, int d) { return j < L ? sk[j * DS + d] : 0.f; });
 #pragma unroll
             for (int t = 0; t < WA_TC_NT; ++t)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) c[t][e] *= scale;
-            wa_tc_strip(c, w, wa_round16(NB),
+            wa_tc_strip(c, wd, wa_round16(NB),
                         [&](int i, int b) { return b < NB ? sx[min(i, L - 1) * SE + L4 + b] : 0.f; },
                         [&](int b, int d) { return b < NB ? stt[b * DS + d] : 0.f; });
-            wa_tc_store_bf16(static_cast<unsigned char*>(dq) + hoff, grow, L, c, w, 1.f);
+            wa_tc_store_bf16(static_cast<unsigned char*>(dq) + hoff, grow, L, c, wd, 1.f);
             // dk = scale * dS^T q
             wa_tc_zero(c);
-            wa_tc_strip(c, w, wa_round16(L),
+            wa_tc_strip(c, wd, wa_round16(L),
                         [&](int j, int i) { return i < L ? sx[i * SE + min(j, L - 1)] : 0.f; },
                         [&](int i, int d) { return i < L ? sq[i * DS + d] : 0.f; });
-            wa_tc_store_bf16(static_cast<unsigned char*>(dk) + hoff, grow, L, c, w, scale);
+            wa_tc_store_bf16(static_cast<unsigned char*>(dk) + hoff, grow, L, c, wd, scale);
             // dT^T += G^T q
             wa_tc_strip(dtc, wt, wa_round16(L),
                         [&](int b, int i) { return i < L ? sx[i * SE + L4 + min(b, NB - 1)] : 0.f; },

@@ -47,11 +47,10 @@ def init_distributed(device: torch.device) -> tuple[int, int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def cpu_shm_path(rank: int, addr: str | None = None, port: str | None = None) -> str:
+def cpu_shm_path(rank: int) -> str:
     """The /dev/shm file DeepSpeed's CPU communication op creates for ``rank`` (its allreduce workspace, 66 MiB),
     named after the user id and MASTER_ADDR / MASTER_PORT."""
-    addr = os.environ.get("MASTER_ADDR", "") if addr is None else addr
-    port = os.environ.get("MASTER_PORT", "") if port is None else port
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 

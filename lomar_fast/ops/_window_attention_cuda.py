@@ -19,8 +19,9 @@ more shared memory than the device allows) use the PyTorch computation on the GP
 The table is used in fp32 whatever its dtype (the reference computes in fp32), and its gradient is
 returned in the table's dtype. bf16 inputs on sm_80 and newer take the tensor-core kernels (template argument
 TC: bf16 mma.sync products, fp32 accumulation; the table, P and dS enter the products rounded to bf16, as under
-autocast); LOMAR_WA_TENSOR_CORES=0 keeps them on the fp32 CUDA-core kernels, which fp32 and fp16 inputs use. Inputs need a contiguous last dimension (:func:`window_attention` copies
-otherwise); rows are read with 16-byte loads when every row is 16-byte aligned.
+autocast); LOMAR_WA_TENSOR_CORES=0 keeps them on the fp32 CUDA-core kernels, which fp32 and fp16 inputs use.
+Inputs need a contiguous last dimension (:func:`window_attention` copies otherwise); rows are read with 16-byte
+loads when every row is 16-byte aligned.
 """
 from __future__ import annotations
 
