@@ -50,9 +50,10 @@ device batches. Exit status 0 when every stage passed, 1 otherwise.
                  git_commit ($E2E_COMMIT without git), git_dirty, host, os, cpu, cores, memory_gib, kit_install {}
     data         train, val, train_images, val_images, writer_images_per_sec, writer_val_images_per_sec,
                  train_beton_mib, generator {images, images_per_sec, mean_kb, mean_width, mean_height, workers, seconds}
-    pretrain     command_seconds, seconds_to_first_log, epochs [{epoch, loss, images_per_sec, epoch_time}],
-                 images_per_sec_steady (median step window after epoch 0), step_windows [{epoch, step,
-                 images_per_sec, loss}], summary (the run's summary.json), export
+    pretrain     compile (the --compile setting), compiled (what it decided), command_seconds,
+                 seconds_to_first_log, epochs [{epoch, loss, images_per_sec, epoch_time}], images_per_sec_steady
+                 (median step window after epoch 0), step_windows [{epoch, step, images_per_sec, loss}], summary
+                 (the run's summary.json), export
     throughput   model, size, variant, batch_size, images_per_sec, step_ms_median, mfu, peak_mem_gib,
                  host_syncs_in_step, model_kwargs
     loader       images_per_sec, images_per_sec_per_core, workers, size, warmup_seconds, decode_only_images_per_sec
@@ -115,7 +116,7 @@ class Plan:
     knn_batch_size: int
     throughput_steps: int
     throughput_warmup: int
-    compile: bool = False
+    compile: str = "auto"      # --compile of the pretraining runs (auto: compiled blocks on a GPU with ZeRO-2)
     kernels: str = "off"       # --kernels of the pretraining runs; the synthetic step uses the same ("+kernels": on)
     deadline_s: float | None = None
     timeouts: dict = field(default_factory=dict)
@@ -562,9 +563,17 @@ def pretrain_args(run: Run, out: Path, save_every: int, log_every: int, extra: S
             "--batch_size", p.batch_size, "--num_workers", p.workers, "--epochs", p.epochs, "--warmup_epochs", 1,
             "--max_steps_per_epoch", p.steps, "--save_every", save_every, "--log_every", log_every,
             "--output_dir", out, "--seed", 0, "--kernels", p.kernels, *extra]
-    if p.compile:
-        args.append("--compile")
+    args += ["--compile", p.compile]
     return deepspeed_launch(run, "lomar_fast/pretrain.py", *args)
+
+
+def pretrain_compiles(p: Plan) -> bool:
+    """Whether the pretraining runs compile (``--compile`` as lomar_fast.trainer decides it): the synthetic
+    step must run the same way."""
+    from lomar_fast.compilation import compile_decision
+
+    stage = json.loads(Path(REPO, p.ds_config).read_text()).get("zero_optimization", {}).get("stage", 0)
+    return compile_decision(p.compile, "cuda" if p.mode == "gpu" else "cpu", int(stage))[0]
 
 
 def stage_pretrain(st: Stage) -> None:
@@ -577,7 +586,7 @@ def stage_pretrain(st: Stage) -> None:
     steps = [r for r in recs if r.get("kind") == "steps"]
     epochs = [r for r in recs if r.get("kind") == "epoch"]
     st.results.update(
-        command_seconds=round(c.seconds, 1),
+        compile=p.compile, compiled=pretrain_compiles(p), command_seconds=round(c.seconds, 1),
         seconds_to_first_log=round(steps[0]["time"] - t0, 1) if steps else None,
         epochs=[{k: e.get(k) for k in ("epoch", "loss", "images_per_sec", "epoch_time")} for e in epochs],
         images_per_sec_steady=steady_images_per_sec(recs),
@@ -599,12 +608,10 @@ def stage_throughput(st: Stage) -> None:
     run, p = st.run, st.run.plan
     out = run.out / "e2e" / "throughput"
     args = ["--models", "lomar", "--arch", p.arch, "--sizes", p.input_size,
-            "--variants", ("compile" if p.compile else "eager") + ("+kernels" if p.kernels == "on" else ""),
+            "--variants", ("compile" if pretrain_compiles(p) else "eager") + ("+kernels" if p.kernels == "on" else ""),
             "--batch_size", p.batch_size,
             "--steps", p.throughput_steps, "--warmup", p.throughput_warmup, "--ds_config", p.ds_config,
             "--out", out, "--name", "synthetic", "--device", "cuda" if p.mode == "gpu" else "cpu"]
-    if p.compile:
-        args += ["--compile_mode", "model"]
     if p.mode == "cpu":
         args += ["--tiny", "--matmul_size", 256]
     st.cmd("synthetic", python_m(run, "benchmarks.throughput", *args))
@@ -751,8 +758,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="pretraining steps per epoch (GPU default 30)")
     ap.add_argument("--ft_steps", type=int, default=None, help="fine-tuning steps (GPU default 30)")
     ap.add_argument("--workers", type=int, default=None, help="loader and writer processes (default: the cores)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the pretraining model (and the "
-                                                           "synthetic step) instead of eager")
+    ap.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                    help="--compile of the pretraining runs; the synthetic step compiles (or not) alike (auto: "
+                         "compiled blocks on a GPU, eager on a CPU)")
     ap.add_argument("--kernels", default="off", choices=("off", "on"),
                     help="fused CUDA kernels in the pretraining runs and the synthetic step alike (default off: the "
                          "synthetic step's variants are all-on or all-off, and the two must match)")

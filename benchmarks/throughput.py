@@ -17,10 +17,10 @@ upper bound for the engine's overhead. The compute dtype follows the mode, and M
 matmul timed in that dtype.
 
 Variants: ``eager`` (reference), ``compile`` (torch.compile per block, or of the whole model with
---compile_mode model), ``compile-model`` (the whole model, whatever --compile_mode says), ``compile-model-autotune``
-(inductor's max-autotune GEMM templates with fused bias/GELU epilogues, GPU only), ``compile-model-cudagraphs``
-(inductor's reduce-overhead mode: the compiled forward and backward replayed as CUDA graphs, GPU only), and ``eager`` or
-``compile`` with ``+kernels`` (the fused CUDA kernels on; without it they are off). Each model has its own
+--compile_scope model: lomar_fast.compilation, what the entry points' --compile does), ``compile-model`` (the
+whole model, whatever --compile_scope says), ``compile-model-autotune`` (inductor's max-autotune GEMM templates
+with fused bias/GELU epilogues, GPU only), ``compile-model-cudagraphs`` (inductor's reduce-overhead mode: the
+compiled forward and backward replayed as CUDA graphs, GPU only), and ``eager`` or ``compile`` with ``+kernels`` (the fused CUDA kernels on; without it they are off). Each model has its own
 variant list and micro-batch (``--mae_variants``, ``--lomar_batch``, ``--mae_batch``), so each runs at its
 best; the LoMaR/MAE ratios are also given best row against best row per size. A variant that fails (kernels
 missing, out of memory, compile error) is recorded with its error and the run goes on.
@@ -52,6 +52,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from lomar_fast.compilation import SCOPES, apply_compile
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "lomar_fast.throughput/2"  # 2: engine mode and compute dtype per row, matmul peak per dtype
@@ -88,8 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="MAE's own variants (default: --variants if given, else GPU eager compile compile-model; CPU eager)")
     p.add_argument("--engine_mode", nargs="+", default=None, choices=ENGINES,
                    help="engine modes to run, each a row group (default: the mode of the DeepSpeed JSON)")
-    p.add_argument("--compile_mode", default="blocks", choices=("blocks", "model"),
-                   help="torch.compile each ViT block (fast to compile, graphs shared by the blocks) or the whole model")
+    p.add_argument("--compile_scope", default="blocks", choices=SCOPES,
+                   help="what the compile variants compile: each ViT block (fast to compile, one graph shared by the "
+                        "blocks; the entry points' --compile default) or the whole model")
     p.add_argument("--batch_size", type=int, default=None, help="micro-batch for every configuration (default: per model/size table)")
     p.add_argument("--lomar_batch", type=int, default=None, help="LoMaR's micro-batch at every size (e.g. 512); beats --batch_size")
     p.add_argument("--mae_batch", type=int, default=None, help="MAE's micro-batch at every size; beats --batch_size")
@@ -335,17 +338,6 @@ class Batches:
         return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def apply_compile(model: torch.nn.Module, mode: str, inductor_mode: str | None = None) -> None:
-    """torch.compile of the whole model (``model``, with ``inductor_mode`` when given) or of each transformer
-    block (``blocks``)."""
-    if mode == "model":
-        model.compile(**({"mode": inductor_mode} if inductor_mode else {}))
-        return
-    for name in ("blocks", "decoder_blocks"):
-        for blk in getattr(model, name, ()):
-            blk.compile()
-
-
 def reset_compiler() -> None:
     """Fresh dynamo state per variant (the on-disk inductor cache stays, so identical graphs compile fast)."""
     try:
@@ -407,8 +399,8 @@ class Harness:
             model.to(device)
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-4, fused=True)
         if variant.startswith("compile"):
-            apply_compile(model, "model" if variant.startswith("compile-model") else args.compile_mode,
-                          INDUCTOR_MODES.get(variant))
+            apply_compile(model, "model" if variant.startswith("compile-model") else args.compile_scope,
+                          mode=INDUCTOR_MODES.get(variant))
         if mode == "no_deepspeed":
             self.module, self.optimizer = model, optimizer
         else:

@@ -20,6 +20,7 @@ from typing import Any, Callable, ClassVar
 
 import yaml
 
+from lomar_fast.compilation import MODES, SCOPES, SETTINGS
 from lomar_fast.errors import ConfigError
 from lomar_fast.images import DEFAULT_INTERPOLATION, INTERPOLATIONS
 
@@ -52,7 +53,9 @@ class RunConfig:
     deepspeed_config: str = "ds_configs/zero2.json"
     zero_stage: int | None = None
     kernels: str | None = None
-    compile: bool = False
+    compile: str = "auto"
+    compile_scope: str = "blocks"
+    compile_mode: str = "default"
     compile_backend: str = "inductor"
     device: str | None = None
     local_rank: int = -1
@@ -73,6 +76,9 @@ class RunConfig:
             raise ConfigError(f"--warmup_epochs {self.warmup_epochs} must be between 0 and --epochs {self.epochs}")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"--zero_stage {self.zero_stage} must be 0, 1, 2 or 3")
+        if self.compile_mode != "default" and self.compile_backend != "inductor":
+            raise ConfigError(f"--compile_mode {self.compile_mode} is an inductor mode; drop it or use "
+                              f"--compile_backend inductor (got {self.compile_backend})")
         if self.overwrite and self.resume:
             raise ConfigError("--overwrite starts the run in --output_dir afresh and --resume continues it: "
                               "pass one of them")
@@ -300,7 +306,12 @@ HELP = {
     "deepspeed_config": "DeepSpeed JSON (ds_configs/)",
     "zero_stage": "override the ZeRO stage of the JSON",
     "kernels": "fused CUDA kernels: on, off or auto (default: $LOMAR_KERNELS or auto)",
-    "compile": "torch.compile the model",
+    "compile": "torch.compile: auto (on CUDA with ZeRO-0/1/2; eager on a CPU and under ZeRO-3), on, off; "
+               "--compile alone is on, --no_compile off",
+    "compile_scope": "what --compile compiles: blocks (each transformer block; one shared graph, the throughput "
+                     "benchmark's compile rows) or model (the whole module, loss included)",
+    "compile_mode": "inductor mode: default or max-autotune-no-cudagraphs (autotuned GEMMs with fused epilogues; "
+                    "minutes of autotuning at the start)",
     "compile_backend": "torch.compile backend for --compile (inductor; aot_eager traces without generating code)",
     "device": "cpu or cuda (default: cuda when available)",
     "local_rank": "set by launchers",
@@ -349,7 +360,10 @@ HELP = {
 
 CHOICES = {"interpolation": INTERPOLATIONS, "window_sampling": ("per_batch", "per_image"),
            "pairing": ("all", "published"), "kernels": ("on", "off", "auto"), "mixup_mode": ("batch", "pair", "elem"),
-           "remode": ("pixel", "rand", "const"), "device": ("cpu", "cuda")}
+           "remode": ("pixel", "rand", "const"), "device": ("cpu", "cuda"), "compile": SETTINGS,
+           "compile_scope": SCOPES, "compile_mode": MODES}
+# string fields that also take a boolean (YAML true/false, --name alone, --no_name): True -> on, False -> off
+SWITCHES = ("compile",)
 
 
 # ------------------------------------------------------------------------------------ typed values
@@ -410,6 +424,14 @@ def convert(f: dataclasses.Field, value: Any, source: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{source}: {f.name} cannot be empty; expected {base}")
+    if f.name in SWITCHES:
+        if isinstance(value, str) and value.strip().lower() in CHOICES[f.name]:
+            value = value.strip().lower()
+        else:
+            try:
+                value = "on" if _to_bool(value) else "off"
+            except ValueError:
+                pass  # reported below as a value outside the choices
     try:
         out = _CONVERTERS[base](value)
     except (ValueError, TypeError):
@@ -436,8 +458,9 @@ def build_parser(cls, description: str) -> argparse.ArgumentParser:
         text = HELP.get(f.name, f.name) + f" (default {f.default})"
         if f.name in CHOICES:
             text += f"; one of {', '.join(CHOICES[f.name])}"
-        if base == "bool":
-            p.add_argument(*names, dest=f.name, nargs="?", const="true", default=argparse.SUPPRESS, help=text)
+        if base == "bool" or f.name in SWITCHES:
+            p.add_argument(*names, dest=f.name, nargs="?", const="true", default=argparse.SUPPRESS, help=text,
+                           metavar=None if base == "bool" else base.upper())
             p.add_argument(f"--no_{f.name}", dest=f.name, action="store_const", const="false",
                            default=argparse.SUPPRESS, help=f"disable --{f.name}")
         else:

@@ -5,6 +5,7 @@ from typing import Callable
 
 import torch
 
+from lomar_fast.compilation import eager
 from lomar_fast.data.shard import Shard
 from lomar_fast.distributed import all_reduce
 from lomar_fast.images import normalize_images
@@ -17,12 +18,13 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], shard: Shard, dtyp
 
     ``shard`` is this rank's slice (lomar_fast.data.shard.build_shard); every rank runs the same number of
     forwards, padding batches are masked out, counts are summed over ranks, and the total counted must
-    equal the file's image count.
+    equal the file's image count. A compiled model runs eagerly (lomar_fast.compilation.eager).
     """
     counts = torch.zeros(4, dtype=torch.float64, device=shard.device)  # top1, top5, n, loss sum
     k = min(5, num_classes)
     for images, labels in shard.batches():
-        logits = forward(normalize_images(images).to(dtype)).float()
+        with eager():  # compiled blocks run eagerly here: no extra graphs for no-grad, padded batches
+            logits = forward(normalize_images(images).to(dtype)).float()
         valid = labels >= 0
         safe = labels.clamp(min=0)
         hit = logits.topk(k, dim=1).indices == safe[:, None]

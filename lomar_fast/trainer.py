@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lomar_fast import run_dir
+from lomar_fast.compilation import apply_compile, compile_decision
 from lomar_fast.config import RunConfig
 from lomar_fast.distributed import all_reduce, barrier, init_distributed, pick_device, seed_rank, seed_shared
 from lomar_fast.ds_config import load_ds_config, resolve_ds_config, zero_stage_of
@@ -140,6 +141,7 @@ class Trainer:
         self.state: dict[str, Any] = {}  # the entry point's own state, saved in every checkpoint
         self.loader = None
         self.engine = self.optimizer = None
+        self.compiled, self.compile_note = False, "eager"
         self.logger: RunLogger | None = None
         if not getattr(cfg, "eval", False):
             run_dir.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
@@ -175,8 +177,14 @@ class Trainer:
         model = make_model()
         groups = make_groups(model)
         optimizer = build_adamw(groups, self.base_lr, betas=betas, device=self.device)
-        if self.cfg.compile:
-            model.compile(backend=self.cfg.compile_backend)
+        cfg = self.cfg
+        self.compiled, why = compile_decision(cfg.compile, self.device.type, zero_stage_of(self.ds_cfg))
+        if self.compiled:
+            apply_compile(model, cfg.compile_scope, cfg.compile_backend, cfg.compile_mode)
+            mode = "" if cfg.compile_mode == "default" else f", {cfg.compile_mode}"
+            self.compile_note = f"compiled ({cfg.compile_scope}, {cfg.compile_backend}{mode}; {why})"
+        else:
+            self.compile_note = f"eager ({why})"
         import deepspeed
 
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_cfg)
@@ -212,7 +220,7 @@ class Trainer:
         n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6  # ZeRO-3: full sizes
         return (f"model {self.cfg.model} ({n:.1f}M params{what}), {self.world} rank(s) on {self.device.type}, "
                 f"{self.dtype}, ZeRO-{stage}, micro-batch {self.micro} x accum {self.accum} x {self.world} = "
-                f"{self.global_batch}, lr {self.base_lr:.3g}, {self.steps_per_epoch} steps/epoch"
+                f"{self.global_batch}, lr {self.base_lr:.3g}, {self.steps_per_epoch} steps/epoch, {self.compile_note}"
                 + (f", resumed from {self.resumed} at epoch {self.epoch} step {self.step}" if self.resumed else ""))
 
     # ------------------------------------------------------------------------------------ checkpoints

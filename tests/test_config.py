@@ -65,6 +65,52 @@ def test_every_field_has_help_and_flags_cover_both_entry_points():
         parse_config(["--batch_size", "x"])
 
 
+@pytest.mark.parametrize("argv,yaml_text,want", [
+    ([], "", "auto"),
+    (["--compile"], "", "on"),  # the old switch spelling still turns it on
+    (["--no_compile"], "compile: true\n", "off"),  # the flag beats the file
+    (["--compile", "OFF"], "", "off"),
+    ([], "compile: false\n", "off"),
+    ([], "compile: yes\n", "on"),
+    ([], "compile: auto\n", "auto"),
+])
+def test_compile_takes_auto_on_off_and_booleans(tmp_path, argv, yaml_text, want):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml_text or "seed: 0\n")
+    for cls in (PretrainConfig, FinetuneConfig):
+        cfg = parse_config(["--config", str(cfg_file), *argv], cls)
+        assert (cfg.compile, cfg.compile_scope, cfg.compile_mode) == (want, "blocks", "default")
+
+
+def test_compile_settings_refuse_what_cannot_run(tmp_path):
+    with pytest.raises(ConfigError, match="--compile: compile = 'fast' must be one of auto, on, off"):
+        parse_config(["--compile", "fast"])
+    with pytest.raises(ConfigError, match="compile_scope = 'layers' must be one of blocks, model"):
+        parse_config(["--compile_scope", "layers"])
+    with pytest.raises(ConfigError, match="compile_mode = 'reduce-overhead' must be one of default, "
+                                          "max-autotune-no-cudagraphs"):
+        parse_config(["--compile_mode", "reduce-overhead"])
+    data = tmp_path / "train.beton"
+    data.write_bytes(b"x")
+    cfg = parse_config(["--data_path", str(data), "--compile_mode", "max-autotune-no-cudagraphs",
+                        "--compile_backend", "aot_eager"])
+    with pytest.raises(ConfigError, match="--compile_mode max-autotune-no-cudagraphs is an inductor mode; drop it "
+                                          "or use --compile_backend inductor"):
+        cfg.validate()
+
+
+def test_compile_auto_compiles_on_cuda_below_zero3_only():
+    from lomar_fast.compilation import compile_decision
+
+    table = {(s, d, z): compile_decision(s, d, z)[0] for s in ("auto", "on", "off") for d in ("cuda", "cpu")
+             for z in (0, 2, 3)}
+    assert {k for k, v in table.items() if v} == ({("on", d, z) for d in ("cuda", "cpu") for z in (0, 2, 3)}
+                                                   | {("auto", "cuda", 0), ("auto", "cuda", 2)})
+    assert "ZeRO-3" in compile_decision("auto", "cuda", 3)[1] and "cpu" in compile_decision("auto", "cpu", 2)[1]
+    with pytest.raises(ValueError, match="must be one of auto, on, off"):
+        compile_decision("sometimes", "cuda", 2)
+
+
 # ------------------------------------------------------------------------------------------ run dir
 def _tag(root: Path, name: str, complete: bool = True) -> None:
     (root / name).mkdir(parents=True)

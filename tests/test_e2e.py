@@ -141,6 +141,20 @@ def test_gpu_plan_fits_its_deadline():
     assert p.deadline_s <= 480 and set(p.timeouts) == set(e2e.STAGES)
 
 
+
+def test_the_synthetic_step_compiles_exactly_when_the_pretraining_runs_do(tmp_path):
+    """The synthetic step (benchmarks.throughput) is the baseline of the end-to-end img/s: it must compile
+    when, and only when, pretrain.py's --compile (auto by default) compiles."""
+    gpu = e2e.gpu_plan(16)
+    assert gpu.compile == "auto" and e2e.pretrain_compiles(gpu)  # ZeRO-2 on a GPU: compiled blocks
+    assert not e2e.pretrain_compiles(replace(gpu, compile="off"))
+    assert not e2e.pretrain_compiles(replace(gpu, ds_config="ds_configs/zero3.json"))
+    assert not e2e.pretrain_compiles(plan()) and e2e.pretrain_compiles(plan(compile="on"))
+    run = new_run(tmp_path, compile="on")
+    run.ctx["train"] = tmp_path / "train.beton"
+    args = [str(a) for a in e2e.pretrain_args(run, tmp_path / "p", save_every=1, log_every=1)]
+    assert args[args.index("--compile") + 1] == "on"
+
 # ------------------------------------------------------------------------------------------------ generator
 def _spectrum_slope(img: np.ndarray) -> float:
     """Slope of the radially averaged power spectrum in log-log, over the middle frequencies."""

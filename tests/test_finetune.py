@@ -129,6 +129,33 @@ def _eval_line(stdout: str) -> dict:
 
 
 @pytest.mark.slow
+def test_evaluation_runs_a_compiled_model_eagerly():
+    """evaluate() adds no graph to a compiled model (its no-grad and 1-image padding batches would), and
+    counts the same as the eager model; outside it the model runs compiled."""
+    from lomar_fast.compilation import apply_compile
+    from lomar_fast.data.shard import Shard
+    from lomar_fast.evaluate import evaluate
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16", img_size=32, num_classes=3, depth=2)
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=g), torch.tensor([0, 1, 2, 1]))
+               for _ in range(2)]
+    shard = Shard(loader=batches, n=8, total=8, num_batches=3, batch_size=4, input_size=32, device=torch.device("cpu"))
+    want = evaluate(model, shard, torch.float32, 3)
+    assert apply_compile(model, "blocks", backend=counting_backend) == 2
+    assert evaluate(model, shard, torch.float32, 3) == want and graphs == []
+    model(batches[0][0].permute(0, 3, 1, 2).float())
+    assert graphs  # the same model outside evaluate() runs its compiled blocks
+
+
 def test_one_rank_learns_demo_classes_eval_and_resume(demo, tmp_path, in_process_world, capsys):
     """Training, --eval and --resume auto, each run in this process as a world of one (the launcher's start is
     the 2-rank test's)."""

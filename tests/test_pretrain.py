@@ -403,9 +403,11 @@ def test_visualize_draws_windows_masked_inputs_and_reconstructions(pretrain_run,
                         "--out", str(out)])
 
 
-def test_compile_flag_compiles_the_model_the_trainer_builds(mini_demo, tmp_path, monkeypatch):
-    """--compile --compile_backend B: the trainer hands DeepSpeed a model compiled with B, whose loss and
-    gradients equal the eager model's (aot_eager: traced by dynamo and AOTAutograd, no code generation)."""
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_compile_flag_compiles_the_model_the_trainer_builds(mini_demo, tmp_path, monkeypatch, scope):
+    """--compile --compile_scope S --compile_backend B: the trainer hands DeepSpeed a model whose blocks (or
+    whole module) are compiled with B, and whose loss and gradients equal the eager model's (aot_eager: traced
+    by dynamo and AOTAutograd, no code generation). --compile auto leaves it eager on a CPU."""
     import deepspeed
 
     from lomar_fast import trainer as trainer_mod
@@ -413,13 +415,20 @@ def test_compile_flag_compiles_the_model_the_trainer_builds(mini_demo, tmp_path,
 
     monkeypatch.setattr(trainer_mod, "init_distributed", lambda device: (0, 1, 0))
     monkeypatch.setattr(deepspeed, "initialize", lambda model, optimizer, config: (model, optimizer, None, None))
-    cfg = parse_config(["--data_path", str(mini_demo["train"]), "--output_dir", str(tmp_path / "o"),
-                        "--deepspeed_config", "ds_configs/cpu.json", *SMALL, "--compile", "--compile_backend",
-                        "aot_eager"], PretrainConfig)
+    make = lambda: create_model(cfg.model, img_size=64, window_size=3, num_window=2, depth=2)  # noqa: E731
+    base = ["--data_path", str(mini_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", *SMALL]
+    cfg = parse_config([*base, "--output_dir", str(tmp_path / "auto")], PretrainConfig)
     t = trainer_mod.Trainer(cfg, "epoch")
-    make = lambda: create_model(cfg.model, img_size=64, window_size=3, num_window=2, depth=1)  # noqa: E731
+    plain = t.build(make, lambda m: param_groups_weight_decay(m, 0.05), betas=(0.9, 0.95))
+    assert plain._compiled_call_impl is None and all(b._compiled_call_impl is None for b in plain.blocks)
+    assert "eager (--compile auto: eager on cpu)" in t.describe(plain, "")
+    cfg = parse_config([*base, "--output_dir", str(tmp_path / "o"), "--compile", "--compile_scope", scope,
+                        "--compile_backend", "aot_eager"], PretrainConfig)
+    t = trainer_mod.Trainer(cfg, "epoch")
     model = t.build(make, lambda m: param_groups_weight_decay(m, 0.05), betas=(0.9, 0.95))
-    assert model._compiled_call_impl is not None  # nn.Module.compile() was applied
+    compiled = [model] if scope == "model" else list(model.blocks)  # nn.Module.compile() was applied to these
+    assert [m for m in [model, *model.blocks] if m._compiled_call_impl is not None] == compiled
+    assert f"compiled ({scope}, aot_eager; --compile on)" in t.describe(model, "")
     seed_shared(cfg.seed)
     eager = make()  # the same shared seed: the same initial weights
     g = torch.Generator().manual_seed(0)

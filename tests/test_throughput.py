@@ -241,6 +241,6 @@ def test_whole_model_inductor_variants_are_gpu_only_and_pass_their_mode(monkeypa
     calls = []
     model = torch.nn.Linear(2, 2)
     monkeypatch.setattr(model, "compile", lambda **kw: calls.append(kw))
-    tp.apply_compile(model, "model", tp.INDUCTOR_MODES["compile-model-cudagraphs"])
+    tp.apply_compile(model, "model", mode=tp.INDUCTOR_MODES["compile-model-cudagraphs"])
     tp.apply_compile(model, "model")
     assert calls == [{"mode": "reduce-overhead"}, {}]
