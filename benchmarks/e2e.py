@@ -83,6 +83,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from benchmarks import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "lomar_fast.e2e/1"
 STAGES = ("environment", "data", "pretrain", "throughput", "loader", "resume", "finetune", "eval", "knn")
@@ -301,7 +303,7 @@ class Run:
             doc["running"] = {"stage": self.current.name, "commands": [c.record() for c in self.current.commands],
                               "results": self.current.results}
         doc["status"] = overall(self.stages)
-        _atomic_json(self.out / "e2e.json", doc)
+        write_json(self.out / "e2e.json", doc)
 
     def stage(self, name: str, fn: Callable[[Stage], None], needs: Sequence[str] = ()) -> bool:
         t0 = time.monotonic()
@@ -331,18 +333,11 @@ class Run:
             self.current = None
         record["seconds"] = round(time.monotonic() - t0, 2)
         self.stages[name] = record
-        _atomic_json(self.out / "e2e" / f"{name}.json", record)
+        write_json(self.out / "e2e" / f"{name}.json", record)
         self.save()
         print(f"[e2e] {name}: {record['status']} ({record['seconds']:.0f} s)"
               + (f" - {record.get('reason', '').splitlines()[0]}" if record["status"] != "ok" else ""), flush=True)
         return record["status"] == "ok"
-
-
-def _atomic_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    tmp.replace(path)
 
 
 def overall(stages: dict[str, dict]) -> str:

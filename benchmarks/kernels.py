@@ -43,6 +43,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from benchmarks import write_json
+
 SCHEMA = "lomar_fast.kernels/1"
 
 GPU_CONFIG = dict(batch=256, windows=4, window_size=7, image_size=224, patch_size=16, mask_ratio=0.8,
@@ -447,17 +449,10 @@ def main(argv=None) -> dict:
     x = make_inputs(cfg, device)
     copy_gbps = copy_bandwidth(cuda, args.warmup, args.repeats)
     results = []
-    for case in build_cases(x, cfg, device, with_kernels):
-        rec = run_case(case, args, cuda, copy_gbps, compile_ref)
-        results.append(rec)
-        k = rec.get("kernel", {})
-        print(f"{rec['name']:<24} kernel {_fmt(k)} ms | eager {_fmt(rec.get('reference_eager'))} ms | "
-              f"compiled {_fmt(rec.get('reference_compiled'))} ms | err {rec['max_rel_err']} | "
-              f"correct {rec['correct']}", flush=True)
-    set_kernels(None)
     data = {
         "schema": SCHEMA,
         "mode": mode,
+        "complete": False,  # true once every case ran; the file is rewritten after each case
         "timestamp": datetime.now(timezone.utc).isoformat(),
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         **_versions(),
@@ -467,8 +462,18 @@ def main(argv=None) -> dict:
         "wall_s": None,
         "results": results,
     }
-    data["wall_s"] = time.time() - t0
-    (out_dir / "kernels.json").write_text(json.dumps(data, indent=1))
+    for case in build_cases(x, cfg, device, with_kernels):
+        rec = run_case(case, args, cuda, copy_gbps, compile_ref)
+        results.append(rec)
+        data["wall_s"] = time.time() - t0
+        write_json(out_dir / "kernels.json", data)
+        k = rec.get("kernel", {})
+        print(f"{rec['name']:<24} kernel {_fmt(k)} ms | eager {_fmt(rec.get('reference_eager'))} ms | "
+              f"compiled {_fmt(rec.get('reference_compiled'))} ms | err {rec['max_rel_err']} | "
+              f"correct {rec['correct']}", flush=True)
+    set_kernels(None)
+    data["complete"], data["wall_s"] = True, time.time() - t0
+    write_json(out_dir / "kernels.json", data)
     (out_dir / "kernels.md").write_text(render_markdown(data))
     print(f"wrote {out_dir / 'kernels.json'} and {out_dir / 'kernels.md'} in {data['wall_s']:.0f} s")
     return data

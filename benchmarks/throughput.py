@@ -53,6 +53,7 @@ from typing import Any, Callable
 
 import torch
 
+from benchmarks import write_json
 from lomar_fast.compilation import SCOPES, apply_compile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -840,7 +841,7 @@ def write_outputs(report: dict[str, Any], out: Path, name: str) -> dict[str, str
         paths["profile"] = out / f"{name}_profile.md"
         report["files"]["profile"] = str(paths["profile"])
         paths["profile"].write_text(profile_markdown(report["profile"]))
-    paths["json"].write_text(json.dumps(report, indent=1, default=str))
+    write_json(paths["json"], report)
     paths["markdown"].write_text(markdown(report))
     bar_chart(report, paths["png"])
     return {k: str(v) for k, v in paths.items()}
@@ -927,6 +928,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     plan = build_plan(args)
     target = profile_choice(args, plan, device)
+    vers = versions()
+
+    def partial(results: list[dict], prof, skipped: list[str]) -> None:
+        """The JSON so far (``complete``: false), rewritten after every row: a run cut short keeps its rows."""
+        write_json(Path(args.out) / f"{args.name}.json",
+                   {"schema": SCHEMA, "complete": False,
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": dinfo,
+                    "versions": vers, "config": dict(vars(args)), "matmul_by_dtype": matmuls,
+                    "results": results, "profile": prof, "skipped_for_time": skipped,
+                    "wall_s": time.perf_counter() - t_start})
+
     deadline = t_start + args.time_budget if args.time_budget else None
     results, prof, skipped = [], None, []
     for kind, size, variant, mode in plan:
@@ -945,6 +957,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               profile=(kind, size, variant, mode) == target, mode=mode)
             prof = p or prof
         results.append(asdict(r))
+        partial(results, prof, skipped)
         msg = (f"{r.images_per_sec:9.1f} img/s  step {r.step_ms_median:8.2f} ms  MFU {100 * (r.mfu or 0):5.1f}%  "
                f"first step {r.first_step_s:.1f}s" if r.status == "ok" else f"{r.status}: {(r.error or '').splitlines()[0][:150]}")
         print(f"[throughput] {kind:5s} {size:4d} {variant:16s} {mode:14s} B={batch:<5d} {msg}", flush=True)
@@ -963,8 +976,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config.update(dtype=dtype_name(dtype), engine_mode=args.engine_mode[0], engine_modes=args.engine_mode,
                   dtype_by_engine_mode={m: dtype_name(d) for m, d in dtypes.items()}, zero_stage=zero, world_size=world,
                   data=f"real batches from {args.data_path}" if args.data_path else "synthetic uint8 NHWC batches on the device")
-    report = {"schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "device": dinfo, "versions": versions(), "config": config, "matmul": matmul,
+    report = {"schema": SCHEMA, "complete": True, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "device": dinfo, "versions": vers, "config": config, "matmul": matmul,
               "matmul_by_dtype": matmuls, "spec_tflops": spec,
               "results": results, "speedups": speedups(results), "max_batch": max_batch, "profile": prof,
               "skipped_for_time": skipped, "wall_s": None}

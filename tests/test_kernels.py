@@ -418,11 +418,21 @@ def test_auto_falls_back_without_cupy(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # benchmark code path (CPU)
 # ---------------------------------------------------------------------------------------------
-def test_benchmark_cpu_smoke(tmp_path):
+def test_benchmark_cpu_smoke(tmp_path, monkeypatch):
     from benchmarks import kernels as bench
 
+    run_case, on_disk = bench.run_case, []
+
+    def recording_run_case(*a, **kw):  # what a run cut off before this case would have left
+        path = tmp_path / "kernels.json"
+        doc = json.loads(path.read_text()) if path.exists() else None
+        on_disk.append(None if doc is None else (doc["complete"], len(doc["results"])))
+        return run_case(*a, **kw)
+
+    monkeypatch.setattr(bench, "run_case", recording_run_case)
     bench.main(["--cpu-smoke", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "kernels.json").read_text())
+    assert on_disk == [None] + [(False, i) for i in range(1, len(on_disk))] and data["complete"] is True
     assert data["mode"] == "cpu-smoke"
     assert {"device", "torch", "config", "results"} <= set(data)
     names = {r["name"] for r in data["results"]}

@@ -173,6 +173,29 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path, bench):
     assert (tmp_path / "smoke_profile.md").read_text().startswith("# Profile: lomar:64:eager")
 
 
+def test_benchmark_rewrites_its_json_after_every_row(tmp_path, bench, monkeypatch):
+    """A run cut short (a device call's time limit) keeps every row measured before the cut: the JSON on disk
+    holds the rows so far, marked incomplete, and the finished run marks it complete."""
+    from benchmarks import throughput as tp
+
+    path, on_disk = tmp_path / "cut.json", []
+
+    def fake_run_config(args, kind, size, variant, batch, device, ds_raw, world, peak, spec, profile, mode):
+        doc = json.loads(path.read_text()) if path.exists() else None
+        on_disk.append(None if doc is None else (doc["complete"], [r["variant"] for r in doc["results"]]))
+        r = tp.Result(model=f"{kind}_vit_tiny_patch16", kind=kind, size=size, variant=variant, batch_size=batch,
+                      engine_mode=mode, compute_dtype="float32", status="ok", images_per_sec=10.0,
+                      step_ms_median=1.0, mfu=0.1, first_step_s=0.1)
+        return r, None
+
+    monkeypatch.setattr(tp, "run_config", fake_run_config)
+    bench("--models", "lomar", "--sizes", "64", "--variants", "eager", "compile", "compile+kernels",
+          "--matmul_size", "64", "--out", str(tmp_path), "--name", "cut")
+    assert on_disk == [None, (False, ["eager"]), (False, ["eager", "compile"])]
+    doc = json.loads(path.read_text())
+    assert doc["complete"] is True and [r["variant"] for r in doc["results"]] == ["eager", "compile", "compile+kernels"]
+
+
 def _skipped_rows_report(bench, tmp_path: Path, name: str, *extra: str) -> dict:
     """A CPU run whose rows are all skipped (the fused kernels need CUDA): the run's dtypes, peaks and records only."""
     bench("--models", "lomar", "--variants", "compile+kernels", "--matmul_size", "64", "--out", str(tmp_path),
