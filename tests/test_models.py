@@ -500,3 +500,38 @@ def test_scaled_query_option_reaches_every_block():
     assert all(not b.attn.rpe_k.scaled_query for b in LoMaR(**kw).blocks)  # published default: unscaled
     assert all(b.attn.rpe_k.scaled_query for b in LoMaR(scaled_query=True, **kw).blocks)
     assert all(b.attn.rpe_k.scaled_query for b in create_model("vit_tiny_patch16", scaled_query=True, depth=2).blocks)
+
+
+def test_compiled_blocks_with_stochastic_depth_share_two_graphs():
+    """A classifier with drop path has a different rate in every block. Compiled per block, the blocks share
+    two graphs (rate 0, and the rate as an input), not one each: dynamo's recompile limit (8) would otherwise
+    leave a ViT-B's later blocks eager. The compiled draw drops whole samples at the block's rate and
+    rescales the kept ones by 1 / keep, as the eager draw does."""
+    from lomar_fast.compilation import apply_compile
+    from lomar_fast.models.vit import DropPath
+
+    from torch._dynamo.utils import counters
+
+    model = create_model("vit_tiny_patch16", img_size=32, num_classes=3, depth=12, drop_path=0.5)
+    rates = [b.drop_path.drop_prob for b in model.blocks]
+    assert len(set(rates)) == 12 and rates[0] == 0.0
+    torch._dynamo.reset()
+    counters.clear()
+    # aot_eager: AOTAutograd is where a Python float rate would get specialized
+    assert apply_compile(model, "blocks", backend="aot_eager") == 12
+    model.train()
+    for _ in range(2):
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 2
+    assert "keep_units" not in model.state_dict() and "blocks.3.drop_path.keep_units" in dict(model.named_buffers())
+    model.bfloat16()  # a cast of the model leaves the integer rate exact
+    assert model.blocks[3].drop_path.keep_units.dtype == torch.int64
+
+    torch.manual_seed(0)
+    drop = DropPath(0.3)
+    drop.compile(backend="aot_eager")
+    y = drop(torch.ones(20000, 1, 4))
+    kept = y[:, 0, 0] != 0
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    assert bool((y[~kept] == 0).all()) and abs(kept.float().mean().item() - 0.7) < 0.02
+    assert counters["stats"]["unique_graphs"] == 3  # the compiled path ran
