@@ -2,7 +2,8 @@
 
 Scopes: ``blocks`` compiles each transformer block (``blocks`` and, for MAE, ``decoder_blocks``); the blocks
 share one graph, so it compiles in seconds, and it is the configuration the throughput benchmark's
-``compile`` rows time. ``model`` compiles the whole module (window gather, mask token, loss included).
+``compile`` rows time. ``model`` compiles the whole module's forward (window gather, mask token, loss
+included); hooks on the module, such as a DeepSpeed engine's, stay outside the graph.
 
 ``--compile auto`` (the default) compiles on CUDA with ZeRO-0/1/2 and stays eager on a CPU (inductor's C++
 code generation costs more than it saves in short CPU runs) and under ZeRO-3 (its parameter hooks fire inside
@@ -53,7 +54,10 @@ def apply_compile(model: nn.Module, scope: str, backend: str = "inductor", mode:
             raise ValueError(f"compile mode {mode!r} is an inductor mode; the backend is {backend!r}")
         kw["mode"] = mode
     if scope == "model":
-        model.compile(**kw)
+        # forward, not nn.Module.compile()'s _call_impl: a DeepSpeed engine hangs forward hooks on the module
+        # it wraps, and dynamo, tracing them, gives up on the whole frame (the model then ran eager with
+        # scattered partial graphs)
+        model.forward = torch.compile(model.forward, **kw)
         return 1
     blocks = [blk for name in BLOCK_LISTS for blk in getattr(model, name, ())]
     if not blocks:

@@ -263,7 +263,7 @@ def test_whole_model_inductor_variants_are_gpu_only_and_pass_their_mode(monkeypa
         assert tp.skip_reason("lomar", v, torch.device("cuda")) is None
     calls = []
     model = torch.nn.Linear(2, 2)
-    monkeypatch.setattr(model, "compile", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
     tp.apply_compile(model, "model", mode=tp.INDUCTOR_MODES["compile-model-cudagraphs"])
     tp.apply_compile(model, "model")
     assert calls == [{"mode": "reduce-overhead"}, {}]
