@@ -76,6 +76,13 @@ class RunConfig:
             raise ConfigError(f"--warmup_epochs {self.warmup_epochs} must be between 0 and --epochs {self.epochs}")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"--zero_stage {self.zero_stage} must be 0, 1, 2 or 3")
+        if self.compile != "off":
+            import torch._dynamo
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if self.compile_backend not in backends:
+                raise ConfigError(f"--compile_backend {self.compile_backend} is not a torch.compile backend; use "
+                                  f"inductor (the default), or one of {', '.join(backends)}")
         if self.compile_mode != "default" and self.compile_backend != "inductor":
             raise ConfigError(f"--compile_mode {self.compile_mode} is an inductor mode; drop it or use "
                               f"--compile_backend inductor (got {self.compile_backend})")

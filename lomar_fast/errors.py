@@ -17,3 +17,8 @@ class ConfigError(InputError, ValueError):
 
 class NonFiniteLoss(FloatingPointError):
     """The training loss became NaN or infinite on some rank; every rank raises it at the same read-back."""
+
+
+class CompileFailed(RuntimeError):
+    """torch.compile could not compile the model; raised from the compiler's own error, whose traceback is kept,
+    with the way to run without it (--compile off)."""

@@ -33,7 +33,7 @@ from lomar_fast.config import RunConfig
 from lomar_fast.distributed import all_reduce, barrier, init_distributed, pick_device, seed_rank, seed_shared
 from lomar_fast.ds_config import load_ds_config, resolve_ds_config, zero_stage_of
 from lomar_fast.precision import compute_dtype, param_dtype, resolve_precision
-from lomar_fast.errors import ConfigError, NonFiniteLoss
+from lomar_fast.errors import CompileFailed, ConfigError, NonFiniteLoss
 from lomar_fast.logging_utils import RunLogger
 from lomar_fast.optim import build_adamw, effective_lr, lr_at, set_lr
 
@@ -141,7 +141,7 @@ class Trainer:
         self.state: dict[str, Any] = {}  # the entry point's own state, saved in every checkpoint
         self.loader = None
         self.engine = self.optimizer = None
-        self.compiled, self.compile_note = False, "eager"
+        self.compile_note = "eager"
         self.logger: RunLogger | None = None
         if not getattr(cfg, "eval", False):
             run_dir.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
@@ -178,8 +178,8 @@ class Trainer:
         groups = make_groups(model)
         optimizer = build_adamw(groups, self.base_lr, betas=betas, device=self.device)
         cfg = self.cfg
-        self.compiled, why = compile_decision(cfg.compile, self.device.type, zero_stage_of(self.ds_cfg))
-        if self.compiled:
+        compiled, why = compile_decision(cfg.compile, self.device.type, zero_stage_of(self.ds_cfg))
+        if compiled:
             apply_compile(model, cfg.compile_scope, cfg.compile_backend, cfg.compile_mode)
             mode = "" if cfg.compile_mode == "default" else f", {cfg.compile_mode}"
             self.compile_note = f"compiled ({cfg.compile_scope}, {cfg.compile_backend}{mode}; {why})"
@@ -241,6 +241,8 @@ class Trainer:
         """Train from ``self.epoch`` to ``cfg.epochs`` (or ``--exit_after_epochs`` of them). Returns the last
         epoch's record ({} when there was nothing to train); rank 0 writes ``summary.json``."""
         cfg, engine = self.cfg, self.engine
+        from torch._dynamo.exc import TorchDynamoException
+
         from lomar_fast.data import epoch_order, set_epoch, stop_epoch
 
         meter = LossMeter(self.device, cfg.log_every, cfg.output_dir)
@@ -268,8 +270,12 @@ class Trainer:
                     lr = lr_at(self.step, self.steps_per_epoch, self.base_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
                     set_lr(self.optimizer, lr)
                     info = StepInfo(epoch, self.step, i, order[i * self.micro:(i + 1) * self.micro])
-                    loss = step_fn(batch, info)
-                    engine.backward(loss)
+                    try:
+                        loss = step_fn(batch, info)
+                        engine.backward(loss)
+                    except TorchDynamoException as e:  # compiles happen in the first steps' forward and backward
+                        raise CompileFailed(f"torch.compile failed at step {self.step} ({self.compile_note}): "
+                                            f"{type(e).__name__}; --compile off trains without it") from e
                     engine.step()
                     meter.add(loss)
                     self.step += 1

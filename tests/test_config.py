@@ -97,6 +97,11 @@ def test_compile_settings_refuse_what_cannot_run(tmp_path):
     with pytest.raises(ConfigError, match="--compile_mode max-autotune-no-cudagraphs is an inductor mode; drop it "
                                           "or use --compile_backend inductor"):
         cfg.validate()
+    cfg = parse_config(["--data_path", str(data), "--compile_backend", "indcutor"])
+    with pytest.raises(ConfigError, match="--compile_backend indcutor is not a torch.compile backend; use inductor"):
+        cfg.validate()
+    cfg.compile = "off"  # the backend is not read then
+    cfg.validate()
 
 
 def test_compile_auto_compiles_on_cuda_below_zero3_only():

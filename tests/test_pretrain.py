@@ -422,6 +422,31 @@ def test_a_compiled_model_inside_the_deepspeed_engine_traces_without_graph_break
     torch._dynamo.reset()
 
 
+def test_a_compiler_failure_names_the_way_to_train_without_it(mini_demo, tmp_path, in_process_world):
+    """torch.compile fails lazily, in the first step: the run stops with the compiler's error as the cause and
+    a last line that says --compile off trains without it."""
+    from torch._dynamo.backends.registry import register_backend
+    from torch._dynamo.exc import TorchDynamoException
+
+    from lomar_fast.errors import CompileFailed
+
+    name = "lomar_test_failing_backend"
+    if name not in torch._dynamo.list_backends(exclude_tags=()):
+        @register_backend(name=name)
+        def failing(gm, example_inputs):
+            raise RuntimeError("this backend compiles nothing")
+
+    torch._dynamo.reset()
+    with pytest.raises(CompileFailed, match=r"torch.compile failed at step 0 \(compiled \(blocks, "
+                                            rf"{name}; --compile on\)\): .*--compile off trains without it") as e:
+        pretrain.main(["--data_path", str(mini_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", *SMALL,
+                       "--output_dir", str(tmp_path / "o"), "--batch_size", "8", "--epochs", "1",
+                       "--warmup_epochs", "0", "--max_steps_per_epoch", "2", "--compile", "on",
+                       "--compile_backend", name])
+    assert isinstance(e.value.__cause__, TorchDynamoException)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("scope", ["blocks", "model"])
 def test_compile_flag_compiles_the_model_the_trainer_builds(mini_demo, tmp_path, monkeypatch, scope):
     """--compile --compile_scope S --compile_backend B: the trainer hands DeepSpeed a model whose blocks (or

@@ -74,7 +74,7 @@ class DropPath(nn.Module):
         shape = (x.shape[0],) + (1,) * (x.dim() - 1)
         if torch.compiler.is_compiling():
             keep = self.keep_units.to(torch.float32) / self.SCALE
-            return x * ((torch.rand(shape, device=x.device) < keep).to(x.dtype) / keep.to(x.dtype))
+            return x * ((torch.rand(shape, device=x.device) < keep) / keep).to(x.dtype)
         keep = 1.0 - self.drop_prob
         return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
 
