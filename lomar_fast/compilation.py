@@ -44,11 +44,13 @@ def compile_decision(setting: str, device_type: str, zero_stage: int) -> tuple[b
 
 def apply_compile(model: nn.Module, scope: str, backend: str = "inductor", mode: str | None = None) -> int:
     """``torch.compile`` ``model`` in place: the whole module (``model``) or each block (``blocks``), with
-    ``backend`` and, for inductor, ``mode`` (None or "default": inductor's default). Returns the number of
-    modules compiled."""
+    ``backend`` and, for inductor, ``mode`` (None or "default": inductor's default), static shapes. Returns
+    the number of modules compiled."""
     if scope not in SCOPES:
         raise ValueError(f"compile scope {scope!r} must be one of {', '.join(SCOPES)}")
-    kw: dict = {} if backend == "inductor" else {"backend": backend}
+    # dynamic=False: a graph per input shape, each specialized (MAE's decoder blocks, the second shape dynamo
+    # sees, otherwise got a dynamic-shape graph); training shapes are fixed, and evaluation runs eager
+    kw: dict = {"dynamic": False} if backend == "inductor" else {"dynamic": False, "backend": backend}
     if mode not in (None, "default"):
         if backend != "inductor":
             raise ValueError(f"compile mode {mode!r} is an inductor mode; the backend is {backend!r}")

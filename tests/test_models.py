@@ -535,3 +535,28 @@ def test_compiled_blocks_with_stochastic_depth_share_two_graphs():
     torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))
     assert bool((y[~kept] == 0).all()) and abs(kept.float().mean().item() - 0.7) < 0.02
     assert counters["stats"]["unique_graphs"] == 3  # the compiled path ran
+    drop.drop_prob = 0.5  # a new rate reaches the compiled draw's buffer
+    assert int(drop.keep_units) == 1 << 29 and drop.active
+    drop.drop_prob = 0
+    assert not drop.active and torch.equal(drop(x := torch.randn(3, 2)), x)
+
+
+def test_compiled_blocks_of_two_shapes_get_two_static_graphs():
+    """MAE's encoder and decoder blocks see two shapes. Each gets a graph specialized to its shape: dynamo would
+    otherwise make the second one a dynamic-shape graph (symbolic sizes, slower kernels)."""
+    from lomar_fast.compilation import apply_compile
+
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append([tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs])
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = create_model("mae_vit_tiny_patch16", img_size=64)
+    assert apply_compile(model, "blocks", backend=recording_backend) == len(model.blocks) + len(model.decoder_blocks)
+    images = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
+    for _ in range(2):
+        model(images)
+    assert len(graphs) == 2 and all(isinstance(s, tuple) for g in graphs for s in g), graphs
+    assert {g[2][1] for g in graphs} == {1 + 4, 1 + 16}  # cls + the visible patches; cls + every patch

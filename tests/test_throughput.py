@@ -266,4 +266,4 @@ def test_whole_model_inductor_variants_are_gpu_only_and_pass_their_mode(monkeypa
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
     tp.apply_compile(model, "model", mode=tp.INDUCTOR_MODES["compile-model-cudagraphs"])
     tp.apply_compile(model, "model")
-    assert calls == [{"mode": "reduce-overhead"}, {}]
+    assert calls == [{"dynamic": False, "mode": "reduce-overhead"}, {"dynamic": False}]

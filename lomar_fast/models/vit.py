@@ -52,24 +52,33 @@ class DropPath(nn.Module):
     """Stochastic depth per sample (identity in eval or at rate 0).
 
     Eager, it draws as timm's DropPath does (``bernoulli_`` with the keep probability as a Python float).
-    Under torch.compile a Python float is baked into the graph, and with a different rate in every block the
-    compiled blocks would need a graph each, beyond dynamo's recompile limit at ViT depths. So the compiled
-    draw reads the keep probability from a buffer instead (``rand < keep``, the same distribution), and the
-    blocks share two graphs: rate 0, and one that takes the rate as an input. The buffer holds the
-    probability in units of 2**-30 as an integer, which no ``.to(dtype)`` of the model rounds; it is not
-    saved (``persistent=False``), so checkpoints are unchanged.
+    Under torch.compile a Python float read in the forward is baked into the graph, and with a different rate
+    in every block the compiled blocks would need a graph each, beyond dynamo's recompile limit at ViT depths.
+    So the compiled draw reads the keep probability from a buffer instead (``rand < keep``, the same
+    distribution) and branches only on a bool, and the blocks share two graphs: rate 0, and one that takes the
+    rate as an input. The buffer holds the probability in units of 2**-30 as an integer, which no
+    ``.to(dtype)`` of the model rounds; it is not saved (``persistent=False``), so checkpoints are unchanged.
     """
 
     SCALE = 1 << 30
 
     def __init__(self, drop_prob: float = 0.0):
         super().__init__()
-        self.drop_prob = float(drop_prob)
-        self.register_buffer("keep_units", torch.tensor(round((1.0 - self.drop_prob) * self.SCALE)),
-                             persistent=False)
+        self.register_buffer("keep_units", torch.tensor(0), persistent=False)
+        self.drop_prob = drop_prob
+
+    @property
+    def drop_prob(self) -> float:
+        return self._drop_prob
+
+    @drop_prob.setter
+    def drop_prob(self, value: float) -> None:
+        self._drop_prob = float(value)
+        self.active = self._drop_prob > 0.0
+        self.keep_units.fill_(round((1.0 - self._drop_prob) * self.SCALE))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.drop_prob == 0.0:
+        if not self.training or not self.active:
             return x
         shape = (x.shape[0],) + (1,) * (x.dim() - 1)
         if torch.compiler.is_compiling():
