@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,10 +148,14 @@ class Trainer:
             run_dir.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
         # where to resume from, checked against this run's shape before any process group or work exists
         self.resume_point = run_dir.find_resume(cfg.resume, cfg.output_dir, resume_family)
-        self.resume_note = None
+        self.resume_note, self.universal = None, False
         if self.resume_point is not None and not getattr(cfg, "eval", False):
             saved = json.loads(Path(str(self.resume_point), run_dir.COMPLETE).read_text()).get("run", {})
             self.resume_note = run_dir.check_resume(saved, self.run_shape(), type(cfg).MODEL_KEYS)
+            # another rank count under ZeRO-1/2/3: load the tag converted into DeepSpeed's universal checkpoint
+            self.universal = run_dir.needs_universal(saved, self.run_shape())
+            if self.universal:
+                self.ds_cfg["checkpoint"] = {**self.ds_cfg.get("checkpoint", {}), "load_universal": True}
         self.resumed: run_dir.ResumePoint | None = None
         self.rank, self.world, _ = init_distributed(self.device)
         if getattr(cfg, "overwrite", False) and self.rank == 0:
@@ -202,9 +207,21 @@ class Trainer:
         point = self.resume_point
         if point is None:
             return None
-        path, client = self.engine.load_checkpoint(point.root, tag=point.tag, load_module_only=module_only,
+        root = point.root
+        if self.universal:  # rank 0 converts (once per tag), every rank loads its new partition of the whole state
+            root = str(self.root / run_dir.UNIVERSAL)
+            if self.rank == 0:
+                t0 = time.perf_counter()
+                run_dir.convert_universal(Path(point.root, point.tag), Path(root, point.tag))
+                print(f"--resume: converted {point} for {self.world} rank(s) in {time.perf_counter() - t0:.0f} s")
+            barrier()
+        path, client = self.engine.load_checkpoint(root, tag=point.tag, load_module_only=module_only,
                                                    load_optimizer_states=not module_only,
                                                    load_lr_scheduler_states=not module_only)
+        if self.universal:
+            barrier()  # every rank has read its part; the next save is in this rank count's own layout
+            if self.rank == 0:
+                shutil.rmtree(root, ignore_errors=True)
         if path is None:
             raise ConfigError(f"--resume: could not load checkpoint {point}")
         if not module_only:

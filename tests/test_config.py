@@ -220,11 +220,19 @@ def test_check_resume_maps_the_same_global_batch_and_refuses_other_shapes():
     assert run_dir.check_resume(saved, dict(saved), ("model", "input_size")) is None
     note = run_dir.check_resume(saved, {**saved, "world_size": 2, "accum_iter": 2}, ("model", "input_size"))
     assert "the same 256 images per step" in note
-    # under ZeRO the optimizer state is one file per rank: the same rank count, any micro-batch/accum split
+    assert not run_dir.needs_universal(saved, {**saved, "world_size": 2, "accum_iter": 2})  # ZeRO-0: files as they are
+    # under ZeRO-1/2/3 the optimizer state is one file per rank: another rank count goes through the universal
+    # checkpoint, another micro-batch/accum split on the same ranks does not
     zero2 = {**saved, "zero_stage": 2}
-    assert "the same 256" in run_dir.check_resume(zero2, {**zero2, "micro_batch": 32, "accum_iter": 2}, ())
-    with pytest.raises(ConfigError, match="written by 4 rank.*ZeRO-2.*this run has 2. Resume on 4 rank"):
-        run_dir.check_resume(zero2, {**zero2, "world_size": 2, "accum_iter": 2}, ())
+    same_ranks = {**zero2, "micro_batch": 32, "accum_iter": 2}
+    assert "the same 256" in run_dir.check_resume(zero2, same_ranks, ()) and not run_dir.needs_universal(zero2, same_ranks)
+    fewer = {**zero2, "world_size": 2, "accum_iter": 2}
+    assert "ZeRO-2 optimizer state, one file per saved rank, is converted into DeepSpeed's universal checkpoint" in (
+        run_dir.check_resume(zero2, fewer, ()))
+    assert run_dir.needs_universal(zero2, fewer) and not run_dir.needs_universal({"config": cfg}, fewer)
+    zero3 = {**saved, "zero_stage": 3}  # its universal checkpoint does not bring the optimizer state back exactly
+    with pytest.raises(ConfigError, match="written by 4 rank.*ZeRO-3.*this run has 2. Resume on 4 rank"):
+        run_dir.check_resume(zero3, {**zero3, "world_size": 2, "accum_iter": 2}, ())
     with pytest.raises(ConfigError, match="under ZeRO-2, this run uses ZeRO-3.*--zero_stage 2"):
         run_dir.check_resume(zero2, {**zero2, "zero_stage": 3}, ())
     with pytest.raises(ConfigError, match="= 256 images per step, this run has .* = 128.*--batch_size 128"):
