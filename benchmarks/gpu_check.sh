@@ -7,7 +7,8 @@
 #   2. the throughput benchmark, --quick: LoMaR vs MAE ViT-B/16 at 224/384/448 through ds_configs/zero2.json,
 #      each model at its best (the rows issue-level targets are read from);
 #   3. the kernel benchmark, --quick (each kernel vs its eager and compiled reference);
-#   4. with the time left, LoMaR at 224 in DeepSpeed's bf16 mode and without DeepSpeed, and at micro-batch 512.
+#   4. with the time left, LoMaR at 224 in DeepSpeed's bf16 mode and without DeepSpeed, then at micro-batch 512
+#      with compiled blocks, the whole model compiled, and the fused kernels.
 # Every benchmark rewrites its JSON after each row, so a stage cut short keeps what it measured.
 # Results go under ${OUT:-benchmarks/results/gpu_check}; environment.txt and stages.txt say what ran.
 #   usage: bash benchmarks/gpu_check.sh [--no-throughput]
@@ -75,9 +76,9 @@ if [ "${1:-}" != "--no-throughput" ]; then
   stage engine_modes 150 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
     --engine_mode torch_autocast bf16 no_deepspeed --out "$OUT/throughput" --name engine_modes \
     --time_budget "$(budget 0 110)"
-  stage batch512 120 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 \
-    --variants compile compile+kernels --lomar_batch 512 --out "$OUT/throughput" --name batch512 \
-    --time_budget "$(budget 0 80)"
+  stage batch512 150 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 \
+    --variants compile compile-model compile+kernels --lomar_batch 512 --out "$OUT/throughput" --name batch512 \
+    --time_budget "$(budget 0 110)"
 fi
 echo "gpu_check exit $status after $(( SECONDS - t0 ))s"
 exit $status
