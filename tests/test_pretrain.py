@@ -464,6 +464,27 @@ def test_a_compiler_failure_names_the_way_to_train_without_it(mini_demo, tmp_pat
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("scope, compiled", [("blocks", 2), ("model", 1)])
+def test_compile_scope_and_mode_reach_torch_compile(mini_demo, tmp_path, monkeypatch, scope, compiled):
+    import deepspeed
+
+    from lomar_fast import trainer as trainer_mod
+    from lomar_fast.config import PretrainConfig, parse_config
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    monkeypatch.setattr(trainer_mod, "init_distributed", lambda device: (0, 1, 0))
+    monkeypatch.setattr(deepspeed, "initialize", lambda model, optimizer, config: (model, optimizer, None, None))
+    cfg = parse_config(["--data_path", str(mini_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", *SMALL,
+                        "--output_dir", str(tmp_path), "--compile", "--compile_scope", scope, "--compile_mode",
+                        "max-autotune-no-cudagraphs"], PretrainConfig)
+    t = trainer_mod.Trainer(cfg, "epoch")
+    model = t.build(lambda: create_model(cfg.model, img_size=64, window_size=3, num_window=2, depth=2),
+                    lambda m: param_groups_weight_decay(m, 0.05), betas=(0.9, 0.95))
+    assert calls == [{"dynamic": False, "mode": "max-autotune-no-cudagraphs"}] * compiled
+    assert f"compiled ({scope}, inductor, max-autotune-no-cudagraphs; --compile on)" in t.describe(model, "")
+
+
 @pytest.mark.parametrize("scope", ["blocks", "model"])
 def test_compile_flag_compiles_the_model_the_trainer_builds(mini_demo, tmp_path, monkeypatch, scope):
     """--compile --compile_scope S --compile_backend B: the trainer hands DeepSpeed a model whose blocks (or
