@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on a GPU, end to end, in about 8 minutes: installs the offline kit (.whl/, from `make gpu-kit`)
+# The main job on a GPU, end to end, in about 9 minutes: installs the offline kit (.whl/, from `make gpu-kit`)
 # into /tmp/site, then runs benchmarks/e2e.py: 20,000 synthetic photo-like JPEGs -> .beton, ViT-B/16 LoMaR
 # pretraining through the deepspeed launcher (ZeRO-2, bf16) with its images/sec against the synthetic-batch step
 # and the loader alone, a SIGKILL in mid-epoch and --resume auto, fine-tuning with ZeRO-3 bf16, --eval, k-NN.
