@@ -152,7 +152,7 @@ class Trainer:
         if self.resume_point is not None and not getattr(cfg, "eval", False):
             saved = json.loads(Path(str(self.resume_point), run_dir.COMPLETE).read_text()).get("run", {})
             self.resume_note = run_dir.check_resume(saved, self.run_shape(), type(cfg).MODEL_KEYS)
-            # another rank count under ZeRO-1/2/3: load the tag converted into DeepSpeed's universal checkpoint
+            # another rank count under ZeRO-1/2: load the tag converted into DeepSpeed's universal checkpoint
             self.universal = run_dir.needs_universal(saved, self.run_shape())
             if self.universal:
                 self.ds_cfg["checkpoint"] = {**self.ds_cfg.get("checkpoint", {}), "load_universal": True}
