@@ -193,9 +193,14 @@ class Trainer:
         import deepspeed
 
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_cfg)
-        if [g.get("lr_scale") for g in self.optimizer.param_groups] != [g.get("lr_scale") for g in groups if g["params"]]:
-            raise RuntimeError("the DeepSpeed optimizer changed the parameter groups (their lr_scale is lost)")
+        self.lr_scales = [g.get("lr_scale") for g in groups if g["params"]]
+        self._check_lr_scales("the DeepSpeed optimizer changed the parameter groups")
         return model
+
+    def _check_lr_scales(self, what: str) -> None:
+        """Layer decay lives in each parameter group's ``lr_scale``: stop if DeepSpeed dropped or replaced it."""
+        if [g.get("lr_scale") for g in self.optimizer.param_groups] != self.lr_scales:
+            raise RuntimeError(f"{what} (their lr_scale is lost)")
 
     def run_shape(self) -> dict[str, Any]:
         return dict(world_size=self.world, micro_batch=self.micro, accum_iter=self.accum,
@@ -222,6 +227,7 @@ class Trainer:
             barrier()  # every rank has read its part; the next save is in this rank count's own layout
             if self.rank == 0:
                 shutil.rmtree(root, ignore_errors=True)
+        self._check_lr_scales(f"loading {point} changed the optimizer's parameter groups")
         if path is None:
             raise ConfigError(f"--resume: could not load checkpoint {point}")
         if not module_only:

@@ -205,6 +205,27 @@ def test_one_rank_learns_demo_classes_eval_and_resume(demo, tmp_path, in_process
 
 
 @pytest.mark.slow
+def test_a_two_rank_zero2_fine_tune_continues_on_one_rank_with_its_layer_decay(demo, tmp_path):
+    """The shipped ZeRO-2 config on 2 ranks for one epoch, then --resume auto on one rank with the same 16 images
+    per step: the tag goes through DeepSpeed's universal checkpoint, and every parameter group keeps its
+    layer-decay lr_scale (the lowest group's lr stays 0.65 ** (depth + 1) of the head's)."""
+    out = tmp_path / "ft"
+    args = ["--data_path", str(demo["train"]), "--val_path", str(demo["val"]), "--model", "vit_tiny_patch16",
+            "--depth", "2", "--input_size", "64", "--num_workers", "1", "--deepspeed_config", "ds_configs/zero2.json",
+            "--epochs", "2", "--warmup_epochs", "0", "--max_steps_per_epoch", "2", "--log_every", "1",
+            "--output_dir", str(out)]
+    _ok(run_finetune([*args, "--batch_size", "8", "--exit_after_epochs", "1"], ranks=2))
+    one = run_finetune([*args, "--batch_size", "16", "--resume", "auto"])
+    _ok(one)
+    assert "--resume: converted" in one.stdout and "world size 2 x micro-batch 8" in one.stdout
+    assert not (out / "universal").exists() and (out / "latest").read_text().strip() == "last_epoch0001"
+    steps = _records(out, "steps")
+    assert [r["epoch"] for r in steps] == [0, 0, 1, 1]
+    assert all(r["lr_low"] / r["lr"] == pytest.approx(0.65 ** 3) for r in steps)
+    assert [e["val_n"] for e in _records(out, "epoch")] == [demo["n_val"]] * 2
+
+
+@pytest.mark.slow
 def test_two_ranks_zero3_autocast_evaluates_each_val_image_once_keeps_lr_scale(demo, tmp_path, in_process_world,
                                                                                 capsys):
     """The shipped ZeRO-3 config (torch_autocast, bf16 matmuls) on 2 ranks with RandAugment, Mixup/CutMix and
