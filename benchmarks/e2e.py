@@ -567,9 +567,10 @@ def pretrain_compiles(p: Plan) -> bool:
     """Whether the pretraining runs compile (``--compile`` as lomar_fast.trainer decides it): the synthetic
     step must run the same way."""
     from lomar_fast.compilation import compile_decision
+    from lomar_fast.ds_config import load_ds_config, zero_stage_of
 
-    stage = json.loads(Path(REPO, p.ds_config).read_text()).get("zero_optimization", {}).get("stage", 0)
-    return compile_decision(p.compile, "cuda" if p.mode == "gpu" else "cpu", int(stage))[0]
+    stage = zero_stage_of(load_ds_config(Path(REPO, p.ds_config)))
+    return compile_decision(p.compile, "cuda" if p.mode == "gpu" else "cpu", stage)[0]
 
 
 def stage_pretrain(st: Stage) -> None:

@@ -20,10 +20,11 @@ Variants: ``eager`` (reference), ``compile`` (torch.compile per block, or of the
 --compile_scope model: lomar_fast.compilation, what the entry points' --compile does), ``compile-model`` (the
 whole model, whatever --compile_scope says), ``compile-model-autotune`` (inductor's max-autotune GEMM templates
 with fused bias/GELU epilogues, GPU only), ``compile-model-cudagraphs`` (inductor's reduce-overhead mode: the
-compiled forward and backward replayed as CUDA graphs, GPU only), and ``eager`` or ``compile`` with ``+kernels`` (the fused CUDA kernels on; without it they are off). Each model has its own
-variant list and micro-batch (``--mae_variants``, ``--lomar_batch``, ``--mae_batch``), so each runs at its
-best; the LoMaR/MAE ratios are also given best row against best row per size. A variant that fails (kernels
-missing, out of memory, compile error) is recorded with its error and the run goes on.
+compiled forward and backward replayed as CUDA graphs, GPU only), and ``eager`` or ``compile`` with ``+kernels``
+(the fused CUDA kernels on; without it they are off). Each model has its own variant list and micro-batch
+(``--mae_variants``, ``--lomar_batch``, ``--mae_batch``), so each runs at its best; the LoMaR/MAE ratios are
+also given best row against best row per size. A variant that fails (kernels missing, out of memory, compile
+error) is recorded with its error and the run goes on.
 
 Reported per configuration: images/sec (median step time over the timed steps, CUDA events on GPU), model
 FLOPs per training image (lomar_fast.flops), achieved TFLOP/s, MFU against the matrix-multiply rate measured
@@ -900,7 +901,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = resolve_defaults(args, device)
 
     from lomar_fast.distributed import init_distributed
-    from lomar_fast.ds_config import load_ds_config
+    from lomar_fast.ds_config import load_ds_config, zero_stage_of
     from lomar_fast.errors import ConfigError
     from lomar_fast.precision import engine_mode, resolve_precision
 
@@ -928,19 +929,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     plan = build_plan(args)
     target = profile_choice(args, plan, device)
-    vers = versions()
-
-    def partial(results: list[dict], prof, skipped: list[str]) -> None:
-        """The JSON so far (``complete``: false), rewritten after every row: a run cut short keeps its rows."""
-        write_json(Path(args.out) / f"{args.name}.json",
-                   {"schema": SCHEMA, "complete": False,
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": dinfo,
-                    "versions": vers, "config": dict(vars(args)), "matmul_by_dtype": matmuls,
-                    "results": results, "profile": prof, "skipped_for_time": skipped,
-                    "wall_s": time.perf_counter() - t_start})
+    zero = zero_stage_of(ds_raw) if args.zero_stage is None else args.zero_stage
+    config = {k: v for k, v in vars(args).items()}
+    config.update(dtype=dtype_name(dtype), engine_mode=args.engine_mode[0], engine_modes=args.engine_mode,
+                  dtype_by_engine_mode={m: dtype_name(d) for m, d in dtypes.items()}, zero_stage=zero, world_size=world,
+                  data=f"real batches from {args.data_path}" if args.data_path else "synthetic uint8 NHWC batches on the device")
+    report = {"schema": SCHEMA, "complete": False, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "device": dinfo, "versions": versions(), "config": config, "matmul": matmul,
+              "matmul_by_dtype": matmuls, "spec_tflops": spec,
+              "results": [], "speedups": [], "max_batch": [], "profile": None, "skipped_for_time": [], "wall_s": None}
+    results, skipped = report["results"], report["skipped_for_time"]
 
     deadline = t_start + args.time_budget if args.time_budget else None
-    results, prof, skipped = [], None, []
     for kind, size, variant, mode in plan:
         batch = default_batch(args, kind, size, device)
         cost = 60.0 if variant.startswith("compile") else 20.0  # rough seconds a configuration needs
@@ -955,14 +955,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               matmuls[dtype_name(row_dtype)]["tflops"],
                               spec_bf16 if row_dtype == torch.bfloat16 else None,
                               profile=(kind, size, variant, mode) == target, mode=mode)
-            prof = p or prof
+            report["profile"] = p or report["profile"]
         results.append(asdict(r))
-        partial(results, prof, skipped)
+        # the JSON so far ("complete": false), rewritten after every row: a run cut short keeps its rows
+        report.update(speedups=speedups(results), wall_s=time.perf_counter() - t_start)
+        write_json(Path(args.out) / f"{args.name}.json", report)
         msg = (f"{r.images_per_sec:9.1f} img/s  step {r.step_ms_median:8.2f} ms  MFU {100 * (r.mfu or 0):5.1f}%  "
                f"first step {r.first_step_s:.1f}s" if r.status == "ok" else f"{r.status}: {(r.error or '').splitlines()[0][:150]}")
         print(f"[throughput] {kind:5s} {size:4d} {variant:16s} {mode:14s} B={batch:<5d} {msg}", flush=True)
 
-    max_batch = []
+    max_batch = report["max_batch"]
     if args.find_max_batch:
         for kind in args.models:
             for size in args.sizes:
@@ -971,21 +973,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 max_batch.append(mb)
                 print(f"[throughput] max batch {kind} {size}: {mb['max_batch']}", flush=True)
 
-    zero = ds_raw.get("zero_optimization", {}).get("stage", 0) if args.zero_stage is None else args.zero_stage
-    config = {k: v for k, v in vars(args).items()}
-    config.update(dtype=dtype_name(dtype), engine_mode=args.engine_mode[0], engine_modes=args.engine_mode,
-                  dtype_by_engine_mode={m: dtype_name(d) for m, d in dtypes.items()}, zero_stage=zero, world_size=world,
-                  data=f"real batches from {args.data_path}" if args.data_path else "synthetic uint8 NHWC batches on the device")
-    report = {"schema": SCHEMA, "complete": True, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "device": dinfo, "versions": vers, "config": config, "matmul": matmul,
-              "matmul_by_dtype": matmuls, "spec_tflops": spec,
-              "results": results, "speedups": speedups(results), "max_batch": max_batch, "profile": prof,
-              "skipped_for_time": skipped, "wall_s": None}
-    report["wall_s"] = time.perf_counter() - t_start
+    report.update(complete=True, speedups=speedups(results), wall_s=time.perf_counter() - t_start)
     files = write_outputs(report, Path(args.out), args.name)
     print(markdown(report), flush=True)
-    if prof:
-        print(profile_markdown(prof), flush=True)
+    if report["profile"]:
+        print(profile_markdown(report["profile"]), flush=True)
     print(f"[throughput] wrote {', '.join(files.values())} in {report['wall_s']:.0f}s", flush=True)
     return report
 

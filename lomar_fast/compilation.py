@@ -50,7 +50,9 @@ def apply_compile(model: nn.Module, scope: str, backend: str = "inductor", mode:
         raise ValueError(f"compile scope {scope!r} must be one of {', '.join(SCOPES)}")
     # dynamic=False: a graph per input shape, each specialized (MAE's decoder blocks, the second shape dynamo
     # sees, otherwise got a dynamic-shape graph); training shapes are fixed, and evaluation runs eager
-    kw: dict = {"dynamic": False} if backend == "inductor" else {"dynamic": False, "backend": backend}
+    kw: dict = {"dynamic": False}
+    if backend != "inductor":
+        kw["backend"] = backend
     if mode not in (None, "default"):
         if backend != "inductor":
             raise ValueError(f"compile mode {mode!r} is an inductor mode; the backend is {backend!r}")

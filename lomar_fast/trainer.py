@@ -151,9 +151,10 @@ class Trainer:
         self.resume_note, self.universal = None, False
         if self.resume_point is not None and not getattr(cfg, "eval", False):
             saved = json.loads(Path(str(self.resume_point), run_dir.COMPLETE).read_text()).get("run", {})
-            self.resume_note = run_dir.check_resume(saved, self.run_shape(), type(cfg).MODEL_KEYS)
+            now = self.run_shape()
+            self.resume_note = run_dir.check_resume(saved, now, type(cfg).MODEL_KEYS)
             # another rank count under ZeRO-1/2: load the tag converted into DeepSpeed's universal checkpoint
-            self.universal = run_dir.needs_universal(saved, self.run_shape())
+            self.universal = run_dir.needs_universal(saved, now)
             if self.universal:
                 self.ds_cfg["checkpoint"] = {**self.ds_cfg.get("checkpoint", {}), "load_universal": True}
         self.resumed: run_dir.ResumePoint | None = None
