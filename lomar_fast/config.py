@@ -76,7 +76,7 @@ class RunConfig:
             raise ConfigError(f"--warmup_epochs {self.warmup_epochs} must be between 0 and --epochs {self.epochs}")
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"--zero_stage {self.zero_stage} must be 0, 1, 2 or 3")
-        if self.compile != "off":
+        if self.compile != "off" and self.compile_backend != "inductor":  # the default needs no lookup (1 s import)
             import torch._dynamo
 
             backends = torch._dynamo.list_backends(exclude_tags=())
