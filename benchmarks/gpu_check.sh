@@ -6,8 +6,10 @@
 #   1. the GPU tests (kernels against their references, the fused window attention in both kernel modes);
 #   2. the throughput benchmark, --quick: LoMaR vs MAE ViT-B/16 at 224/384/448 through ds_configs/zero2.json,
 #      each model at its best (the rows issue-level targets are read from);
-#   3. the kernel benchmark, --quick (each kernel vs its eager and compiled reference);
-#   4. with the time left, LoMaR at 224 in DeepSpeed's bf16 mode and without DeepSpeed, then at micro-batch 512
+#   3. the kernel benchmark, --quick (each kernel, and the explicit-logits attention path, vs its eager and
+#      compiled reference);
+#   4. LoMaR at 224, compiled, with the explicit-logits attention path (LOMAR_ATTN_PATH=math);
+#   5. with the time left, LoMaR at 224 in DeepSpeed's bf16 mode and without DeepSpeed, then at micro-batch 512
 #      with compiled blocks, the whole model compiled, and the fused kernels.
 # Every benchmark rewrites its JSON after each row, so a stage cut short keeps what it measured.
 # Results go under ${OUT:-benchmarks/results/gpu_check}; environment.txt and stages.txt say what ran.
@@ -73,6 +75,10 @@ fi
 stage kernels 150 60 "$PY" -m benchmarks.kernels --out "$OUT/kernels" --quick
 
 if [ "${1:-}" != "--no-throughput" ]; then
+  # the explicit-logits attention (batched GEMMs + fp32 softmax) in the shipped step; the baseline is stage 2's
+  # lomar 224 compile row, timed in this call
+  stage attention_math 120 0 env LOMAR_ATTN_PATH=math "$PY" -m benchmarks.throughput --quick --models lomar \
+    --sizes 224 --variants compile --out "$OUT/throughput" --name attention_math --time_budget "$(budget 0 80)"
   stage engine_modes 150 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
     --engine_mode torch_autocast bf16 no_deepspeed --out "$OUT/throughput" --name engine_modes \
     --time_budget "$(budget 0 110)"

@@ -18,7 +18,8 @@ Cases at ViT-B shapes (B=256 images, K=4 windows of 7x7 patches, 224 px, p=16; 1
   ``scaled_dot_product_attention`` with the batched-matmul iRPE bias, eager and ``torch.compile``'d; q, k, v
   are the views of a fused (N, L, 3, H, D) qkv projection, as in the model. bf16 inputs take the tensor-core
   kernels; the ``[cuda cores]`` rows run the same kernels with fp32 products on CUDA cores
-  (LOMAR_WA_TENSOR_CORES=0).
+  (LOMAR_WA_TENSOR_CORES=0); the ``[math path]`` and ``[compiled math path]`` rows put the pure-PyTorch
+  explicit-logits path (``LOMAR_ATTN_PATH=math``: batched GEMMs, fp32 softmax) in the kernel column.
 
 Each case: median time over repeated runs (CUDA events, after warm-up), achieved GB/s from the bytes the
 operation must read and write (listed per case), as a fraction of the device-to-device copy bandwidth
@@ -137,6 +138,7 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
     from lomar_fast.ops import _window_gather_cuda as wgc
     from lomar_fast.ops import window_gather_ref as wgr
     from lomar_fast.ops.irpe_ref import irpe_key_bias_bmm, irpe_key_bias_reference
+    from lomar_fast.ops.window_attention import window_attention_math
     from lomar_fast.ops.window_gather_ref import gather_windows_reference
 
     b, k, w, p = cfg["batch"], cfg["windows"], cfg["window_size"], cfg["patch_size"]
@@ -225,6 +227,10 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
         """The path the fused kernel replaces: SDPA with the (batched-matmul) iRPE additive bias."""
         return F.scaled_dot_product_attention(qq, k2, v2, attn_mask=irpe_key_bias_bmm(qq, tt, buckets))
 
+    def math_attention(qq, k2, v2, tt):
+        """The explicit-logits path: batched GEMMs and an fp32 softmax instead of SDPA's kernel."""
+        return window_attention_math(qq, k2, v2, tt, buckets)
+
     def wattn_fwd(fn):
         return lambda: fn(qa, ka, va, table)
 
@@ -307,6 +313,16 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
              kernel=attention(irpe_key_bias_bmm),
              reference=attention(irpe_key_bias_reference),
              compiled=lambda: attention(irpe_key_bias_reference, compiled_sdpa=True)),
+        # the explicit-logits path (LOMAR_ATTN_PATH=math) in the "kernel" column, against SDPA + the bias
+        *(dict(name=f"window_attention_{kind}[{label}]", bytes=nbytes, tol=3 * tol,
+               bytes_note=f"{note}; the kernel column is {how}(window_attention_math) (pure PyTorch)",
+               kernel=make(wrap(math_attention)), reference=make(current_attention),
+               compiled=lambda make=make: make(torch.compile(current_attention)))
+          for label, wrap, how in (("math path", lambda fn: fn, ""),
+                                   ("compiled math path", torch.compile, "torch.compile"))
+          for kind, make, nbytes, note in (
+              ("fwd", wattn_fwd, 4 * q_bytes, "q, k, v read + out written"),
+              ("fwd_bwd", wattn_fwd_bwd, 12 * q_bytes, "as window_attention_fwd_bwd"))),
     ]
     return cases
 

@@ -358,6 +358,15 @@ def set_kernel_mode(mode: str) -> None:
     set_kernels(mode)
 
 
+def op_paths() -> dict[str, str]:
+    """The pure-PyTorch paths the rows ran (``$LOMAR_IRPE_PATH``, ``$LOMAR_ATTN_PATH``; the kernels follow the
+    variant)."""
+    from lomar_fast.ops.irpe import irpe_path
+    from lomar_fast.ops.window_attention import attention_path
+
+    return {"irpe": irpe_path(), "attention": attention_path()}
+
+
 def engine_config(ds_raw: dict, mode: str) -> dict:
     """The DeepSpeed JSON switched to an engine mode (unchanged when it already is in that mode)."""
     from lomar_fast.precision import engine_mode, set_engine_mode
@@ -762,7 +771,9 @@ def markdown(report: dict[str, Any]) -> str:
              + (f"; spec {report['spec_tflops']:.0f} TFLOP/s" if report.get("spec_tflops") else "") + ".",
              f"{c['warmup']} warm-up + {c['steps']} timed steps per row; images/sec from the median step; "
              f"FLOPs = matmul FLOPs per training image (fwd+bwd = 3x fwd); MFU against the measured matmul in the "
-             f"row's dtype; {c['data']}.", "",
+             f"row's dtype; {c['data']}"
+             + (f"; iRPE path {c['paths']['irpe']}, attention path {c['paths']['attention']}" if c.get("paths") else "")
+             + ".", "",
              "| model | size | variant | engine | dtype | batch | img/s | step ms (median) | GFLOP/img | TFLOP/s | MFU | "
              "peak GiB | syncs/step | status |",
              "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -933,7 +944,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = {k: v for k, v in vars(args).items()}
     config.update(dtype=dtype_name(dtype), engine_mode=args.engine_mode[0], engine_modes=args.engine_mode,
                   dtype_by_engine_mode={m: dtype_name(d) for m, d in dtypes.items()}, zero_stage=zero, world_size=world,
-                  data=f"real batches from {args.data_path}" if args.data_path else "synthetic uint8 NHWC batches on the device")
+                  data=f"real batches from {args.data_path}" if args.data_path else "synthetic uint8 NHWC batches on the device",
+                  paths=op_paths())
     report = {"schema": SCHEMA, "complete": False, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "device": dinfo, "versions": versions(), "config": config, "matmul": matmul,
               "matmul_by_dtype": matmuls, "spec_tflops": spec,

@@ -196,6 +196,25 @@ def test_benchmark_rewrites_its_json_after_every_row(tmp_path, bench, monkeypatc
     assert doc["complete"] is True and [r["variant"] for r in doc["results"]] == ["eager", "compile", "compile+kernels"]
 
 
+def test_benchmark_records_the_op_paths_its_rows_ran(tmp_path, bench, monkeypatch):
+    """$LOMAR_ATTN_PATH / $LOMAR_IRPE_PATH change what a row times, so the report says which paths ran."""
+    from benchmarks import throughput as tp
+
+    def fake_run_config(args, kind, size, variant, batch, device, ds_raw, world, peak, spec, profile, mode):
+        return tp.Result(model=f"{kind}_vit_tiny_patch16", kind=kind, size=size, variant=variant, batch_size=batch,
+                         engine_mode=mode, compute_dtype="float32", status="ok", images_per_sec=10.0,
+                         step_ms_median=1.0, mfu=0.1, first_step_s=0.1), None
+
+    monkeypatch.setattr(tp, "run_config", fake_run_config)
+    monkeypatch.setenv("LOMAR_ATTN_PATH", "math")
+    monkeypatch.delenv("LOMAR_IRPE_PATH", raising=False)
+    bench("--models", "lomar", "--sizes", "64", "--variants", "eager", "--matmul_size", "64", "--out", str(tmp_path),
+          "--name", "paths")
+    doc = json.loads((tmp_path / "paths.json").read_text())
+    assert doc["config"]["paths"] == {"irpe": "bmm", "attention": "math"}
+    assert "iRPE path bmm, attention path math" in (tmp_path / "paths.md").read_text()
+
+
 def _skipped_rows_report(bench, tmp_path: Path, name: str, *extra: str) -> dict:
     """A CPU run whose rows are all skipped (the fused kernels need CUDA): the run's dtypes, peaks and records only."""
     bench("--models", "lomar", "--variants", "compile+kernels", "--matmul_size", "64", "--out", str(tmp_path),

@@ -7,11 +7,13 @@ the real ops' shapes, strides and dtypes, opcheck passes, and the ops' forward a
 (the kernels' math, run in PyTorch on CPU) match autograd through the reference on odd shapes; the
 source compiles warning-free with nvcc and NVRTC for sm_80 and sm_90; and the kernels, compiled as host
 C++ with the emulation layer (tests/kernel_emulation.py), match the reference forward and backward, also
-when launched by the CUDA wrapper itself (its launch call redirected to the emulation).
+when launched by the CUDA wrapper itself (its launch call redirected to the emulation). The explicit-logits
+path (LOMAR_ATTN_PATH=math) matches the float64 formula in values and gradients, compiles to one graph, and
+the switch picks it only for windows.
 
 GPU (``-m gpu``, skipped without CUDA or CuPy): kernel vs float64 truth on odd and ViT-B shapes in every
 dtype, values and gradients, non-contiguous and unaligned inputs, a deterministic table gradient,
-torch.compile of an attention block, opcheck on CUDA.
+torch.compile of an attention block, opcheck on CUDA; the explicit-logits path in bf16 at ViT-B shapes.
 """
 from __future__ import annotations
 
@@ -161,6 +163,7 @@ def test_dispatch_on_cpu_is_the_sdpa_bias_path(monkeypatch, mode, rpe_scale):
 
     monkeypatch.setitem(sys.modules, "lomar_fast.ops._window_attention_cuda", _Boom())
     monkeypatch.setattr(ops_pkg, "_window_attention_cuda", _Boom(), raising=False)
+    monkeypatch.delenv(wa_mod.ATTN_PATH_ENV, raising=False)
     set_kernels(mode)
     try:
         buckets = window_buckets(4)
@@ -334,6 +337,103 @@ def test_op_compiles_as_one_node_cpu():
     torch.testing.assert_close(got, want)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the explicit-logits path (LOMAR_ATTN_PATH=math), CPU
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("length,d,scale,rpe_scale", [(17, 16, None, None), (26, 80, 0.3, 0.25),
+                                                      (50, 64, None, 64**-0.5), (5, 3, 1.7, None)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_math_path_matches_the_formula_values_and_gradients(length, d, scale, rpe_scale, dtype):
+    """The explicit-logits path is DESIGN.md's attention: float64 truth of values and of the q, k, v and
+    table gradients, on odd sizes, with and without the scales; in bf16 within the tolerance the other
+    paths are held to."""
+    side = {17: 4, 26: 5, 50: 7, 5: 2}[length]
+    buckets = window_buckets(side)
+    q, k, v = (x.detach().requires_grad_(True) for x in qkv_views(3, 5, length, d, dtype, seed=length))
+    table = random_table(d, dtype=torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_(True)
+    out = wa_mod.window_attention_math(q, k, v, table, buckets, scale, rpe_scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    s = d**-0.5 if scale is None else scale
+    t = table if rpe_scale is None else table * rpe_scale
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    want, want_grads = truth_grads(q, k, v, t, buckets, s, go)
+    tb, _ = brute_force(q, k, v, t, buckets, s)
+    assert rel_err(want, tb) < 1e-12  # the float64 truth is the index-form formula
+    assert rel_err(out, want) <= OP_TOL[dtype] / 2
+    got = torch.autograd.grad(out, (q, k, v, table), go)
+    if rpe_scale is not None:  # d/dtable of (table * rpe_scale)
+        want_grads = (*want_grads[:3], want_grads[3] * rpe_scale)
+    for name, a, b in zip("q k v table".split(), got, want_grads):
+        assert rel_err(a, b) <= OP_TOL[dtype], (name, rel_err(a, b))
+
+
+def test_math_path_gradcheck():
+    buckets = window_buckets(2)
+    q, k, v = (x.detach().requires_grad_(True) for x in qkv_views(1, 2, 5, 4, torch.float64))
+    table = random_table(4, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda *a: wa_mod.window_attention_math(*a, buckets, 0.5, 0.7),
+                                    (q, k, v, table), eps=1e-6, atol=1e-6)
+
+
+def test_attention_path_switch(monkeypatch):
+    """LOMAR_ATTN_PATH picks the pure-PyTorch path: sdpa by default, math for windows of up to
+    MATH_MAX_TOKENS tokens (longer sequences keep SDPA), anything else one error naming the variable."""
+    calls = []
+    for name in ("window_attention_math", "window_attention_sdpa"):
+        real = getattr(wa_mod, name)
+        monkeypatch.setattr(wa_mod, name, lambda *a, _n=name, _r=real: calls.append(_n) or _r(*a))
+    small = (*qkv_views(2, 3, 17, 8), random_table(8), window_buckets(4))
+    long_len = wa_mod.MATH_MAX_TOKENS + 1
+    long = (*qkv_views(1, 2, long_len, 8), random_table(8), torch.zeros(long_len, long_len, dtype=torch.long))
+    monkeypatch.delenv(wa_mod.ATTN_PATH_ENV, raising=False)
+    assert wa_mod.DEFAULT_ATTENTION_PATH == "sdpa" and wa_mod.attention_path() == "sdpa"
+    wa_mod.window_attention(*small)
+    monkeypatch.setenv(wa_mod.ATTN_PATH_ENV, " Math ")
+    got = wa_mod.window_attention(*small)
+    wa_mod.window_attention(*long)
+    assert calls == ["window_attention_sdpa", "window_attention_math", "window_attention_sdpa"]
+    torch.testing.assert_close(got, window_attention_reference(*small), rtol=2e-5, atol=2e-5)
+    monkeypatch.setenv(wa_mod.ATTN_PATH_ENV, "flash")
+    with pytest.raises(ValueError, match="LOMAR_ATTN_PATH='flash' must be one of sdpa, math"):
+        wa_mod.window_attention(*small)
+
+
+def test_math_path_compiles_without_graph_breaks_and_under_autocast():
+    """Compiled (inductor, CPU), an attention block on the math path is one graph whose values and
+    gradients equal eager's; under bf16 autocast it stays close to the fp32 block."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    attn = Attention(64, 4, rpe=True)
+    with torch.no_grad():
+        attn.rpe_k.lookup_table_weight.normal_(0, 0.3)
+    buckets = window_buckets(5)
+    x = torch.randn(6, 26, 64, requires_grad=True)
+    old = os.environ.get(wa_mod.ATTN_PATH_ENV)
+    os.environ[wa_mod.ATTN_PATH_ENV] = "math"
+    try:
+        want = attn(x, buckets)
+        g_want = torch.autograd.grad(want.square().sum(), (x, *attn.parameters()))
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(attn, fullgraph=True, dynamic=False)
+        got = compiled(x, buckets)
+        g_got = torch.autograd.grad(got.square().sum(), (x, *attn.parameters()))
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(g_got, g_want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = attn(x, buckets)
+        assert low.dtype == torch.bfloat16 and rel_err(low, want) < 3e-2
+    finally:
+        torch._dynamo.reset()
+        if old is None:
+            os.environ.pop(wa_mod.ATTN_PATH_ENV)
+        else:
+            os.environ[wa_mod.ATTN_PATH_ENV] = old
 
 
 @pytest.mark.slow  # starts fresh interpreters or a benchmark
@@ -695,6 +795,13 @@ def test_benchmark_window_attention_cases():
     torch.testing.assert_close(cases["window_attention_fwd"]["reference"](), want, rtol=1e-5, atol=1e-5)
     grads = cases["window_attention_fwd_bwd"]["reference"]()[1:]
     assert [g.shape for g in grads] == [x["q"].shape] * 3 + [x["table"].shape]
+    # the math-path rows run the explicit-logits path in the kernel column, eager and compiled
+    for name in ("window_attention_fwd[math path]", "window_attention_fwd_bwd[compiled math path]"):
+        rec = bench.run_case(cases[name], argparse.Namespace(warmup=0, repeats=1), False, None, False)
+        assert rec["correct"] is True and rec["kernel"]["median_ms"] > 0, rec
+        assert rec["max_rel_err"]["kernel"] < 1e-5
+    torch.testing.assert_close(cases["window_attention_fwd[math path]"]["kernel"](),
+                               wa_mod.window_attention_math(x["q"], x["k"], x["v"], x["table"], x["buckets"]))
 
 
 def test_benchmark_cuda_core_rows_switch_the_kernels_off_for_the_call(monkeypatch):
@@ -780,6 +887,29 @@ def test_gpu_vit_b_shapes(kernels_on, dtype, scaled_query):
     buckets = window_buckets(7).cuda()
     q, k, v = qkv_views(256, 12, 50, 64, dtype, "cuda", seed=2)  # 3072 (n, h) pairs: many per block
     _check_gpu(q, k, v, random_table(64, device="cuda"), buckets, rpe_scale=0.125 if scaled_query else None)
+
+
+@gpu_test
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gpu_math_path_at_vit_b_shapes(compiled):
+    """The explicit-logits path (LOMAR_ATTN_PATH=math) on the GPU in bf16, eager and compiled: values and
+    gradients against the float64 truth within the fused kernel's bf16 tolerance."""
+    torch.manual_seed(3)
+    buckets = window_buckets(7).cuda()
+    q, k, v = (x.detach().requires_grad_(True) for x in qkv_views(256, 12, 50, 64, torch.bfloat16, "cuda", seed=4))
+    table = random_table(64, device="cuda").requires_grad_(True)
+    fn = wa_mod.window_attention_math
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(fn, fullgraph=True, dynamic=False)
+    out = fn(q, k, v, table, buckets)
+    go = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, table), go)
+    want, truth = truth_grads(q, k, v, table, buckets.cpu(), 64**-0.5, go.cpu())
+    tol_out, tol_grad = GPU_TOL[torch.bfloat16]
+    assert out.dtype == torch.bfloat16 and rel_err(out.cpu(), want) <= tol_out, rel_err(out.cpu(), want)
+    for name, a, b in zip("q k v table".split(), got, truth):
+        assert rel_err(a.cpu(), b) <= tol_grad, (name, rel_err(a.cpu(), b))
 
 
 @gpu_test

@@ -3,23 +3,47 @@
 This file owns the operation: :func:`window_attention` dispatches to the fused CUDA kernel
 (``cuda/window_attention.cu``: scores, iRPE term, softmax and P v in one pass per (sequence, head), and
 its backward) for CUDA tensors when kernels are enabled (see :mod:`lomar_fast.ops._dispatch`), and
-otherwise to the current path: ``scaled_dot_product_attention`` with the additive bias of
-:func:`lomar_fast.ops.irpe.irpe_key_bias`. The meaning is
-:func:`lomar_fast.ops.window_attention_ref.window_attention_reference`.
+otherwise to a pure-PyTorch path chosen by ``$LOMAR_ATTN_PATH``:
+
+- ``sdpa`` (default): ``scaled_dot_product_attention`` with the additive bias of
+  :func:`lomar_fast.ops.irpe.irpe_key_bias`;
+- ``math``, for sequences of up to ``MATH_MAX_TOKENS`` tokens (the pretraining windows): the logits as two
+  explicit products, summed and soft-maxed in fp32, then times v (:func:`window_attention_math`). For
+  50-token windows the (L, L) logits are small, and the products run as batched GEMMs instead of SDPA's
+  memory-efficient kernel, the only SDPA kernel that takes a bias with a gradient. Longer sequences keep SDPA.
+
+The meaning is :func:`lomar_fast.ops.window_attention_ref.window_attention_reference`.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 
 from ._dispatch import use_kernel
 from .irpe import irpe_key_bias
-from .window_attention_ref import check_window_attention_inputs, default_scale
+from .window_attention_ref import check_window_attention_inputs, compute_dtype, default_scale
 
 # A kernel becomes the ``auto`` default only after a committed GPU benchmark shows it correct and faster
 # than the compiled current path (benchmarks/kernels.py: window_attention_fwd, window_attention_fwd_bwd).
 # No GPU result for it is committed yet -> off.
 AUTO_USES_KERNEL = False
+
+# The pure-PyTorch path when the kernel is not used. ``sdpa`` until a committed GPU result of the whole step
+# (benchmarks/gpu_check.sh, stage attention_math) shows ``math`` faster; $LOMAR_ATTN_PATH overrides.
+ATTENTION_PATHS = ("sdpa", "math")
+DEFAULT_ATTENTION_PATH = "sdpa"
+ATTN_PATH_ENV = "LOMAR_ATTN_PATH"
+MATH_MAX_TOKENS = 64
+
+
+def attention_path() -> str:
+    """``sdpa`` or ``math``: ``$LOMAR_ATTN_PATH``, else the default; anything else is a ValueError."""
+    path = os.environ.get(ATTN_PATH_ENV, DEFAULT_ATTENTION_PATH).strip().lower()
+    if path not in ATTENTION_PATHS:
+        raise ValueError(f"{ATTN_PATH_ENV}={path!r} must be one of {', '.join(ATTENTION_PATHS)}")
+    return path
 
 
 def window_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
@@ -35,6 +59,26 @@ def window_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tab
     if scale is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+def window_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
+                          buckets: torch.Tensor, scale: float | None = None,
+                          rpe_scale: float | None = None) -> torch.Tensor:
+    """The same attention with explicit logits: ``softmax(float(q k^T) * scale + float(bias)) v``.
+
+    The two products (q k^T, and the iRPE term of :func:`irpe_key_bias`) run in q's dtype (bf16 under
+    autocast), as the published model's explicit attention does; their sum, the scale and the softmax are
+    fp32 (fp64 for fp64 inputs), and the probabilities return to v's dtype for P v. Compiled, the scale, sum and softmax are one
+    fused kernel between batched GEMMs. Differentiable in q, k, v and table. Returns (N, H, L, D) in the
+    dtype P v runs in: q's dtype, or autocast's (as SDPA under autocast).
+    """
+    s = default_scale(q.shape[-1]) if scale is None else float(scale)
+    q_rpe = q if rpe_scale is None else q * rpe_scale
+    bias = irpe_key_bias(q_rpe, table, buckets)
+    acc = compute_dtype(q.dtype)
+    logits = torch.matmul(q, k.transpose(-2, -1)).to(acc) * s + bias.to(acc)
+    probs = torch.softmax(logits, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
@@ -64,4 +108,6 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: t
             s = default_scale(q.shape[-1]) if scale is None else float(scale)
             t = table if rpe_scale is None else table * rpe_scale
             return _window_attention_cuda.window_attention(q, k, v, t, buckets, s)
+    if q.shape[-2] <= MATH_MAX_TOKENS and attention_path() == "math":
+        return window_attention_math(q, k, v, table, buckets, scale, rpe_scale)
     return window_attention_sdpa(q, k, v, table, buckets, scale, rpe_scale)
