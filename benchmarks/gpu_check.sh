@@ -5,7 +5,8 @@
 # whole check fits one 10-minute device call):
 #   1. the GPU tests (kernels against their references, the fused window attention in both kernel modes);
 #   2. the throughput benchmark, --quick: LoMaR vs MAE ViT-B/16 at 224/384/448 through ds_configs/zero2.json,
-#      each model at its best (the rows issue-level targets are read from);
+#      each model at its best (the rows issue-level targets are read from), with a GPU-time profile of LoMaR 224
+#      compiled (where the step's time goes, and how busy the device is);
 #   3. the kernel benchmark, --quick (each kernel, and the explicit-logits attention path, vs its eager and
 #      compiled reference);
 #   4. LoMaR at 224, compiled, with the explicit-logits attention path (LOMAR_ATTN_PATH=math);
@@ -69,7 +70,7 @@ stage gpu_tests 180 360 "$PY" -m pytest tests/test_kernels.py tests/test_window_
 if [ "${1:-}" != "--no-throughput" ]; then
   # shellcheck disable=SC2086
   stage throughput 330 120 "$PY" -m benchmarks.throughput --quick --out "$OUT/throughput" \
-    --time_budget "$(budget 120 280)" ${THROUGHPUT_ARGS:-}
+    --profile --profile_target lomar:224:compile --time_budget "$(budget 120 280)" ${THROUGHPUT_ARGS:-}
 fi
 
 stage kernels 150 60 "$PY" -m benchmarks.kernels --out "$OUT/kernels" --quick
@@ -78,7 +79,7 @@ if [ "${1:-}" != "--no-throughput" ]; then
   # the explicit-logits attention (batched GEMMs + fp32 softmax) in the shipped step; the baseline is stage 2's
   # lomar 224 compile row, timed in this call
   stage attention_math 120 0 env LOMAR_ATTN_PATH=math "$PY" -m benchmarks.throughput --quick --models lomar \
-    --sizes 224 --variants compile --out "$OUT/throughput" --name attention_math --time_budget "$(budget 0 80)"
+    --sizes 224 --variants compile --profile --out "$OUT/throughput" --name attention_math --time_budget "$(budget 0 80)"
   stage engine_modes 150 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
     --engine_mode torch_autocast bf16 no_deepspeed --out "$OUT/throughput" --name engine_modes \
     --time_budget "$(budget 0 110)"
