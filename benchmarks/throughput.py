@@ -524,8 +524,11 @@ def gpu_paths(device: torch.device, mode: str):
     return gpu_like_accelerator()
 
 
-def skip_reason(kind: str, variant: str, device: torch.device) -> str | None:
+def skip_reason(kind: str, variant: str, device: torch.device, zero_stage: int = 0,
+                mode: str = "torch_autocast") -> str | None:
     """Why a configuration is not measured at all, or None."""
+    if variant.startswith("compile") and zero_stage >= 3 and mode != "no_deepspeed":
+        return "torch.compile traces ZeRO-3's partitioned parameters (the entry points refuse --compile on there)"
     if variant.endswith("+kernels") and device.type != "cuda":
         return "fused kernels run on CUDA tensors only"
     if variant.endswith("+kernels") and kind == "mae":
@@ -540,7 +543,7 @@ def run_config(args, kind: str, size: int, variant: str, batch: int, device: tor
                mode: str) -> tuple[Result, dict | None]:
     result = Result(model=f"{kind}_vit_{args.arch}_patch16", kind=kind, size=size, variant=variant, batch_size=batch,
                     engine_mode=mode, compute_dtype=dtype_name(mode_dtype(ds_raw, mode)))
-    reason = skip_reason(kind, variant, device)
+    reason = skip_reason(kind, variant, device, getattr(args, "zero", 0), mode)
     if reason:
         result.status, result.error = "skipped", reason
         return result, None
@@ -888,7 +891,7 @@ def profile_choice(args, plan: list[tuple[str, int, str, str]],
         if not hits:
             raise SystemExit(f"--profile_target {args.profile_target} is not among the measured configurations")
         return hits[0]
-    runnable = [p for p in plan if not skip_reason(p[0], p[2], device)]
+    runnable = [p for p in plan if not skip_reason(p[0], p[2], device, getattr(args, "zero", 0), p[3])]
     if not runnable:
         return None
     return next((p for p in runnable if p[2].startswith("compile")), runnable[0])
@@ -939,8 +942,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[throughput] {dinfo.get('name')}: {mm['dtype']} matmul {mm['n']}^3 = {mm['tflops']:.4g} TFLOP/s", flush=True)
 
     plan = build_plan(args)
+    zero = args.zero = zero_stage_of(ds_raw) if args.zero_stage is None else args.zero_stage
     target = profile_choice(args, plan, device)
-    zero = zero_stage_of(ds_raw) if args.zero_stage is None else args.zero_stage
     config = {k: v for k, v in vars(args).items()}
     config.update(dtype=dtype_name(dtype), engine_mode=args.engine_mode[0], engine_modes=args.engine_mode,
                   dtype_by_engine_mode={m: dtype_name(d) for m, d in dtypes.items()}, zero_stage=zero, world_size=world,
@@ -956,7 +959,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for kind, size, variant, mode in plan:
         batch = default_batch(args, kind, size, device)
         cost = 60.0 if variant.startswith("compile") else 20.0  # rough seconds a configuration needs
-        if deadline is not None and time.perf_counter() + cost > deadline and not skip_reason(kind, variant, device):
+        if deadline is not None and time.perf_counter() + cost > deadline and not skip_reason(kind, variant, device,
+                                                                                               zero, mode):
             r = Result(model=f"{kind}_vit_{args.arch}_patch16", kind=kind, size=size, variant=variant, batch_size=batch,
                        engine_mode=mode, compute_dtype=dtype_name(dtypes[mode]), status="skipped",
                        error="time budget spent")

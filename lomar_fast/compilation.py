@@ -7,7 +7,7 @@ included); hooks on the module, such as a DeepSpeed engine's, stay outside the g
 
 ``--compile auto`` (the default) compiles on CUDA with ZeRO-0/1/2 and stays eager on a CPU (inductor's C++
 code generation costs more than it saves in short CPU runs) and under ZeRO-3 (its parameter hooks fire inside
-the blocks). Evaluation runs eager (:func:`eager`): its no-grad, differently sized batches would otherwise add
+the blocks, and dynamo traces the partitioned parameters: ``--compile on`` with ZeRO-3 is refused). Evaluation runs eager (:func:`eager`): its no-grad, differently sized batches would otherwise add
 graphs, and a dynamic-shape graph could take over the training shapes.
 """
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
+
+from lomar_fast.errors import ConfigError
 
 SETTINGS = ("auto", "on", "off")
 SCOPES = ("blocks", "model")
@@ -28,8 +30,14 @@ BLOCK_LISTS = ("blocks", "decoder_blocks")
 
 def compile_decision(setting: str, device_type: str, zero_stage: int) -> tuple[bool, str]:
     """(compile or not, why) for ``--compile setting`` on a ``device_type`` ("cuda", "cpu") device under ZeRO
-    ``zero_stage``."""
+    ``zero_stage``. ``on`` under ZeRO-3 is a ConfigError: DeepSpeed partitions the parameters and gathers
+    them in hooks around each submodule, and dynamo, tracing a block or the model, sees the empty partitions
+    (the first step died of an IndexError inside the trace, with either scope)."""
     if setting == "on":
+        if zero_stage >= 3:
+            raise ConfigError("--compile on does not work under ZeRO-3: torch.compile traces DeepSpeed's "
+                              "partitioned (empty) parameters; use --compile auto or off (eager), or a ZeRO-1/2 "
+                              "config (ds_configs/zero2.json)")
         return True, "--compile on"
     if setting == "off":
         return False, "--compile off"

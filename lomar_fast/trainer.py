@@ -142,6 +142,8 @@ class Trainer:
         self.state: dict[str, Any] = {}  # the entry point's own state, saved in every checkpoint
         self.loader = None
         self.engine = self.optimizer = None
+        # decided now, so that --compile on under ZeRO-3 stops before any process group or work exists
+        self.compiled, self.compile_why = compile_decision(cfg.compile, self.device.type, zero_stage_of(self.ds_cfg))
         self.compile_note = "eager"
         self.logger: RunLogger | None = None
         if not getattr(cfg, "eval", False):
@@ -184,8 +186,8 @@ class Trainer:
         groups = make_groups(model)
         optimizer = build_adamw(groups, self.base_lr, betas=betas, device=self.device)
         cfg = self.cfg
-        compiled, why = compile_decision(cfg.compile, self.device.type, zero_stage_of(self.ds_cfg))
-        if compiled:
+        why = self.compile_why
+        if self.compiled:
             apply_compile(model, cfg.compile_scope, cfg.compile_backend, cfg.compile_mode)
             mode = "" if cfg.compile_mode == "default" else f", {cfg.compile_mode}"
             self.compile_note = f"compiled ({cfg.compile_scope}, {cfg.compile_backend}{mode}; {why})"

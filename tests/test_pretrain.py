@@ -331,6 +331,9 @@ def test_bad_inputs_stop_before_any_work(mini_demo, tmp_path, no_distributed, ca
         ([*data, "--output_dir", str(blocker / "sub")], "--output_dir .* is not writable"),
         ([*data, "--output_dir", str(out), "--warmup_epochs", "30", "--epochs", "4"], "--warmup_epochs 30"),
         ([*data, "--output_dir", str(out), "--overwrite", "--resume", "auto"], "--overwrite .* --resume"),
+        # dynamo traced ZeRO-3's empty parameter partitions and died of an IndexError in the first step
+        ([*data, "--output_dir", str(out), "--zero_stage", "3", "--compile", "on"],
+         "--compile on does not work under ZeRO-3: .*--compile auto or off"),
     ]
     for args, message in cases:
         with pytest.raises(ConfigError, match=message):

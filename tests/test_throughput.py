@@ -286,3 +286,16 @@ def test_whole_model_inductor_variants_are_gpu_only_and_pass_their_mode(monkeypa
     tp.apply_compile(model, "model", mode=tp.INDUCTOR_MODES["compile-model-cudagraphs"])
     tp.apply_compile(model, "model")
     assert calls == [{"dynamic": False, "mode": "reduce-overhead"}, {"dynamic": False}]
+
+
+def test_compiled_rows_are_skipped_under_zero3_with_deepspeed():
+    """The entry points refuse --compile on under ZeRO-3 (dynamo traces the partitioned parameters); the
+    benchmark skips those rows with the reason, and keeps them without DeepSpeed or below ZeRO-3."""
+    from benchmarks import throughput as tp
+
+    cuda = torch.device("cuda")
+    for v in ("compile", "compile-model", "compile+kernels"):
+        assert "ZeRO-3" in tp.skip_reason("lomar", v, cuda, 3, "torch_autocast")
+        assert tp.skip_reason("lomar", v, cuda, 3, "no_deepspeed") is None
+        assert tp.skip_reason("lomar", v, cuda, 2, "bf16") is None
+    assert tp.skip_reason("lomar", "eager", cuda, 3, "torch_autocast") is None
