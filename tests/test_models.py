@@ -299,6 +299,11 @@ def test_gather_windows_validation():
         gather_windows(images.permute(0, 3, 1, 2), windows, masks, 4, 3)
     with pytest.raises(ValueError, match="images"):
         gather_windows(torch.zeros(2, 3, 20, 20, dtype=torch.int32), windows, masks, 4, 3)
+    # windows or masks on another device than the images (the CUDA kernel would read host pointers)
+    with pytest.raises(ValueError, match="windows: on meta, but the images are on cpu; sample them with device="):
+        gather_windows(images, windows.to("meta"), masks, 4, 3)
+    with pytest.raises(ValueError, match="masks: on meta, but the images are on cpu"):
+        gather_windows(images, windows, masks.to("meta"), 4, 3)
 
 
 def test_patch_embed_linear_equals_conv(seed):
@@ -356,6 +361,7 @@ def test_mae_overfits_one_batch():
         losses.append(loss.item())
     assert pred.shape == (2, 16, 192) and mask.shape == (2, 16)
     assert mask.sum(1).eq(12).all()  # 75% of 16 removed: the 12 patches with the largest noise
+    assert mask.dtype == torch.float32
     assert torch.equal(mask.bool(), noise.argsort(1).argsort(1) >= 4)
     assert losses[-1] < 0.5 * losses[0], losses
     assert losses[-1] < 0.7, losses
@@ -392,6 +398,22 @@ def test_lomar_base_encoder_param_count(timm_vit_base):
     # differences: the mask token (768) and the per-block iRPE tables; pos_embed kept for the layout
     assert enc == ref + 768 + 12 * 64 * 50
     assert m.encoder_pred.weight.shape == (16 * 16 * 3, 768)
+
+
+def test_mae_loss_counts_the_masked_patches_exactly_under_bf16_autocast():
+    """The loss's denominator is the masked-patch count; a bf16 mask rounded it (513 masked patches summed to
+    512 in bf16), so the autocast loss was off by the rounding."""
+    torch.manual_seed(0)
+    m = MAE(img_size=80, patch_size=16, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+            decoder_num_heads=2)
+    images = torch.randn(27, 3, 80, 80)
+    noise = torch.rand(27, 25)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, pred, mask = m(images, noise=noise)
+    assert mask.dtype == torch.float32 and float(mask.sum()) == 27 * 19  # 513: not a bf16 number
+    target = mae_mod.norm_pix(mae_mod.patchify(images, 16)) if m.norm_pix_loss else mae_mod.patchify(images, 16)
+    want = ((pred.float() - target).pow(2).mean(-1) * mask).sum() / 513
+    torch.testing.assert_close(loss.float(), want, rtol=1e-6, atol=1e-6)
 
 
 def test_mae_base_param_count():

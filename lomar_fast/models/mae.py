@@ -71,7 +71,7 @@ class MAE(nn.Module):
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :keep]
         kept = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, d))
-        mask = torch.ones(b, l, device=x.device, dtype=x.dtype)
+        mask = torch.ones(b, l, device=x.device)  # fp32 as MAE's: under bf16 its sum, the loss's count, was rounded
         mask[:, :keep] = 0
         mask = torch.gather(mask, 1, ids_restore)
         return kept, mask, ids_restore

@@ -91,6 +91,10 @@ def check_window_inputs(images, windows, masks, patch_size: int, window_size: in
         raise ValueError(f"images: size {h}x{w} is not divisible by the patch size {patch_size}")
     gh, gw = h // patch_size, w // patch_size
     b = images.shape[0]
+    for name, t in (("windows", windows), ("masks", masks)):
+        if t.device != images.device:  # the kernel would read a host pointer as device memory
+            raise ValueError(f"{name}: on {t.device}, but the images are on {images.device}; sample them with "
+                             f"device=images.device")
     if windows.dim() != 3 or windows.shape[0] != b or windows.shape[2] != 2:
         raise ValueError(f"windows: expected ({b}, K, 2) (top, left) in patches, got {tuple(windows.shape)}")
     if windows.dtype != torch.long:
