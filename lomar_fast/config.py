@@ -86,9 +86,18 @@ class RunConfig:
         if self.compile_mode != "default" and self.compile_backend != "inductor":
             raise ConfigError(f"--compile_mode {self.compile_mode} is an inductor mode; drop it or use "
                               f"--compile_backend inductor (got {self.compile_backend})")
+        for name in ("max_steps_per_epoch", "exit_after_epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {value} (leave it out for no limit)")
         if self.overwrite and self.resume:
             raise ConfigError("--overwrite starts the run in --output_dir afresh and --resume continues it: "
                               "pass one of them")
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` lies inside ``folder`` (both resolved)."""
+    return Path(folder).resolve() in Path(path).resolve().parents
 
 
 def _need_file(flag: str, path: str | None, hint: str) -> None:
@@ -211,6 +220,12 @@ class FinetuneConfig(RunConfig):
                               f"(make pretrain writes output/demo/model.pth) or a published LoMaR checkpoint")
         if self.eval and not (self.finetune or self.resume):
             raise ConfigError("--eval needs the weights to evaluate: --finetune checkpoint-best.pth or --resume DIR")
+        if self.overwrite and self.eval:
+            raise ConfigError("--overwrite deletes the run in --output_dir, and --eval only reads weights: drop "
+                              "--overwrite")
+        if self.overwrite and self.finetune and _inside(self.finetune, self.output_dir):
+            raise ConfigError(f"--finetune {self.finetune} lies inside --output_dir {self.output_dir}, which "
+                              f"--overwrite deletes first: copy the weights elsewhere or use another --output_dir")
         super().validate()
         if self.recount < 1:
             raise ConfigError(f"--recount must be at least 1, got {self.recount}")
@@ -298,7 +313,8 @@ HELP = {
     "blr": "base lr: lr = blr * effective batch / 256",
     "lr": "absolute lr (overrides blr)",
     "min_lr": "lr floor of the cosine schedule",
-    "weight_decay": "AdamW weight decay (none on biases, norms and tokens)",
+    "weight_decay": "AdamW weight decay (none on biases and norms; fine-tuning also spares the cls token and "
+                    "position embedding, pretraining decays its tokens as the published code does)",
     "output_dir": "where checkpoints, the JSONL log and summary.json go",
     "log_dir": "TensorBoard directory (default: output_dir/tensorboard)",
     "resume": "'auto' (the newest complete checkpoint in output_dir, if any), a run directory, a tag family "
@@ -307,7 +323,8 @@ HELP = {
     "keep_last": "checkpoints kept per tag family; older ones are deleted after a newer one is complete",
     "seed": "seed of weights, data order, augmentation and masks (each rank derives its own streams)",
     "log_every": "read the loss back every N steps (no host sync in between)",
-    "max_steps_per_epoch": "cap the steps of each epoch (smoke runs)",
+    "max_steps_per_epoch": "cap the micro-steps of each epoch (smoke runs; rounded down to a multiple of "
+                           "--accum_iter)",
     "exit_after_epochs": "save and exit after this many epochs in this invocation (time-limited jobs; "
                          "--resume auto continues)",
     "deepspeed_config": "DeepSpeed JSON (ds_configs/)",

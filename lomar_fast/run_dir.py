@@ -92,6 +92,17 @@ def commit(root: Path, tag: str, info: dict[str, Any], update_latest: bool) -> N
         _atomic_write(root / LATEST, tag)
 
 
+def uncommit(root: Path, tag: str) -> bool:
+    """Rank 0, before ``tag`` is written again (a resumed run re-saving an epoch): drop its completion mark,
+    so that a save cut short leaves an incomplete tag rather than one marked complete over mixed files.
+    Returns whether there was a mark."""
+    mark = root / tag / COMPLETE
+    if not mark.is_file():
+        return False
+    mark.unlink()
+    return True
+
+
 def retire(root: Path, family: str, keep: int) -> list[str]:
     """Delete the family's tags beyond the newest ``keep`` complete ones, and incomplete leftovers older
     than the newest complete tag; never the tag ``latest`` names. Returns the deleted names."""
@@ -193,8 +204,8 @@ def check_resume(saved: dict[str, Any], now: dict[str, Any], model_keys: tuple[s
     """Compare the shape of a saved run with this one.
 
     ``saved`` and ``now`` hold ``world_size``, ``micro_batch``, ``accum_iter``, ``zero_stage`` and ``config``
-    (a dict of settings). A different model setting or global batch changes what a step means (the lr
-    schedule and the window/mask stream key on the step): ConfigError saying what differs. So does another
+    (a dict of settings). A different model setting or global batch changes what a step means (the lr schedule
+    keys on the epoch and the step in it, the window/mask stream on the step): ConfigError saying what differs. So does another
     ZeRO stage, and another rank count under ZeRO-3. The same global batch on another split of ranks,
     micro-batch and accumulation continues; the returned note says what changed (None when nothing did).
     Under ZeRO-1/2 another rank count goes through DeepSpeed's universal checkpoint (:func:`needs_universal`,

@@ -169,13 +169,20 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ setup
     def set_loader(self, loader) -> None:
-        """The training loader; its length (capped by --max_steps_per_epoch) is the epoch."""
+        """The training loader; its length (capped by --max_steps_per_epoch), rounded down to a multiple of
+        --accum_iter, is the epoch. Whole accumulation groups per epoch mean every epoch ends on an optimizer
+        step, where checkpoints are written: a resume then finds no half-accumulated gradients to miss (MAE's
+        loop, which zeroes the gradients at each epoch's start, drops such a tail too)."""
         cap = self.cfg.max_steps_per_epoch
         self.loader = loader
-        self.steps_per_epoch = len(loader) if cap is None else min(len(loader), cap)
-        if self.steps_per_epoch < 1:
+        n = len(loader) if cap is None else min(len(loader), cap)
+        self.steps_per_epoch = n - n % self.accum
+        if n < 1:
             raise ConfigError(f"--data_path {self.cfg.data_path} gives no full batch of {self.micro} per rank on "
                               f"{self.world} rank(s); lower --batch_size")
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"an epoch of {n} micro-batch(es) per rank holds no whole group of --accum_iter "
+                              f"{self.accum}; lower --accum_iter" + (" or raise --max_steps_per_epoch" if cap else ""))
 
     def build(self, make_model: Callable[[], nn.Module], make_groups: Callable[[nn.Module], list[dict]],
               betas: tuple[float, float]) -> nn.Module:
@@ -254,6 +261,9 @@ class Trainer:
         """Save tag ``<family>/epoch`` on every rank, commit it, retire the family's old tags."""
         tag = run_dir.tag_name(family, epoch)
         client = dict(epoch=epoch, step=self.step, state=dict(self.state), run=self.run_shape())
+        if self.rank == 0:
+            run_dir.uncommit(self.root, tag)  # a tag written again is incomplete until committed again
+        barrier()  # before any rank touches the tag's files
         self.engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=False)
         if self.rank == 0:  # every rank has returned from DeepSpeed's closing barrier
             run_dir.commit(self.root, tag, dict(epoch=epoch, step=self.step, time=time.time(), run=self.run_shape()),
@@ -293,7 +303,11 @@ class Trainer:
                     t_wait = time.perf_counter()
                     batch = next(batches)
                     wait += time.perf_counter() - t_wait  # the host blocked on the loader
-                    lr = lr_at(self.step, self.steps_per_epoch, self.base_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+                    # the schedule's position is the epoch and the step in it, as MAE's (epoch + i / len): a run
+                    # resumed with another split of the same global batch or another step cap keeps its lr
+                    # (self.step, counted in micro-steps of the split that saved it, would not)
+                    lr = lr_at(epoch * self.steps_per_epoch + i, self.steps_per_epoch, self.base_lr, cfg.min_lr,
+                               cfg.warmup_epochs, cfg.epochs)
                     set_lr(self.optimizer, lr)
                     info = StepInfo(epoch, self.step, i, order[i * self.micro:(i + 1) * self.micro])
                     try:

@@ -201,6 +201,29 @@ def test_a_commit_killed_between_its_writes_never_leaves_latest_on_an_incomplete
     assert run_dir.is_complete(root / latest), f"latest names {latest}, which has no complete.json"
 
 
+def test_a_tag_saved_again_is_incomplete_until_committed_again(tmp_path):
+    """A resumed fine-tune re-saves the epoch's best tag in place: its old completion mark goes before any
+    file is rewritten, so a save cut short leaves an incomplete tag, not one marked complete over mixed files."""
+    from types import SimpleNamespace
+
+    from lomar_fast.trainer import Trainer
+
+    root = tmp_path / "run"
+    _tag(root, "best_epoch0003")
+    seen = []
+
+    def save_checkpoint(path, tag, client_state, save_latest):
+        seen.append(run_dir.is_complete(Path(path) / tag))
+        (Path(path) / tag / "mp_rank_00_model_states.pt").write_bytes(b"new")
+
+    fake = SimpleNamespace(rank=0, root=root, step=7, state={}, family="last", cfg=SimpleNamespace(keep_last=3),
+                           engine=SimpleNamespace(save_checkpoint=save_checkpoint), run_shape=lambda: {})
+    assert Trainer.save(fake, "best", 3) == "best_epoch0003"
+    assert seen == [False] and run_dir.is_complete(root / "best_epoch0003")  # written unmarked, then committed
+    assert run_dir.uncommit(root, "best_epoch0003") is True and not run_dir.is_complete(root / "best_epoch0003")
+    assert run_dir.uncommit(root, "best_epoch0003") is False
+
+
 def test_output_dir_guard_and_overwrite(tmp_path):
     root = tmp_path / "out"
     run_dir.prepare_output_dir(root, None, False)  # a new directory is fine
@@ -215,6 +238,28 @@ def test_output_dir_guard_and_overwrite(tmp_path):
     (root / "notes.txt").write_text("mine")
     assert sorted(run_dir.clear_run(root)) == ["best_epoch0000", "checkpoint-best.pth"]
     assert [p.name for p in root.iterdir()] == ["notes.txt"]  # files the run did not write are kept
+
+
+def test_overwrite_never_deletes_what_the_run_reads_and_limits_are_positive(tmp_path):
+    """--overwrite clears --output_dir when the run starts: with --eval (which reads weights and writes no run)
+    or with --finetune weights inside that folder it would delete what it then loads; it is refused."""
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "checkpoint-best.pth").write_bytes(b"x")
+    elsewhere = tmp_path / "model.pth"
+    elsewhere.write_bytes(b"x")
+    val = tmp_path / "val.beton"
+    val.write_bytes(b"x")
+    base = ["--val_path", str(val), "--output_dir", str(out), "--nb_classes", "8", "--overwrite"]
+    cases = [(["--eval", "--finetune", str(elsewhere)], "--overwrite deletes the run in --output_dir, and --eval"),
+             (["--finetune", str(out / "checkpoint-best.pth"), "--data_path", str(val)],
+              "--finetune .*checkpoint-best.pth lies inside --output_dir .*, which --overwrite deletes first")]
+    for extra, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            parse_config([*base, *extra], FinetuneConfig).validate()
+    for flag in ("--max_steps_per_epoch", "--exit_after_epochs"):
+        with pytest.raises(ConfigError, match=f"{flag} must be at least 1, got 0"):
+            parse_config(["--data_path", str(val), flag, "0"]).validate()
 
 
 def test_check_resume_maps_the_same_global_batch_and_refuses_other_shapes():

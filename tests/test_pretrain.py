@@ -387,6 +387,50 @@ def test_resume_of_another_shape_is_refused_before_any_work(mini_demo, tmp_path,
         pretrain.main([*args, "--batch_size", "8"])
 
 
+def test_a_resume_on_another_split_keeps_the_lr_schedule(mini_demo, tmp_path, in_process_world):
+    """The lr is a function of the epoch and the step in it (MAE's epoch + i/len): a run of micro-batch 4 x
+    accum 2 resumed as 8 x 1 (the same 8 images per step, half the micro-steps per epoch) continues the
+    schedule. (Keyed on the micro-step counter it jumped a whole epoch ahead; and an epoch of 3 micro-steps
+    at accum 2 is 2, so that every epoch, and checkpoint, ends on an optimizer step.)"""
+    out = tmp_path / "run"
+    common = ["--data_path", str(mini_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", *SMALL,
+              "--output_dir", str(out), "--epochs", "3", "--warmup_epochs", "1", "--blr", "1e-3"]
+    pretrain.main([*common, "--batch_size", "4", "--accum_iter", "2", "--exit_after_epochs", "1"])
+    pretrain.main([*common, "--batch_size", "8", "--accum_iter", "1", "--resume", "auto"])
+    recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r["kind"] == "steps"]
+    first, resumed = steps[:4], steps[4:]  # 16 images: 4 micro-steps of 4, then 2 of 8 per epoch
+    base = 1e-3 * 8 / 256
+    for i, r in enumerate(first):
+        assert r["lr"] == pytest.approx(lr_at(i, 4, base, 0.0, 1, 3)), (i, r)
+    assert [r["step"] for r in resumed] == [5, 6, 7, 8]  # the counter goes on
+    for i, r in enumerate(resumed):
+        assert r["lr"] == pytest.approx(lr_at(2 + i, 2, base, 0.0, 1, 3)), (i, r)
+    with pytest.raises(ConfigError, match="an epoch of 1 micro-batch.* no whole group of --accum_iter 2; lower "
+                                          "--accum_iter or raise --max_steps_per_epoch"):
+        pretrain.main([*common[:-6], "--output_dir", str(tmp_path / "b"), "--batch_size", "4", "--accum_iter", "2",
+                       "--max_steps_per_epoch", "1"])
+
+
+def test_an_epoch_is_whole_accumulation_groups():
+    """Every epoch ends on an optimizer step (where checkpoints are written): its micro-steps, capped by
+    --max_steps_per_epoch, are rounded down to a multiple of --accum_iter. (An epoch of 3 micro-steps at accum 2
+    left a half group whose gradients no checkpoint held: a resumed run's losses split from step 5 on.)"""
+    from types import SimpleNamespace
+
+    from lomar_fast.trainer import Trainer
+
+    def epoch_of(n, accum, cap=None):
+        fake = SimpleNamespace(cfg=SimpleNamespace(max_steps_per_epoch=cap, data_path="d"), accum=accum, micro=4,
+                               world=1)
+        Trainer.set_loader(fake, list(range(n)))
+        return fake.steps_per_epoch
+
+    assert [epoch_of(7, 1), epoch_of(7, 2), epoch_of(7, 3), epoch_of(9, 2, cap=3), epoch_of(8, 4)] == [7, 6, 6, 2, 8]
+    with pytest.raises(ConfigError, match="lower --batch_size"):
+        epoch_of(0, 1)
+
+
 def test_non_finite_read_back_raises_with_the_resume_hint():
     from lomar_fast.trainer import LossMeter
 
