@@ -83,7 +83,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from benchmarks import write_json
+from benchmarks import pack_results, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "lomar_fast.e2e/1"
@@ -273,8 +273,9 @@ class Stage:
 class Run:
     """The whole run: plan, environment, stages, and the JSON written after each of them."""
 
-    def __init__(self, plan: Plan, out: Path, work: Path, python: str, t_start: float):
+    def __init__(self, plan: Plan, out: Path, work: Path, python: str, t_start: float, pack_to: Path | None = None):
         self.plan, self.out, self.work, self.python = plan, out, work, python
+        self.pack_to = pack_to  # where e2e.json and an archive of ``out`` go after every stage (a device call's $OUT)
         self.logs = out / "e2e" / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.t_start = t_start  # wall clock (time.time()) at which the deadline starts counting
@@ -305,6 +306,8 @@ class Run:
                               "results": self.current.results}
         doc["status"] = overall(self.stages)
         write_json(self.out / "e2e.json", doc)
+        if self.pack_to is not None:
+            pack_results(self.out, self.pack_to, "e2e.tgz", ["e2e.json"], skip=[self.work])
 
     def stage(self, name: str, fn: Callable[[Stage], None], needs: Sequence[str] = ()) -> bool:
         t0 = time.monotonic()
@@ -748,6 +751,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", str(REPO / "benchmarks" / "results" / "e2e")),
                     help="results folder (default $OUT, else benchmarks/results/e2e)")
     ap.add_argument("--work", default=None, help="data and checkpoints (default /tmp/lomar_e2e; --cpu: <out>/work)")
+    ap.add_argument("--pack", default=None,
+                    help="after every stage, copy e2e.json and an archive of --out (e2e.tgz) into this folder (a "
+                         "device call's $OUT, which returns at most 8 files)")
     ap.add_argument("--cpu", action="store_true", help="the scaled-down CPU mode (also E2E_CPU=1)")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="run only these stages")
     ap.add_argument("--n", type=int, default=None, help="train images (GPU default 20000)")
@@ -779,7 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(a.work).resolve() if a.work else (out / "work" if cpu_mode else Path("/tmp/lomar_e2e"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = float(os.environ.get("E2E_T0", time.time()))
-    run = Run(plan, out, work, sys.executable, t_start)
+    run = Run(plan, out, work, sys.executable, t_start, Path(a.pack).resolve() if a.pack else None)
     run.ctx["reuse_data"] = a.reuse_data
     # stages left out with --stages: their outputs from an earlier run in the same --work are used
     earlier = {"train": work / "data" / "train.beton", "val": work / "data" / "val.beton",

@@ -13,32 +13,66 @@
 #   5. with the time left, LoMaR at 224 in DeepSpeed's bf16 mode and without DeepSpeed, then at micro-batch 512
 #      with compiled blocks, the whole model compiled, and the fused kernels.
 # Every benchmark rewrites its JSON after each row, so a stage cut short keeps what it measured.
-# Results go under ${OUT:-benchmarks/results/gpu_check}; environment.txt and stages.txt say what ran.
+# Everything goes under RESULTS (default: a new /tmp/lomar_gpu_check.XXXXXX); after every stage OUT (default
+# benchmarks/results/gpu_check) receives at most six files: stages.txt, environment.txt, throughput.json,
+# kernels.json, attention_math.json and gpu_check.tgz (all of RESULTS: logs, tables, plots, profiles, the
+# other runs' JSON). A device call returns at most 8 files from its output folder, hence the archive.
+# Without the kit (no .whl/, or its install failed) the GPU tests and the kernel benchmark still run; the
+# stages that need DeepSpeed are skipped and say so in stages.txt.
 #   usage: bash benchmarks/gpu_check.sh [--no-throughput]
-#   env:   OUT, SITE, DEADLINE (seconds for the whole check), THROUGHPUT_ARGS (extra flags for stage 2), PY
+#   env:   OUT, RESULTS, SITE, DEADLINE (seconds for the whole check), THROUGHPUT_ARGS (extra flags for stage 2), PY
 set -uo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
 DEADLINE="${DEADLINE:-540}"
 PY="${PY:-python3}"
 OUT="${OUT:-benchmarks/results/gpu_check}"
-mkdir -p "$OUT"
+RESULTS="${RESULTS:-$(mktemp -d /tmp/lomar_gpu_check.XXXXXX)}"
+mkdir -p "$OUT" "$RESULTS"
+export PYTHONUNBUFFERED=1  # a stage's log holds what it printed up to a kill
+: > "$RESULTS/stages.txt"
 site="${SITE:-/tmp/site}"
+have_ds=1
 if [ -f .whl/kit.json ]; then
-  SITE="$site" bash benchmarks/gpu_kit_install.sh --report "$OUT/kit_install.json" || { echo "kit install failed"; exit 1; }
-  export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
+  if PYTHON="$PY" SITE="$site" bash benchmarks/gpu_kit_install.sh --report "$RESULTS/kit_install.json" \
+      > "$RESULTS/kit_install.log" 2>&1; then
+    export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    tail -20 "$RESULTS/kit_install.log"
+    echo "kit_install failed: see kit_install.log; the stages that need DeepSpeed are skipped" | tee -a "$RESULTS/stages.txt"
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  fi
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+"$PY" -c "import deepspeed" > /dev/null 2>&1 || have_ds=0
+[ "$have_ds" = 1 ] || echo "no deepspeed importable (make gpu-kit builds .whl/; carry it): the throughput stages are skipped" \
+  | tee -a "$RESULTS/stages.txt"
 export LOMAR_KERNELS=auto
 {
   echo "date: $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
   "$PY" -c "import cupy; print('cupy', cupy.__version__)" 2>&1
+  "$PY" -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1
   git rev-parse HEAD 2>/dev/null
-} > "$OUT/environment.txt" 2>&1
-cat "$OUT/environment.txt"
+} > "$RESULTS/environment.txt" 2>&1
+cat "$RESULTS/environment.txt"
+
+# OUT: copies of the summaries and one archive of RESULTS, rewritten after every stage (at most 6 files)
+pack() {
+  local f
+  for f in stages.txt environment.txt throughput/throughput_cuda.json kernels/kernels.json \
+           throughput/attention_math.json; do
+    if [ -f "$RESULTS/$f" ]; then
+      local name; name=$(basename "$f"); name=${name/throughput_cuda/throughput}
+      cp -f "$RESULTS/$f" "$OUT/$name.partial" && mv -f "$OUT/$name.partial" "$OUT/$name"
+    fi
+  done
+  tar -czf "$OUT/gpu_check.tgz.partial" -C "$RESULTS" . 2>/dev/null && mv -f "$OUT/gpu_check.tgz.partial" "$OUT/gpu_check.tgz"
+}
+trap pack EXIT
+pack
 
 status=0
 left() { echo $(( DEADLINE - (SECONDS - t0) )); }
@@ -49,42 +83,52 @@ stage() {
   local limit=$(( $(left) - reserve ))
   [ "$limit" -gt "$cap" ] && limit=$cap
   if [ "$limit" -lt 30 ]; then
-    echo "$name skipped: ${limit}s left for it" | tee -a "$OUT/stages.txt"
+    echo "$name skipped: ${limit}s left for it" | tee -a "$RESULTS/stages.txt"
     return 0
   fi
   echo "== $name (limit ${limit}s)"
   local s=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  # SIGINT first (pytest writes its report, a benchmark keeps the rows it wrote), SIGKILL 15 s later
+  timeout -s INT -k 15 "$limit" "$@" > "$RESULTS/$name.log" 2>&1
   local rc=$?
-  tail -30 "$OUT/$name.log"
-  echo "$name rc=$rc seconds=$(( SECONDS - s )) limit=$limit" | tee -a "$OUT/stages.txt"
+  tail -30 "$RESULTS/$name.log"
+  echo "$name rc=$rc seconds=$(( SECONDS - s )) limit=$limit" | tee -a "$RESULTS/stages.txt"
   [ "$rc" = 0 ] || status=1
+  pack
+}
+# a stage that needs DeepSpeed: skipped, and recorded, without it
+ds_stage() {
+  if [ "$have_ds" != 1 ]; then
+    echo "$1 skipped: no deepspeed" | tee -a "$RESULTS/stages.txt"
+    status=1
+    return 0
+  fi
+  stage "$@"
 }
 # the benchmark's own time budget: stop starting rows in time to write its report within the stage's limit
 budget() { local b=$(( $(left) - $1 - 40 )); [ "$b" -gt "$2" ] && b=$2; echo $(( b > 30 ? b : 30 )); }
 
-: > "$OUT/stages.txt"
 stage gpu_tests 180 360 "$PY" -m pytest tests/test_kernels.py tests/test_window_attention.py tests/test_randaugment.py \
-  -m gpu -q -rfE --tb=short -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+  -m gpu -q -rfE --tb=short -p no:cacheprovider --junitxml="$RESULTS/gpu_tests.xml"
 
 if [ "${1:-}" != "--no-throughput" ]; then
   # shellcheck disable=SC2086
-  stage throughput 330 120 "$PY" -m benchmarks.throughput --quick --out "$OUT/throughput" \
+  ds_stage throughput 330 120 "$PY" -m benchmarks.throughput --quick --out "$RESULTS/throughput" \
     --profile --profile_target lomar:224:compile --time_budget "$(budget 120 280)" ${THROUGHPUT_ARGS:-}
 fi
 
-stage kernels 150 60 "$PY" -m benchmarks.kernels --out "$OUT/kernels" --quick
+stage kernels 150 60 "$PY" -m benchmarks.kernels --out "$RESULTS/kernels" --quick
 
 if [ "${1:-}" != "--no-throughput" ]; then
   # the explicit-logits attention (batched GEMMs + fp32 softmax) in the shipped step; the baseline is stage 2's
   # lomar 224 compile row, timed in this call
-  stage attention_math 120 0 env LOMAR_ATTN_PATH=math "$PY" -m benchmarks.throughput --quick --models lomar \
-    --sizes 224 --variants compile --profile --out "$OUT/throughput" --name attention_math --time_budget "$(budget 0 80)"
-  stage engine_modes 150 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
-    --engine_mode torch_autocast bf16 no_deepspeed --out "$OUT/throughput" --name engine_modes \
+  ds_stage attention_math 120 0 env LOMAR_ATTN_PATH=math "$PY" -m benchmarks.throughput --quick --models lomar \
+    --sizes 224 --variants compile --profile --out "$RESULTS/throughput" --name attention_math --time_budget "$(budget 0 80)"
+  ds_stage engine_modes 150 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
+    --engine_mode torch_autocast bf16 no_deepspeed --out "$RESULTS/throughput" --name engine_modes \
     --time_budget "$(budget 0 110)"
-  stage batch512 150 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 \
-    --variants compile compile-model compile+kernels --lomar_batch 512 --out "$OUT/throughput" --name batch512 \
+  ds_stage batch512 150 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 \
+    --variants compile compile-model compile+kernels --lomar_batch 512 --out "$RESULTS/throughput" --name batch512 \
     --time_budget "$(budget 0 110)"
 fi
 echo "gpu_check exit $status after $(( SECONDS - t0 ))s"

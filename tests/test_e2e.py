@@ -154,6 +154,31 @@ def test_main_runs_the_stages_in_their_order(tmp_path, monkeypatch):
     assert list(doc["stages"]) == list(e2e.STAGES)
 
 
+def test_a_packed_run_hands_over_two_files_and_leaves_the_data_out(tmp_path, monkeypatch):
+    """A device call returns at most 8 files from its $OUT: with --pack, $OUT gets e2e.json and e2e.tgz (the
+    per-stage JSON and logs), rewritten after every stage; the data and checkpoints stay out of the archive."""
+    import tarfile
+
+    seen = []
+
+    def data(st):
+        (st.run.work / "data").mkdir(parents=True, exist_ok=True)
+        (st.run.work / "data" / "train.beton").write_bytes(b"x" * 1000)
+        seen.append(sorted(p.name for p in (tmp_path / "handed").iterdir()))
+
+    for name in e2e.STAGES:
+        monkeypatch.setattr(e2e, f"stage_{name}", data if name == "data" else (lambda st: None))
+    out = tmp_path / "out"
+    assert e2e.main(["--cpu", "--out", str(out), "--pack", str(tmp_path / "handed")]) == 0  # --work: <out>/work
+    assert seen == [["e2e.json", "e2e.tgz"]]  # already there after the first stage
+    assert sorted(p.name for p in (tmp_path / "handed").iterdir()) == ["e2e.json", "e2e.tgz"]
+    with tarfile.open(tmp_path / "handed" / "e2e.tgz") as tar:
+        names = tar.getnames()
+    assert "./e2e.json" in names and "./e2e/pretrain.json" in names and "./e2e/logs" in names
+    assert not [n for n in names if n.startswith("./work")]
+    assert json.loads((tmp_path / "handed" / "e2e.json").read_text()) == json.loads((out / "e2e.json").read_text())
+
+
 def test_the_synthetic_step_compiles_exactly_when_the_pretraining_runs_do(tmp_path):
     """The synthetic step (benchmarks.throughput) is the baseline of the end-to-end img/s: it must compile
     when, and only when, pretrain.py's --compile (auto by default) compiles."""
