@@ -57,7 +57,10 @@ class LomarVisionTransformer(VisionTransformerRPE):
         return {"cls_token"}
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r"^cls_token|^patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^fc_norm", (99999,))])
+        # fc_norm, like the head, is left unmatched: timm puts it past the last block, at the full lr under layer
+        # decay (as lomar_fast.layer_decay and timm's own pooled ViT); matching it with (99999,) merged it into
+        # the last block's layer (0.65x)
+        return dict(stem=r"^cls_token|^patch_embed", blocks=[(r"^blocks\.(\d+)", None)])
 
     _in_load_pretrained = False
 

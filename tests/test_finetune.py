@@ -111,6 +111,30 @@ def test_published_checkpoint_loads_every_encoder_key(tmp_path):
     assert report["initialized"] == [] and report["dropped"] == []
     assert torch.equal(again.head.weight, clf.head.weight)
 
+    # another class count: the trained fc_norm comes along, only the head that does not fit starts fresh
+    other = create_model("vit_tiny_patch16", img_size=64, num_classes=5, depth=3)
+    torch.nn.init.normal_(clf.fc_norm.weight)
+    save_checkpoint(clf, tmp_path / "best.pth")
+    report = load_finetune_weights(other, str(tmp_path / "best.pth"))
+    assert report["initialized"] == ["head.bias", "head.weight"]
+    assert set(report["dropped"]) == {"head.bias", "head.weight"}
+    assert torch.equal(other.fc_norm.weight, clf.fc_norm.weight)
+
+    # cls-token mode (--no_global_pool): the pretrained final norm is the cls token's LayerNorm, as in MAE
+    cls_mode = create_model("vit_tiny_patch16", img_size=64, num_classes=8, depth=3, global_pool=False)
+    with torch.no_grad():
+        published["norm.weight"] = torch.rand_like(published["norm.weight"])
+    torch.save({"model": published}, path)
+    report = load_finetune_weights(cls_mode, str(path))
+    assert report["initialized"] == ["head.bias", "head.weight"]
+    assert {"norm.weight", "norm.bias"} <= set(report["used"]) and "norm.weight" not in report["dropped"]
+    assert torch.equal(cls_mode.fc_norm.weight, published["norm.weight"])
+    x = torch.randn(2, 3, 64, 64)
+    feats = cls_mode.forward_features(x)
+    want = torch.nn.functional.layer_norm(feats, (feats.shape[-1],), published["norm.weight"], published["norm.bias"],
+                                          1e-6)[:, 0]
+    torch.testing.assert_close(cls_mode.forward_head(feats, pre_logits=True), want)
+
     # a depth mismatch names the fix
     deeper = create_model("vit_tiny_patch16", img_size=64, num_classes=8, depth=4)
     with pytest.raises(CheckpointMismatch, match="--depth 3"):

@@ -166,6 +166,28 @@ def test_timm_checkpoint_path_accepts_pretraining_export(tmp_path):
 
 
 @pytest.mark.slow  # starts fresh interpreters or a benchmark
+def test_timm_layer_decay_gives_the_same_lr_scales_as_lomar_fast():
+    """timm's param_groups_layer_decay over the registered model (its group_matcher) gives every parameter the
+    lr scale of lomar_fast.layer_decay: fc_norm and the head at the full lr, past the last block. (Matching
+    fc_norm with (99999,) had merged it into the last block's layer: 0.65x.)"""
+    from timm.optim import param_groups_layer_decay as timm_groups
+
+    import lomar_fast.timm_models  # noqa: F401 (registers the models)
+    from lomar_fast.layer_decay import param_groups_layer_decay
+    import timm
+
+    model = timm.create_model("lomar_vit_tiny_patch16_224", depth=4, num_classes=5)
+
+    def scales(groups):
+        by_id = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+        return {n: by_id[id(p)] for n, p in model.named_parameters()}
+
+    ours = scales(param_groups_layer_decay(model, 0.05, 0.65))
+    theirs = scales(timm_groups(model, 0.05, layer_decay=0.65))
+    assert ours == pytest.approx(theirs)
+    assert theirs["fc_norm.weight"] == theirs["head.weight"] == 1.0
+
+
 def test_registration_is_one_explicit_import():
     """``import lomar_fast`` installs no import hook and does not touch timm; ``import lomar_fast.timm_models``
     registers the models (checked in a fresh interpreter, where nothing was imported before)."""

@@ -74,8 +74,10 @@ class VisionTransformerRPE(nn.Module):
         """Load encoder weights from a lomar_fast export or a published LoMaR checkpoint.
 
         Returns {"used": keys loaded, "dropped": checkpoint keys not used (mask_token, encoder_pred,
-        pos_embed, norm), "initialized": model keys left at their fresh init (fc_norm, head)}.
-        Misshaped encoder keys or missing encoder keys raise CheckpointMismatch listing them.
+        pos_embed, and norm under global pooling), "initialized": model keys left at their fresh init
+        (fc_norm, head)}. With ``global_pool=False`` the pretrained final ``norm`` becomes ``fc_norm``, the
+        LayerNorm applied to the cls token (MAE's and LoMaR's cls-token mode take ``norm(x)[:, 0]`` with the
+        pretrained norm). Misshaped encoder keys or missing encoder keys raise CheckpointMismatch listing them.
         """
         if isinstance(path_or_state_dict, Mapping):
             sd = extract_state_dict(path_or_state_dict)
@@ -84,8 +86,14 @@ class VisionTransformerRPE(nn.Module):
         own = self.state_dict()
         fresh = {k for k in own if k.startswith(("fc_norm.", "head."))}
         used, dropped, problems = [], [], []
+        cls_norm = {}  # norm.* -> fc_norm.* in cls-token mode, when every key of it fits
+        if not self.global_pool and all(f"norm.{n}" in sd and tuple(sd[f"norm.{n}"].shape) == tuple(own[f"fc_norm.{n}"].shape)
+                                        for n in ("weight", "bias")):
+            cls_norm = {f"norm.{n}": f"fc_norm.{n}" for n in ("weight", "bias")}
         for k, v in sd.items():
-            if k in own and k not in fresh:
+            if k in cls_norm:
+                used.append(k)
+            elif k in own and k not in fresh:
                 if tuple(v.shape) != tuple(own[k].shape):
                     problems.append(f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}")
                 else:
@@ -97,15 +105,15 @@ class VisionTransformerRPE(nn.Module):
             problems.append("missing encoder keys: " + ", ".join(missing))
         if problems:
             raise CheckpointMismatch("pretrained weights do not fit the classifier: " + "; ".join(problems))
-        self.load_state_dict({k: sd[k] for k in used}, strict=False)
-        return {"used": sorted(used), "dropped": sorted(dropped), "initialized": sorted(fresh)}
+        self.load_state_dict({cls_norm.get(k, k): sd[k] for k in used}, strict=False)
+        return {"used": sorted(used), "dropped": sorted(dropped), "initialized": sorted(fresh - set(cls_norm.values()))}
 
 
 def load_finetune_weights(model: VisionTransformerRPE, path_or_sd: str | os.PathLike | Mapping[str, Any]
                           ) -> dict[str, list[str]]:
-    """Encoder weights from a pretraining export or a published checkpoint, plus ``fc_norm`` and ``head``
-    when the checkpoint is a fine-tuned classifier whose head fits. Returns ``load_pretrained``'s report
-    ({"used", "dropped", "initialized"}) updated accordingly."""
+    """Encoder weights from a pretraining export or a published checkpoint, plus, from a fine-tuned classifier,
+    ``fc_norm`` when it fits and ``head`` when it fits (each on its own, as MAE drops only a head of another
+    class count). Returns ``load_pretrained``'s report ({"used", "dropped", "initialized"}) updated accordingly."""
     sd = extract_state_dict(path_or_sd) if isinstance(path_or_sd, Mapping) else load_file(path_or_sd)
     try:
         report = model.load_pretrained(sd)
@@ -115,11 +123,13 @@ def load_finetune_weights(model: VisionTransformerRPE, path_or_sd: str | os.Path
                 f"or the matching --model)") if n_blocks and n_blocks != len(model.blocks) else ""
         raise CheckpointMismatch(f"{e}{hint}") from e
     own = model.state_dict()
-    extra = {k: v for k, v in sd.items() if k in report["initialized"] and tuple(v.shape) == tuple(own[k].shape)}
-    if extra and {k for k in own if k.startswith(("fc_norm.", "head."))} == set(extra):
-        model.load_state_dict(extra, strict=False)
-        report = {"used": sorted(report["used"] + list(extra)),
-                  "dropped": sorted(k for k in report["dropped"] if k not in extra), "initialized": []}
+    for prefix in ("fc_norm.", "head."):
+        keys = [k for k in report["initialized"] if k.startswith(prefix)]
+        if keys and all(k in sd and tuple(sd[k].shape) == tuple(own[k].shape) for k in keys):
+            model.load_state_dict({k: sd[k] for k in keys}, strict=False)
+            report = {"used": sorted(report["used"] + keys),
+                      "dropped": sorted(k for k in report["dropped"] if k not in keys),
+                      "initialized": sorted(k for k in report["initialized"] if k not in keys)}
     return report
 
 
