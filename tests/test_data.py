@@ -278,11 +278,12 @@ def test_quasi_random_refused_when_distributed(tiny):
 # ----------------------------------------------------------------------------- loaders
 
 def reference_center_crop(img: np.ndarray, size: int) -> np.ndarray:
-    h, w = img.shape[:2]
-    c = int(224 / 256 * min(h, w))
-    top, left = (h - c) // 2, (w - c) // 2
-    crop = Image.fromarray(img[top:top + c, left:left + c])
-    return np.asarray(crop.resize((size, size), Image.BOX)).astype(np.int16)
+    """MAE's evaluation transform (torchvision on PIL): resize the short side to size / (224/256), bicubic, then
+    center crop."""
+    from torchvision import transforms as T
+
+    tf = T.Compose([T.Resize(int(size / (224 / 256)), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)])
+    return np.asarray(tf(Image.fromarray(img))).astype(np.int16)
 
 
 @pytest.fixture(scope="module")
@@ -308,8 +309,8 @@ def test_val_round_trip_matches_reference(tiny, val_loader):
         assert label == cls
         ref = reference_center_crop(np.asarray(Image.open(path)), 48)
         diff = np.abs(img - ref)
-        # PIL BOX vs OpenCV INTER_AREA: mean |diff| <= 1.1 here; a crop 1 px off gives >= 2.6
-        assert diff.mean() < 1.6 and diff.max() <= 12, (path, diff.mean(), diff.max())
+        # MAE's transform to within float rounding (FFCV's crop-then-resize box was 0.75 px off: 5-10 levels)
+        assert diff.max() <= 1, (path, diff.mean(), diff.max())
 
 
 def test_resume_at_epoch_reproduces_order(tiny, val_loader):

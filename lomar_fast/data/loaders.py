@@ -9,17 +9,20 @@ builder        image pipeline                                              yield
 =============  ==========================================================  ===============
 pretrain       RandomResizedCrop(S, scale 0.2..1, ratio 3/4..4/3) + flip   images
 finetune       RandomResizedCrop(S, scale 0.08..1, ratio 3/4..4/3) + flip  (images, labels)
-val            center crop (side * crop_pct) resized to S                  (images, labels)
+val            short side to S / crop_pct, center crop S (MAE's; ``area``:  (images, labels)
+               FFCV's center crop of side * crop_pct, resized to S)
 =============  ==========================================================  ===============
 
-images: uint8 (B, S, S, 3); labels: int64 (B,). ``interpolation`` picks the resize of every crop: ``"area"``
-(OpenCV INTER_AREA, FFCV's; the default) or ``"bicubic"`` (PIL's antialiased bicubic, exactly, as the MAE/LoMaR
-reference pipelines resize); the crop boxes and flips are the same for both. See
+images: uint8 (B, S, S, 3); labels: int64 (B,). ``interpolation`` picks the resize of every crop: ``"bicubic"``
+(the default: PIL's antialiased bicubic, exactly, as the MAE/LoMaR reference pipelines resize) or ``"area"``
+(OpenCV INTER_AREA, FFCV's); the training crop boxes and flips are the same for both. See
 :mod:`lomar_fast.data.seeded_crop`.
 
 Order and resuming. With ``order='random'`` FFCV draws epoch e's order from
 ``default_rng(seed + e)`` (single process) or from ``DistributedSampler(seed=seed)`` with
-``set_epoch(e)`` (``distributed=True``: each rank gets its own disjoint shard; all ranks
+``set_epoch(e)`` (``distributed=True``: each rank gets its own shard of ceil(N / world) images,
+padded by repeating images from the start of the epoch's order as ``DistributedSampler`` does, then cut
+to whole batches: a few images appear twice or not at all in an epoch, as in MAE's loaders; all ranks
 must pass the same seed). The epoch is the loader's ``next_epoch`` counter, which FFCV
 advances each time an epoch starts. To resume at epoch E, build the loader with the same
 seed and call :func:`set_epoch` (or pass ``start_epoch=E``): the next ``for`` loop then

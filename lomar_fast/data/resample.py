@@ -155,12 +155,15 @@ def _transpose(src, r0, c0, out):
 
 ORDER_PIL13 = 0  # Pillow >= 13: vertical pass first when the height shrinks by more than twice the width
 ORDER_HORIZONTAL_FIRST = 1  # Pillow <= 12: always horizontal first
+ORDER_VERTICAL_FIRST = 2  # forced: a box resize standing for a whole-image resize whose PIL 13 order is vertical
 
 
 def horizontal_first(in_h: int, in_w: int, out_h: int, out_w: int, order: int = ORDER_PIL13) -> bool:
     """Whether PIL runs the horizontal pass first for an (in_h, in_w) image resized to (out_h, out_w)."""
     if order == ORDER_HORIZONTAL_FIRST:
         return True
+    if order == ORDER_VERTICAL_FIRST:
+        return False
     return not (in_h - out_h > 0 and in_h - out_h > (in_w - out_w) * 2)
 
 

@@ -21,7 +21,8 @@ from ffcv.pipeline.compiler import Compiler
 
 from lomar_fast.images import DEFAULT_INTERPOLATION, INTERPOLATIONS
 
-from .resample import resize_bicubic, resize_crop_bicubic
+from .resample import (ORDER_HORIZONTAL_FIRST, ORDER_PIL13, ORDER_VERTICAL_FIRST, horizontal_first, resize_bicubic,
+                       resize_crop_bicubic)
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 
@@ -62,6 +63,7 @@ def _mix_seed_jit(seed, epoch, index):
 # Compiled once and cached on disk (numba's cache=True): a new loader then compiles only its own decode loop.
 _mix_seed_c = njit(nogil=True, cache=True)(_mix_seed_jit)
 _get_crop_c = njit(nogil=True, cache=True)(get_random_crop)
+_horizontal_first_c = njit(nogil=True, cache=True)(horizontal_first)
 
 
 @njit(nogil=True, cache=True)
@@ -148,11 +150,32 @@ class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
         return decode
 
 
+def eval_box(height: int, width: int, size: int, ratio: float) -> tuple[float, float, float, float, int]:
+    """MAE's evaluation transform, ``Resize(int(size / ratio), BICUBIC)`` then ``CenterCrop(size)``, as one box of
+    the source image: (top, bottom, left, right) in source pixels, and the pass order of PIL's whole-image resize.
+    torchvision resizes the short side to ``int(size / ratio)`` and the long side to ``int(that * long / short)``,
+    then crops at ``round((n - size) / 2)``; a bicubic resize of this box to (size, size) samples the same points
+    with the same filter widths as that resize-then-crop."""
+    short_side = int(size / ratio)
+    if height <= width:
+        nh, nw = short_side, int(short_side * width / height)
+    else:
+        nh, nw = int(short_side * height / width), short_side
+    top = int(round((nh - size) / 2.0))
+    left = int(round((nw - size) / 2.0))
+    sy, sx = height / nh, width / nw
+    order = ORDER_HORIZONTAL_FIRST if _horizontal_first_c(height, width, nh, nw, ORDER_PIL13) else ORDER_VERTICAL_FIRST
+    return top * sy, (top + size) * sy, left * sx, (left + size) * sx, order
+
+
+_eval_box_c = njit(nogil=True, cache=True)(eval_box)
+
+
 class CenterCrop(CenterCropRGBImageDecoder):
-    """FFCV's center crop (side ``int(ratio * min(H, W))``, centred) resized to ``output_size`` with
-    ``interpolation``. ``"area"`` is FFCV's decoder unchanged; ``"bicubic"`` is PIL's ``img.resize(size,
-    Image.BICUBIC, box=crop)`` of the whole image, so the filter reads the pixels around the crop as the reference
-    evaluation (resize the whole image, then center crop) does."""
+    """The evaluation crop resized to ``output_size`` with ``interpolation``. ``"area"`` is FFCV's decoder
+    unchanged (a center crop of side ``int(ratio * min(H, W))``, INTER_AREA); ``"bicubic"`` is MAE's transform,
+    ``Resize(int(output_size / ratio), BICUBIC)`` then ``CenterCrop(output_size)`` (torchvision on PIL images),
+    computed as one PIL bicubic resize of the matching box of the whole image (:func:`eval_box`)."""
 
     def __init__(self, output_size, ratio: float, interpolation: str = DEFAULT_INTERPOLATION):
         super().__init__(output_size, ratio)
@@ -165,8 +188,9 @@ class CenterCrop(CenterCropRGBImageDecoder):
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
-        get_crop_c = Compiler.compile(get_center_crop)
+        box_c = _eval_box_c
         ratio = float(self.ratio)
+        size = int(self.output_size[0])
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
@@ -182,8 +206,8 @@ class CenterCrop(CenterCropRGBImageDecoder):
                     buf = buf.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     buf = image_data.reshape(height, width, 3)
-                i, j, h, w = get_crop_c(height, width, None, ratio)
-                resize_bicubic(buf, i, i + h, j, j + w, destination[dst_ix])
+                top, bottom, left, right, order = box_c(np.int64(height), np.int64(width), size, ratio)
+                resize_bicubic(buf, top, bottom, left, right, destination[dst_ix], order)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
