@@ -120,7 +120,7 @@ class Plan:
     throughput_steps: int
     throughput_warmup: int
     compile: str = "auto"      # --compile of the pretraining runs (auto: compiled blocks on a GPU with ZeRO-2)
-    kernels: str = "off"       # --kernels of the pretraining runs; the synthetic step uses the same ("+kernels": on)
+    kernels: str = "auto"      # --kernels of the pretraining runs; the synthetic step runs the same kernels
     deadline_s: float | None = None
     timeouts: dict = field(default_factory=dict)
     # relative tolerances: a replayed step against the killed run's same step, and epoch means resumed vs
@@ -609,6 +609,7 @@ def stage_throughput(st: Stage) -> None:
     out = run.out / "e2e" / "throughput"
     args = ["--models", "lomar", "--arch", p.arch, "--sizes", p.input_size,
             "--variants", ("compile" if pretrain_compiles(p) else "eager") + ("+kernels" if p.kernels == "on" else ""),
+            *(["--kernel_mode", p.kernels] if p.kernels != "on" else []),
             "--batch_size", p.batch_size,
             "--steps", p.throughput_steps, "--warmup", p.throughput_warmup, "--ds_config", p.ds_config,
             "--out", out, "--name", "synthetic", "--device", "cuda" if p.mode == "gpu" else "cpu"]
@@ -764,9 +765,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                     help="--compile of the pretraining runs; the synthetic step compiles (or not) alike (auto: "
                          "compiled blocks on a GPU, eager on a CPU)")
-    ap.add_argument("--kernels", default="off", choices=("off", "on"),
-                    help="fused CUDA kernels in the pretraining runs and the synthetic step alike (default off: the "
-                         "synthetic step's variants are all-on or all-off, and the two must match)")
+    ap.add_argument("--kernels", default="auto", choices=("auto", "off", "on"),
+                    help="fused CUDA kernels in the pretraining runs and the synthetic step alike (default auto, "
+                         "the entry points' default)")
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds for the whole run, counted from $E2E_T0 (default 520 on a GPU, none on a CPU)")
     ap.add_argument("--reuse-data", action="store_true", help="keep <work>/data when it matches the plan")

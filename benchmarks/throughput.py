@@ -21,7 +21,9 @@ Variants: ``eager`` (reference), ``compile`` (torch.compile per block, or of the
 whole model, whatever --compile_scope says), ``compile-model-autotune`` (inductor's max-autotune GEMM templates
 with fused bias/GELU epilogues, GPU only), ``compile-model-cudagraphs`` (inductor's reduce-overhead mode: the
 compiled forward and backward replayed as CUDA graphs, GPU only), and ``eager`` or ``compile`` with ``+kernels``
-(the fused CUDA kernels on; without it they are off). Each model has its own variant list and micro-batch
+(every fused CUDA kernel on). Without ``+kernels`` a row runs the kernels' shipped ``auto`` choice (those a
+committed GPU result made default, where CuPy is installed), which is what the entry points run, or none with
+``--kernel_mode off``; each row records the kernels it ran (``kernels``). Each model has its own variant list and micro-batch
 (``--mae_variants``, ``--lomar_batch``, ``--mae_batch``), so each runs at its best; the LoMaR/MAE ratios are
 also given best row against best row per size. A variant that fails (kernels missing, out of memory, compile
 error) is recorded with its error and the run goes on.
@@ -68,7 +70,7 @@ ENGINES = ("torch_autocast", "bf16", "no_deepspeed")
 
 # published dense bf16 matrix peaks (TFLOP/s), for a second MFU column next to the measured one
 SPEC_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
-                    "H200": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
+                    "H200": 989.4, "H200 NVL": 835.0, "GH200": 989.4, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
 
 # micro-batch per (model, size) for ViT-B on a GPU: LoMaR's cost per image does not depend on the image size
 # (K windows of 50 tokens), so its batch stays; MAE's grows with (S/16)^2, so its batch shrinks.
@@ -86,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--large", action="store_true", help="shortcut for --arch large (batches halved)")
     p.add_argument("--tiny", action="store_true", help="tiny models at small sizes: the CPU smoke configuration")
     p.add_argument("--sizes", nargs="+", type=int, default=None, help="image sides (default 224 384 448; 64 with --tiny)")
+    p.add_argument("--kernel_mode", default="auto", choices=("auto", "off"),
+                   help="the CUDA kernels of the variants without +kernels: auto (the entry points' default: those a "
+                        "committed GPU result made default) or off (the PyTorch reference paths)")
     p.add_argument("--variants", nargs="+", default=None,
                    help=f"any of {', '.join(VARIANTS)} (default: GPU eager compile compile+kernels; CPU eager)")
     p.add_argument("--mae_variants", nargs="+", default=None,
@@ -213,6 +218,7 @@ class Result:
     host_syncs_in_step: int | None = None
     host_sync_method: str | None = None
     host_sync_messages: list[str] = field(default_factory=list)
+    kernels: list[str] = field(default_factory=list)  # the ops whose CUDA kernel ran (kernels_in_use)
     loss: float | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -358,6 +364,20 @@ def set_kernel_mode(mode: str) -> None:
     set_kernels(mode)
 
 
+def kernels_in_use(device: torch.device) -> list[str]:
+    """The ops whose CUDA kernel runs under the current kernel mode on ``device`` (the gather, the iRPE bias,
+    the fused window attention; where the attention kernel runs, the blocks need no separate iRPE bias)."""
+    from lomar_fast.ops import irpe, window_attention, window_gather
+    from lomar_fast.ops._dispatch import cupy_available, kernel_mode
+
+    mode = kernel_mode()
+    if device.type != "cuda" or mode == "off":
+        return []
+    ops = {"window_gather": window_gather.AUTO_USES_KERNEL, "irpe": irpe.AUTO_USES_KERNEL,
+           "window_attention": window_attention.AUTO_USES_KERNEL}
+    return [name for name, auto in ops.items() if mode == "on" or (auto and cupy_available())]
+
+
 def op_paths() -> dict[str, str]:
     """The pure-PyTorch paths the rows ran (``$LOMAR_IRPE_PATH``, ``$LOMAR_ATTN_PATH``; the kernels follow the
     variant)."""
@@ -394,7 +414,8 @@ class Harness:
         self.kind, self.device, self.batch, self.mode = kind, device, batch, mode
         self.engine = None
         kernels = variant.endswith("+kernels")
-        set_kernel_mode("on" if kernels else "off")
+        set_kernel_mode("on" if kernels else args.kernel_mode)  # auto: the entry points' default
+        result.kernels = kernels_in_use(device)
         reset_compiler()
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
@@ -490,11 +511,13 @@ def timed_steps(h: Harness, n: int, device: torch.device) -> tuple[list[float], 
 
 
 def count_host_syncs(h: Harness, device: torch.device) -> tuple[int, list[str], str]:
-    """Run one step and count the synchronising calls: torch.cuda.set_sync_debug_mode('warn') on GPU, the
-    lomar_fast.host_sync proxy on CPU. Returns (count, up to 10 distinct messages, method)."""
-    if device.type != "cuda":
-        from lomar_fast.host_sync import HostSyncCounter
+    """Run one step and count the synchronising calls: on GPU torch.cuda.set_sync_debug_mode('warn') (reads and
+    blocking copies) plus the device and event waits it does not report (torch.cuda.synchronize, which DeepSpeed's
+    accelerator calls, and torch.cuda.Event.synchronize); the lomar_fast.host_sync proxy on CPU. Returns (count,
+    up to 10 distinct messages, method)."""
+    from lomar_fast.host_sync import HostSyncCounter
 
+    if device.type != "cuda":
         with HostSyncCounter() as counter:
             h.step()
         return len(counter.events), counter.lines()[:10], "cpu proxy (lomar_fast.host_sync)"
@@ -503,13 +526,15 @@ def count_host_syncs(h: Harness, device: torch.device) -> tuple[int, list[str], 
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            h.step()
+            with HostSyncCounter(device_waits_only=True) as waits:
+                h.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     sync(device)
     msgs = [f"{Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0][:120]}" for w in caught
             if "synchroniz" in str(w.message).lower()]
-    return len(msgs), sorted(set(msgs))[:10], "torch.cuda.set_sync_debug_mode"
+    return (len(msgs) + len(waits.events), (sorted(set(msgs)) + waits.lines())[:10],
+            "torch.cuda.set_sync_debug_mode + device/event waits")
 
 
 def gpu_paths(device: torch.device, mode: str):
@@ -783,7 +808,8 @@ def markdown(report: dict[str, Any]) -> str:
     for r in report["results"]:
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r['error'] or '').splitlines()[0][:60]}"
         lines.append(
-            f"| {r['kind']} | {r['size']} | {r['variant']} | {r.get('engine_mode', '')} | {r.get('compute_dtype', '')} | "
+            f"| {r['kind']} | {r['size']} | {r['variant']}{' [' + ', '.join(r['kernels']) + ']' if r.get('kernels') else ''} | "
+            f"{r.get('engine_mode', '')} | {r.get('compute_dtype', '')} | "
             f"{r['batch_size']} | {_f(r['images_per_sec'], '.1f')} | "
             f"{_f(r['step_ms_median'], '.2f')} | {_f(r['train_flops_per_image'] and r['train_flops_per_image'] / 1e9, '.1f')} | "
             f"{_f(r['achieved_tflops'], '.4g')} | {_f(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "

@@ -118,8 +118,12 @@ class HostSyncCounter:
     (e.g. ``"deepspeed/"``); ``lines()`` gives a sorted "N x event" summary.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device_waits_only: bool = False) -> None:
+        """``device_waits_only``: on a GPU, where ``torch.cuda.set_sync_debug_mode`` reports the reads and the
+        blocking copies but not the waits on the device or on an event, count only those waits:
+        ``torch.cuda.synchronize()`` (DeepSpeed's CUDA accelerator calls it) and ``torch.cuda.Event.synchronize()``."""
         self.events: list[SyncEvent] = []
+        self.device_waits_only = device_waits_only
         self._mode = _Mode(self)
         self._restore: list = []
 
@@ -150,6 +154,9 @@ class HostSyncCounter:
 
     def __enter__(self) -> "HostSyncCounter":
         self._wrap_wait(torch.cuda, "synchronize", "torch.cuda.synchronize")
+        if self.device_waits_only:
+            self._wrap_wait(torch.cuda.Event, "synchronize", "torch.cuda.Event.synchronize")
+            return self
         accelerator = _deepspeed_accelerator()
         if accelerator is not None:
             self._wrap_wait(accelerator, "synchronize", "accelerator.synchronize")
@@ -158,8 +165,9 @@ class HostSyncCounter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)
-        _ACTIVE.remove(self)
+        if not self.device_waits_only:
+            self._mode.__exit__(*exc)
+            _ACTIVE.remove(self)
         for owner, attr, original, own in reversed(self._restore):
             if own:
                 setattr(owner, attr, original)

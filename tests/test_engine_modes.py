@@ -111,6 +111,25 @@ def test_counter_counts_host_reads_and_nothing_else():
     assert len(c.events) == 8
 
 
+def test_gpu_count_adds_the_device_and_event_waits_the_debug_mode_misses(monkeypatch):
+    """On a GPU the benchmark counts reads and blocking copies with torch.cuda.set_sync_debug_mode, which does not
+    report torch.cuda.synchronize (DeepSpeed's accelerator synchronize) or Event.synchronize: the counter's
+    device_waits_only mode counts exactly those, and no reads (the debug mode has them)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("device"))
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", lambda self: calls.append("event"))
+    t = torch.arange(3.0)
+    with HostSyncCounter(device_waits_only=True) as c:
+        torch.cuda.synchronize()
+        torch.cuda.Event.synchronize(object())
+        t.sum().item()  # a read: the debug mode's, not counted here
+    assert calls == ["device", "event"]
+    assert [e.op for e in c.events] == ["torch.cuda.synchronize", "torch.cuda.Event.synchronize"]
+    assert all(e.kind == "wait" for e in c.events)
+    torch.cuda.synchronize()  # after the block: the originals are back, not counted
+    assert len(c.events) == 2 and calls[-1] == "device"
+
+
 def test_gpu_like_accelerator_counts_waits_and_blocking_copies():
     import deepspeed  # noqa: F401  (the proxy patches DeepSpeed's accelerator)
     from deepspeed.accelerator import get_accelerator

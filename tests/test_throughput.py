@@ -288,6 +288,36 @@ def test_whole_model_inductor_variants_are_gpu_only_and_pass_their_mode(monkeypa
     assert calls == [{"dynamic": False, "mode": "reduce-overhead"}, {"dynamic": False}]
 
 
+def test_rows_run_the_shipped_kernels_unless_told_otherwise(monkeypatch):
+    """Without +kernels a row runs the kernels' auto choice (the entry points' default: the window gather where
+    CuPy is installed), or none with --kernel_mode off; +kernels runs every kernel; each row says which."""
+    from benchmarks import throughput as tp
+    from lomar_fast.ops import _dispatch
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(_dispatch, "cupy_available", lambda: True)
+    try:
+        for mode, want in (("auto", ["window_gather"]), ("off", []),
+                           ("on", ["window_gather", "irpe", "window_attention"])):
+            tp.set_kernel_mode(mode)
+            assert tp.kernels_in_use(cuda) == want, mode
+            assert tp.kernels_in_use(torch.device("cpu")) == []
+        monkeypatch.setattr(_dispatch, "cupy_available", lambda: False)
+        tp.set_kernel_mode("auto")
+        assert tp.kernels_in_use(cuda) == []
+    finally:
+        tp.set_kernel_mode(None)
+    assert tp.parse_args([]).kernel_mode == "auto"
+
+
+def test_spec_peak_takes_the_longest_matching_card_name():
+    from benchmarks.throughput import spec_tflops
+
+    assert spec_tflops("NVIDIA H200") == 989.4 and spec_tflops("NVIDIA H200 NVL") == 835.0
+    assert spec_tflops("NVIDIA H100 80GB HBM3") == 989.4 and spec_tflops("NVIDIA H100 PCIe") == 756.0
+    assert spec_tflops("Some CPU") is None
+
+
 def test_compiled_rows_are_skipped_under_zero3_with_deepspeed():
     """The entry points refuse --compile on under ZeRO-3 (dynamo traces the partitioned parameters); the
     benchmark skips those rows with the reason, and keeps them without DeepSpeed or below ZeRO-3."""

@@ -43,7 +43,7 @@ def irpe_key_bias(q: torch.Tensor, table: torch.Tensor, buckets: torch.Tensor) -
     if use_kernel(q, table, auto_default=AUTO_USES_KERNEL):
         from . import _irpe_cuda  # imported lazily: needs CuPy and a GPU
 
-        return _irpe_cuda.irpe_key_bias(q, table, buckets)
+        return _irpe_cuda.irpe_key_bias(q, table, buckets.to(q.device))  # the kernel reads it on the device
     if irpe_path() == "bmm":
         return irpe_key_bias_bmm(q, table, buckets)
     return irpe_key_bias_reference(q, table, buckets)
