@@ -48,6 +48,7 @@ CLASSES_FILE = "classes.json"
 IMAGE_FIELD = "image"
 LABEL_FIELD = "label"
 _MIN_PAGE = 1 << 21
+MAX_SIDE = 16384  # --max-side at most this: a raw image of that side fits a 1 GiB page (FFCV allows < 4 GiB)
 
 
 class DataPrepError(RuntimeError):
@@ -84,8 +85,9 @@ class WriteOptions:
     def validate(self) -> None:
         if self.write_mode not in WRITE_MODES:
             raise DataPrepError(f"--write-mode must be one of {WRITE_MODES}, got {self.write_mode!r}")
-        if self.max_side < 0 or (0 < self.max_side < 16) or self.max_side > 65535:
-            raise DataPrepError(f"--max-side must be 0 (keep) or 16..65535, got {self.max_side}")
+        if self.max_side < 0 or (0 < self.max_side < 16) or self.max_side > MAX_SIDE:
+            raise DataPrepError(f"--max-side must be 0 (keep) or 16..{MAX_SIDE}, got {self.max_side} (every writer "
+                                f"process holds a page of one raw image of that side: 1 GiB at {MAX_SIDE})")
         if not 1 <= self.jpeg_quality <= 100:
             raise DataPrepError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
         if not 0.0 <= self.compress_probability <= 1.0:
@@ -151,13 +153,25 @@ def scan_split(split_dir: Path, classes: Sequence[str] | None = None,
     for label, name in enumerate(names):
         cdir = split_dir / name
         files = []
-        for e in _list_dir(cdir):
-            if e.name.startswith(".") or not e.is_file():
-                continue
-            if os.path.splitext(e.name)[1].lower() in exts:
-                files.append(e.path)
-            else:
-                ignored += 1
+        # the whole class folder, subfolders included, in torchvision ImageFolder's order
+        _list_dir(cdir)  # an unreadable class folder: the error names it
+
+        def walk_error(e: OSError, cdir=cdir) -> None:
+            raise DataPrepError(f"{e.filename or cdir}: cannot read the folder ({e.strerror}); fix its "
+                                f"permissions") from e
+
+        walked = []
+        for root, dirs, fnames in os.walk(cdir, followlinks=True, onerror=walk_error):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]  # hidden folders (.ipynb_checkpoints) are skipped
+            walked.append((root, fnames))
+        for root, fnames in sorted(walked):
+            for fname in sorted(fnames):
+                if fname.startswith("."):
+                    continue
+                if os.path.splitext(fname)[1].lower() in exts:
+                    files.append(os.path.join(root, fname))
+                else:
+                    ignored += 1
         if not files:
             raise DataPrepError(f"{cdir}: class folder has no image files; remove it or add images"
                                 " (or leave it out with --classes)")
@@ -173,8 +187,10 @@ def load_rgb(path: str, max_side: int = 0) -> np.ndarray:
     """Decodes any PIL-readable file to a (H, W, 3) uint8 RGB array.
 
     JPEGs much larger than ``max_side`` are decoded at a reduced DCT scale (never below the
-    target size); the final downscale to ``max_side`` happens in the FFCV field (INTER_AREA).
-    Transparent images are composited on white. Raises on truncated or unreadable files.
+    target size); the final downscale to ``max_side`` happens in the FFCV field (INTER_AREA), except for
+    images so elongated that it would give a side of 0 pixels, which are downscaled here (box filter, at
+    least 1 pixel a side). Transparent images are composited on white; 16-bit images are scaled by their
+    bit depth (65535 is white), float images by their largest value. Raises on truncated or unreadable files.
     """
     with Image.open(path) as im:
         if max_side and im.format == "JPEG":
@@ -192,10 +208,19 @@ def load_rgb(path: str, max_side: int = 0) -> np.ndarray:
         elif im.mode.startswith("I;16") or im.mode in ("I", "F"):
             arr = np.asarray(im, dtype=np.float64)
             hi = arr.max() if arr.size else 1.0
-            arr = np.clip(arr * (255.0 / hi if hi > 0 else 1.0), 0, 255).astype(np.uint8)
+            if im.mode.startswith("I;16") or (im.mode == "I" and hi <= 65535):
+                scale = 255.0 / 65535.0  # the bit depth, the same for every image (not its own brightest pixel)
+            else:
+                scale = 255.0 / hi if hi > 0 else 1.0
+            arr = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
             im = Image.fromarray(arr, "L").convert("RGB")
         elif im.mode != "RGB":
             im = im.convert("RGB")
+        w, h = im.size
+        if max_side and max(w, h) > max_side and min(w, h) * max_side < max(w, h):
+            # FFCV's resize would make the short side int(< 1) = 0 pixels
+            s = max_side / max(w, h)
+            im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BOX)
         arr = np.asarray(im)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise ValueError(f"decoded to unexpected array {arr.shape} {arr.dtype}")

@@ -143,6 +143,39 @@ def test_writer_resizes_to_max_side(tmp_path):
     assert (info["max_width"], info["max_height"]) == (64, 42) and info["jpeg_fraction"] == 1.0
 
 
+def test_loading_16_bit_thin_and_nested_images(tmp_path):
+    """16-bit images scale by the bit depth (one value gives one grey in every image, not one relative to each
+    image's brightest pixel); an image so thin that FFCV's resize would give it a 0-pixel side is downscaled
+    while loaded, to at least 1 pixel; class folders are walked as torchvision's ImageFolder walks them; and
+    --max-side stays where one raw image fits a writer's page."""
+    a = np.full((4, 5), 512, np.uint16)
+    b = a.copy()
+    b[0, 0] = 65535
+    for name, arr in (("a.png", a), ("b.png", b)):
+        Image.fromarray(arr).save(tmp_path / name)
+    got_a, got_b = wb.load_rgb(str(tmp_path / "a.png")), wb.load_rgb(str(tmp_path / "b.png"))
+    assert got_a[1, 1].tolist() == got_b[1, 1].tolist() == [2, 2, 2]  # round(512 * 255 / 65535)
+    assert got_b[0, 0].tolist() == [255, 255, 255]
+
+    Image.fromarray(gradient_image(3, 2000, 0)).save(tmp_path / "thin.png")
+    assert wb.load_rgb(str(tmp_path / "thin.png"), max_side=512).shape == (512, 1, 3)
+    assert wb.load_rgb(str(tmp_path / "thin.png")).shape == (2000, 3, 3)  # no --max-side: kept
+
+    root = tmp_path / "tree" / "train"
+    for rel in ("cat/b.png", "cat/a.png", "cat/sub/c.png", "cat/sub/deeper/d.png", "cat/.hidden/e.png",
+                "dog/z.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(gradient_image(8, 8, 0)).save(root / rel)
+    names, samples, ignored = wb.scan_split(root)
+    assert names == ["cat", "dog"] and ignored == 0
+    rel = [(str(Path(f).relative_to(root)), label) for f, label in samples]
+    assert rel == [("cat/a.png", 0), ("cat/b.png", 0), ("cat/sub/c.png", 0), ("cat/sub/deeper/d.png", 0),
+                   ("dog/z.png", 1)]
+
+    with pytest.raises(DataPrepError, match="--max-side must be 0 \\(keep\\) or 16..16384, got 30000"):
+        WriteOptions(max_side=30000).validate()
+
+
 @pytest.mark.parametrize("case", ["missing_split", "empty_class", "src_is_file", "unreadable",
                                   "classes_differ", "unknown_class"])
 def test_writer_rejects_bad_trees_before_writing(tmp_path, monkeypatch, case):
