@@ -68,8 +68,8 @@ $(STAMP): pyproject.toml | apt-deps
 	  { $(PIP) install -q --upgrade pip wheel setuptools && $(PIP) install -q torch==2.14.1 torchvision==0.29.1; }
 	$(PIP) install -q -e '.[test]'
 	@# DeepSpeed JIT-builds its CPU communication op on the first CPU start (about a minute): build it now, once
-	@DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 || \
-	  echo "note: DeepSpeed's CPU comm op did not build now; the first CPU DeepSpeed start will build it"
+	@DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >$(VENV)/shm_op_build.log 2>&1 || \
+	  { tail -5 $(VENV)/shm_op_build.log; echo "note: DeepSpeed's CPU comm op did not build now (log: $(VENV)/shm_op_build.log); the first CPU DeepSpeed start will build it"; }
 	@touch $(STAMP)
 
 setup: apt-deps $(STAMP)
