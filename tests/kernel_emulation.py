@@ -14,12 +14,13 @@ passes arguments through :func:`c_args`.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,25 @@ from lomar_fast.ops import _cuda_build as cb
 
 ARCHS = (80, 90)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def launched() -> Iterator[list[str]]:
+    """The kernels ``lomar_fast.ops._cuda_build.launch`` starts inside the block, by name expression. The ops fall
+    back to PyTorch where a kernel cannot run (dtype, shared memory, alignment), and the fallback gives the same
+    values and layout: a GPU test asserts on this list that the kernel itself ran."""
+    names: list[str] = []
+    real = cb.launch
+
+    def spy(filename, name_expressions, kernel, *args, **kwargs):
+        names.append(kernel)
+        return real(filename, name_expressions, kernel, *args, **kwargs)
+
+    cb.launch = spy
+    try:
+        yield names
+    finally:
+        cb.launch = real
 
 
 def _has_cuda() -> bool:

@@ -201,6 +201,9 @@ def test_irpe_bias_rejects_bad_buckets():
 
 def test_bucket_cache_ignores_ambient_default_device():
     """The bucket table is cached; building it under another default device must not poison the cache."""
+    from lomar_fast.models.irpe import _bucket_ids_cpu
+
+    _bucket_ids_cpu.cache_clear()  # built first under the meta device, whatever ran before
     with torch.device("meta"):
         first = bucket_ids(5, 6, 1.9, cls_token=True)
     assert first.device.type == "cpu"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_emulation import ARCHS, DTYPES, build_library, emulation_source, gpu_test, missing_toolchain
+from kernel_emulation import ARCHS, DTYPES, build_library, emulation_source, gpu_test, launched, missing_toolchain
 from kernel_emulation import c_args as _c_args
 
 import lomar_fast.ops as ops_pkg
@@ -437,9 +437,16 @@ def test_benchmark_cpu_smoke(tmp_path, monkeypatch):
     assert {"device", "torch", "config", "results"} <= set(data)
     names = {r["name"] for r in data["results"]}
     assert {"window_gather", "irpe_fwd", "irpe_fwd_bwd"} <= names
+    compared = 0
     for r in data["results"]:
         assert r["reference_eager"]["median_ms"] > 0 and len(r["reference_eager"]["times_ms"]) >= 1
         assert r["correct"] is True
+        if "kernel" in r:  # the pure-PyTorch rows ([bmm path], [math path]) run here: compared with the reference
+            assert r["max_rel_err"]["kernel"] <= r["tolerance"], r["name"]
+            compared += 1
+        else:  # no CUDA kernel on a CPU: "correct" only says the reference ran
+            assert r["max_rel_err"] == {}, r["name"]
+    assert compared >= 4
     assert (tmp_path / "kernels.md").read_text().startswith("#")
 
 
@@ -465,13 +472,18 @@ IRPE_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
 def _check_gather(images, windows, masks, p, w, n_mask, out_dtype, norm_pix):
-    got_p, got_t = wg_mod.gather_windows(images, windows, masks, p, w, norm_pix, out_dtype)
+    with launched() as names:
+        got_p, got_t = wg_mod.gather_windows(images, windows, masks, p, w, norm_pix, out_dtype)
+    assert names and all(n.startswith("window_gather<") for n in names), names  # the kernel ran, not the fallback
     ref_p, ref_t = wg_mod.gather_windows_reference(images, windows, masks, p, w, norm_pix, out_dtype)
     assert got_p.dtype == out_dtype and got_p.shape == ref_p.shape
     assert got_t.dtype == torch.float32 and got_t.shape == ref_t.shape
     torch.testing.assert_close(got_p.float(), ref_p.float(), **GATHER_TOL[out_dtype])
     torch.testing.assert_close(got_t, ref_t, **TARGET_TOL)
-    vis_p, vis_t = wg_mod.gather_windows(images, windows, masks, p, w, norm_pix, out_dtype, n_mask=n_mask, visible_only=True)
+    with launched() as names:
+        vis_p, vis_t = wg_mod.gather_windows(images, windows, masks, p, w, norm_pix, out_dtype, n_mask=n_mask,
+                                             visible_only=True)
+    assert names, "the visible-only gather fell back to PyTorch"
     ref_vp, _ = wg_mod.gather_visible_reference(images, windows, masks, p, w, norm_pix, out_dtype)
     torch.testing.assert_close(vis_p.float(), ref_vp.float(), **GATHER_TOL[out_dtype])
     torch.testing.assert_close(vis_t, ref_t, **TARGET_TOL)
@@ -533,14 +545,18 @@ def _check_irpe(q, table, buckets, grad):
     tol = IRPE_TOL[dtype]
     q = q.detach().requires_grad_(True)
     table = table.detach().requires_grad_(True)
-    out = irpe_mod.irpe_key_bias(q, table, buckets)
+    with launched() as fwd:
+        out = irpe_mod.irpe_key_bias(q, table, buckets)
+    assert [n.split("<")[0] for n in fwd] == ["irpe_fwd"], fwd  # the kernel ran, not the fallback
     n, h, length, _ = q.shape
     lp = (length + 7) // 8 * 8
     assert out.dtype == dtype and out.shape == (n, h, length, length)
     assert out.stride() == (h * length * lp, length * lp, lp, 1)
     padding = torch.as_strided(out, (n, h, length, lp), out.stride(), out.storage_offset())[..., length:]
     assert bool((padding == 0).all())
-    dq, dt = torch.autograd.grad(out, (q, table), grad)
+    with launched() as bwd:
+        dq, dt = torch.autograd.grad(out, (q, table), grad)
+    assert "irpe_bwd_reduce" in [n.split("<")[0] for n in bwd], bwd
     want, want_dq, want_dt = _irpe_truth(q, table.to(dtype), buckets, grad)
     ref = irpe_mod.irpe_key_bias_reference(q.detach(), table.detach(), buckets)
     assert rel_err(out, ref) <= tol, rel_err(out, ref)
@@ -678,6 +694,15 @@ void gather_u8_bf16(const unsigned char* img, long long sb, long long sc, long l
         img, sb, sc, sy, sx, win, m, P, T, K, p, w, nm, vis, np_, m0, m1, m2, s0, s1, s2);
   });
 }
+void gather_f32_f32(const float* img, long long sb, long long sc, long long sy, long long sx,
+                    const long long* win, const unsigned char* m, float* P, float* T,
+                    int K, int p, int w, int nm, int vis, int np_, float m0, float m1, float m2,
+                    float s0, float s1, float s2, int grid) {
+  emu_launch(grid, 256, [&] {
+    window_gather_ns::window_gather<float, float>(
+        img, sb, sc, sy, sx, win, m, P, T, K, p, w, nm, vis, np_, m0, m1, m2, s0, s1, s2);
+  });
+}
 }
 """
 
@@ -694,7 +719,7 @@ def emu_lib(tmp_path_factory):
 
 def test_emulated_irpe_kernels_match_reference(emu_lib):
     torch.manual_seed(0)
-    n, h, length, d, nb = 1, 2, 26, 32, 50
+    n, h, length, d, nb = 3, 2, 26, 32, 50  # N > 1: a sequence stride mixed up with a head stride shows
     q = torch.randn(n, length, 3, h, d).permute(2, 0, 3, 1, 4)[0]  # fused-qkv strides
     table = torch.randn(d, nb)
     buckets = torch.randint(0, nb, (length, length))
@@ -716,7 +741,7 @@ def test_emulated_irpe_kernels_match_reference(emu_lib):
 
 @pytest.mark.parametrize("visible_only,norm_pix", [(False, True), (True, True), (False, False)])
 def test_emulated_window_gather_matches_reference(emu_lib, visible_only, norm_pix):
-    b, k, w, p, grid = 2, 1, 3, 4, 5
+    b, k, w, p, grid = 2, 3, 3, 4, 5  # K > 1: the image of a (image, window) row must be row / K
     images, windows, masks, n_mask = make_window_inputs(b, k, w, grid, p, seed=7)
     big = torch.zeros(b, grid * p + 2, grid * p + 1, 4, dtype=torch.uint8)
     big[:, 1:-1, 1:, :3] = images
@@ -733,4 +758,30 @@ def test_emulated_window_gather_matches_reference(emu_lib, visible_only, norm_pi
     ref = wg_mod.gather_visible_reference if visible_only else wg_mod.gather_windows_reference
     want_p, want_t = ref(view, windows, masks, p, w, norm_pix, torch.bfloat16)
     torch.testing.assert_close(patches.float(), want_p.float(), **GATHER_TOL[torch.bfloat16])
+    torch.testing.assert_close(targets, want_t, **TARGET_TOL)
+
+
+@pytest.mark.parametrize("visible_only", [False, True])
+def test_emulated_window_gather_of_float_nchw_images_to_fp32(emu_lib, visible_only):
+    """The float input path (normalized NCHW images, read through their channel stride; the wrapper passes the
+    ImageNet mean/std, which float inputs must not get again) with fp32 patches, on a non-contiguous view, K = 3
+    windows per image."""
+    b, k, w, p, grid = 3, 3, 3, 4, 5
+    images_u8, windows, masks, n_mask = make_window_inputs(b, k, w, grid, p, seed=11)
+    x = (images_u8.permute(0, 3, 1, 2).float() / 255 - 0.45) / 0.25  # already normalized floats
+    big = torch.zeros(b, 4, grid * p + 1, grid * p + 3)
+    big[:, :3, 1:, 2:-1] = x
+    view = big[:, :3, 1:, 2:-1]  # non-contiguous NCHW
+    v = p * p * 3
+    rows = w * w - n_mask if visible_only else w * w
+    patches = torch.full((b * k, rows, v), 5.0)
+    targets = torch.full((b * k, n_mask, v), 9.0)
+    s = view.stride()
+    emu_lib.gather_f32_f32(*_c_args(view, ("ll", s[0]), ("ll", s[1]), ("ll", s[2]), ("ll", s[3]), windows,
+                                    masks.view(torch.uint8), patches, targets, k, p, w, n_mask, int(visible_only), 1,
+                                    *map(float, wg_mod.IMAGENET_MEAN), *map(float, wg_mod.IMAGENET_STD),  # as launched
+                                    b * k * w * w))
+    ref = wg_mod.gather_visible_reference if visible_only else wg_mod.gather_windows_reference
+    want_p, want_t = ref(view, windows, masks, p, w, True, torch.float32)
+    torch.testing.assert_close(patches, want_p, **GATHER_TOL[torch.float32])
     torch.testing.assert_close(targets, want_t, **TARGET_TOL)

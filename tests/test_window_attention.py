@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_emulation import (ARCHS, DTYPES, SHARED_BYTES, build_library, c_args, emulation_source, gpu_test,
-                              missing_toolchain)
+                              launched, missing_toolchain)
 
 from lomar_fast.models.irpe import bucket_ids
 from lomar_fast.models.vit import Attention
@@ -845,12 +845,16 @@ def _check_gpu(q, k, v, table, buckets, scale=None, rpe_scale=None, go=None):
     dtype = q.dtype
     tol_out, tol_grad = GPU_TOL[dtype]
     q, k, v, table = (x.detach().requires_grad_(True) for x in (q, k, v, table))
-    out = wa_mod.window_attention(q, k, v, table, buckets, scale, rpe_scale=rpe_scale)
+    with launched() as fwd:
+        out = wa_mod.window_attention(q, k, v, table, buckets, scale, rpe_scale=rpe_scale)
+    assert [n.split("<")[0] for n in fwd] == ["window_attention_fwd"], fwd  # the kernel ran, not the fallback
     n, h, length, d = q.shape
     assert out.dtype == dtype and out.shape == (n, h, length, d)
     assert out.stride() == _heads_strides(n, h, length, d)  # the kernel's layout: the kernel ran
     go = torch.randn_like(out) if go is None else go
-    got = torch.autograd.grad(out, (q, k, v, table), go)
+    with launched() as bwd:
+        got = torch.autograd.grad(out, (q, k, v, table), go)
+    assert "window_attention_bwd" in [n.split("<")[0] for n in bwd], bwd
     s = d**-0.5 if scale is None else scale
     t = table if rpe_scale is None else table * rpe_scale
     want, truth = truth_grads(q, k, v, t, buckets.cpu(), s, go.cpu())
