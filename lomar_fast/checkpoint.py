@@ -1,15 +1,18 @@
 """Read and write the published LoMaR checkpoint layout: ``{"model": state_dict, ...}``.
 
-The pretraining model's state dict uses exactly the published names (see DESIGN.md), so writing is
-a float32 copy and reading is a strict check: every missing, unexpected or misshaped key is listed
-in one error.
+The pretraining model's state dict uses exactly the published names, so writing is a float32 copy and
+reading is a strict check: every missing, unexpected or misshaped key is listed in one error. Files are read
+with ``weights_only=True``; the reference MAE/LoMaR scripts' own entries (an ``argparse.Namespace`` of args,
+numpy scalars) are allowed as well.
 """
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,17 +36,40 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     raise CheckpointMismatch("checkpoint holds no state dict: expected {'model': state_dict} or a state dict")
 
 
-def load_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a ``.pth`` on the CPU and return its model state dict (clear error for a missing file)."""
+# what the reference scripts' checkpoints hold besides tensors: MAE's misc.save_model stores ``args`` as a Namespace
+_SAFE_GLOBALS = [argparse.Namespace, np.dtype, *{type(np.dtype(t)) for t in (np.float64, np.float32, np.int64,
+                                                                          np.int32, np.bool_)}]
+_SCALAR = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar  # numpy scalars pickle through it
+
+
+def load_object(path: str | os.PathLike) -> Any:
+    """The object a ``.pth`` holds, loaded on the CPU with ``weights_only=True`` (clear errors for a missing file,
+    a folder, or an unreadable file)."""
     p = Path(path)
+    if p.is_dir():
+        raise FileNotFoundError(f"checkpoint {p} is a folder; pass a .pth file (a pretraining run folder becomes one "
+                                f"with python -m lomar_fast.export --checkpoint {p} --out model.pth)")
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {p} does not exist; pass the path of a .pth written by "
                                 f"lomar_fast.export or a published LoMaR checkpoint")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([*_SAFE_GLOBALS, _SCALAR]):
+            return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means an unreadable file
         raise CheckpointMismatch(f"checkpoint {p} cannot be read ({type(e).__name__}: {e})") from e
-    return extract_state_dict(obj)
+
+
+def load_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a ``.pth`` on the CPU and return its model state dict (see :func:`load_object`)."""
+    return extract_state_dict(load_object(path))
+
+
+def checkpoint_args(obj: Any) -> dict[str, Any]:
+    """The run settings a loaded checkpoint carries (``args``: a dict, or the reference scripts' Namespace)."""
+    args = obj.get("args") if isinstance(obj, Mapping) else None
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return dict(args) if isinstance(args, Mapping) else {}
 
 
 def compare_keys(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> list[str]:
@@ -75,8 +101,14 @@ def save_checkpoint(model_or_state: nn.Module | Mapping[str, torch.Tensor], path
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    torch.save({"model": sd, **extra}, tmp)
-    os.replace(tmp, p)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"model": sd, **extra}, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it replaces the previous file: a power loss keeps one of the two
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
     return p
 
 

@@ -32,16 +32,26 @@ def _resolve(checkpoint: str, tag: str | None) -> tuple[Path, str]:
             raise ConfigError(f"--checkpoint {root}: no complete checkpoint tag {tag} (tags there: "
                               f"{', '.join(run_dir.tags(root)) or 'none'})")
         return root, tag
-    point = run_dir.find_resume(str(root), str(root), "epoch")
+    if run_dir.parse_tag(root.name) and not (root / run_dir.LATEST).exists() and not run_dir.is_complete(root):
+        raise ConfigError(f"--checkpoint {root} is an incomplete checkpoint tag (its save was interrupted); pass the "
+                          f"run folder {root.parent} to export its newest complete tag")
+    try:
+        point = run_dir.find_resume(str(root), str(root), "epoch")
+    except ConfigError:  # worded for training's --resume
+        point = None
+    if point is None:
+        raise ConfigError(f"--checkpoint {root} holds no complete checkpoint tag; pass the --output_dir of a "
+                          f"pretraining run")
     return Path(point.root), point.tag
 
 
 def consolidate(checkpoint: str, tag: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """(fp32 state dict, client state) of a DeepSpeed checkpoint."""
     root, tag = _resolve(checkpoint, tag)
-    states = sorted((root / tag).glob("mp_rank_*_model_states.pt"))
+    # ZeRO-0/1/2: mp_rank_00_model_states.pt; ZeRO-3: one zero_pp_rank_<r>_mp_rank_00_model_states.pt per rank
+    states = sorted((root / tag).glob("*mp_rank_*_model_states.pt"))
     if not states:
-        raise ConfigError(f"{root / tag} holds no mp_rank_*_model_states.pt: not a DeepSpeed checkpoint")
+        raise ConfigError(f"{root / tag} holds no *mp_rank_*_model_states.pt: not a DeepSpeed checkpoint")
     client = torch.load(states[0], map_location="cpu", weights_only=False)
     zero_files = list((root / tag).glob("*optim_states.pt"))
     stage = int(client.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)) if isinstance(
@@ -64,6 +74,9 @@ def consolidate(checkpoint: str, tag: str | None = None) -> tuple[dict[str, torc
 def export(checkpoint: str, out: str, tag: str | None = None) -> Path:
     sd, meta = consolidate(checkpoint, tag)
     cfg = meta.get("config")
+    if cfg and "window_size" not in cfg:
+        raise ConfigError(f"--checkpoint {checkpoint} is a fine-tuning run ({cfg.get('model')}), not a pretraining "
+                          f"one: its checkpoint-best.pth already holds the fp32 weights")
     if cfg:
         from lomar_fast.models import create_model
 

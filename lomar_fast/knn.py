@@ -30,7 +30,9 @@ if __package__ in (None, ""):  # run as a script by a launcher: make the package
 import torch
 import torch.nn.functional as F
 
-from lomar_fast.checkpoint import CheckpointMismatch, extract_state_dict, load_file, module_state_dict
+from lomar_fast.checkpoint import (CheckpointMismatch, checkpoint_args, extract_state_dict, load_file, load_object,
+                                   module_state_dict)
+from lomar_fast.errors import ConfigError
 from lomar_fast.data.shard import Shard, build_shard
 from lomar_fast.distributed import all_gather_rows, all_reduce, rank_world
 from lomar_fast.images import DEFAULT_INTERPOLATION, INTERPOLATIONS, normalize_images
@@ -77,13 +79,15 @@ def build_encoder(state_dict_or_path: str | os.PathLike | Mapping[str, Any], inp
                   device: torch.device | str = "cpu") -> FeatureEncoder:
     """The frozen feature encoder of a lomar_fast export, a published LoMaR checkpoint, a live
     LoMaR model's state dict or a fine-tuned classifier checkpoint (eval mode, on ``device``)."""
-    if isinstance(state_dict_or_path, Mapping):
-        sd = extract_state_dict(state_dict_or_path)
-    else:
-        sd = load_file(state_dict_or_path)
+    obj = state_dict_or_path if isinstance(state_dict_or_path, Mapping) else load_object(state_dict_or_path)
+    sd = extract_state_dict(obj)
     shape = encoder_shape(sd)
-    vit = VisionTransformerRPE(img_size=input_size, num_classes=0, drop_path=0.0, **shape)
     classifier = "fc_norm.weight" in sd
+    # a classifier fine-tuned on the cls token (--no_global_pool) is read the way it was trained
+    global_pool = bool(checkpoint_args(obj).get("global_pool", True)) if classifier else True
+    if not input_size or input_size % 16:
+        raise ConfigError(f"--input_size {input_size} must be a positive multiple of the patch size 16")
+    vit = VisionTransformerRPE(img_size=input_size, num_classes=0, drop_path=0.0, global_pool=global_pool, **shape)
     report = vit.load_pretrained(sd)
     token_norm = None
     if classifier:
@@ -225,9 +229,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     from lomar_fast.distributed import init_distributed, pick_device
-    from lomar_fast.errors import ConfigError
 
     for flag, path in (("--checkpoint", a.checkpoint), ("--train", a.train), ("--val", a.val)):
+        if Path(path).is_dir():
+            hint = (f"; a pretraining run folder becomes a .pth with python -m lomar_fast.export --checkpoint {path} "
+                    f"--out model.pth" if flag == "--checkpoint" else "")
+            raise ConfigError(f"{flag} {path} is a folder, not a file{hint}")
         if not Path(path).is_file():
             raise ConfigError(f"{flag} {path} does not exist")
     if a.k < 1 or a.temperature <= 0 or a.batch_size < 1:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from lomar_fast.checkpoint import load_checkpoint, load_file
+from lomar_fast.checkpoint import CheckpointMismatch, checkpoint_args, extract_state_dict, load_checkpoint, load_object
 from lomar_fast.cli import run_cli
 from lomar_fast.errors import ConfigError
 from lomar_fast.models.lomar import LoMaR
@@ -27,6 +27,10 @@ COLOURS = [(255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (200, 64
 def model_from_state_dict(sd: dict, args: dict | None = None) -> LoMaR:
     """Rebuild the architecture from the weights (widths, depth, heads, patch) plus saved args."""
     args = args or {}
+    missing = [k for k in ("pos_embed", "mask_token", "encoder_pred.weight") if k not in sd]
+    if missing:
+        raise CheckpointMismatch(f"the checkpoint has no {', '.join(missing)}: it is not a LoMaR pretraining model (a "
+                                 f"fine-tuned classifier keeps the encoder only); pass a lomar_fast.export model.pth")
     d = sd["cls_token"].shape[-1]
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     head_dim = sd["blocks.0.attn.rpe_k.lookup_table_weight"].shape[1]
@@ -110,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     for flag, path in (("--checkpoint", a.checkpoint), ("--image", a.image)):
         if not Path(path).is_file():
             raise ConfigError(f"{flag} {path} does not exist")
-    obj = torch.load(a.checkpoint, map_location="cpu", weights_only=False)
-    model = model_from_state_dict(load_file(a.checkpoint), obj.get("args") if isinstance(obj, dict) else None)
+    obj = load_object(a.checkpoint)  # weights_only: a checkpoint file cannot run code
+    model = model_from_state_dict(extract_state_dict(obj), checkpoint_args(obj))
     try:
         image = load_image(a.image, model.img_size)
     except OSError as e:

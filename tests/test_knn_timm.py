@@ -11,6 +11,7 @@ import torch
 
 import lomar_fast.timm_models  # noqa: F401  (registers the timm models)
 from lomar_fast.checkpoint import save_checkpoint
+from lomar_fast.errors import ConfigError
 from lomar_fast.knn import build_encoder, encoder_shape, knn_eval, knn_predict, main as knn_main
 from lomar_fast.models import create_model
 
@@ -48,6 +49,24 @@ def test_encoder_shape_from_checkpoint_and_self_retrieval(mini_demo, tmp_path):
     # val = train and k = 1: every image's nearest neighbour is itself, so features and labels line up
     res = knn_eval(enc, mini_demo["train"], mini_demo["train"], input_size=64, batch_size=5, k=1, num_workers=2)
     assert res["top1"] == 100.0 and res["n_val"] == res["n_train"] == mini_demo["n_train"]
+
+
+def test_a_cls_token_classifier_is_read_with_its_own_pooling(tmp_path):
+    """A classifier fine-tuned with --no_global_pool is scored on its cls token through its fc_norm, as it was
+    trained (the args in its checkpoint say so); a pooled one on the mean of its patch tokens."""
+    torch.manual_seed(0)
+    clf = create_model("vit_tiny_patch16", img_size=64, num_classes=4, depth=2, global_pool=False).eval()
+    with torch.no_grad():
+        clf.fc_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 3, 64, 64)
+    want = torch.nn.functional.normalize(clf.forward_head(clf.forward_features(x), pre_logits=True), dim=-1)
+    enc = build_encoder({"model": clf.state_dict(), "args": {"global_pool": False}}, input_size=64)
+    assert enc.vit.global_pool is False
+    torch.testing.assert_close(enc(x), want, rtol=1e-5, atol=1e-5)
+    pooled = build_encoder({"model": clf.state_dict(), "args": {"global_pool": True}}, input_size=64)
+    assert pooled.vit.global_pool is True and (pooled(x) - want).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match="--input_size 150 must be a positive multiple of the patch size 16"):
+        build_encoder({"model": clf.state_dict()}, input_size=150)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from lomar_fast import pretrain
+from lomar_fast.checkpoint import CheckpointMismatch
 from lomar_fast.cli import run_cli
 from lomar_fast.distributed import init_distributed, seed_rank, seed_shared
 from lomar_fast.ds_config import resolve_ds_config
@@ -429,6 +430,34 @@ def test_an_epoch_is_whole_accumulation_groups():
     assert [epoch_of(7, 1), epoch_of(7, 2), epoch_of(7, 3), epoch_of(9, 2, cap=3), epoch_of(8, 4)] == [7, 6, 6, 2, 8]
     with pytest.raises(ConfigError, match="lower --batch_size"):
         epoch_of(0, 1)
+
+
+def test_export_consolidates_a_zero3_run_and_names_what_it_cannot_export(mini_demo, tmp_path, in_process_world):
+    """A ZeRO-3 run keeps one zero_pp_rank_<r>_mp_rank_00_model_states.pt per rank (no mp_rank_00_...): export
+    reads it, consolidates the partitioned weights and checks them against the model; an interrupted tag and a
+    folder without a complete tag are errors worded for --checkpoint."""
+    from lomar_fast import export, run_dir, visualize
+
+    out = tmp_path / "z3"
+    pretrain.main(["--data_path", str(mini_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", *SMALL,
+                   "--output_dir", str(out), "--batch_size", "8", "--epochs", "1", "--warmup_epochs", "0",
+                   "--max_steps_per_epoch", "2", "--zero_stage", "3"])
+    assert [p.name for p in (out / "epoch0000").glob("*model_states.pt")] == ["zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    path = export.export(str(out), str(tmp_path / "model.pth"))
+    sd = torch.load(path, weights_only=True)["model"]
+    model = create_model("lomar_vit_tiny_patch16", img_size=64, window_size=3, num_window=2)
+    assert set(sd) == set(model.state_dict()) and all(v.dtype == torch.float32 for v in sd.values()
+                                                         if v.is_floating_point())
+    assert all(sd[k].shape == v.shape and sd[k].numel() > 0 for k, v in model.state_dict().items())
+    run_dir.uncommit(out, "epoch0000")
+    with pytest.raises(ConfigError, match="incomplete checkpoint tag .* pass the run folder"):
+        export.export(str(out / "epoch0000"), str(tmp_path / "x.pth"))
+    with pytest.raises(ConfigError, match="holds no complete checkpoint tag; pass the --output_dir of a pretraining"):
+        export.export(str(out), str(tmp_path / "x.pth"))
+    # a fine-tuned classifier is not a pretraining model: visualize says so instead of a KeyError
+    clf = create_model("vit_tiny_patch16", img_size=64, num_classes=4, depth=2)
+    with pytest.raises(CheckpointMismatch, match="not a LoMaR pretraining model"):
+        visualize.model_from_state_dict(clf.state_dict())
 
 
 def test_non_finite_read_back_raises_with_the_resume_hint():
