@@ -26,10 +26,11 @@ knn                   ``lomar_fast.knn`` of the pretraining export
 Output under ``--out``: ``e2e.json`` (all stages so far and the analysis; rewritten after every stage, so a
 run that is stopped keeps what finished), ``e2e/<stage>.json``, ``e2e/logs/<stage>-<step>.log``
 (each command's output), ``e2e/throughput/synthetic.*`` and ``e2e/loader_benchmark.json`` (the benchmarks' own
-files). The analysis compares the end-to-end images/sec with the synthetic-batch step
-(``ratio``), the measured time the training loop blocked on the loader per step (``data_wait_ms_per_step_measured``,
-from the trainer's ``data_wait_s``), and estimates the wait as step time end to end minus step time on
-device batches. Exit status 0 when every stage passed, 1 otherwise.
+files). The analysis compares the end-to-end images/sec with the synthetic-batch step (``ratio``; both as means
+over steps), reports the time the host blocked on the loader and the time the GPU sat idle before each step over the
+same steady windows (the trainer's ``data_wait_s`` and ``gpu_idle_before_step_s``), and the step-time gap end to end
+minus on device batches; a stage that failed its checks contributes no figure. Exit status 0 when every stage
+passed, 1 otherwise.
 
 ``e2e.json`` (schema ``lomar_fast.e2e/1``)::
 
@@ -40,8 +41,9 @@ device batches. Exit status 0 when every stage passed, 1 otherwise.
                        commands: [{name, cmd, rc, seconds, timed_out, killed, log}], results, checks: {name: bool}}}
     running    while a stage runs: {stage, commands, results}
     analysis   e2e_images_per_sec, synthetic_images_per_sec, loader_images_per_sec, batch_size, ratio,
-               step_ms_e2e, step_ms_synthetic, data_wait_ms_per_step (estimated), data_wait_ms_per_step_measured,
-               data_wait_fraction, loader_headroom
+               step_ms_e2e, step_ms_synthetic (from its mean step, as the windows are means), step_ms_gap,
+               data_wait_fraction_estimated, data_wait_ms_per_step_measured (the host blocked on the loader),
+               gpu_idle_before_step_ms_measured (CUDA events), loader_headroom; from passed stages only
 
 ``results`` of each stage::
 
@@ -374,10 +376,12 @@ def rel_diff(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-12)
 
 
-def compare_epochs(resumed: dict[int, float], straight: dict[int, float], rtol: float) -> dict:
-    """Per-epoch losses of the resumed run against the uninterrupted one."""
+def compare_epochs(resumed: dict[int, float], straight: dict[int, float], rtol: float, from_epoch: int = 0) -> dict:
+    """Per-epoch losses of the resumed run against the uninterrupted one, from ``from_epoch`` (the first epoch the
+    resumed run trained) on."""
     rows = [{"epoch": e, "straight": straight[e], "resumed": resumed.get(e),
-             "rel_diff": None if e not in resumed else rel_diff(straight[e], resumed[e])} for e in sorted(straight)]
+             "rel_diff": None if e not in resumed else rel_diff(straight[e], resumed[e])}
+            for e in sorted(straight) if e >= from_epoch]
     diffs = [r["rel_diff"] for r in rows if r["rel_diff"] is not None]
     ok = bool(rows) and all(r["rel_diff"] is not None and r["rel_diff"] <= rtol for r in rows)
     return {"epochs": rows, "max_rel_diff": max(diffs) if diffs else None, "rtol": rtol, "equal": ok}
@@ -400,36 +404,48 @@ def replayed_steps(records: list[dict]) -> list[dict]:
 
 
 def steady_images_per_sec(records: list[dict]) -> float | None:
-    """Median images/sec of the step windows after the first epoch (all but the first window when only one)."""
+    """Median images/sec of the steady windows (:func:`steady_windows`)."""
+    rates = [r["images_per_sec"] for r in steady_windows(records)]
+    return float(statistics.median(rates)) if rates else None
+
+
+def steady_windows(records: list[dict]) -> list[dict]:
+    """The step-log windows after the first epoch (all but the first window when there is only one epoch): the
+    windows both the steady rate and the measured waits are read from."""
     steps = [r for r in records if r.get("kind") == "steps"]
-    later = [r["images_per_sec"] for r in steps if int(r["epoch"]) > 0]
-    if not later:
-        later = [r["images_per_sec"] for r in steps[1:]]
-    return float(statistics.median(later)) if later else None
+    later = [r for r in steps if int(r["epoch"]) > 0]
+    return later or steps[1:]
 
 
-def measured_data_wait_ms(recs: list[dict]) -> float | None:
-    """Median over the steady-state log windows of the time the training loop blocked on the loader per
-    step (the trainer's ``data_wait_s``), in ms; the first window (pipeline compile, warm-up) is left out."""
-    waits = [r["data_wait_s"] for r in recs if r.get("kind") == "steps" and "data_wait_s" in r][1:]
+def measured_wait_ms(recs: list[dict], key: str) -> float | None:
+    """Median over the steady windows of a per-step wait the trainer logs (``data_wait_s``: the host blocked on
+    the loader; ``gpu_idle_before_step_s``: the device idle between one step's work and the next's), in ms."""
+    waits = [r[key] for r in steady_windows(recs) if r.get(key) is not None]
     return round(1e3 * float(statistics.median(waits)), 3) if waits else None
 
 
 def analysis(stages: dict[str, dict], plan: Plan) -> dict:
     """End-to-end vs synthetic-batch step, loader headroom and the data wait per step, from what ran."""
-    pre = stages.get("pretrain", {}).get("results", {})
-    thr = stages.get("throughput", {}).get("results", {})
-    ld = stages.get("loader", {}).get("results", {})
-    e2e, synth, loader = pre.get("images_per_sec_steady"), thr.get("images_per_sec"), ld.get("images_per_sec")
-    out: dict[str, Any] = {"e2e_images_per_sec": e2e, "synthetic_images_per_sec": synth,
+    def ok_results(name: str) -> dict:  # a stage's figures count only when the stage passed its checks
+        st = stages.get(name, {})
+        return st.get("results", {}) if st.get("status") == "ok" else {}
+
+    pre, thr, ld = ok_results("pretrain"), ok_results("throughput"), ok_results("loader")
+    e2e, loader = pre.get("images_per_sec_steady"), ld.get("images_per_sec")
+    # like for like: the pretraining figure is images over the time of whole log windows (a mean over steps), so
+    # the synthetic one is taken from its mean step, not its median one
+    synth_ms = thr.get("step_ms_mean") or thr.get("step_ms_median")
+    synth = 1e3 * plan.batch_size / synth_ms if synth_ms else None
+    out: dict[str, Any] = {"e2e_images_per_sec": e2e, "synthetic_images_per_sec": synth and round(synth, 2),
                            "loader_images_per_sec": loader, "batch_size": plan.batch_size}
     if e2e and synth:
         step_e2e, step_synth = 1e3 * plan.batch_size / e2e, 1e3 * plan.batch_size / synth
         out.update(ratio=round(e2e / synth, 4), step_ms_e2e=round(step_e2e, 2), step_ms_synthetic=round(step_synth, 2),
-                   data_wait_ms_per_step=round(max(0.0, step_e2e - step_synth), 2),
-                   data_wait_fraction=round(max(0.0, 1 - step_synth / step_e2e), 4))
-    if pre.get("data_wait_ms_per_step") is not None:
-        out["data_wait_ms_per_step_measured"] = pre["data_wait_ms_per_step"]
+                   step_ms_gap=round(step_e2e - step_synth, 2),
+                   data_wait_fraction_estimated=round(1 - step_synth / step_e2e, 4))
+    for key in ("data_wait_ms_per_step", "gpu_idle_before_step_ms"):
+        if pre.get(key) is not None:
+            out[key + "_measured"] = pre[key]
     if e2e and loader:
         out["loader_headroom"] = round(loader / e2e, 3)
     return out
@@ -590,7 +606,8 @@ def stage_pretrain(st: Stage) -> None:
         seconds_to_first_log=round(steps[0]["time"] - t0, 1) if steps else None,
         epochs=[{k: e.get(k) for k in ("epoch", "loss", "images_per_sec", "epoch_time")} for e in epochs],
         images_per_sec_steady=steady_images_per_sec(recs),
-        data_wait_ms_per_step=measured_data_wait_ms(recs),
+        data_wait_ms_per_step=measured_wait_ms(recs, "data_wait_s"),
+        gpu_idle_before_step_ms=measured_wait_ms(recs, "gpu_idle_before_step_s"),
         step_windows=[{k: s.get(k) for k in ("epoch", "step", "images_per_sec", "loss")} for s in steps])
     summary = out / "summary.json"
     if summary.is_file():
@@ -621,11 +638,15 @@ def stage_throughput(st: Stage) -> None:
     st.check("one result", len(res) == 1 and res[0].get("status") == "ok", json.dumps(res)[:500])
     r = res[0]
     st.results.update({k: r.get(k) for k in ("model", "size", "variant", "batch_size", "images_per_sec",
-                                              "step_ms_median", "mfu", "peak_mem_gib", "host_syncs_in_step",
-                                              "model_kwargs")})
-    st.check("same geometry", p.mode == "gpu" or (r.get("model_kwargs", {}).get("window_size") == p.window_size and
-                                                  r.get("model_kwargs", {}).get("num_window") == p.num_window),
-             f"throughput model {r.get('model_kwargs')} vs pretrain window {p.window_size} x {p.num_window}")
+                                              "step_ms_median", "step_ms_mean", "mfu", "peak_mem_gib",
+                                              "host_syncs_in_step", "model_kwargs", "engine_mode", "kernels")})
+    kw = r.get("model_kwargs", {})
+    geometry = (kw.get("window_size", 7), kw.get("num_window", 4))  # the model's defaults when not passed
+    st.check("same step as the pretraining runs", geometry == (p.window_size, p.num_window)
+             and r.get("batch_size") == p.batch_size and r.get("size") == p.input_size
+             and r.get("model") == p.model,
+             f"synthetic {r.get('model')} {r.get('size')} px, batch {r.get('batch_size')}, windows {geometry} vs "
+             f"pretraining {p.model} {p.input_size} px, batch {p.batch_size}, windows ({p.window_size}, {p.num_window})")
 
 
 def stage_loader(st: Stage) -> None:
@@ -675,10 +696,15 @@ def stage_resume(st: Stage) -> None:
     pairs = replayed_steps(recs)
     st.results["replayed_steps"] = pairs
     st.results["replay_rtol"] = p.replay_rtol
-    st.check("replayed steps", bool(pairs) and pairs[0]["step"] == p.steps + 1
-             and pairs[0]["rel_diff"] <= p.replay_rtol,
-             "the first step after the resume must give the killed run's loss at that step: " + json.dumps(pairs[:3]))
-    cmp = compare_epochs(epoch_losses(recs), epoch_losses(read_jsonl(straight / "log.jsonl")), p.epoch_rtol)
+    # the first replayed step depends on the restored weights only; the later ones on the restored optimizer
+    # state too (a lost Adam state left step 1 exact and put steps 2-10 up to 2% off), within the run-to-run
+    # tolerance of the device's nondeterministic backward kernels
+    st.check("replayed steps", [q["step"] for q in pairs] == list(range(p.steps + 1, last_step + 1))
+             and pairs[0]["rel_diff"] <= p.replay_rtol and all(q["rel_diff"] <= p.epoch_rtol for q in pairs),
+             f"every step the killed run logged after its checkpoint ({p.steps + 1}..{last_step}) must come again with "
+             f"its loss (the first within {p.replay_rtol}, the rest within {p.epoch_rtol}): " + json.dumps(pairs[:12]))
+    cmp = compare_epochs(epoch_losses(recs), epoch_losses(read_jsonl(straight / "log.jsonl")), p.epoch_rtol,
+                         from_epoch=1)  # epoch 0 is the killed run's own, before the checkpoint
     st.results["epochs"] = cmp
     st.check("epoch losses equal the uninterrupted run's", cmp["equal"], json.dumps(cmp["epochs"]))
 

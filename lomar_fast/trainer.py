@@ -60,6 +60,41 @@ def plan_run(cfg: RunConfig, extra_ds: dict[str, Any] | None = None) -> tuple[to
     return device, ds_cfg, world
 
 
+class DeviceIdle:
+    """How long the GPU sat idle before each step's work: the time between the previous step's last queued work
+    and this step's first, from CUDA events, read at the loss read-back (which has synchronized by then). The
+    host's own wait on the loader (``data_wait_s``) cannot show this when it runs ahead of the device: with no sync
+    in the step, the host blocks while the GPU still works off queued steps. A no-op on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.on = device.type == "cuda"
+        self.prev_end = None
+        self.pairs: list = []
+
+    def new_epoch(self) -> None:
+        self.prev_end = None  # the gap across an epoch's end (checkpoint, k-NN) is not the loader's
+
+    def step_starts(self) -> None:
+        if self.on:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            if self.prev_end is not None:
+                self.pairs.append((self.prev_end, start))
+
+    def step_ends(self) -> None:
+        if self.on:
+            self.prev_end = torch.cuda.Event(enable_timing=True)
+            self.prev_end.record()
+
+    def read(self) -> float | None:
+        """Mean idle seconds per step over the pairs whose events have completed (None on a CPU or for none)."""
+        done = [(a, b) for a, b in self.pairs if b.query()]
+        self.pairs = [pair for pair in self.pairs if not pair[1].query()]
+        if not done:
+            return None
+        return sum(a.elapsed_time(b) for a, b in done) / 1e3 / len(done)
+
+
 class LossMeter:
     """Sums step losses on the device and reads them back only when due: the step's one host sync.
 
@@ -282,6 +317,7 @@ class Trainer:
         from lomar_fast.data import epoch_order, set_epoch, stop_epoch
 
         meter = LossMeter(self.device, cfg.log_every, cfg.output_dir)
+        idle = DeviceIdle(self.device)
         last: dict = {}
         start = self.epoch
         try:
@@ -298,11 +334,13 @@ class Trainer:
                 self.logger.start_epoch(epoch, self.steps_per_epoch)
                 meter.start_epoch()
                 t0, lr, wait, epoch_wait = time.perf_counter(), self.base_lr, 0.0, 0.0
+                idle.new_epoch()
                 batches = iter(self.loader)
                 for i in range(self.steps_per_epoch):
                     t_wait = time.perf_counter()
                     batch = next(batches)
                     wait += time.perf_counter() - t_wait  # the host blocked on the loader
+                    idle.step_starts()
                     # the schedule's position is the epoch and the step in it, as MAE's (epoch + i / len): a run
                     # resumed with another split of the same global batch or another step cap keeps its lr
                     # (self.step, counted in micro-steps of the split that saved it, would not)
@@ -317,12 +355,16 @@ class Trainer:
                         raise CompileFailed(f"torch.compile failed at step {self.step} ({self.compile_note}): "
                                             f"{type(e).__name__}; --compile off trains without it") from e
                     engine.step()
+                    idle.step_ends()
                     meter.add(loss)
                     self.step += 1
                     if meter.due(i, self.steps_per_epoch - 1):
                         value, n, dt = meter.read(epoch, self.step)
                         lrs = [g["lr"] for g in self.optimizer.param_groups]
                         extra = {"lr_low": min(lrs)} if min(lrs) != max(lrs) else {}
+                        gpu_idle = idle.read()
+                        if gpu_idle is not None:
+                            extra["gpu_idle_before_step_s"] = gpu_idle
                         self.logger.log_steps(epoch=epoch, step=self.step, loss=value, lr=max(lrs),
                                               images_per_sec=n * self.micro * self.world / dt, n=n,
                                               data_wait_s=wait / n, **extra)

@@ -126,12 +126,35 @@ def test_analysis():
             {"kind": "steps", "epoch": 2, "images_per_sec": 1100.0}]
     assert e2e.steady_images_per_sec(recs) == 1100.0      # epoch 0 (warm-up) left out
     assert e2e.steady_images_per_sec(recs[:2]) == 900.0   # only epoch 0: all but its first window
-    stages = {"pretrain": {"results": {"images_per_sec_steady": 1000.0}},
-              "throughput": {"results": {"images_per_sec": 1250.0}}, "loader": {"results": {"images_per_sec": 5000.0}}}
+    waits = [{**r, "data_wait_s": 0.001 * i, "gpu_idle_before_step_s": 0.002 * i} for i, r in enumerate(recs)]
+    assert e2e.measured_wait_ms(waits, "data_wait_s") == 3.0  # the same windows as the rate: epochs >= 1
+    assert e2e.measured_wait_ms(waits, "gpu_idle_before_step_s") == 6.0
+    ok = {"status": "ok"}
+    stages = {"pretrain": {**ok, "results": {"images_per_sec_steady": 1000.0, "data_wait_ms_per_step": 3.0,
+                                             "gpu_idle_before_step_ms": 40.0}},
+              "throughput": {**ok, "results": {"images_per_sec": 1300.0, "step_ms_median": 190.0,
+                                               "step_ms_mean": 200.0}},
+              "loader": {**ok, "results": {"images_per_sec": 5000.0}}}
     a = e2e.analysis(stages, plan(batch_size=250))
-    assert a["ratio"] == 0.8 and a["step_ms_e2e"] == 250.0 and a["step_ms_synthetic"] == 200.0
-    assert a["data_wait_ms_per_step"] == 50.0 and a["data_wait_fraction"] == 0.2 and a["loader_headroom"] == 5.0
+    # the synthetic side from its mean step (the pretraining windows are means), not its median or its img/s
+    assert a["synthetic_images_per_sec"] == 1250.0 and a["ratio"] == 0.8
+    assert a["step_ms_e2e"] == 250.0 and a["step_ms_synthetic"] == 200.0 and a["step_ms_gap"] == 50.0
+    assert a["data_wait_fraction_estimated"] == 0.2 and a["loader_headroom"] == 5.0
+    assert a["data_wait_ms_per_step_measured"] == 3.0 and a["gpu_idle_before_step_ms_measured"] == 40.0
     assert "ratio" not in e2e.analysis({}, plan())
+    failed = {**stages, "throughput": {**stages["throughput"], "status": "failed"}}
+    assert "ratio" not in e2e.analysis(failed, plan(batch_size=250))  # a failed stage gives no figure
+
+
+def test_resume_checks_every_replayed_step_from_the_resumed_epoch():
+    """The replayed steps after the first check the restored optimizer state; epochs before the resume are the
+    killed run's own and are not compared."""
+    killed = [{"kind": "steps", "step": s, "loss": 1.0 + s} for s in range(1, 8)]
+    resumed = [{"kind": "steps", "step": s, "loss": 1.0 + s + (0.02 * (s - 4) if s > 5 else 0)} for s in range(5, 8)]
+    pairs = e2e.replayed_steps(killed + resumed)
+    assert [q["step"] for q in pairs] == [5, 6, 7] and pairs[0]["rel_diff"] == 0.0 and pairs[2]["rel_diff"] > 5e-3
+    cmp = e2e.compare_epochs({0: 9.0, 1: 2.0}, {0: 1.0, 1: 2.0}, 1e-3, from_epoch=1)
+    assert cmp["equal"] and [r["epoch"] for r in cmp["epochs"]] == [1]
 
 
 def test_gpu_plan_fits_its_deadline():

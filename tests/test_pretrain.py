@@ -460,6 +460,50 @@ def test_export_consolidates_a_zero3_run_and_names_what_it_cannot_export(mini_de
         visualize.model_from_state_dict(clf.state_dict())
 
 
+def test_device_idle_pairs_each_step_start_with_the_previous_step_end(monkeypatch):
+    """The GPU idle time before a step is the time between the previous step's end event and this step's start
+    event; no pair spans an epoch boundary, unfinished pairs wait for the next read, and a CPU run logs none."""
+    from lomar_fast.trainer import DeviceIdle
+
+    clock = iter(range(100))
+
+    class FakeEvent:  # an event's time is when it was recorded (ms); done unless told otherwise
+        pending = False
+
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = next(clock) * 10.0
+
+        def query(self):
+            return not FakeEvent.pending
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    idle = DeviceIdle(torch.device("cuda"))
+    idle.new_epoch()
+    for _ in range(3):  # records: start 0, end 10, start 20, end 30, start 40, end 50
+        idle.step_starts()
+        idle.step_ends()
+    assert idle.read() == pytest.approx(0.010)  # two pairs: 20 - 10 and 40 - 30 ms
+    idle.new_epoch()
+    idle.step_starts()  # the first step of an epoch has no pair
+    FakeEvent.pending = True
+    idle.step_ends()
+    idle.step_starts()
+    assert idle.read() is None and len(idle.pairs) == 1  # not done yet: kept for the next read
+    FakeEvent.pending = False
+    assert idle.read() == pytest.approx(0.010)
+    cpu = DeviceIdle(torch.device("cpu"))
+    cpu.step_starts()
+    cpu.step_ends()
+    cpu.step_starts()
+    assert cpu.read() is None
+
+
 def test_non_finite_read_back_raises_with_the_resume_hint():
     from lomar_fast.trainer import LossMeter
 
