@@ -113,8 +113,11 @@ stage gpu_tests 180 360 "$PY" -m pytest tests/test_kernels.py tests/test_window_
 
 if [ "${1:-}" != "--no-throughput" ]; then
   # shellcheck disable=SC2086
+  # the profile's target is the default plan's row: with THROUGHPUT_ARGS the benchmark picks its own
+  profile=(--profile --profile_target lomar:224:compile)
+  [ -n "${THROUGHPUT_ARGS:-}" ] && profile=(--profile)
   ds_stage throughput 330 120 "$PY" -m benchmarks.throughput --quick --out "$RESULTS/throughput" \
-    --profile --profile_target lomar:224:compile --time_budget "$(budget 120 280)" ${THROUGHPUT_ARGS:-}
+    "${profile[@]}" --time_budget "$(budget 120 280)" ${THROUGHPUT_ARGS:-}
 fi
 
 stage kernels 150 60 "$PY" -m benchmarks.kernels --out "$RESULTS/kernels" --quick

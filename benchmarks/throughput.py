@@ -364,18 +364,20 @@ def set_kernel_mode(mode: str) -> None:
     set_kernels(mode)
 
 
-def kernels_in_use(device: torch.device) -> list[str]:
-    """The ops whose CUDA kernel runs under the current kernel mode on ``device`` (the gather, the iRPE bias,
-    the fused window attention; where the attention kernel runs, the blocks need no separate iRPE bias)."""
+def kernels_in_use(device: torch.device, kind: str = "lomar") -> list[str]:
+    """The ops whose CUDA kernel a ``kind`` model runs under the current kernel mode on ``device``: the gather,
+    the iRPE bias, the fused window attention (where it runs, the blocks take no separate iRPE bias). MAE uses
+    none of them."""
     from lomar_fast.ops import irpe, window_attention, window_gather
     from lomar_fast.ops._dispatch import cupy_available, kernel_mode
 
     mode = kernel_mode()
-    if device.type != "cuda" or mode == "off":
+    if device.type != "cuda" or mode == "off" or kind != "lomar":
         return []
     ops = {"window_gather": window_gather.AUTO_USES_KERNEL, "irpe": irpe.AUTO_USES_KERNEL,
            "window_attention": window_attention.AUTO_USES_KERNEL}
-    return [name for name, auto in ops.items() if mode == "on" or (auto and cupy_available())]
+    used = [name for name, auto in ops.items() if mode == "on" or (auto and cupy_available())]
+    return [n for n in used if not (n == "irpe" and "window_attention" in used)]
 
 
 def op_paths() -> dict[str, str]:
@@ -415,7 +417,7 @@ class Harness:
         self.engine = None
         kernels = variant.endswith("+kernels")
         set_kernel_mode("on" if kernels else args.kernel_mode)  # auto: the entry points' default
-        result.kernels = kernels_in_use(device)
+        result.kernels = kernels_in_use(device, kind)
         reset_compiler()
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)

@@ -217,8 +217,8 @@ def load_rgb(path: str, max_side: int = 0) -> np.ndarray:
         elif im.mode != "RGB":
             im = im.convert("RGB")
         w, h = im.size
-        if max_side and max(w, h) > max_side and min(w, h) * max_side < max(w, h):
-            # FFCV's resize would make the short side int(< 1) = 0 pixels
+        if max_side and max(w, h) > max_side and int(min(w, h) * (max_side / max(w, h))) < 1:
+            # FFCV's resize (the same float arithmetic) would make the short side 0 pixels
             s = max_side / max(w, h)
             im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BOX)
         arr = np.asarray(im)

@@ -53,7 +53,9 @@ def load_object(path: str | os.PathLike) -> Any:
         raise FileNotFoundError(f"checkpoint {p} does not exist; pass the path of a .pth written by "
                                 f"lomar_fast.export or a published LoMaR checkpoint")
     try:
-        with torch.serialization.safe_globals([*_SAFE_GLOBALS, _SCALAR]):
+        # numpy scalars pickle as numpy.core.multiarray.scalar (numpy 1) or numpy._core.multiarray.scalar (numpy 2)
+        scalars = [(_SCALAR, f"numpy.{core}.multiarray.scalar") for core in ("core", "_core")]
+        with torch.serialization.safe_globals([*_SAFE_GLOBALS, *scalars]):
             return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means an unreadable file
         raise CheckpointMismatch(f"checkpoint {p} cannot be read ({type(e).__name__}: {e})") from e

@@ -275,11 +275,11 @@ class FinetuneConfig(RunConfig):
         """For ``--eval --finetune checkpoint-best.pth``: take the model settings and the interpolation the
         checkpoint was trained with (saved under ``args``) for every one the user did not set. Returns
         'name=value' of those taken."""
-        import torch
+        from lomar_fast.checkpoint import checkpoint_args, load_object
 
         try:
-            args = torch.load(path, map_location="cpu", weights_only=True).get("args") or {}
-        except Exception:  # noqa: BLE001 - no readable args: keep the flags
+            args = checkpoint_args(load_object(path))  # a dict, or the reference scripts' Namespace
+        except Exception:  # noqa: BLE001 - no readable args: keep the flags (loading the weights says why)
             return []
         taken = []
         for name in self.ADOPTED_KEYS:

@@ -165,6 +165,14 @@ def test_reference_script_checkpoints_load_safely(tmp_path):
     assert checkpoint_args(obj) == {"global_pool": False, "input_size": 64}
     assert checkpoint_args({"model": sd, "args": {"a": 1}}) == {"a": 1} and checkpoint_args(sd) == {}
 
+    # numpy 1 (the reference runs' era) pickled its scalars as numpy.core.multiarray.scalar
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"model": sd, "epoch": np.int64(7)}, legacy, _use_new_zipfile_serialization=False)
+    raw = legacy.read_bytes()
+    assert b"numpy._core.multiarray" in raw
+    legacy.write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    assert int(load_object(legacy)["epoch"]) == 7
+
     class Evil:
         def __reduce__(self):
             return (print, ("ran",))

@@ -262,6 +262,21 @@ def test_overwrite_never_deletes_what_the_run_reads_and_limits_are_positive(tmp_
             parse_config(["--data_path", str(val), flag, "0"]).validate()
 
 
+def test_eval_adopts_the_settings_of_a_reference_script_checkpoint(tmp_path):
+    """A fine-tuned checkpoint of the reference scripts stores its args as an argparse.Namespace: --eval takes
+    its model settings from it as from a lomar_fast checkpoint (it had silently kept the flag defaults)."""
+    import argparse
+
+    import torch
+
+    path = tmp_path / "ref.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "args": argparse.Namespace(global_pool=False, input_size=384,
+                                                                             lr=1e-3)}, path)
+    cfg = parse_config(["--eval", "--finetune", str(path)], FinetuneConfig)
+    assert sorted(cfg.adopt_checkpoint_args(str(path))) == ["global_pool=False", "input_size=384"]
+    assert cfg.global_pool is False and cfg.input_size == 384
+
+
 def test_check_resume_maps_the_same_global_batch_and_refuses_other_shapes():
     cfg = {"model": "m", "input_size": 224}
     saved = {"world_size": 4, "micro_batch": 64, "accum_iter": 1, "zero_stage": 0, "config": cfg}

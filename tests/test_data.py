@@ -159,6 +159,8 @@ def test_loading_16_bit_thin_and_nested_images(tmp_path):
 
     Image.fromarray(gradient_image(3, 2000, 0)).save(tmp_path / "thin.png")
     assert wb.load_rgb(str(tmp_path / "thin.png"), max_side=512).shape == (512, 1, 3)
+    Image.fromarray(gradient_image(49, 25088, 0)).save(tmp_path / "exact.png")  # 49 * (512 / 25088) = 0.99999...
+    assert wb.load_rgb(str(tmp_path / "exact.png"), max_side=512).shape == (512, 1, 3)
     assert wb.load_rgb(str(tmp_path / "thin.png")).shape == (2000, 3, 3)  # no --max-side: kept
 
     root = tmp_path / "tree" / "train"

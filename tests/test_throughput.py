@@ -297,11 +297,10 @@ def test_rows_run_the_shipped_kernels_unless_told_otherwise(monkeypatch):
     cuda = torch.device("cuda")
     monkeypatch.setattr(_dispatch, "cupy_available", lambda: True)
     try:
-        for mode, want in (("auto", ["window_gather"]), ("off", []),
-                           ("on", ["window_gather", "irpe", "window_attention"])):
-            tp.set_kernel_mode(mode)
+        for mode, want in (("auto", ["window_gather"]), ("off", []), ("on", ["window_gather", "window_attention"])):
+            tp.set_kernel_mode(mode)  # "on": the fused attention computes the iRPE term itself
             assert tp.kernels_in_use(cuda) == want, mode
-            assert tp.kernels_in_use(torch.device("cpu")) == []
+            assert tp.kernels_in_use(cuda, "mae") == [] and tp.kernels_in_use(torch.device("cpu")) == []
         monkeypatch.setattr(_dispatch, "cupy_available", lambda: False)
         tp.set_kernel_mode("auto")
         assert tp.kernels_in_use(cuda) == []
