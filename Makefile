@@ -4,6 +4,9 @@ SHELL := /bin/bash
 
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
+# the JIT-built torch extensions (DeepSpeed's CPU comm op) live with the venv: the shared ~/.cache location is keyed
+# by nothing but the Python and CUDA versions, so two checkouts rebuilt each other's op, one while the other loaded it
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 PIP       := $(VENV)/bin/pip
 PYTHON    ?= python3
 APT_PKGS  := pkg-config libopencv-dev libturbojpeg0-dev
