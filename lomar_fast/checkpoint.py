@@ -39,7 +39,9 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
 # what the reference scripts' checkpoints hold besides tensors: MAE's misc.save_model stores ``args`` as a Namespace
 _SAFE_GLOBALS = [argparse.Namespace, np.dtype, *{type(np.dtype(t)) for t in (np.float64, np.float32, np.int64,
                                                                           np.int32, np.bool_)}]
-_SCALAR = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar  # numpy scalars pickle through it
+_SCALAR = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar
+# numpy scalars pickle through it, named numpy.core.multiarray.scalar (numpy 1) or numpy._core... (numpy 2)
+_SAFE_GLOBALS += [(_SCALAR, f"numpy.{core}.multiarray.scalar") for core in ("core", "_core")]
 
 
 def load_object(path: str | os.PathLike) -> Any:
@@ -53,9 +55,7 @@ def load_object(path: str | os.PathLike) -> Any:
         raise FileNotFoundError(f"checkpoint {p} does not exist; pass the path of a .pth written by "
                                 f"lomar_fast.export or a published LoMaR checkpoint")
     try:
-        # numpy scalars pickle as numpy.core.multiarray.scalar (numpy 1) or numpy._core.multiarray.scalar (numpy 2)
-        scalars = [(_SCALAR, f"numpy.{core}.multiarray.scalar") for core in ("core", "_core")]
-        with torch.serialization.safe_globals([*_SAFE_GLOBALS, *scalars]):
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means an unreadable file
         raise CheckpointMismatch(f"checkpoint {p} cannot be read ({type(e).__name__}: {e})") from e

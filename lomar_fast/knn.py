@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script by a launcher: make the package
 import torch
 import torch.nn.functional as F
 
-from lomar_fast.checkpoint import (CheckpointMismatch, checkpoint_args, extract_state_dict, load_file, load_object,
+from lomar_fast.checkpoint import (CheckpointMismatch, checkpoint_args, extract_state_dict, load_object,
                                    module_state_dict)
 from lomar_fast.errors import ConfigError
 from lomar_fast.data.shard import Shard, build_shard
@@ -249,10 +249,10 @@ def main(argv: list[str] | None = None) -> dict:
     res = knn_eval(encoder, a.train, a.val, a.input_size, a.batch_size, device, a.k, a.temperature,
                    a.num_workers, dtype, a.interpolation)
     if rank == 0:
-        shape = encoder_shape(load_file(a.checkpoint))
+        vit = encoder.vit  # the shape build_encoder read off the checkpoint (no second load of the file)
         print(f"k-NN top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  (k={a.k}, T={a.temperature}, "
               f"{res['n_train']} train / {res['n_val']} val images at {a.input_size} px ({a.interpolation}), encoder "
-              f"D={shape['embed_dim']} depth={shape['depth']} heads={shape['num_heads']}, {res['seconds']:.1f} s)")
+              f"D={vit.embed_dim} depth={vit.depth} heads={vit.num_heads}, {res['seconds']:.1f} s)")
     return res
 
 

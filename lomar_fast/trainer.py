@@ -88,8 +88,10 @@ class DeviceIdle:
 
     def read(self) -> float | None:
         """Mean idle seconds per step over the pairs whose events have completed (None on a CPU or for none)."""
-        done = [(a, b) for a, b in self.pairs if b.query()]
-        self.pairs = [pair for pair in self.pairs if not pair[1].query()]
+        done, waiting = [], []
+        for pair in self.pairs:  # one query per pair: a pair counts once its later event is done
+            (done if pair[1].query() else waiting).append(pair)
+        self.pairs = waiting
         if not done:
             return None
         return sum(a.elapsed_time(b) for a, b in done) / 1e3 / len(done)
