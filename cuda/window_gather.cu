@@ -96,7 +96,7 @@ window_gather(const TIn* __restrict__ img, long long s_b, long long s_c, long lo
     TOut* prow = nullptr;
     if (!visible_only) {
         prow = patches + (row * ww + t) * (long long)V;
-    } else if (!masked) {
+    } else if (!masked && vis_rank < ww - n_mask) {  // a window with too few masked patches: no row past its own
         prow = patches + (row * (ww - n_mask) + vis_rank) * (long long)V;
     }
 

@@ -81,10 +81,10 @@ EMU_LAYER = r"""#include <thread>
 #include <functional>
 #include <algorithm>
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
-struct float4 { float x, y, z, w; };
-struct float2 { float x, y; };
-struct uint4 { unsigned x, y, z, w; };
-struct uint2 { unsigned x, y; };
+struct alignas(16) float4 { float x, y, z, w; };  // CUDA's alignments: a misaligned
+struct alignas(8) float2 { float x, y; };  // vector access trips the alignment
+struct alignas(16) uint4 { unsigned x, y, z, w; };  // sanitizer
+struct alignas(8) uint2 { unsigned x, y; };
 static dim3 blockIdx, blockDim, gridDim;
 static thread_local dim3 threadIdx;
 static std::barrier<>* g_bar = nullptr;
@@ -155,6 +155,8 @@ template <typename F> void emu_launch(int grid, int block, F f) {
   gridDim.x = grid; blockDim.x = block;
   for (int b = 0; b < grid; ++b) {
     blockIdx.x = b;
+    // shared memory starts as garbage on a GPU: NaN here, so a read before a write shows in the results
+    { unsigned* u = (unsigned*)g_smem; for (size_t i = 0; i < sizeof(g_smem) / 4; ++i) u[i] = 0x7fc00001u; }
     std::barrier<> bar(block); g_bar = &bar;
     std::vector<std::unique_ptr<std::barrier<>>> wb;
     for (int w = 0; w < block / 32; ++w) { wb.emplace_back(new std::barrier<>(32)); g_warp_bar[w] = wb.back().get(); }
@@ -173,8 +175,9 @@ def host_source(filename: str, namespace: str) -> str:
     """The CUDA source ``filename`` (local headers inlined, explicit instantiations dropped) as host C++
     inside ``namespace``, for the emulation layer."""
     src = cb.cuda_source(filename).split("// Explicit instantiations")[0]
-    src = re.sub(r'asm\("cvt\.f32\.f16.*?\);', "f = 0.f;", src)
-    src = re.sub(r'asm\("cvt\.rn\.f16\.f32.*?\);', "r.bits = 0;", src)
+    # the fp16 conversions in host arithmetic (_Float16 rounds to nearest even, as cvt.rn does)
+    src = re.sub(r'asm\("cvt\.f32\.f16.*?\);', "f = (float)__builtin_bit_cast(_Float16, x.bits);", src)
+    src = re.sub(r'asm\("cvt\.rn\.f16\.f32.*?\);', "r.bits = __builtin_bit_cast(unsigned short, (_Float16)x);", src)
     src = re.sub(r"extern __shared__ float4 (\w+)\[\];", r"float4* \1 = g_smem;", src)
     src = re.sub(r"extern __shared__ float (\w+)\[\];", r"float* \1 = (float*)g_smem;", src)
     src = src.replace("__shared__", "static").replace("nullptr", "(TOut*)0")
@@ -202,8 +205,12 @@ def build_library(source: str, directory: Path, name: str = "emu") -> ctypes.CDL
         missing_toolchain("no host C++ compiler for the kernel emulation")
     cpp, lib = directory / f"{name}.cpp", directory / f"lib{name}.so"
     cpp.write_text(source)
-    r = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-o", str(lib), str(cpp), "-lpthread"],
-                       capture_output=True, text=True)
+    base = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-o", str(lib), str(cpp), "-lpthread"]
+    # misaligned vector loads and stores abort (they fault on a GPU, not on x86); without the sanitizer's
+    # runtime library the build goes on without the check
+    r = subprocess.run([*base, "-fsanitize=alignment", "-fno-sanitize-recover=all"], capture_output=True, text=True)
+    if r.returncode != 0 and ("sanitize" in r.stderr or "ubsan" in r.stderr):
+        r = subprocess.run(base, capture_output=True, text=True)
     if r.returncode != 0 and "barrier" in r.stderr:
         missing_toolchain("host compiler lacks C++20 <barrier>")
     assert r.returncode == 0, r.stderr[-3000:]

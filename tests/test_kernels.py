@@ -681,6 +681,15 @@ void irpe_fwd_f32_32(const float* q, long long a, long long b, long long c, long
                      const long long* bk, float* out, int H, int L, int NB, int Lp, long long M, int grid) {
   emu_launch(grid, 256, [&] { irpe_ns::irpe_fwd<float, 32>(q, a, b, c, d, t, bk, out, H, L, NB, Lp, M); });
 }
+void irpe_fwd_bf16_128(const irpe_ns::lomar_bf16* q, long long a, long long b, long long c, long long d,
+                       const irpe_ns::lomar_bf16* t, const long long* bk, irpe_ns::lomar_bf16* out, int H, int L, int NB,
+                       int Lp, long long M, int grid) {
+  emu_launch(grid, 256, [&] { irpe_ns::irpe_fwd<irpe_ns::lomar_bf16, 128>(q, a, b, c, d, t, bk, out, H, L, NB, Lp, M); });
+}
+void irpe_fwd_f32_64(const float* q, long long a, long long b, long long c, long long d, const float* t,
+                     const long long* bk, float* out, int H, int L, int NB, int Lp, long long M, int grid) {
+  emu_launch(grid, 256, [&] { irpe_ns::irpe_fwd<float, 64>(q, a, b, c, d, t, bk, out, H, L, NB, Lp, M); });
+}
 void irpe_bwd_f32(const float* g, long long a, long long b, long long c, long long d, const long long* bk, float* G,
                   int H, int L, int NB, long long M, int rows, int parts, int grid) {
   emu_launch(grid, rows * parts, [&] { irpe_ns::irpe_bwd_reduce<float>(g, a, b, c, d, bk, G, H, L, NB, M, rows, parts); });
@@ -739,9 +748,36 @@ def test_emulated_irpe_kernels_match_reference(emu_lib):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("nb", [3, 33, 97, 256])  # 256 buckets: exactly the 48 KB a block has
+def test_emulated_irpe_kernels_at_other_head_dims_and_bucket_counts(emu_lib, nb):
+    torch.manual_seed(0)
+    n, h, length, lp = 2, 3, 37, 40
+    m = n * h * length
+    for d, fn, dtype in ((128, "irpe_fwd_bf16_128", torch.bfloat16), (64, "irpe_fwd_f32_64", torch.float32)):
+        q = torch.randn(n, length, 3, h, d).to(dtype).permute(2, 0, 3, 1, 4)[0]
+        table = torch.randn(d, nb).to(dtype)
+        buckets = torch.randint(0, nb, (length, length))
+        assert _irpe_cuda._fwd_shared_bytes(d, nb) <= _irpe_cuda.MAX_SHARED
+        buf = torch.full((n, h, length, lp), 7.0).to(dtype)
+        getattr(emu_lib, fn)(*_c_args(q, *(("ll", s) for s in q.stride()), table, buckets, buf, h, length, nb, lp,
+                                      ("ll", m), 3))
+        want = irpe_mod.irpe_key_bias_reference(q.double(), table.double(), buckets)
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(buf[..., :length].double(), want, rtol=tol, atol=tol * want.abs().max().item())
+        assert bool((buf[..., length:] == 0).all())  # the padding columns
+    grad = torch.randn(n, h, length, length).transpose(-1, -2)
+    rows = _irpe_cuda._bwd_tile(length, nb)
+    if rows is not None:
+        got = torch.full((n, h, length, nb), 5.0)
+        emu_lib.irpe_bwd_f32(*_c_args(grad, *(("ll", s) for s in grad.stride()), buckets, got, h, length, nb,
+                                      ("ll", m), rows, 128 // rows, 3))
+        torch.testing.assert_close(got, torch.ops.lomar_fast.irpe_bucket_reduce(grad, buckets, nb))
+
+
+@pytest.mark.parametrize("p", [4, 16])  # 16: a patch has more values (768) than a block threads
 @pytest.mark.parametrize("visible_only,norm_pix", [(False, True), (True, True), (False, False)])
-def test_emulated_window_gather_matches_reference(emu_lib, visible_only, norm_pix):
-    b, k, w, p, grid = 2, 3, 3, 4, 5  # K > 1: the image of a (image, window) row must be row / K
+def test_emulated_window_gather_matches_reference(emu_lib, visible_only, norm_pix, p):
+    b, k, w, grid = 2, 3, 3, 5  # K > 1: the image of a (image, window) row must be row / K
     images, windows, masks, n_mask = make_window_inputs(b, k, w, grid, p, seed=7)
     big = torch.zeros(b, grid * p + 2, grid * p + 1, 4, dtype=torch.uint8)
     big[:, 1:-1, 1:, :3] = images
@@ -759,6 +795,35 @@ def test_emulated_window_gather_matches_reference(emu_lib, visible_only, norm_pi
     want_p, want_t = ref(view, windows, masks, p, w, norm_pix, torch.bfloat16)
     torch.testing.assert_close(patches.float(), want_p.float(), **GATHER_TOL[torch.bfloat16])
     torch.testing.assert_close(targets, want_t, **TARGET_TOL)
+
+
+def test_emulated_visible_only_gather_writes_no_row_past_a_window_with_too_few_masked(emu_lib):
+    """With validate=False a caller's mask may hold fewer masked patches than n_mask in a window; the kernel
+    then has one visible patch too many there, which went to the next window's first row, or past the end of
+    the output for the last window. It is dropped now."""
+    b, k, w, p, grid = 1, 2, 3, 4, 5
+    images, windows, masks, n_mask = make_window_inputs(b, k, w, grid, p, seed=7)
+    masks = masks.clone()
+    last = masks[0, 1]
+    last[last.nonzero()[0, 0]] = False  # the last window masks one patch fewer than n_mask
+    v, rows = p * p * 3, w * w - n_mask
+    store = torch.zeros((b * k * rows + 1, v), dtype=torch.bfloat16)  # one canary row after the output
+    patches = store[: b * k * rows].view(b * k, rows, v)
+    targets = torch.full((b * k, n_mask, v), 9.0)
+    s = images.stride()
+    emu_lib.gather_u8_bf16(*_c_args(images, ("ll", s[0]), ("ll", s[3]), ("ll", s[1]), ("ll", s[2]), windows,
+                                    masks.view(torch.uint8), patches, targets, k, p, w, n_mask, 1, 1,
+                                    *map(float, wg_mod.IMAGENET_MEAN), *map(float, wg_mod.IMAGENET_STD), b * k * w * w))
+    assert bool((store[-1] == 0).all()), "a visible patch was written past the end of the output"
+    want_p, _ = wg_mod.gather_visible_reference(images, windows[:, :1], masks[:, :1], p, w, True, torch.bfloat16)
+    torch.testing.assert_close(patches[:1].float(), want_p.float(), **GATHER_TOL[torch.bfloat16])  # untouched
+
+
+def test_gather_kernel_leaves_room_for_its_static_shared_memory():
+    """48 KB per block holds the dynamic patch buffer and the kernel's own arrays together: patch size 64
+    (exactly 48 KB of patch values) would fail to launch, so it takes the reference path."""
+    assert _window_gather_cuda.fits_shared(16) and _window_gather_cuda.fits_shared(63)
+    assert not _window_gather_cuda.fits_shared(64)
 
 
 @pytest.mark.parametrize("visible_only", [False, True])
@@ -785,3 +850,39 @@ def test_emulated_window_gather_of_float_nchw_images_to_fp32(emu_lib, visible_on
     want_p, want_t = ref(view, windows, masks, p, w, True, torch.float32)
     torch.testing.assert_close(patches, want_p, **GATHER_TOL[torch.float32])
     torch.testing.assert_close(targets, want_t, **TARGET_TOL)
+
+
+def test_launch_wraps_torchs_stream_once_and_keeps_cupys_deprecation_notice_out(monkeypatch):
+    """Each launch runs on PyTorch's current stream of its GPU. CuPy 14 deprecates ExternalStream (a warning on
+    every launch, an error under -W error); the handle is made once per stream, with the notice silenced."""
+    import types
+    import warnings
+
+    from lomar_fast.ops import _cuda_build as cb
+
+    made, calls = [], []
+
+    class Ctx:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    class ExternalStream(Ctx):
+        def __init__(self, ptr, device_id=-1):
+            warnings.warn("ExternalStream is deprecated", DeprecationWarning)
+            made.append((ptr, device_id))
+
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda i: Ctx(), ExternalStream=ExternalStream))
+    monkeypatch.setattr(cb, "_import_cupy", lambda: fake)
+    monkeypatch.setattr(cb, "get_module", lambda *a: types.SimpleNamespace(
+        get_function=lambda name: lambda grid, block, args, shared_mem=0: calls.append((name, grid, block, shared_mem))))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index: types.SimpleNamespace(cuda_stream=4242 + index))
+    monkeypatch.setattr(cb, "_STREAMS", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            cb.launch("window_gather.cu", ("k",), "k", torch.device("cuda", 1), 5, 256, (), 64)
+    assert made == [(4243, 1)]
+    assert calls == [("k", (5,), (256,), 64)] * 3

@@ -547,7 +547,8 @@ def compile_job(request):
 # ---------------------------------------------------------------------------------------------
 _EMU_ENTRY = r"""
 #define WA_EMU_DISPATCH1(D, TC, CALL) \
-  switch (D) { case 32: CALL(32, TC); break; case 64: CALL(64, TC); break; case 80: CALL(80, TC); break; default: break; }
+  switch (D) { case 32: CALL(32, TC); break; case 64: CALL(64, TC); break; case 80: CALL(80, TC); break; \
+               case 128: CALL(128, TC); break; default: break; }
 #define WA_EMU_DISPATCH(D, CALL) if (tc) { WA_EMU_DISPATCH1(D, true, CALL) } else { WA_EMU_DISPATCH1(D, false, CALL) }
 extern "C" {
 int wa_fwd_bytes(int L, int NB, int D) { return wa_ns::wa_fwd_shared_bytes(L, NB, D); }
@@ -651,6 +652,12 @@ EMU_CASES = [
     (1, 3, 7, 64, 50, torch.bfloat16, True, 2, 2, True),  # the same on tensor cores (mma.sync emulated)
     (2, 3, 4, 32, 50, torch.bfloat16, False, 2, 4, True),  # L = 17: one 16-row strip and a 1-row one
     (1, 2, 37, 80, 13, torch.bfloat16, True, 1, 2, True),  # L = 37, NB = 13: padded k-steps, 5 k-steps of D
+    (1, 2, 7, 64, 50, torch.float16, True, 2, 2, False),  # fp16 (its conversions in host _Float16)
+    (1, 2, 26, 80, 13, torch.float16, False, 1, 2, False),
+    (1, 2, 64, 128, 64, torch.float32, True, 1, 2, False),  # head_dim 128 (8 rows a thread), the largest L and NB
+    (1, 2, 64, 128, 64, torch.bfloat16, True, 1, 2, True),  # the same on tensor cores
+    (1, 2, 33, 80, 64, torch.bfloat16, False, 1, 1, True),  # odd L, scalar loads, one block for every pair
+    (1, 2, 63, 128, 61, torch.float32, False, 1, 1, False),
 ]
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 import os
 import re
 import threading
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -166,10 +168,23 @@ def launch(filename: str, name_expressions: tuple[str, ...], kernel: str, device
     fn = mod.get_function(kernel)
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = torch.cuda.current_stream(index).cuda_stream
-    with cupy.cuda.Device(index):
-        try:
-            ext = cupy.cuda.ExternalStream(stream, index)
-        except TypeError:  # older CuPy: no device_id argument
-            ext = cupy.cuda.ExternalStream(stream)
-        with ext:
-            fn((int(grid),), (int(block),), args, shared_mem=int(shared_mem))
+    with cupy.cuda.Device(index), _external_stream(cupy, stream, index):
+        fn((int(grid),), (int(block),), args, shared_mem=int(shared_mem))
+
+
+_STREAMS: dict[tuple[int, int], Any] = {}
+
+
+def _external_stream(cupy, stream: int, index: int):
+    """CuPy's handle on PyTorch's stream ``stream`` of GPU ``index``, made once per stream (it owns nothing).
+    CuPy 14 marks ``ExternalStream`` deprecated; its warning is kept out of the users' logs."""
+    ext = _STREAMS.get((stream, index))
+    if ext is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                ext = cupy.cuda.ExternalStream(stream, index)
+            except TypeError:  # older CuPy: no device_id argument
+                ext = cupy.cuda.ExternalStream(stream)
+        _STREAMS[(stream, index)] = ext
+    return ext

@@ -28,7 +28,8 @@ from .window_gather_ref import gather_visible_reference, gather_windows_referenc
 
 SOURCE = "window_gather.cu"
 THREADS = 256  # LOMAR_GATHER_THREADS in window_gather.cu
-MAX_SHARED = 48 * 1024
+MAX_SHARED = 48 * 1024  # per block without the opt-in, static and dynamic together
+STATIC_SHARED = 256  # the kernel's own __shared__ arrays (red[33], s_rank: 144 B as ptxas lays them out), rounded up
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FLOAT_IN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -68,7 +69,7 @@ def gather_windows_op(
         images.is_cuda
         and (images.dtype == torch.uint8 or images.dtype in FLOAT_IN_DTYPES)
         and out_dtype in OUT_DTYPES
-        and 4 * v <= MAX_SHARED
+        and fits_shared(patch_size)
     )
     if not use_kernel:
         ref = gather_visible_reference if visible_only else gather_windows_reference
@@ -91,6 +92,11 @@ def gather_windows_op(
     )
     cb.launch(SOURCE, NAME_EXPRESSIONS, kernel, images.device, b * k * ww, THREADS, args, 4 * v)
     return patches, targets
+
+
+def fits_shared(patch_size: int) -> bool:
+    """Whether one patch's fp32 values (the dynamic shared memory) fit beside the kernel's static arrays."""
+    return 4 * patch_size * patch_size * 3 + STATIC_SHARED <= MAX_SHARED
 
 
 @gather_windows_op.register_fake
