@@ -582,3 +582,38 @@ def test_compiled_blocks_of_two_shapes_get_two_static_graphs():
         model(images)
     assert len(graphs) == 2 and all(isinstance(s, tuple) for g in graphs for s in g), graphs
     assert {g[2][1] for g in graphs} == {1 + 4, 1 + 16}  # cls + the visible patches; cls + every patch
+
+
+def test_normalize_images_copies_its_channel_stats_to_the_device_once():
+    """Building mean/std with torch.tensor(..., device=x.device) is a copy from host memory: on a GPU it made
+    the host wait for the device twice per call (MAE's forward, the fine-tuning step, the reference gather).
+    The tensors are cached per device and dtype, and stay usable by autograd after an inference-mode call."""
+    from torch.overrides import TorchFunctionMode
+
+    from lomar_fast import images
+
+    class Factories(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if getattr(func, "__name__", "") in ("tensor", "as_tensor") and kwargs.get("device") is not None:
+                self.calls.append(func.__name__)
+            return func(*args, **kwargs)
+
+    images._STATS.clear()
+    x = torch.randint(0, 256, (2, 5, 7, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        first = images.normalize_images(x)
+    with Factories() as seen:
+        again = images.normalize_images(x)
+    assert seen.calls == []
+    torch.testing.assert_close(again, first)
+    mean = torch.tensor(images.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(images.IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(again, (x.permute(0, 3, 1, 2).float() / 255 - mean) / std)
+    scale = torch.ones(1, requires_grad=True)  # the cached stats work in a graph autograd records
+    ((images.normalize_images(x) * scale).sum()).backward()
+    assert scale.grad is not None
