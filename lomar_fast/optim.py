@@ -39,6 +39,25 @@ def build_adamw(groups: list[dict], lr: float, betas=(0.9, 0.95), device: torch.
     return torch.optim.AdamW(clean, lr=lr, betas=betas, **kwargs)
 
 
+def place_steps(optimizer: torch.optim.Optimizer) -> int:
+    """Put the ``step`` of each fused (or capturable) AdamW parameter on that parameter's device as fp32, as
+    ``Optimizer.load_state_dict`` does; returns how many it moved. DeepSpeed's universal-checkpoint load assigns
+    the CPU tensor it read instead, and the fused GPU kernel reads its step on the device."""
+    moved = 0
+    for group in optimizer.param_groups:
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            step = state.get("step")
+            if step is None:
+                continue
+            if not torch.is_tensor(step) or step.device != p.device or step.dtype != torch.float32:
+                state["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device)
+                moved += 1
+    return moved
+
+
 def effective_lr(blr: float, lr: float | None, effective_batch: int) -> float:
     """lr = blr * effective batch / 256 unless an absolute lr is given."""
     return lr if lr is not None else blr * effective_batch / 256

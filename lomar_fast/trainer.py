@@ -36,7 +36,7 @@ from lomar_fast.ds_config import load_ds_config, resolve_ds_config, zero_stage_o
 from lomar_fast.precision import compute_dtype, param_dtype, resolve_precision
 from lomar_fast.errors import CompileFailed, ConfigError, NonFiniteLoss
 from lomar_fast.logging_utils import RunLogger
-from lomar_fast.optim import build_adamw, effective_lr, lr_at, set_lr
+from lomar_fast.optim import build_adamw, effective_lr, lr_at, place_steps, set_lr
 
 
 def plan_run(cfg: RunConfig, extra_ds: dict[str, Any] | None = None) -> tuple[torch.device, dict[str, Any], int]:
@@ -271,6 +271,7 @@ class Trainer:
                                                    load_optimizer_states=not module_only,
                                                    load_lr_scheduler_states=not module_only)
         if self.universal:
+            place_steps(getattr(self.engine.optimizer, "optimizer", self.engine.optimizer))
             barrier()  # every rank has read its part; the next save is in this rank count's own layout
             if self.rank == 0:
                 shutil.rmtree(root, ignore_errors=True)

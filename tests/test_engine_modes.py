@@ -220,6 +220,24 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_through_the_universal_checkpo
     assert max(abs(a - b) for a, b in zip(resumed, two)) < 3e-4, (resumed, two)  # the rank split's rounding only
 
 
+def test_fused_adamw_steps_go_back_to_their_parameters_device():
+    """DeepSpeed's universal-checkpoint load puts the CPU ``step`` it read into the optimizer state as it is; the
+    fused GPU AdamW reads its step on the device, so the trainer moves it there (as Optimizer.load_state_dict
+    does). A meta parameter stands in for the GPU one."""
+    from lomar_fast.optim import place_steps
+
+    on_dev, plain = torch.nn.Parameter(torch.empty(3, device="meta")), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([on_dev], lr=1e-3)
+    opt.add_param_group({"params": [plain]})
+    opt.param_groups[0]["fused"] = True
+    opt.state[on_dev]["step"] = torch.tensor(7.0, dtype=torch.float64)  # as read from the universal files
+    opt.state[plain]["step"] = torch.tensor(7.0)
+    assert place_steps(opt) == 1 and place_steps(opt) == 0
+    step = opt.state[on_dev]["step"]
+    assert step.device.type == "meta" and step.dtype == torch.float32
+    assert opt.state[plain]["step"].device.type == "cpu"  # not fused: torch's own rule keeps it on the host
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["1", "2", "3"])
 def test_two_ranks_shard_what_their_stage_shards(two_ranks, stage):
