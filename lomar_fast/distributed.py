@@ -38,7 +38,9 @@ def init_distributed(device: torch.device) -> tuple[int, int, int]:
     import deepspeed
 
     if "WORLD_SIZE" not in os.environ:  # plain python: a world of one, on a port nobody holds (not a stale MASTER_PORT)
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        # DeepSpeed places the engine on cuda:LOCAL_RANK: the GPU this one process was given
+        local = str(device.index or 0) if device.type == "cuda" else "0"
+        os.environ.update(RANK="0", LOCAL_RANK=local, WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)

@@ -3,11 +3,13 @@ guarded output dirs), the CLI wrapper, and the package's import graph."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lomar_fast import run_dir
 from lomar_fast.cli import run_cli
@@ -415,3 +417,36 @@ def test_every_test_the_readme_names_exists():
     named = set(re.findall(r"`(test_\w+)`", (tests.parent / "README.md").read_text()))
     assert named, "the README names no test: the pattern no longer matches its tables"
     assert not named - defined - files, sorted(named - defined - files)
+
+
+def test_a_one_process_run_on_a_later_gpu_puts_deepspeed_there(monkeypatch):
+    """DeepSpeed places the engine on cuda:LOCAL_RANK; a plain one-process start on cuda:2 (e.g. the throughput
+    benchmark's --device cuda:2) said LOCAL_RANK=0, so the model went to cuda:0 and the batches to cuda:2."""
+    import deepspeed
+
+    from lomar_fast import distributed
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    calls = []
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 1)
+    assert distributed.init_distributed(torch.device("cuda", 2)) == (0, 1, 2)
+    assert os.environ["LOCAL_RANK"] == "2" and calls == [{"dist_backend": "nccl", "verbose": False}]
+
+
+def test_loader_workers_share_the_cores_among_the_launchers_local_ranks(monkeypatch):
+    """torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE: either divides the cores."""
+    from lomar_fast.data import loaders
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_SIZE", "4")
+    assert loaders.default_num_workers() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert loaders.default_num_workers() == 8
+    monkeypatch.delenv("LOCAL_SIZE")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert loaders.default_num_workers() == 16

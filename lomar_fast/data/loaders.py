@@ -56,12 +56,13 @@ Device = Union[str, torch.device]
 
 
 def default_num_workers() -> int:
-    """Usable cores divided among the ranks of this node (LOCAL_WORLD_SIZE)."""
+    """Usable cores divided among the ranks of this node (torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's
+    LOCAL_SIZE)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
         cores = os.cpu_count() or 1
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
     return max(1, cores // max(1, local))
 
 
