@@ -32,16 +32,8 @@ def _resolve(checkpoint: str, tag: str | None) -> tuple[Path, str]:
             raise ConfigError(f"--checkpoint {root}: no complete checkpoint tag {tag} (tags there: "
                               f"{', '.join(run_dir.tags(root)) or 'none'})")
         return root, tag
-    if run_dir.parse_tag(root.name) and not (root / run_dir.LATEST).exists() and not run_dir.is_complete(root):
-        raise ConfigError(f"--checkpoint {root} is an incomplete checkpoint tag (its save was interrupted); pass the "
-                          f"run folder {root.parent} to export its newest complete tag")
-    try:
-        point = run_dir.find_resume(str(root), str(root), "epoch")
-    except ConfigError:  # worded for training's --resume
-        point = None
-    if point is None:
-        raise ConfigError(f"--checkpoint {root} holds no complete checkpoint tag; pass the --output_dir of a "
-                          f"pretraining run")
+    point = run_dir.find_resume(str(root), str(root), "epoch", flag="--checkpoint")
+    assert point is not None  # an explicit path never means "start afresh"
     return Path(point.root), point.tag
 
 

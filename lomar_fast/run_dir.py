@@ -129,39 +129,41 @@ class ResumePoint:
         return f"{self.root}/{self.tag}"
 
 
-def find_resume(resume: str | None, output_dir: str, family: str) -> ResumePoint | None:
-    """Where to resume from, by the rule in the module doc; None to start afresh."""
+def find_resume(resume: str | None, output_dir: str, family: str, flag: str = "--resume") -> ResumePoint | None:
+    """Where to resume from, by the rule in the module doc; None to start afresh. ``flag`` names the option the
+    path came from in the errors (export reads a run by the same rule through ``--checkpoint``)."""
     if not resume:
         return None
     auto = resume == "auto"
     root = Path(output_dir if auto else resume)
+    or_auto = " or 'auto'" if flag == "--resume" else ""
     if not auto and root.is_dir() and parse_tag(root.name) and not (root / LATEST).exists():  # a tag directory
         if not is_complete(root):
-            raise ConfigError(f"--resume {root} is an incomplete checkpoint (its save was interrupted); resume "
-                              f"from {root.parent} to take the newest complete one")
+            raise ConfigError(f"{flag} {root} is an incomplete checkpoint tag (its save was interrupted); pass the run "
+                              f"folder {root.parent} to take its newest complete tag")
         return ResumePoint(str(root.parent), root.name)
     if not auto and not root.exists():
         if root.parent.is_dir() and re.fullmatch(r"[a-z]+", root.name):  # DIR/<family>
-            return _newest(root.parent, root.name, resume)
-        raise ConfigError(f"--resume {root} does not exist; pass a run's --output_dir, a tag directory or 'auto'")
+            return _newest(root.parent, root.name, resume, flag)
+        raise ConfigError(f"{flag} {root} does not exist; pass a run's --output_dir, a tag directory{or_auto}")
     latest = root / LATEST
     if latest.is_file():
         tag = latest.read_text().strip()
         if is_complete(root / tag):
             return ResumePoint(str(root), tag)
-    point = _newest(root, family, None)
+    point = _newest(root, family, None, flag)
     if point is None and not auto:
-        raise ConfigError(f"--resume {root}: no complete checkpoint there; pass a run's --output_dir or 'auto'")
+        raise ConfigError(f"{flag} {root}: no complete checkpoint there; pass a run's --output_dir{or_auto}")
     return point
 
 
-def _newest(root: Path, family: str, asked: str | None) -> ResumePoint | None:
+def _newest(root: Path, family: str, asked: str | None, flag: str) -> ResumePoint | None:
     found = tags(root, family)
     if found:
         return ResumePoint(str(root), found[-1])
     if asked is not None:
         families = sorted({parse_tag(t)[0] for t in tags(root)})
-        raise ConfigError(f"--resume {asked}: no complete '{family}' checkpoint in {root} (tag families there: "
+        raise ConfigError(f"{flag} {asked}: no complete '{family}' checkpoint in {root} (tag families there: "
                           f"{', '.join(families) or 'none'})")
     return None
 

@@ -450,9 +450,9 @@ def test_export_consolidates_a_zero3_run_and_names_what_it_cannot_export(mini_de
                                                          if v.is_floating_point())
     assert all(sd[k].shape == v.shape and sd[k].numel() > 0 for k, v in model.state_dict().items())
     run_dir.uncommit(out, "epoch0000")
-    with pytest.raises(ConfigError, match="incomplete checkpoint tag .* pass the run folder"):
+    with pytest.raises(ConfigError, match="--checkpoint .* incomplete checkpoint tag .* pass the run folder"):
         export.export(str(out / "epoch0000"), str(tmp_path / "x.pth"))
-    with pytest.raises(ConfigError, match="holds no complete checkpoint tag; pass the --output_dir of a pretraining"):
+    with pytest.raises(ConfigError, match="--checkpoint .*: no complete checkpoint there; pass a run's --output_dir$"):
         export.export(str(out), str(tmp_path / "x.pth"))
     # a fine-tuned classifier is not a pretraining model: visualize says so instead of a KeyError
     clf = create_model("vit_tiny_patch16", img_size=64, num_classes=4, depth=2)

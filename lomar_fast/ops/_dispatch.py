@@ -35,8 +35,11 @@ def kernel_mode() -> str:
 
 def use_kernel(*tensors, auto_default: bool) -> bool:
     """Whether an op should launch its CUDA kernel for these tensors."""
-    if not all(t.is_cuda for t in tensors):
-        return False
+    return all(t.is_cuda for t in tensors) and kernel_chosen(auto_default)
+
+
+def kernel_chosen(auto_default: bool) -> bool:
+    """Whether the mode picks an op's CUDA kernel for CUDA inputs (``auto_default``: the op's ``auto`` choice)."""
     mode = kernel_mode()
     if mode == "off":
         return False

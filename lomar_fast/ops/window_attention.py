@@ -46,6 +46,11 @@ def attention_path() -> str:
     return path
 
 
+def _rpe_bias(q: torch.Tensor, table: torch.Tensor, buckets: torch.Tensor, rpe_scale: float | None) -> torch.Tensor:
+    """The iRPE logits term (N, H, L, L) of ``rpe_scale * q`` (the unscaled q for None)."""
+    return irpe_key_bias(q if rpe_scale is None else q * rpe_scale, table, buckets)
+
+
 def window_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
                           buckets: torch.Tensor, scale: float | None = None,
                           rpe_scale: float | None = None) -> torch.Tensor:
@@ -54,8 +59,7 @@ def window_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tab
     With ``scale=None`` and ``rpe_scale=None`` this is exactly the computation the attention blocks
     ran before the fused kernel existed (``rpe_k(q, buckets)`` then SDPA with its default scale).
     """
-    q_rpe = q if rpe_scale is None else q * rpe_scale
-    bias = irpe_key_bias(q_rpe, table, buckets)
+    bias = _rpe_bias(q, table, buckets, rpe_scale)
     if scale is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
@@ -73,8 +77,7 @@ def window_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tab
     dtype P v runs in: q's dtype, or autocast's (as SDPA under autocast).
     """
     s = default_scale(q.shape[-1]) if scale is None else float(scale)
-    q_rpe = q if rpe_scale is None else q * rpe_scale
-    bias = irpe_key_bias(q_rpe, table, buckets)
+    bias = _rpe_bias(q, table, buckets, rpe_scale)
     acc = compute_dtype(q.dtype)
     logits = torch.matmul(q, k.transpose(-2, -1)).to(acc) * s + bias.to(acc)
     probs = torch.softmax(logits, dim=-1).to(v.dtype)
