@@ -19,8 +19,12 @@
 # other runs' JSON). A device call returns at most 8 files from its output folder, hence the archive.
 # Without the kit (no .whl/, or its install failed) the GPU tests and the kernel benchmark still run; the
 # stages that need DeepSpeed are skipped and say so in stages.txt.
+# CHECK_CPU=1 rehearses the whole script on a CPU (DS_ACCELERATOR=cpu, tiny models at 224, 2 timed steps, the
+# kernel benchmark's --cpu-smoke; the -m gpu tests are collected and skip): every stage's command line as the GPU
+# runs it, with the CPU flags after it, so an argument or packing mistake shows before a GPU call is spent.
 #   usage: bash benchmarks/gpu_check.sh [--no-throughput]
-#   env:   OUT, RESULTS, SITE, DEADLINE (seconds for the whole check), THROUGHPUT_ARGS (extra flags for stage 2), PY
+#   env:   OUT, RESULTS, SITE, DEADLINE (seconds for the whole check), THROUGHPUT_ARGS (extra flags for stage 2), PY,
+#          CHECK_CPU, CHECK_KIT=0 (skip the kit install: the Python in PY has DeepSpeed already)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
@@ -33,7 +37,7 @@ export PYTHONUNBUFFERED=1  # a stage's log holds what it printed up to a kill
 : > "$RESULTS/stages.txt"
 site="${SITE:-/tmp/site}"
 have_ds=1
-if [ -f .whl/kit.json ]; then
+if [ -f .whl/kit.json ] && [ "${CHECK_KIT:-1}" != 0 ]; then
   if PYTHON="$PY" SITE="$site" bash benchmarks/gpu_kit_install.sh --report "$RESULTS/kit_install.json" \
       > "$RESULTS/kit_install.log" 2>&1; then
     export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
@@ -49,9 +53,17 @@ fi
 [ "$have_ds" = 1 ] || echo "no deepspeed importable (make gpu-kit builds .whl/; carry it): the throughput stages are skipped" \
   | tee -a "$RESULTS/stages.txt"
 export LOMAR_KERNELS=auto
+# the CPU rehearsal's flags, appended to each benchmark's GPU command line (argparse keeps the last value)
+cpu_tp=() cpu_k=(--quick)
+if [ -n "${CHECK_CPU:-}" ] && [ "$CHECK_CPU" != 0 ]; then
+  export DS_ACCELERATOR=cpu
+  cpu_tp=(--device cpu --tiny --sizes 224 --lomar_batch 4 --mae_batch 4 --steps 2 --warmup 1 --matmul_size 256)
+  cpu_k=(--cpu-smoke)
+  echo "CHECK_CPU: a CPU rehearsal; no figure here is a GPU figure" | tee -a "$RESULTS/stages.txt"
+fi
 {
   echo "date: $(date -u +%FT%TZ)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi"
   "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
   "$PY" -c "import cupy; print('cupy', cupy.__version__)" 2>&1
   "$PY" -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1
@@ -62,10 +74,10 @@ cat "$RESULTS/environment.txt"
 # OUT: copies of the summaries and one archive of RESULTS, rewritten after every stage (at most 6 files)
 pack() {
   local f
-  for f in stages.txt environment.txt throughput/throughput_cuda.json kernels/kernels.json \
+  for f in stages.txt environment.txt throughput/throughput.json kernels/kernels.json \
            throughput/attention_math.json; do
     if [ -f "$RESULTS/$f" ]; then
-      local name; name=$(basename "$f"); name=${name/throughput_cuda/throughput}
+      local name; name=$(basename "$f")
       cp -f "$RESULTS/$f" "$OUT/$name.partial" && mv -f "$OUT/$name.partial" "$OUT/$name"
     fi
   done
@@ -113,26 +125,27 @@ stage gpu_tests 180 360 "$PY" -m pytest tests/test_kernels.py tests/test_window_
 
 if [ "${1:-}" != "--no-throughput" ]; then
   # shellcheck disable=SC2086
-  # the profile's target is the default plan's row: with THROUGHPUT_ARGS the benchmark picks its own
+  # the variants are the GPU defaults, named so that the CPU rehearsal runs them too; the profile's target is
+  # a row of this plan: with THROUGHPUT_ARGS the benchmark picks its own
   profile=(--profile --profile_target lomar:224:compile)
   [ -n "${THROUGHPUT_ARGS:-}" ] && profile=(--profile)
   ds_stage throughput 330 120 "$PY" -m benchmarks.throughput --quick --out "$RESULTS/throughput" \
-    "${profile[@]}" --time_budget "$(budget 120 280)" ${THROUGHPUT_ARGS:-}
+    --name throughput --variants eager compile compile+kernels --mae_variants eager compile compile-model "${profile[@]}" --time_budget "$(budget 120 280)" ${THROUGHPUT_ARGS:-} "${cpu_tp[@]}"
 fi
 
-stage kernels 150 60 "$PY" -m benchmarks.kernels --out "$RESULTS/kernels" --quick
+stage kernels 150 60 "$PY" -m benchmarks.kernels --out "$RESULTS/kernels" "${cpu_k[@]}"
 
 if [ "${1:-}" != "--no-throughput" ]; then
   # the explicit-logits attention (batched GEMMs + fp32 softmax) in the shipped step; the baseline is stage 2's
   # lomar 224 compile row, timed in this call
   ds_stage attention_math 120 0 env LOMAR_ATTN_PATH=math "$PY" -m benchmarks.throughput --quick --models lomar \
-    --sizes 224 --variants compile --profile --out "$RESULTS/throughput" --name attention_math --time_budget "$(budget 0 80)"
+    --sizes 224 --variants compile --profile --out "$RESULTS/throughput" --name attention_math --time_budget "$(budget 0 80)" "${cpu_tp[@]}"
   ds_stage engine_modes 150 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
     --engine_mode torch_autocast bf16 no_deepspeed --out "$RESULTS/throughput" --name engine_modes \
-    --time_budget "$(budget 0 110)"
+    --time_budget "$(budget 0 110)" "${cpu_tp[@]}"
   ds_stage batch512 150 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 \
     --variants compile compile-model compile+kernels --lomar_batch 512 --out "$RESULTS/throughput" --name batch512 \
-    --time_budget "$(budget 0 110)"
+    --time_budget "$(budget 0 110)" "${cpu_tp[@]}"
 fi
 echo "gpu_check exit $status after $(( SECONDS - t0 ))s"
 exit $status

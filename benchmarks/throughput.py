@@ -66,6 +66,7 @@ VARIANTS = ("eager", "compile", "compile-model", "compile-model-autotune", "comp
 # inductor mode of each whole-model variant: autotuned GEMM templates with fused epilogues, or CUDA graphs
 INDUCTOR_MODES = {"compile-model-autotune": "max-autotune-no-cudagraphs", "compile-model-cudagraphs": "reduce-overhead"}
 MODEL_KINDS = ("lomar", "mae")
+SYNC_WARNING = "called a synchronizing CUDA operation"  # what torch.cuda.set_sync_debug_mode("warn") says per sync
 ENGINES = ("torch_autocast", "bf16", "no_deepspeed")
 
 # published dense bf16 matrix peaks (TFLOP/s), for a second MFU column next to the measured one
@@ -369,14 +370,13 @@ def kernels_in_use(device: torch.device, kind: str = "lomar") -> list[str]:
     the iRPE bias, the fused window attention (where it runs, the blocks take no separate iRPE bias). MAE uses
     none of them."""
     from lomar_fast.ops import irpe, window_attention, window_gather
-    from lomar_fast.ops._dispatch import cupy_available, kernel_mode
+    from lomar_fast.ops._dispatch import kernel_chosen
 
-    mode = kernel_mode()
-    if device.type != "cuda" or mode == "off" or kind != "lomar":
+    if device.type != "cuda" or kind != "lomar":
         return []
     ops = {"window_gather": window_gather.AUTO_USES_KERNEL, "irpe": irpe.AUTO_USES_KERNEL,
            "window_attention": window_attention.AUTO_USES_KERNEL}
-    used = [name for name, auto in ops.items() if mode == "on" or (auto and cupy_available())]
+    used = [name for name, auto in ops.items() if kernel_chosen(auto)]
     return [n for n in used if not (n == "irpe" and "window_attention" in used)]
 
 
@@ -534,7 +534,7 @@ def count_host_syncs(h: Harness, device: torch.device) -> tuple[int, list[str], 
             torch.cuda.set_sync_debug_mode("default")
     sync(device)
     msgs = [f"{Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0][:120]}" for w in caught
-            if "synchroniz" in str(w.message).lower()]
+            if SYNC_WARNING in str(w.message)]  # not the "debug mode is a prototype feature" notice
     return (len(msgs) + len(waits.events), (sorted(set(msgs)) + waits.lines())[:10],
             "torch.cuda.set_sync_debug_mode + device/event waits")
 
@@ -934,15 +934,11 @@ def build_plan(args) -> list[tuple[str, int, str, str]]:
             for m in args.engine_mode]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    t_start = time.perf_counter()
-    req = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if req.startswith("cpu") else "cuda")
-    device = pick_device(args.device)
-    args = resolve_defaults(args, device)
-
-    from lomar_fast.distributed import init_distributed
+def plan_run(args: argparse.Namespace, device: torch.device) -> tuple[dict, dict[str, torch.dtype], list, int,
+                                                                      tuple[str, int, str, str] | None]:
+    """What a run will measure, decided before the device does any work (so a bad flag stops it at once):
+    (DeepSpeed JSON, compute dtype per engine mode, plan, ZeRO stage, profile target). Fills args.engine_mode and
+    args.zero."""
     from lomar_fast.ds_config import load_ds_config, zero_stage_of
     from lomar_fast.errors import ConfigError
     from lomar_fast.precision import engine_mode, resolve_precision
@@ -955,6 +951,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     dtypes = {mode: mode_dtype(ds_raw, mode) for mode in args.engine_mode}
+    plan = build_plan(args)
+    zero = args.zero = zero_stage_of(ds_raw) if args.zero_stage is None else args.zero_stage
+    return ds_raw, dtypes, plan, zero, profile_choice(args, plan, device)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    req = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if req.startswith("cpu") else "cuda")
+    device = pick_device(args.device)
+    args = resolve_defaults(args, device)
+
+    from lomar_fast.distributed import init_distributed
+
+    ds_raw, dtypes, plan, zero, target = plan_run(args, device)
     dtype = dtypes[args.engine_mode[0]]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -969,9 +981,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for mm in matmuls.values():
         print(f"[throughput] {dinfo.get('name')}: {mm['dtype']} matmul {mm['n']}^3 = {mm['tflops']:.4g} TFLOP/s", flush=True)
 
-    plan = build_plan(args)
-    zero = args.zero = zero_stage_of(ds_raw) if args.zero_stage is None else args.zero_stage
-    target = profile_choice(args, plan, device)
     config = {k: v for k, v in vars(args).items()}
     config.update(dtype=dtype_name(dtype), engine_mode=args.engine_mode[0], engine_modes=args.engine_mode,
                   dtype_by_engine_mode={m: dtype_name(d) for m, d in dtypes.items()}, zero_stage=zero, world_size=world,

@@ -328,3 +328,26 @@ def test_compiled_rows_are_skipped_under_zero3_with_deepspeed():
         assert tp.skip_reason("lomar", v, cuda, 3, "no_deepspeed") is None
         assert tp.skip_reason("lomar", v, cuda, 2, "bf16") is None
     assert tp.skip_reason("lomar", "eager", cuda, 3, "torch_autocast") is None
+
+
+def test_gpu_sync_count_leaves_out_the_debug_modes_own_notice(monkeypatch):
+    """torch.cuda.set_sync_debug_mode("warn") first warns that it is a prototype; that notice is not a sync (the
+    first row of a GPU run had counted it)."""
+    import warnings
+
+    from benchmarks import throughput as tp
+
+    def set_mode(mode):
+        if mode == "warn":
+            warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all "
+                          "synchronizing operations")
+
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", set_mode)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+
+    class Step:
+        def step(self):
+            warnings.warn(f"{tp.SYNC_WARNING} (Triggered internally at CUDAFunctions.cpp:162.)")
+
+    n, msgs, _ = tp.count_host_syncs(Step(), torch.device("cuda", 0))
+    assert n == 1 and len(msgs) == 1 and tp.SYNC_WARNING in msgs[0], msgs

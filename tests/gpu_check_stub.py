@@ -1,0 +1,56 @@
+"""Stands in for the GPU host's Python under ``benchmarks/gpu_check.sh`` (tests/test_gpu_check.py).
+
+Each benchmark command line goes through that benchmark's own argument parsing and, for the throughput
+benchmark, its run plan as on a CUDA device (profile target included), then writes a small JSON where the
+benchmark writes its report. The test command is collected, not run. Anything else (``-c`` probes) runs in
+this interpreter (``$STUB_NO_DEEPSPEED`` makes ``import deepspeed`` fail). Every call is appended to ``$STUB_LOG`` as one JSON line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _record(argv: list[str], **extra) -> None:
+    with open(os.environ["STUB_LOG"], "a") as f:
+        f.write(json.dumps({"argv": argv, **extra}) + "\n")
+
+
+def main(argv: list[str]) -> int:
+    if argv[:2] == ["-m", "benchmarks.throughput"]:
+        import torch
+
+        from benchmarks import throughput as tp
+
+        args = tp.parse_args(argv[2:])
+        device = torch.device("cuda")
+        tp.resolve_defaults(args, device)
+        _, _, plan, _, target = tp.plan_run(args, device)
+        _record(argv, plan=[":".join(map(str, p)) for p in plan], target=target and ":".join(map(str, target)),
+                budget=args.time_budget, env={"LOMAR_ATTN_PATH": os.environ.get("LOMAR_ATTN_PATH")})
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, f"{args.name}.json").write_text(json.dumps({"stub": True, "plan": len(plan)}))
+        return 0
+    if argv[:2] == ["-m", "benchmarks.kernels"]:
+        from benchmarks import kernels
+
+        args = kernels.parse_args(argv[2:])
+        _record(argv)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "kernels.json").write_text(json.dumps({"stub": True}))
+        return 0
+    if argv[:2] == ["-m", "pytest"]:
+        _record(argv)
+        rest = [a for a in argv[2:] if not a.startswith("--junitxml")]
+        return subprocess.call([sys.executable, "-m", "pytest", "--collect-only", "-q", *rest])
+    _record(argv)
+    if os.environ.get("STUB_NO_DEEPSPEED") and argv[:1] == ["-c"] and "import deepspeed" in argv[1]:
+        return 1  # a host without the kit
+    return subprocess.call([sys.executable, *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
