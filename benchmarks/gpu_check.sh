@@ -9,7 +9,8 @@
 #      compiled (where the step's time goes, and how busy the device is);
 #   3. the kernel benchmark, --quick (each kernel, and the explicit-logits attention path, vs its eager and
 #      compiled reference);
-#   4. LoMaR at 224, compiled, with the explicit-logits attention path (LOMAR_ATTN_PATH=math);
+#   4. LoMaR at 224, compiled, with the explicit-logits attention path (LOMAR_ATTN_PATH=math), then with ZeRO's
+#      contiguous gradient buffer on (one rank leaves it off by default);
 #   5. with the time left, LoMaR at 224 in DeepSpeed's bf16 mode and without DeepSpeed, then at micro-batch 512
 #      with compiled blocks, the whole model compiled, and the fused kernels.
 # Every benchmark rewrites its JSON after each row, so a stage cut short keeps what it measured.
@@ -140,6 +141,10 @@ if [ "${1:-}" != "--no-throughput" ]; then
   # lomar 224 compile row, timed in this call
   ds_stage attention_math 120 0 env LOMAR_ATTN_PATH=math "$PY" -m benchmarks.throughput --quick --models lomar \
     --sizes 224 --variants compile --profile --out "$RESULTS/throughput" --name attention_math --time_budget "$(budget 0 80)" "${cpu_tp[@]}"
+  # the same with ZeRO's contiguous gradient buffer, which the shipped JSON leaves off on one rank
+  ds_stage gradient_buffer 100 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
+    --contiguous_gradients true --out "$RESULTS/throughput" --name gradient_buffer --time_budget "$(budget 0 60)" \
+    "${cpu_tp[@]}"
   ds_stage engine_modes 150 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
     --engine_mode torch_autocast bf16 no_deepspeed --out "$RESULTS/throughput" --name engine_modes \
     --time_budget "$(budget 0 110)" "${cpu_tp[@]}"

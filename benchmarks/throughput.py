@@ -112,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default cuda when available)")
     p.add_argument("--ds_config", default=None, help="DeepSpeed JSON (default ds_configs/zero2.json on GPU, cpu.json on CPU)")
     p.add_argument("--zero_stage", type=int, default=None, help="override the ZeRO stage of the DeepSpeed JSON")
+    p.add_argument("--contiguous_gradients", default=None, choices=("true", "false"),
+                   help="set ZeRO-1/2's contiguous gradient buffer (default: the JSON's; without one, off on one rank "
+                        "and DeepSpeed's default on several: lomar_fast.ds_config.one_rank_gradients)")
     p.add_argument("--data_path", default=None, help="feed a real .beton instead of synthetic batches (loader time included)")
     p.add_argument("--num_workers", type=int, default=8, help="loader workers with --data_path")
     p.add_argument("--find_max_batch", action="store_true", help="also find the largest micro-batch that fits per model/size")
@@ -944,6 +947,8 @@ def plan_run(args: argparse.Namespace, device: torch.device) -> tuple[dict, dict
     from lomar_fast.precision import engine_mode, resolve_precision
 
     ds_raw = load_ds_config(args.ds_config)
+    if args.contiguous_gradients is not None:
+        ds_raw.setdefault("zero_optimization", {})["contiguous_gradients"] = args.contiguous_gradients == "true"
     args.engine_mode = list(dict.fromkeys(args.engine_mode or [engine_mode(ds_raw)]))
     try:
         for mode in args.engine_mode:

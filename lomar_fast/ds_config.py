@@ -60,10 +60,26 @@ def resolve_ds_config(ds: dict[str, Any], *, batch_size: int, accum_iter: int, w
             raise ConfigError(f"--zero_stage {zero_stage} must be 0, 1, 2 or 3")
         ds.setdefault("zero_optimization", {})["stage"] = zero_stage
     ds = resolve_precision(ds, device, source)
+    one_rank_gradients(ds, world_size)
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds, batch_size, accum_iter
+
+
+def one_rank_gradients(ds: dict[str, Any], world_size: int) -> None:
+    """ZeRO-1/2 on one rank, where there is nothing to reduce: gradients stay in their own tensors
+    (``contiguous_gradients`` off) unless the JSON says otherwise.
+
+    With the contiguous buffer, DeepSpeed copies each gradient into it from a per-parameter backward hook and
+    once more into the rank's partition: about 6 ms of host time a step at ViT-B's 164 parameter tensors
+    (measured on a CPU with DeepSpeed on its GPU code paths: 29 -> 23 ms with compiled blocks, 35 -> 29 ms
+    eager), the same losses to the bit. On several ranks DeepSpeed's default (the buffer, which lets it
+    reduce-scatter) stays.
+    """
+    zero = ds.get("zero_optimization")
+    if world_size == 1 and zero_stage_of(ds) in (1, 2) and "contiguous_gradients" not in zero:
+        zero["contiguous_gradients"] = False
 
 
 def zero_stage_of(ds: dict[str, Any]) -> int:

@@ -89,6 +89,62 @@ def test_grad_norm_comes_back_for_clipping_and_is_dropped_outside_zero12():
     assert ds["zero_optimization"]["compute_grad_norm"] is False  # the input is not modified
 
 
+def test_one_rank_zero12_leaves_gradients_in_their_own_tensors_unless_the_json_says_otherwise():
+    for name, stage in (("zero1.json", 1), ("zero2.json", 2), ("cpu.json", 2)):
+        ds = shipped(name)
+        one, _, _ = resolve_ds_config(ds, batch_size=4, accum_iter=1, world_size=1, explicit=set(), zero_stage=None,
+                                      device=CPU)
+        two, _, _ = resolve_ds_config(ds, batch_size=4, accum_iter=1, world_size=2, explicit=set(), zero_stage=None,
+                                      device=CPU)
+        assert one["zero_optimization"]["contiguous_gradients"] is False, name
+        assert "contiguous_gradients" not in two["zero_optimization"], name  # DeepSpeed's default: the buffer
+    said = {**shipped("zero2.json")}
+    said["zero_optimization"] = {**said["zero_optimization"], "contiguous_gradients": True}
+    kept, _, _ = resolve_ds_config(said, batch_size=4, accum_iter=1, world_size=1, explicit=set(), zero_stage=None,
+                                   device=CPU)
+    assert kept["zero_optimization"]["contiguous_gradients"] is True
+    for stage in (0, 3):
+        other, _, _ = resolve_ds_config(shipped("zero2.json"), batch_size=4, accum_iter=1, world_size=1,
+                                        explicit=set(), zero_stage=stage, device=CPU)
+        assert "contiguous_gradients" not in other["zero_optimization"]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_one_rank_without_the_gradient_buffer_trains_alike_with_fewer_copies(stage, in_process_world):
+    """DeepSpeed on its GPU code paths, one rank: without the contiguous gradient buffer the losses are the same
+    to the bit, and a step makes fewer tensor copies (each gradient was copied into the buffer, then into the
+    rank's partition)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lomar_fast.distributed import init_distributed
+
+    class Copies(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.copy_:
+                Copies.n += 1
+            return func(*args, **(kwargs or {}))
+
+    init_distributed(CPU)
+    runs = {}
+    for contiguous in (None, True):
+        zero = {**shipped(f"zero{stage}.json")["zero_optimization"]}
+        if contiguous is not None:
+            zero["contiguous_gradients"] = contiguous
+        with gpu_like_accelerator():
+            engine, optimizer, ds = ranks._engine(stage, seed=0, world=1, extra={"zero_optimization": zero})
+            assert ds["zero_optimization"]["contiguous_gradients"] is bool(contiguous)
+            losses, _ = ranks._train(engine, optimizer, range(3), rank=0, world=1)
+            Copies.n = 0
+            with Copies():
+                more, _ = ranks._train(engine, optimizer, range(3, 4), rank=0, world=1)
+            engine.destroy()
+        runs[contiguous] = (losses + more, Copies.n)
+    assert runs[None][0] == runs[True][0]
+    assert runs[None][1] < runs[True][1], runs
+
+
 # ------------------------------------------------------------------------------------------ host-sync proxy
 def test_counter_counts_host_reads_and_nothing_else():
     t = torch.arange(6.0)

@@ -37,7 +37,8 @@ def test_every_stage_parses_and_the_output_is_what_a_device_call_returns(tmp_pat
     proc, calls = run_check(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     done = stages(tmp_path)
-    assert list(done) == ["gpu_tests", "throughput", "kernels", "attention_math", "engine_modes", "batch512"], done
+    assert list(done) == ["gpu_tests", "throughput", "kernels", "attention_math", "gradient_buffer", "engine_modes",
+                          "batch512"], done
     assert all(" rc=0 " in line for line in done.values()), done
 
     bench = [c for c in calls if c["argv"][:2] == ["-m", "benchmarks.throughput"]]
@@ -51,6 +52,8 @@ def test_every_stage_parses_and_the_output_is_what_a_device_call_returns(tmp_pat
     # stage 4 times the explicit-logits path; stage 5 the engine modes and micro-batch 512
     math = next(c for c in bench if "attention_math" in c["argv"])
     assert math["env"]["LOMAR_ATTN_PATH"] == "math" and math["plan"] == ["lomar:224:compile:torch_autocast"]
+    buffer = next(c for c in bench if "gradient_buffer" in c["argv"])
+    assert buffer["plan"] == ["lomar:224:compile:torch_autocast"] and "--contiguous_gradients" in buffer["argv"]
     modes = next(c for c in bench if "engine_modes" in c["argv"])
     assert modes["plan"] == [f"lomar:224:compile:{m}" for m in ("torch_autocast", "bf16", "no_deepspeed")]
     assert all(b["budget"] and b["budget"] >= 30 for b in bench)
@@ -67,6 +70,6 @@ def test_without_deepspeed_the_gpu_tests_and_kernels_still_run(tmp_path):
     assert proc.returncode == 1  # the check did not do all it should
     done = stages(tmp_path)
     assert " rc=0 " in done["gpu_tests"] and " rc=0 " in done["kernels"], done
-    assert all(done[s].endswith("skipped: no deepspeed") for s in ("throughput", "attention_math", "engine_modes",
-                                                                   "batch512")), done
+    assert all(done[s].endswith("skipped: no deepspeed") for s in ("throughput", "attention_math", "gradient_buffer",
+                                                                   "engine_modes", "batch512")), done
     assert not any(c["argv"][:2] == ["-m", "benchmarks.throughput"] for c in calls)

@@ -351,3 +351,17 @@ def test_gpu_sync_count_leaves_out_the_debug_modes_own_notice(monkeypatch):
 
     n, msgs, _ = tp.count_host_syncs(Step(), torch.device("cuda", 0))
     assert n == 1 and len(msgs) == 1 and tp.SYNC_WARNING in msgs[0], msgs
+
+
+def test_contiguous_gradients_flag_sets_the_json_and_the_one_rank_rule_gives_way_to_it():
+    from benchmarks import throughput as tp
+    from lomar_fast.ds_config import resolve_ds_config
+
+    cpu = torch.device("cpu")
+    for flag, want in ((None, False), ("true", True), ("false", False)):
+        args = tp.resolve_defaults(tp.parse_args(["--tiny", "--device", "cpu"] + (["--contiguous_gradients", flag]
+                                                                                  if flag else [])), cpu)
+        ds_raw, *_ = tp.plan_run(args, cpu)
+        ds, _, _ = resolve_ds_config(ds_raw, batch_size=2, accum_iter=1, world_size=1, explicit=set(),
+                                     zero_stage=None, device=cpu)
+        assert ds["zero_optimization"]["contiguous_gradients"] is want, flag
