@@ -126,12 +126,13 @@ stage gpu_tests 180 360 "$PY" -m pytest tests/test_kernels.py tests/test_window_
 
 if [ "${1:-}" != "--no-throughput" ]; then
   # shellcheck disable=SC2086
-  # the variants are the GPU defaults, named so that the CPU rehearsal runs them too; the profile's target is
-  # a row of this plan: with THROUGHPUT_ARGS the benchmark picks its own
-  profile=(--profile --profile_target lomar:224:compile)
-  [ -n "${THROUGHPUT_ARGS:-}" ] && profile=(--profile)
+  # the variants are the GPU defaults, named so that the CPU rehearsal runs them too, and the profile's target
+  # is a row of this plan; with THROUGHPUT_ARGS the benchmark's defaults and its own profile choice apply
+  plan=(--variants eager compile compile+kernels --mae_variants eager compile compile-model
+        --profile --profile_target lomar:224:compile)
+  [ -n "${THROUGHPUT_ARGS:-}" ] && plan=(--profile)
   ds_stage throughput 330 120 "$PY" -m benchmarks.throughput --quick --out "$RESULTS/throughput" \
-    --name throughput --variants eager compile compile+kernels --mae_variants eager compile compile-model "${profile[@]}" --time_budget "$(budget 120 280)" ${THROUGHPUT_ARGS:-} "${cpu_tp[@]}"
+    --name throughput "${plan[@]}" --time_budget "$(budget 120 280)" ${THROUGHPUT_ARGS:-} ${cpu_tp[@]+"${cpu_tp[@]}"}
 fi
 
 stage kernels 150 60 "$PY" -m benchmarks.kernels --out "$RESULTS/kernels" "${cpu_k[@]}"
@@ -140,17 +141,17 @@ if [ "${1:-}" != "--no-throughput" ]; then
   # the explicit-logits attention (batched GEMMs + fp32 softmax) in the shipped step; the baseline is stage 2's
   # lomar 224 compile row, timed in this call
   ds_stage attention_math 120 0 env LOMAR_ATTN_PATH=math "$PY" -m benchmarks.throughput --quick --models lomar \
-    --sizes 224 --variants compile --profile --out "$RESULTS/throughput" --name attention_math --time_budget "$(budget 0 80)" "${cpu_tp[@]}"
+    --sizes 224 --variants compile --profile --out "$RESULTS/throughput" --name attention_math --time_budget "$(budget 0 80)" ${cpu_tp[@]+"${cpu_tp[@]}"}
   # the same with ZeRO's contiguous gradient buffer, which the shipped JSON leaves off on one rank
   ds_stage gradient_buffer 100 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
     --contiguous_gradients true --out "$RESULTS/throughput" --name gradient_buffer --time_budget "$(budget 0 60)" \
-    "${cpu_tp[@]}"
+    ${cpu_tp[@]+"${cpu_tp[@]}"}
   ds_stage engine_modes 150 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
     --engine_mode torch_autocast bf16 no_deepspeed --out "$RESULTS/throughput" --name engine_modes \
-    --time_budget "$(budget 0 110)" "${cpu_tp[@]}"
+    --time_budget "$(budget 0 110)" ${cpu_tp[@]+"${cpu_tp[@]}"}
   ds_stage batch512 150 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 \
     --variants compile compile-model compile+kernels --lomar_batch 512 --out "$RESULTS/throughput" --name batch512 \
-    --time_budget "$(budget 0 110)" "${cpu_tp[@]}"
+    --time_budget "$(budget 0 110)" ${cpu_tp[@]+"${cpu_tp[@]}"}
 fi
 echo "gpu_check exit $status after $(( SECONDS - t0 ))s"
 exit $status

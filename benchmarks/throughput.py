@@ -937,6 +937,18 @@ def build_plan(args) -> list[tuple[str, int, str, str]]:
             for m in args.engine_mode]
 
 
+def contiguous_gradients(ds_raw: dict, zero: int, world: int) -> bool | None:
+    """Whether the DeepSpeed rows keep ZeRO-1/2's contiguous gradient buffer (None outside ZeRO-1/2)."""
+    from lomar_fast.ds_config import one_rank_gradients
+
+    if zero not in (1, 2):
+        return None
+    ds = json.loads(json.dumps(ds_raw))
+    ds.setdefault("zero_optimization", {})["stage"] = zero
+    one_rank_gradients(ds, world)
+    return bool(ds["zero_optimization"].get("contiguous_gradients", True))  # DeepSpeed's default: on
+
+
 def plan_run(args: argparse.Namespace, device: torch.device) -> tuple[dict, dict[str, torch.dtype], list, int,
                                                                       tuple[str, int, str, str] | None]:
     """What a run will measure, decided before the device does any work (so a bad flag stops it at once):
@@ -990,7 +1002,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config.update(dtype=dtype_name(dtype), engine_mode=args.engine_mode[0], engine_modes=args.engine_mode,
                   dtype_by_engine_mode={m: dtype_name(d) for m, d in dtypes.items()}, zero_stage=zero, world_size=world,
                   data=f"real batches from {args.data_path}" if args.data_path else "synthetic uint8 NHWC batches on the device",
-                  paths=op_paths())
+                  paths=op_paths(), contiguous_gradients=contiguous_gradients(ds_raw, zero, world))
     report = {"schema": SCHEMA, "complete": False, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "device": dinfo, "versions": versions(), "config": config, "matmul": matmul,
               "matmul_by_dtype": matmuls, "spec_tflops": spec,

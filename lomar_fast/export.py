@@ -32,8 +32,10 @@ def _resolve(checkpoint: str, tag: str | None) -> tuple[Path, str]:
             raise ConfigError(f"--checkpoint {root}: no complete checkpoint tag {tag} (tags there: "
                               f"{', '.join(run_dir.tags(root)) or 'none'})")
         return root, tag
-    point = run_dir.find_resume(str(root), str(root), "epoch", flag="--checkpoint")
-    assert point is not None  # an explicit path never means "start afresh"
+    # the absolute path: a folder named "auto" is a folder here, not --resume's keyword
+    point = run_dir.find_resume(str(root.resolve()), str(root), "epoch", flag="--checkpoint")
+    if point is None:
+        raise ConfigError(f"--checkpoint {root} holds no complete checkpoint tag; pass a run's --output_dir")
     return Path(point.root), point.tag
 
 

@@ -123,6 +123,24 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
 #define LOMAR_EMULATION 1
 static unsigned g_mma_frag[32][32][6];
 inline float emu_bf16(unsigned bits) { return __uint_as_float((bits & 0xffffu) << 16); }
+// fp16 <-> fp32 as the PTX cvt instructions do them (cvt.rn: round to nearest even), in integer arithmetic
+inline float emu_f16_to_f32(unsigned short h) {
+  int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+  float r = e == 0 ? std::ldexp((float)m, -24) : e == 31 ? (m ? NAN : INFINITY) : std::ldexp((float)(m | 0x400), e - 25);
+  return (h & 0x8000) ? -r : r;
+}
+inline unsigned short emu_f32_to_f16(float f) {
+  unsigned x; std::memcpy(&x, &f, 4);
+  unsigned short s = (unsigned short)((x >> 16) & 0x8000u);
+  float a = std::fabs(f);
+  if (std::isnan(f)) return s | 0x7e00u;
+  if (a >= 65520.f) return s | 0x7c00u;                                     // past the largest half: inf
+  if (a < 6.103515625e-05f) return s | (unsigned short)std::nearbyint(a * 16777216.f);  // subnormal halves
+  unsigned e = ((x >> 23) & 0xffu) - 112u, m = x & 0x7fffffu;                // rebias 127 -> 15
+  unsigned out = (e << 10) | (m >> 13), rest = m & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (out & 1u))) out += 1;           // may carry into the exponent
+  return s | (unsigned short)out;
+}
 inline void emu_mma_bf16_m16n8k16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
   int w = threadIdx.x / 32, l = threadIdx.x % 32;
   for (int r = 0; r < 4; ++r) g_mma_frag[w][l][r] = a[r];
@@ -175,9 +193,9 @@ def host_source(filename: str, namespace: str) -> str:
     """The CUDA source ``filename`` (local headers inlined, explicit instantiations dropped) as host C++
     inside ``namespace``, for the emulation layer."""
     src = cb.cuda_source(filename).split("// Explicit instantiations")[0]
-    # the fp16 conversions in host arithmetic (_Float16 rounds to nearest even, as cvt.rn does)
-    src = re.sub(r'asm\("cvt\.f32\.f16.*?\);', "f = (float)__builtin_bit_cast(_Float16, x.bits);", src)
-    src = re.sub(r'asm\("cvt\.rn\.f16\.f32.*?\);', "r.bits = __builtin_bit_cast(unsigned short, (_Float16)x);", src)
+    # the fp16 conversions in host arithmetic (emu_f16_to_f32 / emu_f32_to_f16 above)
+    src = re.sub(r'asm\("cvt\.f32\.f16.*?\);', "f = emu_f16_to_f32(x.bits);", src)
+    src = re.sub(r'asm\("cvt\.rn\.f16\.f32.*?\);', "r.bits = emu_f32_to_f16(x);", src)
     src = re.sub(r"extern __shared__ float4 (\w+)\[\];", r"float4* \1 = g_smem;", src)
     src = re.sub(r"extern __shared__ float (\w+)\[\];", r"float* \1 = (float*)g_smem;", src)
     src = src.replace("__shared__", "static").replace("nullptr", "(TOut*)0")

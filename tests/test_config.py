@@ -426,15 +426,16 @@ def test_a_one_process_run_on_a_later_gpu_puts_deepspeed_there(monkeypatch):
 
     from lomar_fast import distributed
 
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    monkeypatch.setattr(os, "environ", env)  # what init_distributed sets stays out of the later tests
     calls = []
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: calls.append(kw))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 1)
     assert distributed.init_distributed(torch.device("cuda", 2)) == (0, 1, 2)
-    assert os.environ["LOCAL_RANK"] == "2" and calls == [{"dist_backend": "nccl", "verbose": False}]
+    assert env["LOCAL_RANK"] == "2" and calls == [{"dist_backend": "nccl", "verbose": False}]
 
 
 def test_loader_workers_share_the_cores_among_the_launchers_local_ranks(monkeypatch):
@@ -450,3 +451,14 @@ def test_loader_workers_share_the_cores_among_the_launchers_local_ranks(monkeypa
     monkeypatch.delenv("LOCAL_SIZE")
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert loaders.default_num_workers() == 16
+
+
+def test_export_reads_a_folder_named_auto_as_a_folder(tmp_path, monkeypatch):
+    """export resolves --checkpoint by --resume's rule, where the word 'auto' means "this run's own folder":
+    a folder of that name is still just a folder (it had fallen through to a bare assert)."""
+    from lomar_fast import export
+
+    (tmp_path / "auto").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="--checkpoint .*auto: no complete checkpoint there"):
+        export._resolve("auto", None)

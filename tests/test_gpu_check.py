@@ -73,3 +73,12 @@ def test_without_deepspeed_the_gpu_tests_and_kernels_still_run(tmp_path):
     assert all(done[s].endswith("skipped: no deepspeed") for s in ("throughput", "attention_math", "gradient_buffer",
                                                                    "engine_modes", "batch512")), done
     assert not any(c["argv"][:2] == ["-m", "benchmarks.throughput"] for c in calls)
+
+
+def test_throughput_args_replace_the_plan_for_both_models(tmp_path):
+    """With THROUGHPUT_ARGS stage 2 runs the benchmark's defaults plus those flags: --variants then limits MAE too."""
+    proc, calls = run_check(tmp_path, THROUGHPUT_ARGS="--variants eager --sizes 224")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    main = next(c for c in calls if c["argv"][:2] == ["-m", "benchmarks.throughput"])
+    assert main["plan"] == ["lomar:224:eager:torch_autocast", "mae:224:eager:torch_autocast"]
+    assert main["target"] == "lomar:224:eager:torch_autocast"  # the benchmark's own choice among its rows

@@ -748,6 +748,32 @@ def test_emulated_irpe_kernels_match_reference(emu_lib):
         torch.testing.assert_close(got, want)
 
 
+def test_emulated_fp16_conversions_match_torch(tmp_path):
+    """The emulation's stand-ins for PTX cvt.f32.f16 / cvt.rn.f16.f32 against torch's conversions: every half
+    value, and floats around each rounding boundary (ties to even, subnormals, the overflow edge, NaN, -0)."""
+    entry = r"""extern "C" {
+void h2f(const unsigned short* h, float* f, int n) { for (int i = 0; i < n; ++i) f[i] = emu_f16_to_f32(h[i]); }
+void f2h(const float* f, unsigned short* h, int n) { for (int i = 0; i < n; ++i) h[i] = emu_f32_to_f16(f[i]); }
+}"""
+    lib = build_library(emulation_source((), entry), tmp_path, "fp16")
+    halves = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    got = torch.empty(65536)
+    lib.h2f(*_c_args(halves, got, 65536))
+    want = halves.view(torch.float16).float()
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~want.isnan()], want[~want.isnan()])
+    finite = want[want.isfinite()].unique()
+    mids = (finite[1:] + finite[:-1]) / 2  # exact ties (representable in fp32)
+    floats = torch.cat([finite, mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1),
+                        torch.randn(20000) * 300, torch.tensor([65504.0, 65519.99, 65520.0, 1e9, -0.0, 6e-8, 3e-8,
+                                                               float("inf"), float("-inf"), float("nan")])])
+    out = torch.empty(floats.numel(), dtype=torch.int16)
+    lib.f2h(*_c_args(floats, out, floats.numel()))
+    want_h = floats.half().view(torch.int16)
+    nan = floats.isnan()
+    assert torch.equal(out[~nan], want_h[~nan])
+    assert bool(out[nan].view(torch.float16).isnan().all())
+
+
 @pytest.mark.parametrize("nb", [3, 33, 97, 256])  # 256 buckets: exactly the 48 KB a block has
 def test_emulated_irpe_kernels_at_other_head_dims_and_bucket_counts(emu_lib, nb):
     torch.manual_seed(0)
@@ -860,7 +886,7 @@ def test_launch_wraps_torchs_stream_once_and_keeps_cupys_deprecation_notice_out(
 
     from lomar_fast.ops import _cuda_build as cb
 
-    made, calls = [], []
+    made, entered, calls = [], [], []
 
     class Ctx:
         def __enter__(self):
@@ -872,17 +898,26 @@ def test_launch_wraps_torchs_stream_once_and_keeps_cupys_deprecation_notice_out(
     class ExternalStream(Ctx):
         def __init__(self, ptr, device_id=-1):
             warnings.warn("ExternalStream is deprecated", DeprecationWarning)
+            self.ptr = ptr
             made.append((ptr, device_id))
 
+        def __enter__(self):
+            entered.append(self.ptr)
+            return self
+
+    current = {"ptr": 4242}
     fake = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda i: Ctx(), ExternalStream=ExternalStream))
     monkeypatch.setattr(cb, "_import_cupy", lambda: fake)
     monkeypatch.setattr(cb, "get_module", lambda *a: types.SimpleNamespace(
         get_function=lambda name: lambda grid, block, args, shared_mem=0: calls.append((name, grid, block, shared_mem))))
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda index: types.SimpleNamespace(cuda_stream=4242 + index))
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda index: types.SimpleNamespace(cuda_stream=current["ptr"] + index))
     monkeypatch.setattr(cb, "_STREAMS", {})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for _ in range(3):
+        for ptr in (4242, 4242, 7000, 4242, 7000):  # e.g. a side stream for a while
+            current["ptr"] = ptr
             cb.launch("window_gather.cu", ("k",), "k", torch.device("cuda", 1), 5, 256, (), 64)
-    assert made == [(4243, 1)]
-    assert calls == [("k", (5,), (256,), 64)] * 3
+    assert made == [(4243, 1), (7001, 1)]
+    assert entered == [4243, 4243, 7001, 4243, 7001]  # each launch on the stream current at its call
+    assert calls == [("k", (5,), (256,), 64)] * 5

@@ -365,3 +365,8 @@ def test_contiguous_gradients_flag_sets_the_json_and_the_one_rank_rule_gives_way
         ds, _, _ = resolve_ds_config(ds_raw, batch_size=2, accum_iter=1, world_size=1, explicit=set(),
                                      zero_stage=None, device=cpu)
         assert ds["zero_optimization"]["contiguous_gradients"] is want, flag
+        assert tp.contiguous_gradients(ds_raw, 2, 1) is want  # what the report records
+    assert tp.contiguous_gradients(tp.plan_run(args, cpu)[0], 2, 4) is False  # the last flag: false
+    args = tp.resolve_defaults(tp.parse_args(["--tiny", "--device", "cpu"]), cpu)
+    assert tp.contiguous_gradients(tp.plan_run(args, cpu)[0], 2, 4) is True  # several ranks: DeepSpeed's default
+    assert tp.contiguous_gradients(tp.plan_run(args, cpu)[0], 3, 1) is None
