@@ -143,8 +143,8 @@ if [ "${1:-}" != "--no-throughput" ]; then
   ds_stage attention_math 120 0 env LOMAR_ATTN_PATH=math "$PY" -m benchmarks.throughput --quick --models lomar \
     --sizes 224 --variants compile --profile --out "$RESULTS/throughput" --name attention_math --time_budget "$(budget 0 80)" ${cpu_tp[@]+"${cpu_tp[@]}"}
   # the same with ZeRO's contiguous gradient buffer, which the shipped JSON leaves off on one rank
-  ds_stage gradient_buffer 100 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
-    --contiguous_gradients true --out "$RESULTS/throughput" --name gradient_buffer --time_budget "$(budget 0 60)" \
+  ds_stage gradient_buffer 130 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
+    --contiguous_gradients true --out "$RESULTS/throughput" --name gradient_buffer --time_budget "$(budget 0 90)" \
     ${cpu_tp[@]+"${cpu_tp[@]}"}
   ds_stage engine_modes 150 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
     --engine_mode torch_autocast bf16 no_deepspeed --out "$RESULTS/throughput" --name engine_modes \

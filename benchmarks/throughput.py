@@ -937,6 +937,12 @@ def build_plan(args) -> list[tuple[str, int, str, str]]:
             for m in args.engine_mode]
 
 
+def row_cost(variant: str) -> float:
+    """Rough seconds a configuration needs (build, compile, warm-up, timed steps): a row is started only when
+    this much of --time_budget is left."""
+    return 60.0 if variant.startswith("compile") else 20.0
+
+
 def contiguous_gradients(ds_raw: dict, zero: int, world: int) -> bool | None:
     """Whether the DeepSpeed rows keep ZeRO-1/2's contiguous gradient buffer (None outside ZeRO-1/2)."""
     from lomar_fast.ds_config import one_rank_gradients
@@ -1012,7 +1018,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     deadline = t_start + args.time_budget if args.time_budget else None
     for kind, size, variant, mode in plan:
         batch = default_batch(args, kind, size, device)
-        cost = 60.0 if variant.startswith("compile") else 20.0  # rough seconds a configuration needs
+        cost = row_cost(variant)
         if deadline is not None and time.perf_counter() + cost > deadline and not skip_reason(kind, variant, device,
                                                                                                zero, mode):
             r = Result(model=f"{kind}_vit_{args.arch}_patch16", kind=kind, size=size, variant=variant, batch_size=batch,

@@ -29,8 +29,10 @@ def main(argv: list[str]) -> int:
         device = torch.device("cuda")
         tp.resolve_defaults(args, device)
         _, _, plan, _, target = tp.plan_run(args, device)
+        first_fits = not plan or args.time_budget is None or args.time_budget > tp.row_cost(plan[0][2])
         _record(argv, plan=[":".join(map(str, p)) for p in plan], target=target and ":".join(map(str, target)),
-                budget=args.time_budget, env={"LOMAR_ATTN_PATH": os.environ.get("LOMAR_ATTN_PATH")})
+                budget=args.time_budget, first_row_fits=first_fits,
+                env={"LOMAR_ATTN_PATH": os.environ.get("LOMAR_ATTN_PATH")})
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, f"{args.name}.json").write_text(json.dumps({"stub": True, "plan": len(plan)}))
         return 0

@@ -56,7 +56,8 @@ def test_every_stage_parses_and_the_output_is_what_a_device_call_returns(tmp_pat
     assert buffer["plan"] == ["lomar:224:compile:torch_autocast"] and "--contiguous_gradients" in buffer["argv"]
     modes = next(c for c in bench if "engine_modes" in c["argv"])
     assert modes["plan"] == [f"lomar:224:compile:{m}" for m in ("torch_autocast", "bf16", "no_deepspeed")]
-    assert all(b["budget"] and b["budget"] >= 30 for b in bench)
+    # with the whole deadline left, each stage's own cap lets its first row start (a compile row needs 60 s)
+    assert all(b["first_row_fits"] for b in bench), [(b["argv"][-8:], b["budget"]) for b in bench]
     tests = next(c for c in calls if c["argv"][:2] == ["-m", "pytest"])
     assert "gpu" in tests["argv"]
 
