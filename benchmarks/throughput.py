@@ -411,7 +411,7 @@ class Harness:
 
     def __init__(self, args, kind: str, size: int, variant: str, batch: int, device: torch.device,
                  ds_raw: dict, world: int, result: Result, mode: str):
-        from lomar_fast.ds_config import resolve_ds_config
+        from lomar_fast.ds_config import one_rank_engine, resolve_ds_config
         from lomar_fast.optim import param_groups_weight_decay
         from lomar_fast.flops import model_forward_macs, training_flops
         from lomar_fast.models import create_model
@@ -447,6 +447,7 @@ class Harness:
                                              world_size=world, explicit=set(), zero_stage=args.zero_stage,
                                              device=device, source=f"--ds_config {args.ds_config}")
             self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+            one_rank_engine(self.engine, world)
             self.module = self.engine.module
         self.module.train()
         self.batches = Batches(args, batch, size, device, world)

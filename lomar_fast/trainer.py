@@ -32,7 +32,7 @@ from lomar_fast import run_dir
 from lomar_fast.compilation import apply_compile, compile_decision
 from lomar_fast.config import RunConfig
 from lomar_fast.distributed import all_reduce, barrier, init_distributed, pick_device, seed_rank, seed_shared
-from lomar_fast.ds_config import load_ds_config, resolve_ds_config, zero_stage_of
+from lomar_fast.ds_config import load_ds_config, one_rank_engine, resolve_ds_config, zero_stage_of
 from lomar_fast.precision import compute_dtype, param_dtype, resolve_precision
 from lomar_fast.errors import CompileFailed, ConfigError, NonFiniteLoss
 from lomar_fast.logging_utils import RunLogger
@@ -240,6 +240,7 @@ class Trainer:
         import deepspeed
 
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_cfg)
+        one_rank_engine(self.engine, self.world)
         self.lr_scales = [g.get("lr_scale") for g in groups if g["params"]]
         self._check_lr_scales("the DeepSpeed optimizer changed the parameter groups")
         return model

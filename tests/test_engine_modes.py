@@ -183,6 +183,50 @@ def test_one_rank_without_the_gradient_buffer_accumulates_alike(stage, in_proces
     assert runs[0] == runs[1] and len(set(runs[0])) == len(runs[0])
 
 
+def test_one_rank_zero0_skips_the_lone_all_reduce_and_trains_alike(in_process_world):
+    """ZeRO-0 on one rank: the engine's backward all-reduce (flatten every gradient, all-reduce with no other
+    rank, copy back) is skipped, with the same losses to the bit; not under ZeRO-1/2 (their optimizer reduces
+    through it) nor with DeepSpeed's own optimizer wrappers (bf16 mode)."""
+    import deepspeed
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lomar_fast.distributed import init_distributed
+    from lomar_fast.ds_config import one_rank_engine
+
+    class Ops(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def engine_for(stage, mode="torch_autocast"):
+        raw = shipped("zero2.json") if mode == "torch_autocast" else set_engine_mode(shipped("zero2.json"), mode)
+        ds, _, _ = resolve_ds_config(raw, batch_size=ranks.GLOBAL_BATCH, accum_iter=1, world_size=1, explicit=set(),
+                                     zero_stage=stage, device=CPU)
+        model = ranks.build_model(0)
+        return deepspeed.initialize(model=model, optimizer=ranks.build_optimizer(model), config=ds)[:2]
+
+    init_distributed(CPU)
+    runs = []
+    with gpu_like_accelerator():
+        for skip in (True, False):
+            engine, optimizer = engine_for(0)
+            assert one_rank_engine(engine, 1 if skip else 2) is skip
+            losses, _ = ranks._train(engine, optimizer, range(3), rank=0, world=1)
+            Ops.n = 0
+            with Ops():
+                more, _ = ranks._train(engine, optimizer, range(3, 4), rank=0, world=1)
+            runs.append((losses + more, Ops.n))
+            engine.destroy()
+        for stage, mode in ((2, "torch_autocast"), (0, "bf16")):
+            engine, _ = engine_for(stage, mode)
+            assert one_rank_engine(engine, 1) is False and engine.enable_backward_allreduce
+            engine.destroy()
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1] < runs[1][1], runs
+
+
 # ------------------------------------------------------------------------------------------ host-sync proxy
 def test_counter_counts_host_reads_and_nothing_else():
     t = torch.arange(6.0)

@@ -645,3 +645,29 @@ def test_compile_flag_compiles_the_model_the_trainer_builds(mini_demo, tmp_path,
         losses.append((loss.detach(), m.blocks[0].attn.qkv.weight.grad.clone()))
     torch.testing.assert_close(losses[0][0], losses[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses[0][1], losses[1][1], rtol=1e-4, atol=1e-6)
+
+
+def test_zero0_on_one_rank_resumes_exactly_without_the_lone_all_reduce(mini_demo, tmp_path, in_process_world,
+                                                                       capsys, monkeypatch):
+    """--zero_stage 0 on one process: the trainer skips DeepSpeed's backward all-reduce (nothing to share), and a
+    run stopped after its first epoch and resumed logs the straight run's losses."""
+    from lomar_fast import ds_config, trainer
+
+    skipped = []
+    monkeypatch.setattr(trainer, "one_rank_engine",
+                        lambda engine, world: skipped.append(ds_config.one_rank_engine(engine, world)) or skipped[-1])
+    common = ["--data_path", str(mini_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", *SMALL,
+              "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "0", "--max_steps_per_epoch", "2",
+              "--zero_stage", "0"]
+    pretrain.main([*common, "--output_dir", str(tmp_path / "straight")])
+    pretrain.main([*common, "--output_dir", str(tmp_path / "split"), "--exit_after_epochs", "1"])
+    pretrain.main([*common, "--output_dir", str(tmp_path / "split"), "--resume", "auto"])
+
+    def losses(run):
+        recs = [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in recs if r["kind"] == "steps"]
+
+    straight, split = losses("straight"), losses("split")
+    assert len(straight) == 4 and split == straight, (straight, split)
+    assert ", ZeRO-0, " in capsys.readouterr().out  # the run's opening line
+    assert skipped == [True, True, True]
