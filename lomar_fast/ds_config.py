@@ -88,8 +88,10 @@ def one_rank_engine(engine: Any, world_size: int) -> bool:
     """ZeRO-0 on one rank: skip the engine's backward all-reduce (it flattens every gradient, all-reduces the
     flat copy with no other rank and copies it back; 2.5-3 ms of host time a ViT-B-depth step on a CPU). Only
     with a plain PyTorch optimizer (``torch_autocast`` and fp32 modes); returns whether it was skipped."""
-    if world_size != 1 or engine.zero_optimization_stage() != 0 or not isinstance(engine.optimizer,
-                                                                                 torch.optim.Optimizer):
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    if (world_size != 1 or not isinstance(engine, DeepSpeedEngine) or engine.zero_optimization_stage() != 0
+            or not isinstance(engine.optimizer, torch.optim.Optimizer)):
         return False
     engine.enable_backward_allreduce = False
     return True

@@ -225,6 +225,7 @@ def test_one_rank_zero0_skips_the_lone_all_reduce_and_trains_alike(in_process_wo
             engine.destroy()
     assert runs[0][0] == runs[1][0]
     assert runs[0][1] < runs[1][1], runs
+    assert one_rank_engine(torch.nn.Linear(1, 1), 1) is False  # not a DeepSpeed engine: nothing to skip
 
 
 # ------------------------------------------------------------------------------------------ host-sync proxy
