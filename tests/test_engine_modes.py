@@ -114,22 +114,41 @@ def test_one_rank_zero12_leaves_gradients_in_their_own_tensors_unless_the_json_s
     assert "contiguous_gradients" not in kept["zero_optimization"]
 
 
+def one_rank_engine_from(raw: dict, batch_size: int = ranks.GLOBAL_BATCH, accum_iter: int = 1,
+                         zero_stage: int | None = None):
+    """(engine, optimizer) of the test model in one process, from a DeepSpeed JSON as the trainer resolves it."""
+    import deepspeed
+
+    ds, _, _ = resolve_ds_config(raw, batch_size=batch_size, accum_iter=accum_iter, world_size=1, explicit=set(),
+                                 zero_stage=zero_stage, device=CPU)
+    model = ranks.build_model(0)
+    return deepspeed.initialize(model=model, optimizer=ranks.build_optimizer(model), config=ds)[:2]
+
+
+def train_counting_the_last_step(engine, optimizer, op=None) -> tuple[list[float], int]:
+    """Losses of four one-rank steps, and how many aten ops (only ``op``, if given) the last one dispatched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if op is None or func.overloadpacket is op:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    losses, _ = ranks._train(engine, optimizer, range(3), rank=0, world=1)
+    with Count():
+        last, _ = ranks._train(engine, optimizer, range(3, 4), rank=0, world=1)
+    return losses + last, Count.n
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_one_rank_without_the_gradient_buffer_trains_alike_with_fewer_copies(stage, in_process_world):
     """DeepSpeed on its GPU code paths, one rank: without the contiguous gradient buffer the losses are the same
     to the bit, and a step makes fewer tensor copies (each gradient was copied into the buffer, then into the
     rank's partition)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from lomar_fast.distributed import init_distributed
-
-    class Copies(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket is torch.ops.aten.copy_:
-                Copies.n += 1
-            return func(*args, **(kwargs or {}))
 
     init_distributed(CPU)
     runs = {}
@@ -140,12 +159,8 @@ def test_one_rank_without_the_gradient_buffer_trains_alike_with_fewer_copies(sta
         with gpu_like_accelerator():
             engine, optimizer, ds = ranks._engine(stage, seed=0, world=1, extra={"zero_optimization": zero})
             assert ds["zero_optimization"]["contiguous_gradients"] is bool(contiguous)
-            losses, _ = ranks._train(engine, optimizer, range(3), rank=0, world=1)
-            Copies.n = 0
-            with Copies():
-                more, _ = ranks._train(engine, optimizer, range(3, 4), rank=0, world=1)
+            runs[contiguous] = train_counting_the_last_step(engine, optimizer, torch.ops.aten.copy_)
             engine.destroy()
-        runs[contiguous] = (losses + more, Copies.n)
     assert runs[None][0] == runs[True][0]
     assert runs[None][1] < runs[True][1], runs
 
@@ -154,8 +169,6 @@ def test_one_rank_without_the_gradient_buffer_trains_alike_with_fewer_copies(sta
 def test_one_rank_without_the_gradient_buffer_accumulates_alike(stage, in_process_world):
     """Gradient accumulation (2 micro-batches a step) takes another path without the buffer (the gradients add up
     in their own tensors between reductions): the losses still equal the buffered run's to the bit."""
-    import deepspeed
-
     from lomar_fast.distributed import init_distributed
 
     init_distributed(CPU)
@@ -165,12 +178,9 @@ def test_one_rank_without_the_gradient_buffer_accumulates_alike(stage, in_proces
         raw = shipped(f"zero{stage}.json")
         if contiguous is not None:
             raw["zero_optimization"] = {**raw["zero_optimization"], "contiguous_gradients": contiguous}
-        ds, _, _ = resolve_ds_config(raw, batch_size=per, accum_iter=2, world_size=1, explicit=set(),
-                                     zero_stage=None, device=CPU)
         losses = []
         with gpu_like_accelerator():
-            model = ranks.build_model(0)
-            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=ranks.build_optimizer(model), config=ds)
+            engine, _ = one_rank_engine_from(raw, batch_size=per, accum_iter=2)
             for step in range(3):
                 images, windows, masks = ranks.batch(step)
                 for half in (slice(0, per), slice(per, 2 * per)):
@@ -187,25 +197,12 @@ def test_one_rank_zero0_skips_the_lone_all_reduce_and_trains_alike(in_process_wo
     """ZeRO-0 on one rank: the engine's backward all-reduce (flatten every gradient, all-reduce with no other
     rank, copy back) is skipped, with the same losses to the bit; not under ZeRO-1/2 (their optimizer reduces
     through it) nor with DeepSpeed's own optimizer wrappers (bf16 mode)."""
-    import deepspeed
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from lomar_fast.distributed import init_distributed
     from lomar_fast.ds_config import one_rank_engine
 
-    class Ops(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Ops.n += 1
-            return func(*args, **(kwargs or {}))
-
     def engine_for(stage, mode="torch_autocast"):
         raw = shipped("zero2.json") if mode == "torch_autocast" else set_engine_mode(shipped("zero2.json"), mode)
-        ds, _, _ = resolve_ds_config(raw, batch_size=ranks.GLOBAL_BATCH, accum_iter=1, world_size=1, explicit=set(),
-                                     zero_stage=stage, device=CPU)
-        model = ranks.build_model(0)
-        return deepspeed.initialize(model=model, optimizer=ranks.build_optimizer(model), config=ds)[:2]
+        return one_rank_engine_from(raw, zero_stage=stage)
 
     init_distributed(CPU)
     runs = []
@@ -213,11 +210,7 @@ def test_one_rank_zero0_skips_the_lone_all_reduce_and_trains_alike(in_process_wo
         for skip in (True, False):
             engine, optimizer = engine_for(0)
             assert one_rank_engine(engine, 1 if skip else 2) is skip
-            losses, _ = ranks._train(engine, optimizer, range(3), rank=0, world=1)
-            Ops.n = 0
-            with Ops():
-                more, _ = ranks._train(engine, optimizer, range(3, 4), rank=0, world=1)
-            runs.append((losses + more, Ops.n))
+            runs.append(train_counting_the_last_step(engine, optimizer))
             engine.destroy()
         for stage, mode in ((2, "torch_autocast"), (0, "bf16")):
             engine, _ = engine_for(stage, mode)
