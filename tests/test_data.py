@@ -565,3 +565,20 @@ def test_numba_dict_helpers_are_cached_and_a_read_only_machine_is_not_fatal(monk
 
     monkeypatch.setattr(td._make_dict, "enable_caching", no_locator)
     assert numba_cache.cache_typed_dict_helpers() is False
+
+
+def test_batches_reach_a_gpu_through_copies_that_finish_in_the_loader_thread():
+    """FFCV decodes batch n + ring into the pinned host buffer of batch n once the step loop has taken batch n + 1,
+    without waiting for n's copy to the GPU; only a copy that returns once done (non_blocking=False, waiting in
+    the loader thread) keeps a GPU that lags the host from reading pixels of a later batch. Every pipeline of
+    every loader, images and labels, on any device."""
+    import torch
+    from ffcv.transforms import ToDevice
+
+    from lomar_fast.data.loaders import val_pipelines
+
+    for device in ("cuda", "cuda:1", "cpu"):
+        built = [pretrain_pipelines(32, device), finetune_pipelines(32, device), val_pipelines(32, device)]
+        copies = [op for pipes in built for ops in pipes.values() if ops for op in ops if isinstance(op, ToDevice)]
+        assert len(copies) == 5  # the three image pipelines and two label pipelines end on the device
+        assert all(op.device == torch.device(device) and op.non_blocking is False for op in copies)
