@@ -46,6 +46,7 @@ import platform
 import re
 import statistics
 import subprocess
+import threading
 import time
 import traceback
 import warnings
@@ -528,8 +529,14 @@ def count_host_syncs(h: Harness, device: torch.device) -> tuple[int, list[str], 
             h.step()
         return len(counter.events), counter.lines()[:10], "cpu proxy (lomar_fast.host_sync)"
     sync(device)
-    with warnings.catch_warnings(record=True) as caught:
+    step_thread, caught = threading.get_ident(), []
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        # the debug mode is process-wide: a real loader's thread (--data_path) syncs its own copy stream, which
+        # does not hold up the step, so only warnings raised in this thread count
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: (
+            caught.append(warnings.WarningMessage(message, category, filename, lineno))
+            if threading.get_ident() == step_thread else None)
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with HostSyncCounter(device_waits_only=True) as waits:
