@@ -44,7 +44,7 @@ KNN_DEMO_ARGS ?= --input_size 160 --num_workers 2
 help:
 	@echo "make setup          create .venv with torch, deepspeed, ffcv, timm (idempotent)"
 	@echo "make test           setup, then the whole pytest suite"
-	@echo "make test-fast      the suite without the multi-process runs (tests marked slow)"
+	@echo "make test-fast      the suite without training runs, several ranks or compiles (tests marked slow)"
 	@echo "make demo-data      build the built-in demo dataset under $(DATA_DIR)/demo"
 	@echo "make pretrain       short LoMaR pretraining of a tiny ViT on the demo data"
 	@echo "make finetune       fine-tune output/demo/model.pth on the demo classes, --eval it, k-NN of the encoder"

@@ -180,6 +180,7 @@ def test_evaluation_runs_a_compiled_model_eagerly():
     assert graphs  # the same model outside evaluate() runs its compiled blocks
 
 
+@pytest.mark.slow
 def test_one_rank_learns_demo_classes_eval_and_resume(demo, tmp_path, in_process_world, capsys):
     """Training, --eval and --resume auto, each run in this process as a world of one (the launcher's start is
     the 2-rank test's)."""

@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each test runs the script, a process per stage
+
 REPO = Path(__file__).resolve().parents[1]
 
 

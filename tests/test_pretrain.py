@@ -388,6 +388,7 @@ def test_resume_of_another_shape_is_refused_before_any_work(mini_demo, tmp_path,
         pretrain.main([*args, "--batch_size", "8"])
 
 
+@pytest.mark.slow
 def test_a_resume_on_another_split_keeps_the_lr_schedule(mini_demo, tmp_path, in_process_world):
     """The lr is a function of the epoch and the step in it (MAE's epoch + i/len): a run of micro-batch 4 x
     accum 2 resumed as 8 x 1 (the same 8 images per step, half the micro-steps per epoch) continues the
@@ -432,6 +433,7 @@ def test_an_epoch_is_whole_accumulation_groups():
         epoch_of(0, 1)
 
 
+@pytest.mark.slow
 def test_export_consolidates_a_zero3_run_and_names_what_it_cannot_export(mini_demo, tmp_path, in_process_world):
     """A ZeRO-3 run keeps one zero_pp_rank_<r>_mp_rank_00_model_states.pt per rank (no mp_rank_00_...): export
     reads it, consolidates the partitioned weights and checks them against the model; an interrupted tag and a
@@ -540,6 +542,7 @@ def test_visualize_draws_windows_masked_inputs_and_reconstructions(pretrain_run,
                         "--out", str(out)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["blocks", "model"])
 def test_a_compiled_model_inside_the_deepspeed_engine_traces_without_graph_breaks(mini_demo, tmp_path,
                                                                                  in_process_world, scope):
@@ -559,6 +562,7 @@ def test_a_compiled_model_inside_the_deepspeed_engine_traces_without_graph_break
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_a_compiler_failure_names_the_way_to_train_without_it(mini_demo, tmp_path, in_process_world):
     """torch.compile fails lazily, in the first step: the run stops with the compiler's error as the cause and
     a last line that says --compile off trains without it."""
@@ -605,6 +609,7 @@ def test_compile_scope_and_mode_reach_torch_compile(mini_demo, tmp_path, monkeyp
     assert f"compiled ({scope}, inductor, max-autotune-no-cudagraphs; --compile on)" in t.describe(model, "")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["blocks", "model"])
 def test_compile_flag_compiles_the_model_the_trainer_builds(mini_demo, tmp_path, monkeypatch, scope):
     """--compile --compile_scope S --compile_backend B: the trainer hands DeepSpeed a model whose blocks (or
@@ -647,6 +652,7 @@ def test_compile_flag_compiles_the_model_the_trainer_builds(mini_demo, tmp_path,
     torch.testing.assert_close(losses[0][1], losses[1][1], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_zero0_on_one_rank_resumes_exactly_without_the_lone_all_reduce(mini_demo, tmp_path, in_process_world,
                                                                        capsys, monkeypatch):
     """--zero_stage 0 on one process: the trainer skips DeepSpeed's backward all-reduce (nothing to share), and a
