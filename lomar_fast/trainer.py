@@ -347,9 +347,10 @@ class Trainer:
                     idle.step_starts()
                     # the schedule's position is the epoch and the step in it, as MAE's (epoch + i / len): a run
                     # resumed with another split of the same global batch or another step cap keeps its lr
-                    # (self.step, counted in micro-steps of the split that saved it, would not)
-                    lr = lr_at(epoch * self.steps_per_epoch + i, self.steps_per_epoch, self.base_lr, cfg.min_lr,
-                               cfg.warmup_epochs, cfg.epochs)
+                    # (self.step, counted in micro-steps of the split that saved it, would not). As in MAE, an
+                    # accumulation group's optimizer step takes the lr of the group's first micro-step.
+                    lr = lr_at(epoch * self.steps_per_epoch + i - i % self.accum, self.steps_per_epoch, self.base_lr,
+                               cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
                     set_lr(self.optimizer, lr)
                     info = StepInfo(epoch, self.step, i, order[i * self.micro:(i + 1) * self.micro])
                     try:
