@@ -61,6 +61,11 @@ def resolve_ds_config(ds: dict[str, Any], *, batch_size: int, accum_iter: int, w
         ds.setdefault("zero_optimization", {})["stage"] = zero_stage
     ds = resolve_precision(ds, device, source)
     one_rank_gradients(ds, world_size)
+    if zero_stage_of(ds) == 3:
+        # DeepSpeed's default replaces torch.nn.functional.linear for the rest of the process, and under torch 2.11
+        # a model compiled after that got weight gradients unlike eager ones; zero3.json sets it off, and so does
+        # any ZeRO-3 config that leaves it unset (--zero_stage 3 with another JSON)
+        ds["zero_optimization"].setdefault("memory_efficient_linear", False)
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)

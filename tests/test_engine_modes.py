@@ -89,6 +89,25 @@ def test_grad_norm_comes_back_for_clipping_and_is_dropped_outside_zero12():
     assert ds["zero_optimization"]["compute_grad_norm"] is False  # the input is not modified
 
 
+def test_every_zero3_config_leaves_torch_linear_alone_unless_the_json_says_otherwise():
+    """DeepSpeed's ZeRO-3 default replaces torch.nn.functional.linear for the rest of the process (a model
+    compiled after it got other weight gradients under torch 2.11). zero3.json turns that off; --zero_stage 3
+    with another JSON did not, and a later test that compiles a model in the same process saw the replacement."""
+    for name in ("zero1.json", "zero2.json", "zero3.json", "cpu.json"):
+        z3, _, _ = resolve_ds_config(shipped(name), batch_size=4, accum_iter=1, world_size=1, explicit=set(),
+                                     zero_stage=3, device=CPU)
+        assert z3["zero_optimization"]["memory_efficient_linear"] is False, name
+        z2, _, _ = resolve_ds_config(shipped(name), batch_size=4, accum_iter=1, world_size=1, explicit=set(),
+                                     zero_stage=2, device=CPU)
+        if name != "zero3.json":  # only ZeRO-3 has the replacement
+            assert "memory_efficient_linear" not in z2["zero_optimization"], name
+    said = {**shipped("zero3.json")}
+    said["zero_optimization"] = {**said["zero_optimization"], "memory_efficient_linear": True}
+    kept, _, _ = resolve_ds_config(said, batch_size=4, accum_iter=1, world_size=1, explicit=set(), zero_stage=None,
+                                   device=CPU)
+    assert kept["zero_optimization"]["memory_efficient_linear"] is True
+
+
 def test_one_rank_zero12_leaves_gradients_in_their_own_tensors_unless_the_json_says_otherwise():
     for name, stage in (("zero1.json", 1), ("zero2.json", 2), ("cpu.json", 2)):
         ds = shipped(name)

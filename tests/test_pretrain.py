@@ -28,6 +28,7 @@ from conftest import PRETRAIN_RANKS, PRETRAIN_SMALL
 from launch import REPO, cpu_env, free_port, launch
 
 TESTS = Path(__file__).resolve().parent
+TORCH_LINEAR = torch.nn.functional.linear  # at collection, before any test has started DeepSpeed
 SMALL = ["--model", "lomar_vit_tiny_patch16", "--input_size", "64", "--window_size", "3", "--num_window", "2",
          "--num_workers", "2", "--log_every", "1"]
 
@@ -447,6 +448,7 @@ def test_export_consolidates_a_zero3_run_and_names_what_it_cannot_export(mini_de
                    "--output_dir", str(out), "--batch_size", "8", "--epochs", "1", "--warmup_epochs", "0",
                    "--max_steps_per_epoch", "2", "--zero_stage", "3"])
     assert [p.name for p in (out / "epoch0000").glob("*model_states.pt")] == ["zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    assert torch.nn.functional.linear is TORCH_LINEAR  # --zero_stage 3 with cpu.json: memory_efficient_linear off
     path = export.export(str(out), str(tmp_path / "model.pth"))
     sd = torch.load(path, weights_only=True)["model"]
     model = create_model("lomar_vit_tiny_patch16", img_size=64, window_size=3, num_window=2)
