@@ -563,6 +563,28 @@ def test_compiled_blocks_with_stochastic_depth_share_two_graphs():
     assert not drop.active and torch.equal(drop(x := torch.randn(3, 2)), x)
 
 
+def test_drop_path_at_rate_one_drops_every_sample_and_the_rates_follow_linspace():
+    """--drop_path 1.0 is allowed; the last block then drops its branch for every sample, eager and compiled, as
+    timm's drop_path does (keep 0 gave 0 / 0 = NaN). The rates rise as MAE's torch.linspace(0, rate, depth)."""
+    from lomar_fast.models.vit import DropPath, drop_path_rates
+
+    x = torch.randn(6, 3, 4)
+    for compiled in (False, True):
+        drop = DropPath(1.0).train()
+        if compiled:
+            drop.compile(backend="aot_eager")
+        y = drop(x)
+        assert torch.equal(y, torch.zeros_like(x)), compiled
+    for depth in (1, 2, 12):
+        for rate in (0.1, 1.0):
+            assert drop_path_rates(rate, depth) == pytest.approx(torch.linspace(0, rate, depth).tolist(), abs=1e-7)
+    model = create_model("vit_tiny_patch16", img_size=32, num_classes=3, depth=2, drop_path=1.0).train()
+    out = model(torch.randn(2, 3, 32, 32))
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_compiled_blocks_of_two_shapes_get_two_static_graphs():
     """MAE's encoder and decoder blocks see two shapes. Each gets a graph specialized to its shape: dynamo would
     otherwise make the second one a dynamic-shape graph (symbolic sizes, slower kernels)."""

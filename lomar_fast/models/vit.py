@@ -82,10 +82,12 @@ class DropPath(nn.Module):
             return x
         shape = (x.shape[0],) + (1,) * (x.dim() - 1)
         if torch.compiler.is_compiling():
+            # a nonzero keep is at least 1 / SCALE, so the clamp only turns rate 1's 0 / 0 into 0, as timm does
             keep = self.keep_units.to(torch.float32) / self.SCALE
-            return x * ((torch.rand(shape, device=x.device) < keep) / keep).to(x.dtype)
+            return x * ((torch.rand(shape, device=x.device) < keep) / keep.clamp_min(1.0 / self.SCALE)).to(x.dtype)
         keep = 1.0 - self.drop_prob
-        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+        mask = x.new_empty(shape).bernoulli_(keep)
+        return x * (mask.div_(keep) if keep > 0.0 else mask)  # rate 1 drops every sample (no 0 / 0), as timm
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
@@ -187,9 +189,10 @@ def init_vit_weights(module: nn.Module) -> None:
 
 
 def drop_path_rates(drop_path: float, depth: int) -> list[float]:
-    """Stochastic depth rising linearly from 0 to ``drop_path`` over the blocks."""
+    """Stochastic depth rising linearly from 0 to ``drop_path`` over the blocks, as MAE's
+    ``torch.linspace(0, drop_path, depth)`` (one block: rate 0)."""
     if depth <= 1:
-        return [float(drop_path)] * depth
+        return [0.0] * depth
     return [drop_path * i / (depth - 1) for i in range(depth)]
 
 
