@@ -112,8 +112,10 @@ class VisionTransformerRPE(nn.Module):
 def load_finetune_weights(model: VisionTransformerRPE, path_or_sd: str | os.PathLike | Mapping[str, Any]
                           ) -> dict[str, list[str]]:
     """Encoder weights from a pretraining export or a published checkpoint, plus, from a fine-tuned classifier,
-    ``fc_norm`` when it fits and ``head`` when it fits (each on its own, as MAE drops only a head of another
-    class count). Returns ``load_pretrained``'s report ({"used", "dropped", "initialized"}) updated accordingly."""
+    ``fc_norm`` when it fits and ``head`` when it fits, each on its own, so a fine-tune can continue from one
+    (MAE's script drops a head of another class count too, but refuses a checkpoint that holds ``fc_norm`` and
+    re-initializes the head in any case). Returns ``load_pretrained``'s report ({"used", "dropped",
+    "initialized"}) updated accordingly."""
     sd = extract_state_dict(path_or_sd) if isinstance(path_or_sd, Mapping) else load_file(path_or_sd)
     try:
         report = model.load_pretrained(sd)
