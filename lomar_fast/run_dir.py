@@ -168,12 +168,8 @@ def _newest(root: Path, family: str, asked: str | None, flag: str) -> ResumePoin
     return None
 
 
-def prepare_output_dir(path: str | os.PathLike, resume: str | None, overwrite: bool) -> Path:
-    """Create ``path`` if needed, prove it is writable, and refuse a fresh start over an earlier run.
-
-    Called before any work. With ``overwrite`` the earlier run's files are deleted later, by
-    :func:`clear_run` on rank 0.
-    """
+def writable_dir(path: str | os.PathLike, flag: str) -> Path:
+    """Create ``path`` if needed and prove it is writable; ConfigError naming ``flag`` otherwise."""
     p = Path(path)
     try:
         p.mkdir(parents=True, exist_ok=True)
@@ -181,7 +177,17 @@ def prepare_output_dir(path: str | os.PathLike, resume: str | None, overwrite: b
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"--output_dir {p} is not writable ({e.strerror}); pass a directory you can write to") from e
+        raise ConfigError(f"{flag} {p} is not writable ({e.strerror}); pass a directory you can write to") from e
+    return p
+
+
+def prepare_output_dir(path: str | os.PathLike, resume: str | None, overwrite: bool) -> Path:
+    """Create ``path`` if needed, prove it is writable, and refuse a fresh start over an earlier run.
+
+    Called before any work. With ``overwrite`` the earlier run's files are deleted later, by
+    :func:`clear_run` on rank 0, once every check of the run's inputs has passed (just before its first write).
+    """
+    p = writable_dir(path, "--output_dir")
     found = holds_run(p)
     if found and not resume and not overwrite:
         shown = ", ".join(found[:6]) + (" ..." if len(found) > 6 else "")

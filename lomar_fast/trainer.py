@@ -185,6 +185,8 @@ class Trainer:
         self.logger: RunLogger | None = None
         if not getattr(cfg, "eval", False):
             run_dir.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
+            if cfg.log_dir:
+                run_dir.writable_dir(cfg.log_dir, "--log_dir")
         # where to resume from, checked against this run's shape before any process group or work exists
         self.resume_point = run_dir.find_resume(cfg.resume, cfg.output_dir, resume_family)
         self.resume_note, self.universal = None, False
@@ -198,11 +200,6 @@ class Trainer:
                 self.ds_cfg["checkpoint"] = {**self.ds_cfg.get("checkpoint", {}), "load_universal": True}
         self.resumed: run_dir.ResumePoint | None = None
         self.rank, self.world, _ = init_distributed(self.device)
-        if getattr(cfg, "overwrite", False) and self.rank == 0:
-            gone = run_dir.clear_run(self.root)
-            if gone:
-                print(f"--overwrite: deleted the earlier run's {', '.join(gone)} in {self.root}")
-        barrier()
 
     # ------------------------------------------------------------------------------------------ setup
     def set_loader(self, loader) -> None:
@@ -398,6 +395,15 @@ class Trainer:
         return last
 
     def open_logger(self) -> RunLogger:
+        """The run's first write. With --overwrite the earlier run's files are deleted here, after the loader,
+        the model, the weights to load and the engine were all built: a bad input found on the way stops the run
+        with the earlier one intact."""
+        if getattr(self.cfg, "overwrite", False):
+            if self.rank == 0:
+                gone = run_dir.clear_run(self.root)
+                if gone:
+                    print(f"--overwrite: deleted the earlier run's {', '.join(gone)} in {self.root}")
+            barrier()
         self.logger = RunLogger(self.cfg, rank=self.rank, total_epochs=self.cfg.epochs)
         if self.resume_note:
             self.logger.info(self.resume_note)

@@ -348,6 +348,34 @@ def test_bad_inputs_stop_before_any_work(mini_demo, tmp_path, no_distributed, ca
     assert e.value.code == 2 and err.startswith("error: --num_window 3") and err.count("\n") == 1
 
 
+@pytest.mark.slow
+def test_overwrite_deletes_the_earlier_run_only_once_every_input_passed(mini_demo, tmp_path, in_process_world):
+    """--overwrite deleted the earlier run when the trainer was built, before the loader, the model and the
+    engine: a bad .beton or model name then stopped the run with the earlier one already gone. A --log_dir that
+    cannot be written stopped it only at the logger, after a log.jsonl was written."""
+    from lomar_fast.data import BetonError
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "log.jsonl").write_text("{}\n")
+    (out / "epoch0004").mkdir()
+    text = tmp_path / "text.beton"
+    text.write_text("not an FFCV file")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    args = ["--deepspeed_config", "ds_configs/cpu.json", *SMALL, "--output_dir", str(out), "--overwrite",
+            "--batch_size", "8", "--epochs", "1", "--warmup_epochs", "0", "--max_steps_per_epoch", "1"]
+    for extra, message in (
+            (["--data_path", str(text)], "text.beton"),
+            (["--data_path", str(mini_demo["train"]), "--log_dir", str(blocker / "tb")], "--log_dir .* is not writable")):
+        with pytest.raises((ConfigError, BetonError), match=message):
+            pretrain.main([*args, *extra])
+        assert sorted(p.name for p in out.iterdir()) == ["epoch0004", "log.jsonl"], extra
+        assert (out / "log.jsonl").read_text() == "{}\n"
+    pretrain.main([*args, "--data_path", str(mini_demo["train"])])  # all inputs good: now the old run goes
+    assert not (out / "epoch0004").exists() and (out / "epoch0000" / "complete.json").exists()
+    assert (out / "log.jsonl").read_text() != "{}\n"
+
+
 def test_output_dir_holding_a_run_refuses_a_fresh_start(mini_demo, tmp_path, no_distributed):
     out = tmp_path / "old"
     out.mkdir()
