@@ -86,6 +86,14 @@ class RunConfig:
         if self.compile_mode != "default" and self.compile_backend != "inductor":
             raise ConfigError(f"--compile_mode {self.compile_mode} is an inductor mode; drop it or use "
                               f"--compile_backend inductor (got {self.compile_backend})")
+        for name in ("blr", "lr", "min_lr", "weight_decay"):
+            value = getattr(self, name, None)
+            if value is not None and not value >= 0:  # not >= also catches nan
+                raise ConfigError(f"--{name} must be a number of at least 0, got {value}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed must be between 0 and 2**32 - 1 (numpy's seed range), got {self.seed}")
+        if self.batches_ahead < 1:
+            raise ConfigError(f"--batches_ahead must be at least 1, got {self.batches_ahead}")
         for name in ("max_steps_per_epoch", "exit_after_epochs"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -140,9 +148,13 @@ class PretrainConfig(RunConfig):
     def validate(self) -> None:
         from lomar_fast.models.lomar import validate_lomar_geometry
 
-        if not self.model.startswith("lomar_"):
-            raise ConfigError(f"--model {self.model} is not a LoMaR pretraining model; use lomar_vit_*_patch16 "
-                              f"(benchmarks/throughput.py runs the MAE baseline)")
+        from lomar_fast.models import model_names
+
+        if not self.model.startswith("lomar_") or self.model not in model_names():
+            raise ConfigError(f"--model {self.model} is not a LoMaR pretraining model; use lomar_vit_{{tiny,small,"
+                              f"base,large,huge}}_patch16 (benchmarks/throughput.py runs the MAE baseline)")
+        if not 0.0 <= self.drop_path <= 1.0:
+            raise ConfigError(f"--drop_path {self.drop_path} must be between 0 and 1")
         _need_file("data_path", self.data_path, "the train.beton written by data_prep/write_beton.py (make "
                                                 "demo-data builds data/demo/train.beton; make prep-imagenet ImageNet)")
         try:
@@ -227,6 +239,8 @@ class FinetuneConfig(RunConfig):
             raise ConfigError(f"--finetune {self.finetune} lies inside --output_dir {self.output_dir}, which "
                               f"--overwrite deletes first: copy the weights elsewhere or use another --output_dir")
         super().validate()
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ConfigError(f"--clip_grad {self.clip_grad} must be above 0 (leave it out for no clipping)")
         if self.recount < 1:
             raise ConfigError(f"--recount must be at least 1, got {self.recount}")
         if self.depth is not None and self.depth < 1:
@@ -474,7 +488,10 @@ def config_fields(cls) -> list[dataclasses.Field]:
 # -------------------------------------------------------------------------------------------- parser
 def build_parser(cls, description: str) -> argparse.ArgumentParser:
     """Flags of every field of ``cls``. Values stay strings here; :func:`parse_config` converts them."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # no abbreviations: "--deepspeed" (DeepSpeed's convention, ignored here) would be read as --deepspeed_config
+    # and "--epoch 1" as --epochs
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--config", default=None, help="YAML file with the same keys as the flags (flags override it)")
     for f in config_fields(cls):
         base, _ = field_type(f)
@@ -499,8 +516,9 @@ def parse_config(argv: list[str] | None = None, cls=PretrainConfig, description:
     """
     parser = build_parser(cls, description)
     args, extra = parser.parse_known_args(argv)
-    # launchers may append arguments of their own (e.g. --deepspeed); anything else is a typo
-    unknown = [a for a in extra if a.startswith("--") and a.split("=")[0] not in ("--deepspeed",)]
+    # DeepSpeed's scripts pass --deepspeed beside --deepspeed_config (its launcher adds only --local_rank, a
+    # field); anything else, a stray value or a single-dash flag included, is a typo that would be dropped
+    unknown = [a for a in extra if a != "--deepspeed"]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     fields = {f.name: f for f in config_fields(cls)}

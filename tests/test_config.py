@@ -67,6 +67,41 @@ def test_every_field_has_help_and_flags_cover_both_entry_points():
         parse_config(["--batch_size", "x"])
 
 
+def test_stray_arguments_and_abbreviations_are_refused_and_deepspeeds_flag_is_not_taken_for_its_config(capsys):
+    """A stray value or a single-dash flag was dropped without a word (a typo like "--batch_size 8 16" trained at 8),
+    "--epoch 1" was read as --epochs, and DeepSpeed's own "--deepspeed" as an abbreviated --deepspeed_config."""
+    for argv in (["--batch_size", "8", "16"], ["-x", "5"], ["--epoch", "1"], ["--data"]):
+        with pytest.raises(SystemExit) as e:
+            parse_config(argv)
+        assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err, argv
+    cfg = parse_config(["--deepspeed", "--deepspeed_config", "ds_configs/cpu.json", "--local_rank=0"])
+    assert (cfg.deepspeed_config, cfg.local_rank) == ("ds_configs/cpu.json", 0)
+
+
+def test_numbers_out_of_range_are_one_error_naming_the_flag(tmp_path):
+    """Negative rates trained backwards (--min_lr -5) or failed inside torch or numpy after the engine was built;
+    an unknown LoMaR model name was a traceback; a pretraining --drop_path above 1 aborted in the first step."""
+    beton = tmp_path / "train.beton"
+    beton.write_bytes(b"x")  # validate() checks the path; the content is the loader's business
+    base = ["--data_path", str(beton)]
+    for extra, message in ((["--blr", "-1"], "--blr must be a number of at least 0, got -1"),
+                           (["--lr", "-0.001"], "--lr must be"), (["--min_lr", "-5"], "--min_lr must be"),
+                           (["--lr", "nan"], "--lr must be"),
+                           (["--weight_decay", "-1"], "--weight_decay must be"),
+                           (["--seed", "-1"], "--seed must be between 0 and 2\\*\\*32 - 1"),
+                           (["--batches_ahead", "0"], "--batches_ahead must be at least 1"),
+                           (["--drop_path", "2"], "--drop_path 2.0 must be between 0 and 1"),
+                           (["--model", "lomar_vit_bogus_patch16"], "--model lomar_vit_bogus_patch16 is not a LoMaR")):
+        with pytest.raises(ConfigError, match=message):
+            parse_config([*base, *extra]).validate()
+    ft = ["--data_path", str(beton), "--val_path", str(beton), "--nb_classes", "8"]
+    for extra, message in ((["--clip_grad", "0"], "--clip_grad 0.0 must be above 0 .leave it out"),
+                           (["--lr", "-1"], "--lr must be")):
+        with pytest.raises(ConfigError, match=message):
+            parse_config([*ft, *extra], FinetuneConfig).validate()
+    parse_config([*base, "--drop_path", "1", "--min_lr", "0", "--seed", str(2**32 - 1)]).validate()  # the edges
+
+
 @pytest.mark.parametrize("argv,yaml_text,want", [
     ([], "", "auto"),
     (["--compile"], "", "on"),  # the old switch spelling still turns it on
