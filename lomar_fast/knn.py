@@ -85,7 +85,7 @@ def build_encoder(state_dict_or_path: str | os.PathLike | Mapping[str, Any], inp
     classifier = "fc_norm.weight" in sd
     # a classifier fine-tuned on the cls token (--no_global_pool) is read the way it was trained
     global_pool = bool(checkpoint_args(obj).get("global_pool", True)) if classifier else True
-    if not input_size or input_size % 16:
+    if input_size < 16 or input_size % 16:
         raise ConfigError(f"--input_size {input_size} must be a positive multiple of the patch size 16")
     vit = VisionTransformerRPE(img_size=input_size, num_classes=0, drop_path=0.0, global_pool=global_pool, **shape)
     report = vit.load_pretrained(sd)

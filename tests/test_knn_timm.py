@@ -65,8 +65,9 @@ def test_a_cls_token_classifier_is_read_with_its_own_pooling(tmp_path):
     torch.testing.assert_close(enc(x), want, rtol=1e-5, atol=1e-5)
     pooled = build_encoder({"model": clf.state_dict(), "args": {"global_pool": True}}, input_size=64)
     assert pooled.vit.global_pool is True and (pooled(x) - want).abs().max() > 1e-3
-    with pytest.raises(ConfigError, match="--input_size 150 must be a positive multiple of the patch size 16"):
-        build_encoder({"model": clf.state_dict()}, input_size=150)
+    for size in (150, -16, 0):  # -16 passed the check and failed in the iRPE buckets
+        with pytest.raises(ConfigError, match=f"--input_size {size} must be a positive multiple of the patch size 16"):
+            build_encoder({"model": clf.state_dict()}, input_size=size)
 
 
 @pytest.mark.slow
