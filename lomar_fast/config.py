@@ -157,6 +157,8 @@ class PretrainConfig(RunConfig):
             raise ConfigError(f"--drop_path {self.drop_path} must be between 0 and 1")
         _need_file("data_path", self.data_path, "the train.beton written by data_prep/write_beton.py (make "
                                                 "demo-data builds data/demo/train.beton; make prep-imagenet ImageNet)")
+        if self.input_size < 16:  # the geometry check below would blame --window_size for an empty grid
+            raise ConfigError(f"--input_size {self.input_size} must be a positive multiple of the patch size 16")
         try:
             validate_lomar_geometry(self.input_size, 16, self.window_size, self.num_window, self.mask_ratio)
         except ValueError as e:

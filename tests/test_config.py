@@ -91,7 +91,8 @@ def test_numbers_out_of_range_are_one_error_naming_the_flag(tmp_path):
                            (["--seed", "-1"], "--seed must be between 0 and 2\\*\\*32 - 1"),
                            (["--batches_ahead", "0"], "--batches_ahead must be at least 1"),
                            (["--drop_path", "2"], "--drop_path 2.0 must be between 0 and 1"),
-                           (["--model", "lomar_vit_bogus_patch16"], "--model lomar_vit_bogus_patch16 is not a LoMaR")):
+                           (["--model", "lomar_vit_bogus_patch16"], "--model lomar_vit_bogus_patch16 is not a LoMaR"),
+                           (["--input_size", "0"], "--input_size 0 must be a positive multiple of the patch size")):
         with pytest.raises(ConfigError, match=message):
             parse_config([*base, *extra]).validate()
     ft = ["--data_path", str(beton), "--val_path", str(beton), "--nb_classes", "8"]
