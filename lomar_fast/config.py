@@ -111,6 +111,8 @@ def _inside(path: str, folder: str) -> bool:
 def _need_file(flag: str, path: str | None, hint: str) -> None:
     if not path:
         raise ConfigError(f"--{flag} is required: {hint}")
+    if Path(path).is_dir():
+        raise ConfigError(f"--{flag} {path} is a folder, not a file; {hint}")
     if not Path(path).is_file():
         raise ConfigError(f"--{flag} {path} does not exist; {hint}")
 

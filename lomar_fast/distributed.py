@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import socket
 
 import numpy as np
@@ -26,6 +27,8 @@ def pick_device(requested: str | None) -> torch.device:
     """``cuda`` (this rank's GPU, from LOCAL_RANK) when available or asked for, else ``cpu``."""
     if requested == "cpu" or (requested is None and not torch.cuda.is_available()):
         return torch.device("cpu")
+    if requested is not None and not re.fullmatch(r"cuda(:\d+)?", requested):
+        raise ConfigError(f"--device {requested} is not a device this project runs on; pass cpu or cuda")
     if not torch.cuda.is_available():
         raise ConfigError(f"--device {requested} asked for a GPU but torch sees none; pass --device cpu")
     local = int(os.environ.get("LOCAL_RANK", 0))

@@ -163,6 +163,9 @@ def _newest(root: Path, family: str, asked: str | None, flag: str) -> ResumePoin
         return ResumePoint(str(root), found[-1])
     if asked is not None:
         families = sorted({parse_tag(t)[0] for t in tags(root)})
+        if not families:  # most likely a mistyped folder name, not a family
+            raise ConfigError(f"{flag} {asked} does not exist, and {root} holds no complete checkpoint; pass a run's "
+                              f"--output_dir, a tag directory or DIR/<family> of a run")
         raise ConfigError(f"{flag} {asked}: no complete '{family}' checkpoint in {root} (tag families there: "
                           f"{', '.join(families) or 'none'})")
     return None

@@ -92,7 +92,8 @@ def test_numbers_out_of_range_are_one_error_naming_the_flag(tmp_path):
                            (["--batches_ahead", "0"], "--batches_ahead must be at least 1"),
                            (["--drop_path", "2"], "--drop_path 2.0 must be between 0 and 1"),
                            (["--model", "lomar_vit_bogus_patch16"], "--model lomar_vit_bogus_patch16 is not a LoMaR"),
-                           (["--input_size", "0"], "--input_size 0 must be a positive multiple of the patch size")):
+                           (["--input_size", "0"], "--input_size 0 must be a positive multiple of the patch size"),
+                           (["--data_path", str(tmp_path)], f"--data_path {tmp_path} is a folder, not a file; the")):
         with pytest.raises(ConfigError, match=message):
             parse_config([*base, *extra]).validate()
     ft = ["--data_path", str(beton), "--val_path", str(beton), "--nb_classes", "8"]
@@ -192,6 +193,18 @@ def test_resume_rule(tmp_path):
         run_dir.find_resume(str(tmp_path / "nowhere" / "run"), "x", "last")
     with pytest.raises(ConfigError, match="no complete checkpoint there"):
         run_dir.find_resume(str(tmp_path), "x", "last")
+    # a mistyped run folder beside no checkpoint at all is not a missing tag family
+    with pytest.raises(ConfigError, match=f"--resume {tmp_path / 'typo'} does not exist, and {tmp_path} holds no"):
+        run_dir.find_resume(str(tmp_path / "typo"), "x", "last")
+
+
+def test_a_device_other_than_cpu_or_cuda_is_named_as_such():
+    from lomar_fast.distributed import pick_device
+
+    for bad in ("tpu", "gpu", "cuda1"):  # it said "asked for a GPU but torch sees none"
+        with pytest.raises(ConfigError, match=f"--device {bad} is not a device this project runs on; pass cpu or cuda"):
+            pick_device(bad)
+    assert pick_device("cpu") == torch.device("cpu")
 
 
 def test_commit_points_latest_last_and_retire_keeps_the_newest(tmp_path):

@@ -157,5 +157,5 @@ def check_beton(path: str | os.PathLike, need_label: bool, input_size: int | Non
         if int(input_size) > info["max_side"]:
             raise BetonError(path, f"crop size {input_size} is larger than the largest stored "
                                    f"image side ({info['max_side']} px); rewrite the dataset with "
-                                   f"--max-side >= {input_size} or use a smaller input size")
+                                   f"--max-side >= {input_size} or use a smaller --input_size")
     return info
