@@ -536,7 +536,10 @@ def parse_config(argv: list[str] | None = None, cls=PretrainConfig, description:
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"--config {path} is not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)  # one line: PyYAML's own text draws the spot over several
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"--config {path} is not valid YAML: {what}{where}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
         bad = sorted(set(map(str, data)) - set(fields))

@@ -54,6 +54,15 @@ def test_yaml_value_of_the_wrong_type_is_one_error_naming_it(tmp_path, text, mes
         parse_config(["--config", str(cfg_file)])
 
 
+def test_yaml_that_does_not_parse_is_one_line_with_its_place(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("epochs: 4\nblr: [1e-3\n")
+    with pytest.raises(ConfigError) as e:
+        parse_config(["--config", str(cfg_file)])
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"--config {cfg_file} is not valid YAML: ")
+    assert "at line 3, column 1" in str(e.value), str(e.value)
+
+
 def test_every_field_has_help_and_flags_cover_both_entry_points():
     from lomar_fast.config import HELP, config_fields
 
