@@ -525,13 +525,21 @@ def _parse_classes(value: str | None) -> list[str] | None:
     if value is None:
         return None
     if value.startswith("@"):
-        text = Path(value[1:]).read_text()
+        path = Path(value[1:])
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise DataPrepError(f"--classes {value}: cannot read the file {path} ({why}); pass @FILE of a text "
+                                f"file with one class folder name per line, or the names comma-separated") from e
         items = text.replace(",", "\n").split()
     else:
         items = value.split(",")
     items = [x.strip() for x in items if x.strip()]
     if not items:
-        raise DataPrepError("--classes is empty")
+        raise DataPrepError(f"--classes {value}: no class names"
+                            + (f" in the file {value[1:]}" if value.startswith("@") else "")
+                            + "; pass class folder names, comma-separated or one per line in @FILE")
     return items
 
 

@@ -226,6 +226,22 @@ def test_writer_class_subset_and_limit(tmp_path):
     np.testing.assert_array_equal(imgs[2], np.asarray(Image.open(src / "train/car/car_0000.png")))
 
 
+def test_writer_classes_file_errors_name_the_flag_and_file(tmp_path, capsys):
+    """--classes @FILE that is missing, a folder or empty: one error line naming --classes and the file, exit 2,
+    nothing written."""
+    src = make_tree(tmp_path / "src", per_split=(("train", 1),))
+    out = tmp_path / "out"
+    (tmp_path / "empty.txt").write_text("\n")
+    for arg, said in ((f"@{tmp_path / 'missing.txt'}", "No such file"), (f"@{tmp_path}", "Is a directory"),
+                      (f"@{tmp_path / 'empty.txt'}", "no class names")):
+        assert wb.main(["--src", str(src), "--out", str(out), "--splits", "train", "--quiet", "--workers", "1",
+                        "--classes", arg]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith(f"error: --classes {arg}: ") and said in err
+        assert arg[1:] in err.split(": ", 2)[2]
+    assert not out.exists()
+
+
 def test_writer_refuses_to_overwrite_without_force(tiny, tmp_path):
     tree, _ = tiny
     out = tmp_path / "out"
