@@ -306,6 +306,7 @@ def _write_beton(fname: str, dataset: FolderSamples, fields: dict, workers: int,
                          daemon=True)
              for _ in range(workers)]
     skipped: dict[int, tuple[int, str]] = {}
+    metadata = None  # a view of the shared metadata: released before the shared memory is closed
 
     def drain_skips(timeout: float = 0.0) -> None:
         while True:
@@ -373,7 +374,6 @@ def _write_beton(fname: str, dataset: FolderSamples, fields: dict, workers: int,
             fp.write(writer.header.tobytes())
             fp.flush()
             os.fsync(fp.fileno())
-        del metadata
     finally:
         for p in procs:
             if p.is_alive():
@@ -381,6 +381,8 @@ def _write_beton(fname: str, dataset: FolderSamples, fields: dict, workers: int,
         for p in procs:
             if p.pid is not None:
                 p.join(timeout=5)
+        # a live view keeps the buffer exported: close() would raise BufferError and hide the error being raised
+        metadata = None
         writer.metadata_sm.close()
         writer.metadata_sm.unlink()
     return [skipped[d] for d in sorted(skipped)]

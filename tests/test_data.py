@@ -215,6 +215,20 @@ def test_writer_rejects_bad_trees_before_writing(tmp_path, monkeypatch, case):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_split_of_only_unreadable_images_stops_with_its_error(tmp_path):
+    """A split whose every image fails to decode raises the writer's own error (the shared metadata's view is
+    released before its memory is closed, which otherwise raised BufferError over it), leaves no .beton or
+    partial file of that split, and keeps the split written before it."""
+    src = make_tree(tmp_path / "src", per_split=(("train", 1), ("val", 1)))
+    for f in (src / "val").rglob("*.png"):
+        f.unlink()
+        f.with_suffix(".jpg").write_text("not an image")
+    out = tmp_path / "out"
+    with pytest.raises(DataPrepError, match="every image was unreadable"):
+        write_dataset(src, out, ("train", "val"), WriteOptions(write_mode="raw", workers=1, progress=False))
+    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "train.beton", "train.report.json"]
+
+
 def test_writer_class_subset_and_limit(tmp_path):
     src = make_tree(tmp_path / "src", per_split=(("train", 5),))
     out = tmp_path / "out"
