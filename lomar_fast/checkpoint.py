@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,8 +24,17 @@ class CheckpointMismatch(InputError, ValueError):
     """The checkpoint's keys or shapes do not fit the model."""
 
 
-def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
-    """The model state dict out of a loaded checkpoint: ``{"model": sd}``, ``{"module": sd}`` or ``sd``."""
+WEIGHTS_FILES = "a lomar_fast.export model.pth, a published LoMaR checkpoint or a checkpoint-best.pth"
+
+
+def named(path: str | os.PathLike, flag: str | None = None) -> str:
+    """How the errors name a weights file: ``--flag PATH`` when it came from a flag, else ``checkpoint PATH``."""
+    return f"{flag or 'checkpoint'} {path}"
+
+
+def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model state dict out of a loaded checkpoint: ``{"model": sd}``, ``{"module": sd}`` or ``sd``.
+    ``source`` names the file in the error (see :func:`named`)."""
     if isinstance(obj, Mapping):
         for key in ("model", "module", "state_dict"):
             if key in obj and isinstance(obj[key], Mapping):
@@ -33,7 +43,8 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
         sd = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if sd:
             return sd
-    raise CheckpointMismatch("checkpoint holds no state dict: expected {'model': state_dict} or a state dict")
+    raise CheckpointMismatch(f"{source} holds no state dict (expected {{'model': state_dict}} or a state dict); "
+                             f"pass {WEIGHTS_FILES}")
 
 
 # what the reference scripts' checkpoints hold besides tensors: MAE's misc.save_model stores ``args`` as a Namespace
@@ -44,26 +55,29 @@ _SCALAR = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar
 _SAFE_GLOBALS += [(_SCALAR, f"numpy.{core}.multiarray.scalar") for core in ("core", "_core")]
 
 
-def load_object(path: str | os.PathLike) -> Any:
+def load_object(path: str | os.PathLike, flag: str | None = None) -> Any:
     """The object a ``.pth`` holds, loaded on the CPU with ``weights_only=True`` (clear errors for a missing file,
-    a folder, or an unreadable file)."""
+    a folder, or a file that is not a weights file). ``flag``: the option the path came from, named in the errors."""
     p = Path(path)
     if p.is_dir():
-        raise FileNotFoundError(f"checkpoint {p} is a folder; pass a .pth file (a pretraining run folder becomes one "
-                                f"with python -m lomar_fast.export --checkpoint {p} --out model.pth)")
+        raise FileNotFoundError(f"{named(p, flag)} is a folder; pass a .pth file (a pretraining run folder becomes "
+                                f"one with python -m lomar_fast.export --checkpoint {p} --out model.pth)")
     if not p.is_file():
-        raise FileNotFoundError(f"checkpoint {p} does not exist; pass the path of a .pth written by "
+        raise FileNotFoundError(f"{named(p, flag)} does not exist; pass the path of a .pth written by "
                                 f"lomar_fast.export or a published LoMaR checkpoint")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means an unreadable file
-        raise CheckpointMismatch(f"checkpoint {p} cannot be read ({type(e).__name__}: {e})") from e
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means it is no weights file
+        # torch's own text runs to several lines and suggests weights_only=False; only the object it refused is kept
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        held = f" (it holds a {found.group(1)})" if found else ""
+        raise CheckpointMismatch(f"{named(p, flag)} is not a weights file{held}; pass {WEIGHTS_FILES}") from None
 
 
-def load_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_file(path: str | os.PathLike, flag: str | None = None) -> dict[str, torch.Tensor]:
     """Load a ``.pth`` on the CPU and return its model state dict (see :func:`load_object`)."""
-    return extract_state_dict(load_object(path))
+    return extract_state_dict(load_object(path, flag), named(path, flag))
 
 
 def checkpoint_args(obj: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from lomar_fast.checkpoint import load_file, module_state_dict, save_checkpoint
+from lomar_fast.checkpoint import load_file, module_state_dict, named, save_checkpoint
 from lomar_fast.cli import run_cli
 from lomar_fast.config import FinetuneConfig, parse_config
 from lomar_fast.evaluate import evaluate
@@ -40,10 +40,11 @@ def build_model(cfg: FinetuneConfig, nb_classes: int):
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(argv, FinetuneConfig, "LoMaR fine-tuning")
     head_rows, adopted = None, []
-    if cfg.eval and cfg.finetune and Path(cfg.finetune).is_file():
-        head = load_file(cfg.finetune).get("head.weight")
-        if head is not None:  # a fine-tuned classifier (checkpoint-best.pth), not a pretraining export
-            head_rows, adopted = int(head.shape[0]), cfg.adopt_checkpoint_args(cfg.finetune)
+    # read before any work: a file that is not a weights file stops here
+    weights = load_file(cfg.finetune, "--finetune") if cfg.finetune and Path(cfg.finetune).is_file() else None
+    if cfg.eval and weights is not None and "head.weight" in weights:
+        # a fine-tuned classifier (checkpoint-best.pth), not a pretraining export
+        head_rows, adopted = int(weights["head.weight"].shape[0]), cfg.adopt_checkpoint_args(cfg.finetune)
     cfg.validate()
     nb_classes = cfg.resolve_nb_classes(head_rows)
     from lomar_fast.data import build_finetune_loader
@@ -63,12 +64,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     def make_model():
         model = build_model(cfg, nb_classes)
-        if cfg.finetune and not (cfg.eval and cfg.resume):
-            loaded.append(describe_load(load_finetune_weights(model, cfg.finetune), cfg.finetune))
+        if weights is not None and not (cfg.eval and cfg.resume):
+            loaded.append(describe_load(load_finetune_weights(model, weights, named(cfg.finetune, "--finetune")),
+                                        cfg.finetune))
         return model
 
     model = trainer.build(make_model, lambda m: param_groups_layer_decay(m, cfg.weight_decay, cfg.layer_decay),
                           betas=(0.9, 0.999))
+    weights = None  # loaded into the model
     if cfg.eval:
         return evaluate_only(cfg, trainer, val, nb_classes, adopted, loaded)
     trainer.resume()

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from lomar_fast.checkpoint import (CheckpointMismatch, checkpoint_args, extract_state_dict, load_object,
-                                   module_state_dict)
+                                   module_state_dict, named)
 from lomar_fast.errors import ConfigError
 from lomar_fast.data.shard import Shard, build_shard
 from lomar_fast.distributed import all_gather_rows, all_reduce, rank_world
@@ -76,11 +76,15 @@ class FeatureEncoder(torch.nn.Module):
 
 
 def build_encoder(state_dict_or_path: str | os.PathLike | Mapping[str, Any], input_size: int = 224,
-                  device: torch.device | str = "cpu") -> FeatureEncoder:
+                  device: torch.device | str = "cpu", flag: str | None = None) -> FeatureEncoder:
     """The frozen feature encoder of a lomar_fast export, a published LoMaR checkpoint, a live
-    LoMaR model's state dict or a fine-tuned classifier checkpoint (eval mode, on ``device``)."""
-    obj = state_dict_or_path if isinstance(state_dict_or_path, Mapping) else load_object(state_dict_or_path)
-    sd = extract_state_dict(obj)
+    LoMaR model's state dict or a fine-tuned classifier checkpoint (eval mode, on ``device``). ``flag``: the
+    option a path came from, named in the errors."""
+    if isinstance(state_dict_or_path, Mapping):
+        obj, source = state_dict_or_path, None
+    else:
+        obj, source = load_object(state_dict_or_path, flag), named(state_dict_or_path, flag)
+    sd = extract_state_dict(obj, source or "checkpoint")
     shape = encoder_shape(sd)
     classifier = "fc_norm.weight" in sd
     # a classifier fine-tuned on the cls token (--no_global_pool) is read the way it was trained
@@ -88,7 +92,7 @@ def build_encoder(state_dict_or_path: str | os.PathLike | Mapping[str, Any], inp
     if input_size < 16 or input_size % 16:
         raise ConfigError(f"--input_size {input_size} must be a positive multiple of the patch size 16")
     vit = VisionTransformerRPE(img_size=input_size, num_classes=0, drop_path=0.0, global_pool=global_pool, **shape)
-    report = vit.load_pretrained(sd)
+    report = vit.load_pretrained(sd, source)
     token_norm = None
     if classifier:
         vit.fc_norm.load_state_dict({"weight": sd["fc_norm.weight"], "bias": sd["fc_norm.bias"]})
@@ -244,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ.setdefault("DS_ACCELERATOR", device.type)
         init_distributed(device)
     rank = rank_world()[0]
-    encoder = build_encoder(a.checkpoint, a.input_size, device)
+    encoder = build_encoder(a.checkpoint, a.input_size, device, flag="--checkpoint")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     res = knn_eval(encoder, a.train, a.val, a.input_size, a.batch_size, device, a.k, a.temperature,
                    a.num_workers, dtype, a.interpolation)

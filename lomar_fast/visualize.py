@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from lomar_fast.checkpoint import CheckpointMismatch, checkpoint_args, extract_state_dict, load_checkpoint, load_object
+from lomar_fast.checkpoint import (CheckpointMismatch, checkpoint_args, extract_state_dict, load_checkpoint, load_object,
+                                   named)
 from lomar_fast.cli import run_cli
 from lomar_fast.errors import ConfigError
 from lomar_fast.models.lomar import LoMaR
@@ -114,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     for flag, path in (("--checkpoint", a.checkpoint), ("--image", a.image)):
         if not Path(path).is_file():
             raise ConfigError(f"{flag} {path} does not exist")
-    obj = load_object(a.checkpoint)  # weights_only: a checkpoint file cannot run code
-    model = model_from_state_dict(extract_state_dict(obj), checkpoint_args(obj))
+    obj = load_object(a.checkpoint, "--checkpoint")  # weights_only: a checkpoint file cannot run code
+    model = model_from_state_dict(extract_state_dict(obj, named(a.checkpoint, "--checkpoint")), checkpoint_args(obj))
     try:
         image = load_image(a.image, model.img_size)
     except OSError as e:

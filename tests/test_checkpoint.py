@@ -1,4 +1,5 @@
 """Checkpoints in the published LoMaR layout, and loading them into the fine-tuning classifier."""
+import re
 from pathlib import Path
 
 import pytest
@@ -141,10 +142,49 @@ def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="is a folder; pass a .pth file .*lomar_fast.export"):
         load_file(tmp_path)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointMismatch, match="junk.pth"):
+    with pytest.raises(CheckpointMismatch, match="junk.pth is not a weights file"):
         load_file(tmp_path / "junk.pth")
     with pytest.raises(CheckpointMismatch):
         extract_state_dict({"epoch": 3})
+
+
+class LossScaler:
+    """Stands for the optimizer objects a DeepSpeed ``*_optim_states.pt`` pickles."""
+
+
+def test_a_file_that_is_not_a_weights_file_is_one_line_naming_its_flag(tmp_path, capsys):
+    """A text file or a DeepSpeed optimizer-state file is refused in one line that names the flag and the file and
+    says what to pass (not torch's own weights_only text, which suggests weights_only=False); so are a weights
+    file without a state dict and weights that do not fit the classifier."""
+    from lomar_fast import knn, visualize
+    from lomar_fast.cli import run_cli
+
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint\n")
+    optim = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler()}, "ds_version": "0.19.8"}, optim)
+    fix = "pass a lomar_fast.export model.pth, a published LoMaR checkpoint or a checkpoint-best.pth"
+    for path, held in ((text, ""), (optim, f" (it holds a {__name__}.LossScaler)")):
+        with pytest.raises(CheckpointMismatch) as e:
+            load_file(path, "--finetune")
+        assert str(e.value) == f"--finetune {path} is not a weights file{held}; {fix}"
+    for module, args in ((visualize, ["--image", str(text), "--out", str(tmp_path / "v.png")]),
+                         (knn, ["--train", str(text), "--val", str(text)])):
+        with pytest.raises(SystemExit) as e:
+            run_cli(lambda: module.main(["--checkpoint", str(optim), *args]))
+        assert e.value.code == 2
+        assert capsys.readouterr().err == f"error: --checkpoint {optim} is not a weights file{held}; {fix}\n"
+    assert not (tmp_path / "v.png").exists()
+
+    torch.save({"epoch": 3}, tmp_path / "epoch.pth")
+    with pytest.raises(CheckpointMismatch, match=f"^--checkpoint {re.escape(str(tmp_path))}/epoch.pth holds no "
+                                                 f"state dict .*; {fix}$"):
+        load_file(tmp_path / "epoch.pth", "--checkpoint")
+    wide = save_checkpoint(LoMaR(img_size=112, embed_dim=2 * DIM, depth=DEPTH, num_heads=HEADS, num_window=1),
+                           tmp_path / "wide.pth")
+    with pytest.raises(CheckpointMismatch, match=f"^checkpoint {re.escape(str(wide))}: pretrained weights do not fit "
+                                                 f"the classifier: cls_token"):
+        classifier(224).load_pretrained(wide)
 
 
 def test_reference_script_checkpoints_load_safely(tmp_path):
@@ -178,7 +218,7 @@ def test_reference_script_checkpoints_load_safely(tmp_path):
             return (print, ("ran",))
 
     torch.save({"model": sd, "x": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointMismatch, match="evil.pth cannot be read"):
+    with pytest.raises(CheckpointMismatch, match="evil.pth is not a weights file"):
         load_file(tmp_path / "evil.pth")
 
 

@@ -139,6 +139,8 @@ def test_published_checkpoint_loads_every_encoder_key(tmp_path):
     deeper = create_model("vit_tiny_patch16", img_size=64, num_classes=8, depth=4)
     with pytest.raises(CheckpointMismatch, match="--depth 3"):
         load_finetune_weights(deeper, str(path))
+    with pytest.raises(CheckpointMismatch, match=f"^--finetune {path}: pretrained weights do not fit"):
+        load_finetune_weights(deeper, torch.load(path, weights_only=True), f"--finetune {path}")
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -310,4 +312,9 @@ def test_bad_inputs_stop_before_any_work(mini_demo, tmp_path, monkeypatch):
             main([*SMALL, *out, *data, *args])
     with pytest.raises(ConfigError, match="--eval needs"):
         main([*SMALL, "--eval", "--val_path", str(mini_demo["val"])])
+    # a file that is not a weights file: one line naming --finetune, before the run starts
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for mode in ([], ["--eval"]):
+        with pytest.raises(CheckpointMismatch, match=f"^--finetune {tmp_path}/notes.txt is not a weights file; pass "):
+            main([*SMALL, *out, *data, *mode, "--finetune", str(tmp_path / "notes.txt")])
     assert not (tmp_path / "o").exists()

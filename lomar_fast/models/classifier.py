@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from lomar_fast.checkpoint import CheckpointMismatch, extract_state_dict, load_file
+from lomar_fast.checkpoint import CheckpointMismatch, extract_state_dict, load_file, named
 
 from .irpe import DEFAULT_RATIO, bucket_ids
 from .vit import Block, PatchEmbed, drop_path_rates, init_vit_weights, size_factory
@@ -70,7 +70,8 @@ class VisionTransformerRPE(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(images))
 
-    def load_pretrained(self, path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, list[str]]:
+    def load_pretrained(self, path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+                        source: str | None = None) -> dict[str, list[str]]:
         """Load encoder weights from a lomar_fast export or a published LoMaR checkpoint.
 
         Returns {"used": keys loaded, "dropped": checkpoint keys not used (mask_token, encoder_pred,
@@ -78,10 +79,12 @@ class VisionTransformerRPE(nn.Module):
         (fc_norm, head)}. With ``global_pool=False`` the pretrained final ``norm`` becomes ``fc_norm``, the
         LayerNorm applied to the cls token (MAE's and LoMaR's cls-token mode take ``norm(x)[:, 0]`` with the
         pretrained norm). Misshaped encoder keys or missing encoder keys raise CheckpointMismatch listing them.
+        ``source`` names the weights in the errors (e.g. ``--finetune model.pth``; a path names itself).
         """
         if isinstance(path_or_state_dict, Mapping):
-            sd = extract_state_dict(path_or_state_dict)
+            sd = extract_state_dict(path_or_state_dict, source or "checkpoint")
         else:
+            source = source or named(path_or_state_dict)
             sd = load_file(path_or_state_dict)
         own = self.state_dict()
         fresh = {k for k in own if k.startswith(("fc_norm.", "head."))}
@@ -104,21 +107,26 @@ class VisionTransformerRPE(nn.Module):
         if missing:
             problems.append("missing encoder keys: " + ", ".join(missing))
         if problems:
-            raise CheckpointMismatch("pretrained weights do not fit the classifier: " + "; ".join(problems))
+            raise CheckpointMismatch((f"{source}: " if source else "") + "pretrained weights do not fit the classifier: "
+                                     + "; ".join(problems))
         self.load_state_dict({cls_norm.get(k, k): sd[k] for k in used}, strict=False)
         return {"used": sorted(used), "dropped": sorted(dropped), "initialized": sorted(fresh - set(cls_norm.values()))}
 
 
-def load_finetune_weights(model: VisionTransformerRPE, path_or_sd: str | os.PathLike | Mapping[str, Any]
-                          ) -> dict[str, list[str]]:
+def load_finetune_weights(model: VisionTransformerRPE, path_or_sd: str | os.PathLike | Mapping[str, Any],
+                          source: str | None = None) -> dict[str, list[str]]:
     """Encoder weights from a pretraining export or a published checkpoint, plus, from a fine-tuned classifier,
     ``fc_norm`` when it fits and ``head`` when it fits, each on its own, so a fine-tune can continue from one
     (MAE's script drops a head of another class count too, but refuses a checkpoint that holds ``fc_norm`` and
     re-initializes the head in any case). Returns ``load_pretrained``'s report ({"used", "dropped",
-    "initialized"}) updated accordingly."""
-    sd = extract_state_dict(path_or_sd) if isinstance(path_or_sd, Mapping) else load_file(path_or_sd)
+    "initialized"}) updated accordingly. ``source`` names the weights in the errors (a path names itself)."""
+    if isinstance(path_or_sd, Mapping):
+        sd = extract_state_dict(path_or_sd, source or "checkpoint")
+    else:
+        source = source or named(path_or_sd)
+        sd = load_file(path_or_sd)
     try:
-        report = model.load_pretrained(sd)
+        report = model.load_pretrained(sd, source)
     except CheckpointMismatch as e:
         n_blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
         hint = (f" (the checkpoint has {n_blocks} blocks, the model {len(model.blocks)}: pass --depth {n_blocks} "
