@@ -23,17 +23,19 @@ from lomar_fast.errors import ConfigError
 
 def _resolve(checkpoint: str, tag: str | None) -> tuple[Path, str]:
     """The run directory and tag to export: ``--tag`` in ``--checkpoint``, else lomar_fast.run_dir's resume rule
-    (the tag ``latest`` names, the newest complete one, or the tag directory given)."""
+    (the tag ``latest`` names, the newest complete one, the tag directory given, or ``DIR/<family>``: the newest
+    complete tag of that family)."""
     root = Path(checkpoint)
-    if not root.is_dir():
+    if root.is_file() or (tag is not None and not root.is_dir()):
         raise ConfigError(f"--checkpoint {root} is not a directory; pass the --output_dir of a pretraining run")
     if tag is not None:
         if not run_dir.is_complete(root / tag):
             raise ConfigError(f"--checkpoint {root}: no complete checkpoint tag {tag} (tags there: "
                               f"{', '.join(run_dir.tags(root)) or 'none'})")
         return root, tag
-    # the absolute path: a folder named "auto" is a folder here, not --resume's keyword
-    point = run_dir.find_resume(str(root.resolve()), str(root), "epoch", flag="--checkpoint")
+    # "auto" as its absolute path: a folder named so is a folder here, not --resume's keyword
+    point = run_dir.find_resume(str(root.resolve()) if str(root) == "auto" else str(root), str(root), "epoch",
+                                flag="--checkpoint")
     if point is None:
         raise ConfigError(f"--checkpoint {root} holds no complete checkpoint tag; pass a run's --output_dir")
     return Path(point.root), point.tag
@@ -88,7 +90,8 @@ def export(checkpoint: str, out: str, tag: str | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="the --output_dir of a pretraining run (or one tag directory)")
+    p.add_argument("--checkpoint", required=True, help="the --output_dir of a pretraining run, one tag directory, or "
+                                                       "RUN/<family> (RUN/epoch: the newest complete epoch tag)")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
     p.add_argument("--out", required=True, help="output .pth")
     a = p.parse_args(argv)

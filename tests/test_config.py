@@ -520,3 +520,26 @@ def test_export_reads_a_folder_named_auto_as_a_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="--checkpoint .*auto: no complete checkpoint there"):
         export._resolve("auto", None)
+
+
+def test_export_reads_dir_family_as_resume_does(tmp_path):
+    """--checkpoint RUN/<family> is the newest complete tag of that family, as --resume reads it; the errors
+    name --checkpoint."""
+    from lomar_fast import export
+
+    root = tmp_path / "run"
+    for name in ("epoch0001", "epoch0003", "best_epoch0002"):
+        _tag(root, name)
+    _tag(root, "epoch0004", complete=False)
+    assert export._resolve(str(root / "epoch"), None) == (root, "epoch0003")
+    assert export._resolve(str(root / "best"), None) == (root, "best_epoch0002")
+    assert export._resolve(str(root), None) == (root, "epoch0003")
+    with pytest.raises(ConfigError, match=f"^--checkpoint {root}/last: no complete 'last' checkpoint in {root} "
+                                          f"\\(tag families there: best, epoch\\)$"):
+        export._resolve(str(root / "last"), None)
+    with pytest.raises(ConfigError, match=f"^--checkpoint {tmp_path}/nowhere/epoch does not exist; pass a run's "
+                                          f"--output_dir, a tag directory$"):
+        export._resolve(str(tmp_path / "nowhere" / "epoch"), None)
+    (tmp_path / "model.pth").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="--checkpoint .*model.pth is not a directory"):
+        export._resolve(str(tmp_path / "model.pth"), None)
