@@ -68,7 +68,12 @@ def consolidate(checkpoint: str, tag: str | None = None) -> tuple[dict[str, torc
 
 
 def export(checkpoint: str, out: str, tag: str | None = None) -> Path:
-    sd, meta = consolidate(checkpoint, tag)
+    outp = run_dir.prepare_output_file(out, "--out", "model.pth")  # before the consolidation, which takes a while
+    root, tag = _resolve(checkpoint, tag)
+    if outp.resolve().parent == (root / tag).resolve():
+        raise ConfigError(f"--out {outp} lies in the checkpoint tag {root / tag} it is exported from; pass a path "
+                          f"outside it")
+    sd, meta = consolidate(str(root), tag)
     cfg = meta.get("config")
     if cfg and "window_size" not in cfg:
         raise ConfigError(f"--checkpoint {checkpoint} is a fine-tuning run ({cfg.get('model')}), not a pretraining "
@@ -82,10 +87,11 @@ def export(checkpoint: str, out: str, tag: str | None = None) -> Path:
         problems = compare_keys(expected, sd)
         if problems:
             raise CheckpointMismatch(f"{checkpoint}: consolidated weights do not fit {cfg['model']}: " + "; ".join(problems))
-    outp = Path(out)
-    if outp.exists() and outp.is_dir():
-        raise ConfigError(f"--out {outp} is a directory; pass a file name such as model.pth")
-    return save_checkpoint(sd, outp, args=cfg or {}, epoch=meta.get("epoch"), step=meta.get("step"))
+    try:
+        return save_checkpoint(sd, outp, args=cfg or {}, epoch=meta.get("epoch"), step=meta.get("step"))
+    except OSError as e:
+        raise ConfigError(f"--out {outp} cannot be written ({e.strerror or e}); pass a path on a disk with room "
+                          f"that you can write to") from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -199,6 +199,28 @@ def prepare_output_dir(path: str | os.PathLike, resume: str | None, overwrite: b
     return p
 
 
+def prepare_output_file(path: str | os.PathLike, flag: str, example: str) -> Path:
+    """Check an output file's path before any work: not a folder, and its folder (created if needed) writable.
+    ``flag`` and ``example`` (a file name to suggest) word the errors."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{flag} {p} is a folder; pass a file name such as {p / example}")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        probe = p.parent / f".write_probe_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        blocking = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
+        if blocking is not None:
+            why = f"{blocking} is a file, not a folder"
+        else:
+            where = f"cannot write in {p.parent}" if p.parent.is_dir() else f"cannot create the folder {p.parent}"
+            why = f"{where} ({e.strerror or e})"
+        raise ConfigError(f"{flag} {p}: {why}; pass a path in a folder you can write to") from None
+    return p
+
+
 def clear_run(root: Path) -> list[str]:
     """Delete what an earlier run wrote in ``root`` (``--overwrite``). Returns the names deleted."""
     gone = holds_run(root)

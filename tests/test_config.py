@@ -543,3 +543,34 @@ def test_export_reads_dir_family_as_resume_does(tmp_path):
     (tmp_path / "model.pth").write_bytes(b"x")
     with pytest.raises(ConfigError, match="--checkpoint .*model.pth is not a directory"):
         export._resolve(str(tmp_path / "model.pth"), None)
+
+
+def test_export_checks_out_before_consolidating_and_keeps_an_earlier_file(tmp_path, monkeypatch):
+    """--out that is a folder, lies under a regular file or inside the tag it is exported from stops with one
+    ConfigError naming --out before any checkpoint is read; a failed write is a ConfigError too, and leaves an
+    earlier file whole."""
+    from lomar_fast import export
+
+    root = tmp_path / "run"
+    _tag(root, "epoch0001")
+    monkeypatch.setattr(export, "consolidate", lambda *a: (_ for _ in ()).throw(AssertionError("consolidated")))
+    (tmp_path / "file").write_text("a file")
+    for out, message in ((tmp_path, "is a folder; pass a file name such as .*model.pth$"),
+                         (tmp_path / "file" / "m.pth", f": {tmp_path}/file is a file, not a folder; pass a path in "),
+                         (tmp_path / "file" / "sub" / "m.pth", f": {tmp_path}/file is a file, not a folder"),
+                         (root / "epoch0001" / "m.pth", "lies in the checkpoint tag .*epoch0001")):
+        with pytest.raises(ConfigError, match=f"^--out {out}.*{message}"):
+            export.export(str(root), str(out))
+
+    monkeypatch.setattr(export, "consolidate", lambda *a: ({"w": torch.zeros(2)}, {}))
+    out = tmp_path / "model.pth"
+    out.write_bytes(b"earlier")
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(ConfigError, match=f"^--out {out} cannot be written \\(No space left on device\\)"):
+        export.export(str(root), str(out))
+    assert out.read_bytes() == b"earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["file", "model.pth", "run"]
