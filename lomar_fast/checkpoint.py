@@ -11,7 +11,7 @@ import argparse
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import IO, Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -114,12 +114,18 @@ def save_checkpoint(model_or_state: nn.Module | Mapping[str, torch.Tensor], path
     sd = published_state_dict(model_or_state) if isinstance(model_or_state, nn.Module) else {
         k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
         for k, v in model_or_state.items()}
+    return write_atomically(path, lambda f: torch.save({"model": sd, **extra}, f))
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> Path:
+    """Write a file through ``write(f)`` under a temporary name, then rename it over ``path``: a failure or a kill
+    while writing leaves the previous file whole and no partial one."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save({"model": sd, **extra}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())  # on disk before it replaces the previous file: a power loss keeps one of the two
         os.replace(tmp, p)

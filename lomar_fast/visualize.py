@@ -8,14 +8,16 @@ patches are mapped back to pixels with the statistics of the true patch, as MAE'
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from lomar_fast import run_dir
 from lomar_fast.checkpoint import (CheckpointMismatch, checkpoint_args, extract_state_dict, load_checkpoint, load_object,
-                                   named)
+                                   named, write_atomically)
 from lomar_fast.cli import run_cli
 from lomar_fast.errors import ConfigError
 from lomar_fast.models.lomar import LoMaR
@@ -105,16 +107,37 @@ def render(model: LoMaR, image: torch.Tensor, seed: int = 0) -> Image.Image:
     return canvas
 
 
+def picture_format(out: str) -> str:
+    """The PIL format ``--out``'s extension names, checked to write an RGB picture (ConfigError otherwise)."""
+    p = run_dir.prepare_output_file(out, "--out", "recon.png")
+    Image.init()
+    ext = p.suffix.lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is not None:
+        try:
+            Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)  # some formats take no RGB picture (.xbm)
+        except (OSError, ValueError, KeyError):
+            fmt = None
+    if fmt is None:
+        said = f"its extension {ext} names no picture format PIL writes in RGB" if ext else "it has no extension"
+        raise ConfigError(f"--out {p}: {said}; pass a file name such as {p.with_suffix('.png').name}")
+    return fmt
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="model.pth from lomar_fast.export (or a published one)")
     ap.add_argument("--image", required=True)
-    ap.add_argument("--out", required=True, help="output PNG")
+    ap.add_argument("--out", required=True, help="output picture: recon.png (or another format PIL writes)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the windows and masks")
     a = ap.parse_args(argv)
     for flag, path in (("--checkpoint", a.checkpoint), ("--image", a.image)):
         if not Path(path).is_file():
             raise ConfigError(f"{flag} {path} does not exist")
+    fmt = picture_format(a.out)  # before the model is loaded
+    for flag, path in (("--checkpoint", a.checkpoint), ("--image", a.image)):
+        if Path(a.out).exists() and Path(a.out).samefile(path):
+            raise ConfigError(f"--out {a.out} is the {flag} file; pass another file name")
     obj = load_object(a.checkpoint, "--checkpoint")  # weights_only: a checkpoint file cannot run code
     model = model_from_state_dict(extract_state_dict(obj, named(a.checkpoint, "--checkpoint")), checkpoint_args(obj))
     try:
@@ -122,8 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         raise ConfigError(f"--image {a.image} cannot be read as an image ({e})") from None
     img = render(model, image, a.seed)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    img.save(a.out)
+    try:
+        write_atomically(a.out, lambda f: img.save(f, format=fmt))  # a failed write leaves an earlier file whole
+    except OSError as e:
+        raise ConfigError(f"--out {a.out} cannot be written ({e.strerror or e}); pass a path on a disk with room "
+                          f"that you can write to") from None
     print(f"wrote {a.out}")
 
 

@@ -574,6 +574,59 @@ def test_visualize_draws_windows_masked_inputs_and_reconstructions(pretrain_run,
                         "--out", str(out)])
 
 
+def test_visualize_checks_out_before_loading_and_writes_it_whole(tmp_path, monkeypatch):
+    """--out with an extension PIL cannot write, without one, a folder, under a regular file, or the --image
+    itself stops with one ConfigError naming --out before the model is loaded; a write that fails is a ConfigError
+    and leaves an earlier picture whole; a good one is written."""
+    import io
+
+    from PIL import Image
+
+    from lomar_fast import visualize
+    from lomar_fast.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("lomar_vit_tiny_patch16", img_size=64, window_size=3, num_window=2, depth=1)
+    ckpt = save_checkpoint(model, tmp_path / "model.pth", args={"input_size": 64, "window_size": 3, "num_window": 2})
+    image = tmp_path / "in.jpg"
+    Image.new("RGB", (80, 70), (20, 180, 40)).save(image)
+    (tmp_path / "file").write_text("a file")
+
+    def run(out):
+        visualize.main(["--checkpoint", str(ckpt), "--image", str(image), "--out", str(out)])
+
+    real_load = visualize.load_object
+    monkeypatch.setattr(visualize, "load_object", lambda *a: (_ for _ in ()).throw(AssertionError("loaded")))
+    for out, message in ((tmp_path / "x.xyz", ": its extension .xyz names no picture format PIL writes in RGB; pass a "
+                                               "file name such as x.png$"),
+                         (tmp_path / "recon", ": it has no extension; pass a file name such as recon.png$"),
+                         (tmp_path, " is a folder; pass a file name such as .*recon.png$"),
+                         (tmp_path / "file" / "v.png", f": {tmp_path}/file is a file, not a folder; pass a path in "),
+                         (image, " is the --image file; pass another file name$")):
+        with pytest.raises(ConfigError, match=f"^--out {out}{message}"):
+            run(out)
+    monkeypatch.setattr(visualize, "load_object", real_load)
+
+    out = tmp_path / "recon.png"
+    out.write_bytes(b"earlier")
+    real_save = Image.Image.save
+
+    def disk_full(self, fp, *a, **k):
+        if isinstance(fp, io.BytesIO):  # the check of the format
+            return real_save(self, fp, *a, **k)
+        fp.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    with pytest.raises(ConfigError, match=f"^--out {out} cannot be written \\(No space left on device\\)"):
+        run(out)
+    assert out.read_bytes() == b"earlier"
+    monkeypatch.undo()
+    run(out)
+    assert Image.open(out).format == "PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "in.jpg", "model.pth", "recon.png"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scope", ["blocks", "model"])
 def test_a_compiled_model_inside_the_deepspeed_engine_traces_without_graph_breaks(mini_demo, tmp_path,
