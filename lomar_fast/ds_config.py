@@ -17,9 +17,13 @@ def load_ds_config(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"--deepspeed_config {p} does not exist; pick one of ds_configs/*.json")
     try:
-        return json.loads(p.read_text())
+        ds = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"--deepspeed_config {p} is not valid JSON: {e}") from e
+    if not isinstance(ds, dict):
+        raise ConfigError(f"--deepspeed_config {p} holds a JSON {type(ds).__name__}, not an object of DeepSpeed "
+                          f"settings ({{\"zero_optimization\": ...}}); start from one of ds_configs/*.json")
+    return ds
 
 
 def resolve_ds_config(ds: dict[str, Any], *, batch_size: int, accum_iter: int, world_size: int,
@@ -28,13 +32,29 @@ def resolve_ds_config(ds: dict[str, Any], *, batch_size: int, accum_iter: int, w
     """Make the flags the single source of truth for batch sizes.
 
     A concrete value in the JSON that contradicts a flag the user gave is an error naming both; one the
-    user did not override is adopted. Returns (config, micro batch, accumulation steps).
+    user did not override is adopted. A batch-size key that is neither a positive integer nor "auto", and a
+    ZeRO stage outside 0-3, are errors naming ``source`` and the key. Returns (config, micro batch,
+    accumulation steps).
     """
     ds = json.loads(json.dumps(ds))
 
     def concrete(key):
         v = ds.get(key)
-        return None if v in (None, "auto") else int(v)
+        if v is None or v == "auto":
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{source} sets {key}={json.dumps(v)}, which is neither a positive integer nor "
+                              f"\"auto\"; set it to \"auto\" (the flags decide batch sizes) or remove it")
+        return v
+
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{source} sets zero_optimization={json.dumps(zero)}; it must be an object such as "
+                          f"{{\"stage\": 2}}")
+    stage = zero.get("stage", 0)
+    if zero_stage is None and (isinstance(stage, bool) or stage not in (0, 1, 2, 3)):
+        raise ConfigError(f"{source} sets zero_optimization.stage={json.dumps(stage)}; it must be 0, 1, 2 or 3 "
+                          f"(fix the JSON, or override it with --zero_stage)")
 
     for key, flag, value in (("train_micro_batch_size_per_gpu", "batch_size", batch_size),
                              ("gradient_accumulation_steps", "accum_iter", accum_iter)):

@@ -71,6 +71,35 @@ def test_contradictory_precision_is_rejected_naming_the_file_and_fix(extra, need
     assert any(fix in str(err.value) for fix in ("enabled false", "use \"bfloat16\"", "ds_configs/cpu.json"))
 
 
+def test_a_json_that_is_not_a_config_object_is_one_error_naming_the_file_and_key(tmp_path):
+    """A top-level list, a batch size that is neither an integer nor "auto", and a ZeRO stage outside 0-3 stop
+    before the model is built (they had raised AttributeError, int()'s ValueError and DeepSpeed's pydantic
+    error after it)."""
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"--deepspeed_config .*list.json holds a JSON list, not an object.*"
+                                          r"ds_configs/\*.json"):
+        load_ds_config(listed)
+    for bad, needle in (({"train_micro_batch_size_per_gpu": "abc"}, 'train_micro_batch_size_per_gpu="abc"'),
+                        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps=0"),
+                        ({"train_batch_size": 8.5}, "train_batch_size=8.5"),
+                        ({"train_micro_batch_size_per_gpu": True}, "train_micro_batch_size_per_gpu=true")):
+        with pytest.raises(ConfigError, match=f"--deepspeed_config my.json sets {needle}, which is neither a "
+                                              f"positive integer nor \"auto\""):
+            resolve_ds_config(bad, batch_size=4, accum_iter=1, world_size=1, explicit=set(), zero_stage=None,
+                              device=CPU, source="--deepspeed_config my.json")
+    for zero, needle in (({"stage": 7}, "zero_optimization.stage=7; it must be 0, 1, 2 or 3"),
+                         ({"stage": "2"}, 'zero_optimization.stage="2"; it must be 0, 1, 2 or 3'),
+                         (2, "zero_optimization=2; it must be an object")):
+        with pytest.raises(ConfigError, match=f"--deepspeed_config my.json sets {needle}"):
+            resolve_ds_config({"zero_optimization": zero}, batch_size=4, accum_iter=1, world_size=1, explicit=set(),
+                              zero_stage=None, device=CPU, source="--deepspeed_config my.json")
+    # --zero_stage replaces the JSON's stage
+    ds, _, _ = resolve_ds_config({"zero_optimization": {"stage": 7}}, batch_size=4, accum_iter=1, world_size=1,
+                                 explicit=set(), zero_stage=1, device=CPU)
+    assert ds["zero_optimization"]["stage"] == 1
+
+
 def test_fp16_section_on_cpu_is_rejected():
     with pytest.raises(ConfigError, match="needs a GPU"):
         resolve_precision({"fp16": {"enabled": True}}, CPU, "x.json")
