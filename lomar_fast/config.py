@@ -273,18 +273,37 @@ class FinetuneConfig(RunConfig):
     def mixup_active(self) -> bool:
         return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
 
-    def resolve_nb_classes(self, head_rows: int | None = None) -> int:
-        """Flag > (with --eval) the checkpoint head's rows > classes.json beside the data > 1000."""
-        classes = classes_beside(self.data_path) or classes_beside(self.val_path)
-        if self.nb_classes is not None:
-            if self.nb_classes < 1:
-                raise ConfigError(f"--nb_classes {self.nb_classes} must be at least 1")
-            if classes is not None and self.nb_classes < len(classes):
-                raise ConfigError(f"--nb_classes {self.nb_classes} is smaller than the {len(classes)} classes in "
-                                  f"classes.json beside the data; raise it or leave it out")
-            return self.nb_classes
+    def resolve_nb_classes(self, head_rows: int | None = None, weights: str = "the checkpoint") -> int:
+        """Flag > (with --eval) the rows of the head in ``weights`` > classes.json beside the data > 1000.
+
+        The labels index the head's rows, so the class lists beside --data_path and --val_path must agree and the
+        count must cover them; with --eval an explicit --nb_classes must equal the head's rows."""
+        lists = {flag: c for flag in ("data_path", "val_path") if (c := classes_beside(getattr(self, flag)))}
+        if len(lists) == 2 and lists["data_path"] != lists["val_path"]:
+            raise ConfigError(f"the classes.json beside --data_path {self.data_path} ({len(lists['data_path'])} "
+                              f"classes) and the one beside --val_path {self.val_path} "
+                              f"({len(lists['val_path'])}) differ, so a label means another class in each; write "
+                              f"both splits with one class list (data_prep.write_beton writes them together)")
+        if self.nb_classes is not None and self.nb_classes < 1:
+            raise ConfigError(f"--nb_classes {self.nb_classes} must be at least 1")
         if self.eval and head_rows is not None:
+            if self.nb_classes is not None and self.nb_classes != head_rows:
+                raise ConfigError(f"--nb_classes {self.nb_classes} differs from the {head_rows} classes of the head "
+                                  f"in {weights}; leave --nb_classes out (--eval takes the checkpoint's)")
+            for flag, classes in lists.items():
+                if len(classes) > head_rows:
+                    raise ConfigError(f"--{flag} {getattr(self, flag)} has {len(classes)} classes (its classes.json), "
+                                      f"the head in {weights} only {head_rows}; evaluate it on a val set of the "
+                                      f"classes it was fine-tuned on")
             return head_rows
+        classes = next(iter(lists.values()), None)
+        if self.nb_classes is not None:
+            for flag, listed in lists.items():
+                if self.nb_classes < len(listed):
+                    raise ConfigError(f"--nb_classes {self.nb_classes} is smaller than the {len(listed)} classes in "
+                                      f"the classes.json beside --{flag} {getattr(self, flag)}; raise it or leave it "
+                                      f"out")
+            return self.nb_classes
         return len(classes) if classes is not None else 1000
 
     ADOPTED_KEYS: ClassVar[tuple[str, ...]] = ("model", "depth", "input_size", "global_pool", "interpolation")

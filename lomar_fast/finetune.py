@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 from lomar_fast.checkpoint import load_file, module_state_dict, named, save_checkpoint
 from lomar_fast.cli import run_cli
 from lomar_fast.config import FinetuneConfig, parse_config
+from lomar_fast.errors import ConfigError
 from lomar_fast.evaluate import evaluate
 from lomar_fast.layer_decay import param_groups_layer_decay
 from lomar_fast.models import create_model
@@ -29,6 +30,7 @@ from lomar_fast.models.classifier import describe_load, load_finetune_weights
 from lomar_fast.trainer import Trainer
 
 BEST_PTH = "checkpoint-best.pth"
+CLASSIFIER_FIX = "pass a fine-tuned checkpoint-best.pth, or --resume a fine-tuning run's --output_dir"
 
 
 def build_model(cfg: FinetuneConfig, nb_classes: int):
@@ -37,16 +39,30 @@ def build_model(cfg: FinetuneConfig, nb_classes: int):
                         global_pool=cfg.global_pool, **depth)
 
 
+def eval_weights(cfg: FinetuneConfig, sd: dict | None) -> tuple[int | None, str, list[str]]:
+    """``--eval --finetune``: the weights to evaluate (``sd``, read from the file), checked before any work. The
+    model settings a fine-tuned checkpoint was trained with (saved under ``args``) are taken for every one the
+    user did not set; weights without a classifier head (a pretraining export) are refused. Returns (the head's
+    rows, the weights' name, lines for the log)."""
+    if cfg.resume or sd is None:
+        return None, "", []  # --resume evaluates the tag's weights; no weights: validate() says what to pass
+    weights = f"--finetune {cfg.finetune}"
+    missing = [k for k in ("head.weight", "head.bias") if k not in sd]
+    if missing:
+        raise ConfigError(f"--eval {weights} holds no classifier head ({', '.join(missing)}; a pretraining export "
+                          f"has none), so the evaluation would score a randomly initialized one; {CLASSIFIER_FIX}")
+    taken = cfg.adopt_checkpoint_args(cfg.finetune)
+    return (int(sd["head.weight"].shape[0]), weights,
+            [f"from the checkpoint's training settings: {', '.join(taken)}"] if taken else [])
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(argv, FinetuneConfig, "LoMaR fine-tuning")
-    head_rows, adopted = None, []
     # read before any work: a file that is not a weights file stops here
-    weights = load_file(cfg.finetune, "--finetune") if cfg.finetune and Path(cfg.finetune).is_file() else None
-    if cfg.eval and weights is not None and "head.weight" in weights:
-        # a fine-tuned classifier (checkpoint-best.pth), not a pretraining export
-        head_rows, adopted = int(weights["head.weight"].shape[0]), cfg.adopt_checkpoint_args(cfg.finetune)
+    sd = load_file(cfg.finetune, "--finetune") if cfg.finetune and Path(cfg.finetune).is_file() else None
+    head_rows, weights, notes = eval_weights(cfg, sd) if cfg.eval else (None, "", [])
     cfg.validate()
-    nb_classes = cfg.resolve_nb_classes(head_rows)
+    nb_classes = cfg.resolve_nb_classes(head_rows, weights)
     from lomar_fast.data import build_finetune_loader
     from lomar_fast.data.augment import BatchAugment
     from lomar_fast.data.shard import build_shard
@@ -64,16 +80,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     def make_model():
         model = build_model(cfg, nb_classes)
-        if weights is not None and not (cfg.eval and cfg.resume):
-            loaded.append(describe_load(load_finetune_weights(model, weights, named(cfg.finetune, "--finetune")),
-                                        cfg.finetune))
+        if sd is not None and not (cfg.eval and cfg.resume):
+            report = load_finetune_weights(model, sd, named(cfg.finetune, "--finetune"))
+            if cfg.eval and report["initialized"]:
+                raise ConfigError(f"--eval --finetune {cfg.finetune} does not hold {', '.join(report['initialized'])} "
+                                  f"of this classifier, so the evaluation would score them randomly initialized; "
+                                  f"{CLASSIFIER_FIX}")
+            loaded.append(describe_load(report, cfg.finetune))
         return model
 
     model = trainer.build(make_model, lambda m: param_groups_layer_decay(m, cfg.weight_decay, cfg.layer_decay),
                           betas=(0.9, 0.999))
-    weights = None  # loaded into the model
+    sd = None  # loaded into the model
     if cfg.eval:
-        return evaluate_only(cfg, trainer, val, nb_classes, adopted, loaded)
+        return evaluate_only(cfg, trainer, val, nb_classes, notes, loaded)
     trainer.resume()
     trainer.state.setdefault("best_top1", -1.0)
     trainer.state.setdefault("best_epoch", -1)
@@ -107,14 +127,14 @@ def main(argv: list[str] | None = None) -> dict:
     return last
 
 
-def evaluate_only(cfg: FinetuneConfig, trainer: Trainer, val, nb_classes: int, adopted: list[str],
+def evaluate_only(cfg: FinetuneConfig, trainer: Trainer, val, nb_classes: int, notes: list[str],
                   loaded: list[str]) -> dict:
     """``--eval``: the weights of ``--resume`` (a tag, a family such as DIR/best, or a run) or ``--finetune``."""
     point = trainer.resume(module_only=True)
     trainer.engine.eval()
     res = evaluate(trainer.engine, val, trainer.input_dtype, nb_classes)
     if trainer.rank == 0:
-        for line in ([f"from the checkpoint's training settings: {', '.join(adopted)}"] if adopted else []) + loaded:
+        for line in notes + loaded:
             print(line)
         print(f"eval {point or cfg.finetune}: top-1 {res['val_top1']:.2f}%  top-5 {res['val_top5']:.2f}%  loss "
               f"{res['val_loss']:.4f}  ({res['val_n']} images of {cfg.val_path}, {trainer.world} rank(s))")

@@ -337,6 +337,38 @@ def test_eval_adopts_the_settings_of_a_reference_script_checkpoint(tmp_path):
     assert cfg.global_pool is False and cfg.input_size == 384
 
 
+def test_the_class_count_covers_the_class_lists_of_the_train_and_val_data(tmp_path):
+    """Labels index the head's rows: the classes.json beside --data_path and --val_path must agree, and the class
+    count (--nb_classes, or with --eval the checkpoint head's rows) must cover them. A val list other than the
+    train list, or longer than the head, had passed and failed in the first evaluation (IndexError)."""
+    def split(name: str, n: int) -> str:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "classes.json").write_text(json.dumps([f"c{i}" for i in range(n)]))
+        (tmp_path / name / "x.beton").write_bytes(b"x")
+        return str(tmp_path / name / "x.beton")
+
+    train8, val8, val10 = split("train8", 8), split("val8", 8), split("val10", 10)
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "x.beton").write_bytes(b"x")
+    bare = str(tmp_path / "bare" / "x.beton")
+    assert parse_config(["--data_path", train8, "--val_path", val8], FinetuneConfig).resolve_nb_classes() == 8
+    with pytest.raises(ConfigError, match="the classes.json beside --data_path .*train8/x.beton \\(8 classes\\) and "
+                                          "the one beside --val_path .*val10/x.beton \\(10\\) differ"):
+        parse_config(["--data_path", train8, "--val_path", val10, "--nb_classes", "10"], FinetuneConfig).validate()
+    with pytest.raises(ConfigError, match="--nb_classes 8 is smaller than the 10 classes in the classes.json beside "
+                                          "--val_path .*val10/x.beton"):
+        parse_config(["--data_path", bare, "--val_path", val10, "--nb_classes", "8"], FinetuneConfig).validate()
+    # --eval: the head's rows are the class count; a longer val list or another --nb_classes is refused
+    evaluating = parse_config(["--eval", "--val_path", val10], FinetuneConfig)
+    with pytest.raises(ConfigError, match="--val_path .*val10/x.beton has 10 classes \\(its classes.json\\), the "
+                                          "head in --finetune best.pth only 8"):
+        evaluating.resolve_nb_classes(8, "--finetune best.pth")
+    assert evaluating.resolve_nb_classes(12, "--finetune best.pth") == 12
+    with pytest.raises(ConfigError, match="--nb_classes 9 differs from the 8 classes of the head in --finetune b.pth"):
+        parse_config(["--eval", "--val_path", val8, "--nb_classes", "9"], FinetuneConfig).resolve_nb_classes(
+            8, "--finetune b.pth")
+
+
 def test_check_resume_maps_the_same_global_batch_and_refuses_other_shapes():
     cfg = {"model": "m", "input_size": 224}
     saved = {"world_size": 4, "micro_batch": 64, "accum_iter": 1, "zero_stage": 0, "config": cfg}

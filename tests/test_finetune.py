@@ -318,3 +318,70 @@ def test_bad_inputs_stop_before_any_work(mini_demo, tmp_path, monkeypatch):
         with pytest.raises(CheckpointMismatch, match=f"^--finetune {tmp_path}/notes.txt is not a weights file; pass "):
             main([*SMALL, *out, *data, *mode, "--finetune", str(tmp_path / "notes.txt")])
     assert not (tmp_path / "o").exists()
+
+
+def _classes(folder: Path, n: int) -> Path:
+    """A placeholder val.beton (bad-input checks stop before any read) with a classes.json of ``n`` classes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "classes.json").write_text(json.dumps([f"c{i}" for i in range(n)]))
+    (folder / "val.beton").write_bytes(b"x")
+    return folder / "val.beton"
+
+
+def _fine_tuned(path: Path, classes: int = 8, **args) -> dict:
+    """Write a tiny fine-tuned classifier to ``path`` in checkpoint-best.pth's layout (its settings under ``args``);
+    returns its state dict."""
+    settings = {"model": "vit_tiny_patch16", "depth": 2, "input_size": 64, "global_pool": True,
+                "interpolation": "bicubic", **args}
+    model = create_model(settings["model"], img_size=settings["input_size"], num_classes=classes,
+                         depth=settings["depth"], global_pool=settings["global_pool"])
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    save_checkpoint(sd, path, epoch=0, args=settings, nb_classes=classes)
+    return sd
+
+
+def test_eval_refuses_weights_without_the_classifier_and_another_class_count_before_any_work(tmp_path, monkeypatch):
+    """--eval of a pretraining export evaluated a randomly initialized head (top-1 0%, exit 0), and an explicit
+    --nb_classes other than the head's dropped the trained head for a random one; a val set with more classes
+    than the head failed inside the evaluation (IndexError)."""
+    from lomar_fast import trainer
+    from lomar_fast.errors import ConfigError
+    from lomar_fast.finetune import main
+
+    monkeypatch.setattr(trainer, "init_distributed", lambda *a: (_ for _ in ()).throw(AssertionError("started")))
+    export = tmp_path / "model.pth"
+    save_checkpoint(create_model("lomar_vit_tiny_patch16", img_size=64, window_size=3, num_window=2, depth=2), export)
+    best = tmp_path / "checkpoint-best.pth"
+    _fine_tuned(best)
+    val8, val10 = _classes(tmp_path / "v8", 8), _classes(tmp_path / "v10", 10)
+    base = ["--eval", "--deepspeed_config", "ds_configs/cpu.json", "--output_dir", str(tmp_path / "o")]
+    for args, message in (
+            (["--finetune", str(export), "--val_path", str(val8), "--model", "vit_tiny_patch16", "--depth", "2"],
+             "--eval --finetune .*model.pth holds no classifier head \\(head.weight, head.bias; .*pass a fine-tuned "
+             "checkpoint-best.pth, or --resume a fine-tuning run's --output_dir"),
+            (["--finetune", str(best), "--val_path", str(val8), "--nb_classes", "9"],
+             "--nb_classes 9 differs from the 8 classes of the head in --finetune .*checkpoint-best.pth"),
+            (["--finetune", str(best), "--val_path", str(val10)],
+             "--val_path .*v10/val.beton has 10 classes \\(its classes.json\\), the head in --finetune "
+             ".*checkpoint-best.pth only 8")):
+        with pytest.raises(ConfigError, match=message):
+            main([*base, *args])
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_of_a_checkpoint_without_fc_norm_stops_before_evaluating(mini_demo, tmp_path, in_process_world,
+                                                                      monkeypatch):
+    """Weights with a head but not every other classifier tensor (here fc_norm) left them randomly initialized
+    in the evaluated model: --eval refuses them, naming the tensors, before the evaluation."""
+    from lomar_fast import finetune
+    from lomar_fast.errors import ConfigError
+
+    monkeypatch.setattr(finetune, "evaluate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("evaluated")))
+    best = tmp_path / "checkpoint-best.pth"
+    sd = _fine_tuned(best)
+    save_checkpoint({k: v for k, v in sd.items() if not k.startswith("fc_norm.")}, best,
+                    args={"model": "vit_tiny_patch16", "depth": 2, "input_size": 64})
+    with pytest.raises(ConfigError, match="--eval --finetune .*checkpoint-best.pth does not hold fc_norm.bias, "
+                                          "fc_norm.weight of this classifier.*pass a fine-tuned checkpoint-best.pth"):
+        finetune.main(["--eval", "--finetune", str(best), "--val_path", str(mini_demo["val"]), "--num_workers", "1",
+                       "--deepspeed_config", "ds_configs/cpu.json"])
