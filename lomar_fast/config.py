@@ -308,22 +308,36 @@ class FinetuneConfig(RunConfig):
 
     ADOPTED_KEYS: ClassVar[tuple[str, ...]] = ("model", "depth", "input_size", "global_pool", "interpolation")
 
-    def adopt_checkpoint_args(self, path: str) -> list[str]:
-        """For ``--eval --finetune checkpoint-best.pth``: take the model settings and the interpolation the
-        checkpoint was trained with (saved under ``args``) for every one the user did not set. Returns
-        'name=value' of those taken."""
+    def adopt_checkpoint_args(self, path: str) -> tuple[list[str], list[str]]:
+        """For ``--eval --finetune checkpoint-best.pth``: :meth:`adopt_args` of the settings the checkpoint was
+        trained with (saved under ``args``)."""
         from lomar_fast.checkpoint import checkpoint_args, load_object
 
         try:
             args = checkpoint_args(load_object(path))  # a dict, or the reference scripts' Namespace
         except Exception:  # noqa: BLE001 - no readable args: keep the flags (loading the weights says why)
-            return []
-        taken = []
+            return [], []
+        return self.adopt_args(args, f"--finetune {path}")
+
+    def adopt_args(self, args: dict[str, Any], weights: str,
+                   refuse: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+        """For ``--eval``: take the model settings and the interpolation the weights were trained with (``args``)
+        for every one the user did not set. A setting of ``refuse`` the user set to another value is a
+        ConfigError naming both. Returns ('name=value' of those taken, a note on each flag that keeps another
+        value than the training's)."""
+        taken, kept = [], []
         for name in self.ADOPTED_KEYS:
-            if name in args and name not in self.explicit and args[name] != getattr(self, name):
+            if name not in args or args[name] == getattr(self, name):
+                continue
+            if name not in self.explicit:
                 setattr(self, name, args[name])
                 taken.append(f"{name}={args[name]}")
-        return taken
+            elif name in refuse:
+                raise ConfigError(f"--{name} {getattr(self, name)} differs from the {name} {args[name]} of {weights}; "
+                                  f"leave --{name} out (--eval takes the weights' settings)")
+            else:
+                kept.append(f"--{name} {getattr(self, name)} given: {weights} was trained with {name} {args[name]}")
+        return taken, kept
 
 
 def classes_beside(path: str) -> list[str] | None:

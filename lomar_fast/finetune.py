@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+from lomar_fast import run_dir
 from lomar_fast.checkpoint import load_file, module_state_dict, named, save_checkpoint
 from lomar_fast.cli import run_cli
 from lomar_fast.config import FinetuneConfig, parse_config
@@ -40,20 +41,43 @@ def build_model(cfg: FinetuneConfig, nb_classes: int):
 
 
 def eval_weights(cfg: FinetuneConfig, sd: dict | None) -> tuple[int | None, str, list[str]]:
-    """``--eval --finetune``: the weights to evaluate (``sd``, read from the file), checked before any work. The
-    model settings a fine-tuned checkpoint was trained with (saved under ``args``) are taken for every one the
-    user did not set; weights without a classifier head (a pretraining export) are refused. Returns (the head's
-    rows, the weights' name, lines for the log)."""
-    if cfg.resume or sd is None:
-        return None, "", []  # --resume evaluates the tag's weights; no weights: validate() says what to pass
-    weights = f"--finetune {cfg.finetune}"
-    missing = [k for k in ("head.weight", "head.bias") if k not in sd]
-    if missing:
-        raise ConfigError(f"--eval {weights} holds no classifier head ({', '.join(missing)}; a pretraining export "
-                          f"has none), so the evaluation would score a randomly initialized one; {CLASSIFIER_FIX}")
-    taken = cfg.adopt_checkpoint_args(cfg.finetune)
-    return (int(sd["head.weight"].shape[0]), weights,
-            [f"from the checkpoint's training settings: {', '.join(taken)}"] if taken else [])
+    """``--eval``: the weights to evaluate, checked before any work. The model settings they were trained with
+    are taken for every one the user did not set: from a fine-tuned checkpoint's ``args`` (``--finetune``) or
+    from the run settings saved with the tag (``--resume``). Weights without a classifier head (a pretraining
+    export or run) are refused. ``sd``: the ``--finetune`` file, read already. Returns (the head's rows, the
+    weights' name, lines for the log)."""
+    if cfg.resume:
+        point = run_dir.find_resume(cfg.resume, cfg.output_dir, "last")
+        if point is None:
+            raise ConfigError(f"--eval --resume {cfg.resume}: no complete checkpoint in --output_dir {cfg.output_dir}; "
+                              f"pass a fine-tuning run's folder, DIR/best or a tag directory to --resume, or "
+                              f"--finetune checkpoint-best.pth")
+        weights, saved = f"--resume {point}", run_dir.saved_run(point).get("config") or {}
+        model = str(saved.get("model") or "")
+        if model.startswith("lomar_") or (not model and run_dir.parse_tag(point.tag)[0] == "epoch"):
+            which = f" ({model})" if model else ""
+            raise ConfigError(f"--eval {weights} is a pretraining checkpoint{which}, which has no classifier to "
+                              f"evaluate; fine-tune it first (python -m lomar_fast.export, then --finetune model.pth "
+                              f"without --eval), or {CLASSIFIER_FIX}")
+        taken, kept = cfg.adopt_args(saved, weights, refuse=("model",))
+        shapes = run_dir.saved_shapes(point)
+        blocks = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
+        if blocks and cfg.depth is not None and cfg.depth != blocks:
+            raise ConfigError(f"--depth {cfg.depth} differs from the {blocks} blocks of {weights}; leave --depth out "
+                              f"(--eval takes the run's settings)")
+        head = shapes.get("head.weight")
+        rows = int(head[0]) if head else saved.get("nb_classes")
+    elif sd is not None:
+        weights = f"--finetune {cfg.finetune}"
+        missing = [k for k in ("head.weight", "head.bias") if k not in sd]
+        if missing:
+            raise ConfigError(f"--eval {weights} holds no classifier head ({', '.join(missing)}; a pretraining export "
+                              f"has none), so the evaluation would score a randomly initialized one; {CLASSIFIER_FIX}")
+        taken, kept = cfg.adopt_checkpoint_args(cfg.finetune)
+        rows = int(sd["head.weight"].shape[0])
+    else:  # no weights: validate() says what to pass
+        return None, "", []
+    return rows, weights, ([f"from the training settings of {weights}: {', '.join(taken)}"] if taken else []) + kept
 
 
 def main(argv: list[str] | None = None) -> dict:

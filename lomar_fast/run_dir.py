@@ -171,6 +171,37 @@ def _newest(root: Path, family: str, asked: str | None, flag: str) -> ResumePoin
     return None
 
 
+def saved_run(point: ResumePoint) -> dict[str, Any]:
+    """What a complete tag's ``complete.json`` says of its run: ``world_size``, ``micro_batch``, ``accum_iter``,
+    ``zero_stage`` and ``config`` (the run's settings); {} when it says nothing."""
+    try:
+        info = json.loads(Path(point.root, point.tag, COMPLETE).read_text())
+    except (OSError, ValueError):
+        return {}
+    run = info.get("run") if isinstance(info, dict) else None
+    return run if isinstance(run, dict) else {}
+
+
+def saved_shapes(point: ResumePoint) -> dict[str, tuple[int, ...]]:
+    """The shape of each model tensor a tag holds, from its ``*model_states.pt`` (the module's tensors, which
+    ZeRO-3 leaves empty, and DeepSpeed's ``param_shapes``), read without loading the weights; {} when unreadable."""
+    import torch
+
+    files = sorted(Path(point.root, point.tag).glob("*model_states.pt"))
+    if not files:
+        return {}
+    try:
+        states = torch.load(files[0], map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable: DeepSpeed's own load says why
+        return {}
+    if not isinstance(states, dict):
+        return {}
+    shapes = {k: tuple(v.shape) for k, v in (states.get("module") or {}).items() if isinstance(v, torch.Tensor)}
+    for group in states.get("param_shapes") or []:
+        shapes.update({k: tuple(v) for k, v in group.items()})
+    return shapes
+
+
 def writable_dir(path: str | os.PathLike, flag: str) -> Path:
     """Create ``path`` if needed and prove it is writable; ConfigError naming ``flag`` otherwise."""
     p = Path(path)

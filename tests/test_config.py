@@ -333,7 +333,7 @@ def test_eval_adopts_the_settings_of_a_reference_script_checkpoint(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}, "args": argparse.Namespace(global_pool=False, input_size=384,
                                                                              lr=1e-3)}, path)
     cfg = parse_config(["--eval", "--finetune", str(path)], FinetuneConfig)
-    assert sorted(cfg.adopt_checkpoint_args(str(path))) == ["global_pool=False", "input_size=384"]
+    assert sorted(cfg.adopt_checkpoint_args(str(path))[0]) == ["global_pool=False", "input_size=384"]
     assert cfg.global_pool is False and cfg.input_size == 384
 
 

@@ -215,10 +215,13 @@ def test_one_rank_learns_demo_classes_eval_and_resume(demo, tmp_path, in_process
     assert f"best_epoch{best_epoch:04d}" in [p.name for p in out.glob("best_epoch*")]
     assert len(list(out.glob("best_epoch*"))) <= 2 and (out / "checkpoint-best.pth").is_file()
 
-    # --eval of the DeepSpeed best tag reproduces the best epoch's numbers (checkpoint-best.pth: the 2-rank test)
+    # --eval of the DeepSpeed best tag reproduces the best epoch's numbers (checkpoint-best.pth: the 2-rank test),
+    # with the model settings saved with the run
     res = finetune.main(["--eval", "--resume", str(out / "best"), "--val_path", str(demo["val"]), "--batch_size", "5",
-                         *SMALL])
-    tag = _eval_line(capsys.readouterr().out)
+                         "--num_workers", "1", "--deepspeed_config", "ds_configs/cpu.json"])
+    stdout = capsys.readouterr().out
+    assert "model=vit_tiny_patch16, depth=4, input_size=64" in stdout
+    tag = _eval_line(stdout)
     assert f"best_epoch{best_epoch:04d}" in tag["line"] and tag["top1"] == pytest.approx(best, abs=0.01)
     assert res["val_loss"] == pytest.approx(epochs[best_epoch]["val_loss"], rel=1e-6)
     assert res["val_n"] == demo["n_val"] and f"({demo['n_val']} images" in tag["line"]
@@ -340,6 +343,18 @@ def _fine_tuned(path: Path, classes: int = 8, **args) -> dict:
     return sd
 
 
+def _run_tag(out: Path, tag: str, config: dict, module: dict) -> Path:
+    """A committed DeepSpeed tag as far as the checks before any work read it: ``complete.json`` with the run's
+    settings, and the module weights in ``mp_rank_00_model_states.pt``."""
+    from lomar_fast import run_dir
+
+    (out / tag).mkdir(parents=True)
+    torch.save({"module": module, "param_shapes": None}, out / tag / "mp_rank_00_model_states.pt")
+    run_dir.commit(out, tag, {"epoch": 0, "run": {"world_size": 1, "micro_batch": 8, "accum_iter": 1,
+                                                    "zero_stage": 2, "config": config}}, update_latest=True)
+    return out
+
+
 def test_eval_refuses_weights_without_the_classifier_and_another_class_count_before_any_work(tmp_path, monkeypatch):
     """--eval of a pretraining export evaluated a randomly initialized head (top-1 0%, exit 0), and an explicit
     --nb_classes other than the head's dropped the trained head for a random one; a val set with more classes
@@ -385,3 +400,50 @@ def test_eval_of_a_checkpoint_without_fc_norm_stops_before_evaluating(mini_demo,
                                           "fc_norm.weight of this classifier.*pass a fine-tuned checkpoint-best.pth"):
         finetune.main(["--eval", "--finetune", str(best), "--val_path", str(mini_demo["val"]), "--num_workers", "1",
                        "--deepspeed_config", "ds_configs/cpu.json"])
+
+
+def test_eval_resume_takes_the_runs_model_settings_and_refuses_what_does_not_fit(tmp_path, monkeypatch):
+    """--eval --resume RUN without the training flags failed loading the tag with a 179-line size-mismatch
+    traceback, a pretraining run with DeepSpeed's missing keys, and an explicit --input_size silently evaluated at
+    another size: the run's saved settings are taken (a flag the user gave is kept and said so), a pretraining run
+    and flags that cannot load the weights are one error before any work."""
+    from lomar_fast import trainer
+    from lomar_fast.config import FinetuneConfig, parse_config
+    from lomar_fast.errors import ConfigError
+    from lomar_fast.finetune import eval_weights, main
+
+    monkeypatch.setattr(trainer, "init_distributed", lambda *a: (_ for _ in ()).throw(AssertionError("started")))
+    sd = _fine_tuned(tmp_path / "best.pth")
+    config = {"model": "vit_tiny_patch16", "depth": 2, "input_size": 64, "global_pool": True, "nb_classes": None,
+              "interpolation": "area", "data_path": "data/train.beton"}
+    run = _run_tag(tmp_path / "ft", "last_epoch0000", config, sd)
+    pre = create_model("lomar_vit_tiny_patch16", img_size=64, window_size=3, num_window=2, depth=2)
+    pretrain = _run_tag(tmp_path / "pre", "epoch0000", {"model": "lomar_vit_tiny_patch16", "input_size": 64},
+                        pre.state_dict())
+    val8, val10 = _classes(tmp_path / "v8", 8), _classes(tmp_path / "v10", 10)
+    base = ["--eval", "--deepspeed_config", "ds_configs/cpu.json", "--val_path", str(val8)]
+
+    cfg = parse_config([*base, "--resume", str(run)], FinetuneConfig)
+    rows, weights, notes = eval_weights(cfg, None)
+    assert (cfg.model, cfg.depth, cfg.input_size, cfg.interpolation, rows) == ("vit_tiny_patch16", 2, 64, "area", 8)
+    assert weights == f"--resume {run}/last_epoch0000"
+    assert notes == [f"from the training settings of {weights}: model=vit_tiny_patch16, depth=2, input_size=64, "
+                     f"interpolation=area"]
+    cfg = parse_config([*base, "--resume", str(run), "--input_size", "96"], FinetuneConfig)
+    assert eval_weights(cfg, None)[2][1] == f"--input_size 96 given: {weights} was trained with input_size 64"
+    assert cfg.input_size == 96 and cfg.depth == 2
+
+    for args, message in (
+            (["--resume", str(pretrain)], "--eval --resume .*pre/epoch0000 is a pretraining checkpoint "
+                                          "\\(lomar_vit_tiny_patch16\\), which has no classifier to evaluate"),
+            (["--resume", str(run), "--model", "vit_small_patch16"],
+             "--model vit_small_patch16 differs from the model vit_tiny_patch16 of --resume .*last_epoch0000; leave "
+             "--model out"),
+            (["--resume", str(run), "--depth", "3"], "--depth 3 differs from the 2 blocks of --resume"),
+            (["--resume", str(run), "--nb_classes", "10"], "--nb_classes 10 differs from the 8 classes of the head "
+                                                           "in --resume .*last_epoch0000"),
+            (["--resume", str(run), "--val_path", str(val10)], "--val_path .*v10/val.beton has 10 classes"),
+            (["--resume", "auto", "--output_dir", str(tmp_path / "empty")],
+             "--eval --resume auto: no complete checkpoint in --output_dir .*empty")):
+        with pytest.raises(ConfigError, match=message):
+            main([*base, *args])

@@ -306,10 +306,12 @@ def test_config_flag(tmp_path):
 
     torch.save({"model": {}, "args": {"interpolation": "area"}}, tmp_path / "best.pth")
     cfg = parse_config(["--eval"], FinetuneConfig)
-    assert cfg.adopt_checkpoint_args(str(tmp_path / "best.pth")) == ["interpolation=area"]
+    assert cfg.adopt_checkpoint_args(str(tmp_path / "best.pth")) == (["interpolation=area"], [])
     assert cfg.interpolation == "area"
     cfg = parse_config(["--eval", "--interpolation", "bicubic"], FinetuneConfig)  # ... unless the flag says otherwise
-    assert cfg.adopt_checkpoint_args(str(tmp_path / "best.pth")) == [] and cfg.interpolation == "bicubic"
+    assert cfg.adopt_checkpoint_args(str(tmp_path / "best.pth")) == ([], [
+        f"--interpolation bicubic given: --finetune {tmp_path / 'best.pth'} was trained with interpolation area"])
+    assert cfg.interpolation == "bicubic"
 
 
 class _Reached(Exception):
