@@ -202,14 +202,19 @@ def saved_shapes(point: ResumePoint) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _probe_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and write and delete a file in it; OSError if either fails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write_probe_{os.getpid()}"
+    probe.write_text("ok")
+    probe.unlink()
+
+
 def writable_dir(path: str | os.PathLike, flag: str) -> Path:
     """Create ``path`` if needed and prove it is writable; ConfigError naming ``flag`` otherwise."""
     p = Path(path)
     try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / f".write_probe_{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        _probe_writable(p)
     except OSError as e:
         raise ConfigError(f"{flag} {p} is not writable ({e.strerror}); pass a directory you can write to") from e
     return p
@@ -237,10 +242,7 @@ def prepare_output_file(path: str | os.PathLike, flag: str, example: str) -> Pat
     if p.is_dir():
         raise ConfigError(f"{flag} {p} is a folder; pass a file name such as {p / example}")
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        probe = p.parent / f".write_probe_{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        _probe_writable(p.parent)
     except OSError as e:
         blocking = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
         if blocking is not None:
