@@ -68,7 +68,15 @@ def load_object(path: str | os.PathLike, flag: str | None = None) -> Any:
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means it is no weights file
+    except OSError as e:  # the file system's refusal (permissions, I/O), not the content's
+        raise CheckpointMismatch(f"{named(p, flag)} cannot be read ({e.strerror or e})") from e
+    except RuntimeError as e:
+        if "zip archive" not in str(e):
+            raise
+        # torch's zip reader: a file torch saves, cut short (an interrupted copy or download) or damaged
+        raise CheckpointMismatch(f"{named(p, flag)} is truncated or damaged (torch cannot read it as the zip "
+                                 f"archive it saves); copy it again, or pass {WEIGHTS_FILES}") from e
+    except Exception as e:  # noqa: BLE001 - any other unpickling failure means it is no weights file
         # torch's own text runs to several lines and suggests weights_only=False; only the object it refused is kept
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         held = f" (it holds a {found.group(1)})" if found else ""

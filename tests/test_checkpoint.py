@@ -175,6 +175,22 @@ def test_a_file_that_is_not_a_weights_file_is_one_line_naming_its_flag(tmp_path,
         assert e.value.code == 2
         assert capsys.readouterr().err == f"error: --checkpoint {optim} is not a weights file{held}; {fix}\n"
     assert not (tmp_path / "v.png").exists()
+    # a weights file cut short, or one the file system will not read, is not called "not a weights file"
+    good = tmp_path / "good.pth"
+    torch.save({"model": {"w": torch.zeros(4096)}}, good)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(good.read_bytes()[:3000])
+    with pytest.raises(CheckpointMismatch, match=f"^--finetune {re.escape(str(cut))} is truncated or damaged "):
+        load_file(cut, "--finetune")
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "load", refused)
+        with pytest.raises(CheckpointMismatch, match=r"cannot be read \(Permission denied\)$") as e:
+            load_file(good, "--finetune")
+    assert isinstance(e.value.__cause__, PermissionError)
 
     torch.save({"epoch": 3}, tmp_path / "epoch.pth")
     with pytest.raises(CheckpointMismatch, match=f"^--checkpoint {re.escape(str(tmp_path))}/epoch.pth holds no "
