@@ -210,6 +210,18 @@ def _probe_writable(folder: Path) -> None:
     probe.unlink()
 
 
+def check_writable_later(path: str | os.PathLike, flag: str) -> None:
+    """Check, creating nothing, that ``path`` is or can become a folder this process writes (a folder the run
+    creates only when it starts writing, such as --log_dir: made by the check, it would outlive a run stopped by
+    a later input error, and an output folder holding it counts as holding a run)."""
+    p = Path(path)
+    existing = next(a for a in (p, *p.parents) if a.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {p}: {existing} is a file, not a folder; pass a folder you can write to")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {p} is not writable ({existing} is not); pass a folder you can write to")
+
+
 def writable_dir(path: str | os.PathLike, flag: str) -> Path:
     """Create ``path`` if needed and prove it is writable; ConfigError naming ``flag`` otherwise."""
     p = Path(path)

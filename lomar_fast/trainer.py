@@ -185,8 +185,8 @@ class Trainer:
         self.logger: RunLogger | None = None
         if not getattr(cfg, "eval", False):
             run_dir.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite)
-            if cfg.log_dir:
-                run_dir.writable_dir(cfg.log_dir, "--log_dir")
+            if cfg.log_dir and int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes TensorBoard
+                run_dir.check_writable_later(cfg.log_dir, "--log_dir")
         # where to resume from, checked against this run's shape before any process group or work exists
         self.resume_point = run_dir.find_resume(cfg.resume, cfg.output_dir, resume_family)
         self.resume_note, self.universal = None, False

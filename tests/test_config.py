@@ -300,6 +300,20 @@ def test_output_dir_guard_and_overwrite(tmp_path):
     assert [p.name for p in root.iterdir()] == ["notes.txt"]  # files the run did not write are kept
 
 
+def test_log_dir_is_checked_without_creating_it(tmp_path):
+    """--log_dir is checked before any work, but created only by the run's first write: a folder made by the check
+    outlived a run stopped by a later input error, and in --output_dir it then counted as an earlier run."""
+    out = tmp_path / "out"
+    run_dir.check_writable_later(out / "tensorboard", "--log_dir")
+    assert not out.exists()
+    run_dir.prepare_output_dir(out, None, False)  # so the corrected rerun is not refused
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=f"--log_dir {blocker / 'tb'}: {blocker} is a file, not a folder"):
+        run_dir.check_writable_later(blocker / "tb", "--log_dir")
+    run_dir.check_writable_later(out, "--log_dir")  # an existing folder
+
+
 def test_overwrite_never_deletes_what_the_run_reads_and_limits_are_positive(tmp_path):
     """--overwrite clears --output_dir when the run starts: with --eval (which reads weights and writes no run)
     or with --finetune weights inside that folder it would delete what it then loads; it is refused."""
