@@ -52,7 +52,8 @@ def eval_weights(cfg: FinetuneConfig, sd: dict | None) -> tuple[int | None, str,
             raise ConfigError(f"--eval --resume {cfg.resume}: no complete checkpoint in --output_dir {cfg.output_dir}; "
                               f"pass a fine-tuning run's folder, DIR/best or a tag directory to --resume, or "
                               f"--finetune checkpoint-best.pth")
-        weights, saved = f"--resume {point}", run_dir.saved_run(point).get("config") or {}
+        run = run_dir.saved_run(point)
+        weights, saved = f"--resume {point}", run.get("config") or {}
         model = str(saved.get("model") or "")
         if model.startswith("lomar_") or (not model and run_dir.parse_tag(point.tag)[0] == "epoch"):
             which = f" ({model})" if model else ""
@@ -60,6 +61,7 @@ def eval_weights(cfg: FinetuneConfig, sd: dict | None) -> tuple[int | None, str,
                               f"evaluate; fine-tune it first (python -m lomar_fast.export, then --finetune model.pth "
                               f"without --eval), or {CLASSIFIER_FIX}")
         taken, kept = cfg.adopt_args(saved, weights, refuse=("model",))
+        taken += adopt_zero_stage(cfg, run.get("zero_stage"), weights)
         shapes = run_dir.saved_shapes(point)
         blocks = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
         if blocks and cfg.depth is not None and cfg.depth != blocks:
@@ -78,6 +80,23 @@ def eval_weights(cfg: FinetuneConfig, sd: dict | None) -> tuple[int | None, str,
     else:  # no weights: validate() says what to pass
         return None, "", []
     return rows, weights, ([f"from the training settings of {weights}: {', '.join(taken)}"] if taken else []) + kept
+
+
+def adopt_zero_stage(cfg: FinetuneConfig, saved: int | None, weights: str) -> list[str]:
+    """``--eval --resume``: a ZeRO-3 tag holds its weights in partitions only a ZeRO-3 engine loads, and a ZeRO-0-2
+    tag in one file a ZeRO-3 engine does not read. The run's stage is taken when --zero_stage was not given
+    (['zero_stage=S'] when that changes the JSON's); a --zero_stage on the other side of that line is refused."""
+    from lomar_fast.ds_config import load_ds_config, zero_stage_of
+
+    if saved is None:
+        return []
+    if "zero_stage" in cfg.explicit:
+        if (cfg.zero_stage == 3) != (saved == 3):
+            raise ConfigError(f"--zero_stage {cfg.zero_stage} cannot load {weights}, saved under ZeRO-{saved}; leave "
+                              f"--zero_stage out (--eval takes the run's)")
+        return []
+    cfg.zero_stage = int(saved)
+    return [] if zero_stage_of(load_ds_config(cfg.deepspeed_config)) == saved else [f"zero_stage={saved}"]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -343,7 +343,7 @@ def _fine_tuned(path: Path, classes: int = 8, **args) -> dict:
     return sd
 
 
-def _run_tag(out: Path, tag: str, config: dict, module: dict) -> Path:
+def _run_tag(out: Path, tag: str, config: dict, module: dict, zero_stage: int = 2) -> Path:
     """A committed DeepSpeed tag as far as the checks before any work read it: ``complete.json`` with the run's
     settings, and the module weights in ``mp_rank_00_model_states.pt``."""
     from lomar_fast import run_dir
@@ -351,7 +351,7 @@ def _run_tag(out: Path, tag: str, config: dict, module: dict) -> Path:
     (out / tag).mkdir(parents=True)
     torch.save({"module": module, "param_shapes": None}, out / tag / "mp_rank_00_model_states.pt")
     run_dir.commit(out, tag, {"epoch": 0, "run": {"world_size": 1, "micro_batch": 8, "accum_iter": 1,
-                                                    "zero_stage": 2, "config": config}}, update_latest=True)
+                                                    "zero_stage": zero_stage, "config": config}}, update_latest=True)
     return out
 
 
@@ -432,6 +432,16 @@ def test_eval_resume_takes_the_runs_model_settings_and_refuses_what_does_not_fit
     cfg = parse_config([*base, "--resume", str(run), "--input_size", "96"], FinetuneConfig)
     assert eval_weights(cfg, None)[2][1] == f"--input_size 96 given: {weights} was trained with input_size 64"
     assert cfg.input_size == 96 and cfg.depth == 2
+    # a ZeRO-3 run's weights load only into a ZeRO-3 engine (cpu.json is ZeRO-2: DeepSpeed's bare AssertionError)
+    run3 = _run_tag(tmp_path / "ft3", "last_epoch0000", config, sd, zero_stage=3)
+    cfg = parse_config([*base, "--resume", str(run3)], FinetuneConfig)
+    assert "zero_stage=3" in eval_weights(cfg, None)[2][0] and cfg.zero_stage == 3
+    with pytest.raises(ConfigError, match="--zero_stage 2 cannot load --resume .*ft3/last_epoch0000, saved under "
+                                          "ZeRO-3; leave --zero_stage out"):
+        eval_weights(parse_config([*base, "--resume", str(run3), "--zero_stage", "2"], FinetuneConfig), None)
+    cfg = parse_config([*base, "--resume", str(run), "--deepspeed_config", "ds_configs/zero3.json"], FinetuneConfig)
+    eval_weights(cfg, None)
+    assert cfg.zero_stage == 2  # and the other way round
 
     for args, message in (
             (["--resume", str(pretrain)], "--eval --resume .*pre/epoch0000 is a pretraining checkpoint "
