@@ -90,8 +90,8 @@ class RunConfig:
             value = getattr(self, name, None)
             if value is not None and not value >= 0:  # not >= also catches nan
                 raise ConfigError(f"--{name} must be a number of at least 0, got {value}")
-        if not 0 <= self.seed < 2**32:
-            raise ConfigError(f"--seed must be between 0 and 2**32 - 1 (numpy's seed range), got {self.seed}")
+        if self.seed < 0:  # numpy's generators take no negative seed
+            raise ConfigError(f"--seed must be at least 0, got {self.seed}")
         if self.batches_ahead < 1:
             raise ConfigError(f"--batches_ahead must be at least 1, got {self.batches_ahead}")
         for name in ("max_steps_per_epoch", "exit_after_epochs"):
@@ -231,6 +231,10 @@ class FinetuneConfig(RunConfig):
                                                     "data/demo/train.beton; make prep-imagenet ImageNet)")
         _need_file("val_path", self.val_path, "the labelled val.beton evaluated after every epoch (make demo-data "
                                               "or make prep-imagenet builds it)")
+        if self.finetune and Path(self.finetune).is_dir():
+            raise ConfigError(f"--finetune {self.finetune} is a folder, not a file; pass a model.pth (a pretraining "
+                              f"run folder becomes one with python -m lomar_fast.export --checkpoint "
+                              f"{self.finetune} --out model.pth), or --resume a fine-tuning run's folder")
         if self.finetune and not Path(self.finetune).is_file():
             raise ConfigError(f"--finetune {self.finetune} does not exist; pass a model.pth from lomar_fast.export "
                               f"(make pretrain writes output/demo/model.pth) or a published LoMaR checkpoint")
@@ -327,7 +331,7 @@ class FinetuneConfig(RunConfig):
         value than the training's)."""
         taken, kept = [], []
         for name in self.ADOPTED_KEYS:
-            if name not in args or args[name] == getattr(self, name):
+            if args.get(name) is None or args[name] == getattr(self, name):  # None: the weights do not say
                 continue
             if name not in self.explicit:
                 setattr(self, name, args[name])

@@ -126,9 +126,11 @@ def main(argv: list[str] | None = None) -> dict:
         if sd is not None and not (cfg.eval and cfg.resume):
             report = load_finetune_weights(model, sd, named(cfg.finetune, "--finetune"))
             if cfg.eval and report["initialized"]:
+                pooled = (" (a model that pools by its cls token has no fc_norm: add --no_global_pool)"
+                          if all(k.startswith("fc_norm.") for k in report["initialized"]) and cfg.global_pool else "")
                 raise ConfigError(f"--eval --finetune {cfg.finetune} does not hold {', '.join(report['initialized'])} "
-                                  f"of this classifier, so the evaluation would score them randomly initialized; "
-                                  f"{CLASSIFIER_FIX}")
+                                  f"of this classifier{pooled}, so the evaluation would score them randomly "
+                                  f"initialized; {CLASSIFIER_FIX}")
             loaded.append(describe_load(report, cfg.finetune))
         return model
 

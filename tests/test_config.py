@@ -97,7 +97,7 @@ def test_numbers_out_of_range_are_one_error_naming_the_flag(tmp_path):
                            (["--lr", "-0.001"], "--lr must be"), (["--min_lr", "-5"], "--min_lr must be"),
                            (["--lr", "nan"], "--lr must be"),
                            (["--weight_decay", "-1"], "--weight_decay must be"),
-                           (["--seed", "-1"], "--seed must be between 0 and 2\\*\\*32 - 1"),
+                           (["--seed", "-1"], "--seed must be at least 0, got -1"),
                            (["--batches_ahead", "0"], "--batches_ahead must be at least 1"),
                            (["--drop_path", "2"], "--drop_path 2.0 must be between 0 and 1"),
                            (["--model", "lomar_vit_bogus_patch16"], "--model lomar_vit_bogus_patch16 is not a LoMaR"),
@@ -110,7 +110,9 @@ def test_numbers_out_of_range_are_one_error_naming_the_flag(tmp_path):
                            (["--lr", "-1"], "--lr must be")):
         with pytest.raises(ConfigError, match=message):
             parse_config([*ft, *extra], FinetuneConfig).validate()
-    parse_config([*base, "--drop_path", "1", "--min_lr", "0", "--seed", str(2**32 - 1)]).validate()  # the edges
+    parse_config([*base, "--drop_path", "1", "--min_lr", "0", "--seed", str(2**40)]).validate()  # the edges
+    with pytest.raises(ConfigError, match=f"--finetune {tmp_path} is a folder, not a file; .*lomar_fast.export"):
+        parse_config([*ft, "--finetune", str(tmp_path)], FinetuneConfig).validate()
 
 
 @pytest.mark.parametrize("argv,yaml_text,want", [
@@ -620,3 +622,12 @@ def test_export_checks_out_before_consolidating_and_keeps_an_earlier_file(tmp_pa
     with pytest.raises(ConfigError, match=f"^--out {out} cannot be written \\(No space left on device\\)"):
         export.export(str(root), str(out))
     assert out.read_bytes() == b"earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["file", "model.pth", "run"]
+
+
+def test_eval_takes_only_the_settings_the_weights_state():
+    """A setting the weights were saved without (None: the model's default) is neither taken nor reported against
+    a flag (it printed "--depth 12 given: ... was trained with depth None")."""
+    cfg = parse_config(["--eval", "--depth", "12"], FinetuneConfig)
+    taken, kept = cfg.adopt_args({"depth": None, "input_size": 160, "model": "vit_small_patch16"}, "--resume R")
+    assert taken == ["model=vit_small_patch16", "input_size=160"] and kept == []
+    assert (cfg.depth, cfg.input_size, cfg.model) == (12, 160, "vit_small_patch16")

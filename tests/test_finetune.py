@@ -397,7 +397,8 @@ def test_eval_of_a_checkpoint_without_fc_norm_stops_before_evaluating(mini_demo,
     save_checkpoint({k: v for k, v in sd.items() if not k.startswith("fc_norm.")}, best,
                     args={"model": "vit_tiny_patch16", "depth": 2, "input_size": 64})
     with pytest.raises(ConfigError, match="--eval --finetune .*checkpoint-best.pth does not hold fc_norm.bias, "
-                                          "fc_norm.weight of this classifier.*pass a fine-tuned checkpoint-best.pth"):
+                                          "fc_norm.weight of this classifier \\(a model that pools by its cls token "
+                                          "has no fc_norm: add --no_global_pool\\).*pass a fine-tuned checkpoint-best"):
         finetune.main(["--eval", "--finetune", str(best), "--val_path", str(mini_demo["val"]), "--num_workers", "1",
                        "--deepspeed_config", "ds_configs/cpu.json"])
 
