@@ -67,17 +67,23 @@ def consolidate(checkpoint: str, tag: str | None = None) -> tuple[dict[str, torc
     return sd, meta
 
 
+def _refuse_fine_tuning(cfg: dict | None, checkpoint: str) -> None:
+    if cfg and "window_size" not in cfg:
+        raise ConfigError(f"--checkpoint {checkpoint} is a fine-tuning run ({cfg.get('model')}), not a pretraining "
+                          f"one: its checkpoint-best.pth already holds the fp32 weights")
+
+
 def export(checkpoint: str, out: str, tag: str | None = None) -> Path:
     outp = run_dir.prepare_output_file(out, "--out", "model.pth")  # before the consolidation, which takes a while
     root, tag = _resolve(checkpoint, tag)
     if outp.resolve().parent == (root / tag).resolve():
         raise ConfigError(f"--out {outp} lies in the checkpoint tag {root / tag} it is exported from; pass a path "
                           f"outside it")
+    # the run's settings, saved beside the tag, tell a fine-tuning run before the consolidation
+    _refuse_fine_tuning(run_dir.saved_run(run_dir.ResumePoint(str(root), tag)).get("config"), checkpoint)
     sd, meta = consolidate(str(root), tag)
     cfg = meta.get("config")
-    if cfg and "window_size" not in cfg:
-        raise ConfigError(f"--checkpoint {checkpoint} is a fine-tuning run ({cfg.get('model')}), not a pretraining "
-                          f"one: its checkpoint-best.pth already holds the fp32 weights")
+    _refuse_fine_tuning(cfg, checkpoint)
     if cfg:
         from lomar_fast.models import create_model
 

@@ -623,6 +623,15 @@ def test_export_checks_out_before_consolidating_and_keeps_an_earlier_file(tmp_pa
         export.export(str(root), str(out))
     assert out.read_bytes() == b"earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["file", "model.pth", "run"]
 
+    # a fine-tuning run is told from the settings saved beside its tag, before the consolidation
+    monkeypatch.setattr(export, "consolidate", lambda *a: (_ for _ in ()).throw(AssertionError("consolidated")))
+    ft = tmp_path / "ft"
+    (ft / "last_epoch0000").mkdir(parents=True)
+    run_dir.commit(ft, "last_epoch0000", {"epoch": 0, "run": {"config": {"model": "vit_tiny_patch16"}}},
+                   update_latest=True)
+    with pytest.raises(ConfigError, match=f"--checkpoint {ft} is a fine-tuning run \\(vit_tiny_patch16\\)"):
+        export.export(str(ft), str(tmp_path / "ft.pth"))
+
 
 def test_eval_takes_only_the_settings_the_weights_state():
     """A setting the weights were saved without (None: the model's default) is neither taken nor reported against
