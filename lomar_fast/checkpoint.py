@@ -55,9 +55,13 @@ _SCALAR = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar
 _SAFE_GLOBALS += [(_SCALAR, f"numpy.{core}.multiarray.scalar") for core in ("core", "_core")]
 
 
-def load_object(path: str | os.PathLike, flag: str | None = None) -> Any:
+PRETRAINING_FILES = "a lomar_fast.export model.pth or a published LoMaR pretraining checkpoint"
+
+
+def load_object(path: str | os.PathLike, flag: str | None = None, expect: str = WEIGHTS_FILES) -> Any:
     """The object a ``.pth`` holds, loaded on the CPU with ``weights_only=True`` (clear errors for a missing file,
-    a folder, or a file that is not a weights file). ``flag``: the option the path came from, named in the errors."""
+    a folder, or a file that is not a weights file). ``flag``: the option the path came from, named in the errors;
+    ``expect``: the files the caller takes, which the errors suggest."""
     p = Path(path)
     if p.is_dir():
         raise FileNotFoundError(f"{named(p, flag)} is a folder; pass a .pth file (a pretraining run folder becomes "
@@ -75,12 +79,12 @@ def load_object(path: str | os.PathLike, flag: str | None = None) -> Any:
             raise
         # torch's zip reader: a file torch saves, cut short (an interrupted copy or download) or damaged
         raise CheckpointMismatch(f"{named(p, flag)} is truncated or damaged (torch cannot read it as the zip "
-                                 f"archive it saves); copy it again, or pass {WEIGHTS_FILES}") from e
+                                 f"archive it saves); copy it again, or pass {expect}") from e
     except Exception as e:  # noqa: BLE001 - any other unpickling failure means it is no weights file
         # torch's own text runs to several lines and suggests weights_only=False; only the object it refused is kept
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         held = f" (it holds a {found.group(1)})" if found else ""
-        raise CheckpointMismatch(f"{named(p, flag)} is not a weights file{held}; pass {WEIGHTS_FILES}") from None
+        raise CheckpointMismatch(f"{named(p, flag)} is not a weights file{held}; pass {expect}") from None
 
 
 def load_file(path: str | os.PathLike, flag: str | None = None) -> dict[str, torch.Tensor]:

@@ -168,12 +168,14 @@ def test_a_file_that_is_not_a_weights_file_is_one_line_naming_its_flag(tmp_path,
         with pytest.raises(CheckpointMismatch) as e:
             load_file(path, "--finetune")
         assert str(e.value) == f"--finetune {path} is not a weights file{held}; {fix}"
-    for module, args in ((visualize, ["--image", str(text), "--out", str(tmp_path / "v.png")]),
-                         (knn, ["--train", str(text), "--val", str(text)])):
+    # each tool suggests what it takes: visualize draws a pretraining model's reconstructions
+    pretraining = "pass a lomar_fast.export model.pth or a published LoMaR pretraining checkpoint"
+    for module, args, want in ((visualize, ["--image", str(text), "--out", str(tmp_path / "v.png")], pretraining),
+                               (knn, ["--train", str(text), "--val", str(text)], fix)):
         with pytest.raises(SystemExit) as e:
             run_cli(lambda: module.main(["--checkpoint", str(optim), *args]))
         assert e.value.code == 2
-        assert capsys.readouterr().err == f"error: --checkpoint {optim} is not a weights file{held}; {fix}\n"
+        assert capsys.readouterr().err == f"error: --checkpoint {optim} is not a weights file{held}; {want}\n"
     assert not (tmp_path / "v.png").exists()
     # a weights file cut short, or one the file system will not read, is not called "not a weights file"
     good = tmp_path / "good.pth"
