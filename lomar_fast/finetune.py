@@ -99,6 +99,23 @@ def adopt_zero_stage(cfg: FinetuneConfig, saved: int | None, weights: str) -> li
     return [] if zero_stage_of(load_ds_config(cfg.deepspeed_config)) == saved else [f"zero_stage={saved}"]
 
 
+def check_labels(cfg: FinetuneConfig, nb_classes: int) -> None:
+    """Every label of the data read must index a row of the head, whether or not a classes.json says how many
+    classes there are: a label past the head fails inside the loss or the evaluation (on a GPU, as a device-side
+    assert). Reads only the .beton's metadata."""
+    from lomar_fast.data.beton import dataset_info
+
+    for flag in ("val_path",) if cfg.eval else ("data_path", "val_path"):
+        path = getattr(cfg, flag)
+        span = dataset_info(path).get("label_range")
+        if span is not None and (span[0] < 0 or span[1] >= nb_classes):
+            fix = ("evaluate it on data of the classes the head was fine-tuned on" if cfg.eval else
+                   f"pass --nb_classes {span[1] + 1} or more, or write classes.json beside it (data_prep.write_beton "
+                   f"does)")
+            raise ConfigError(f"--{flag} {path} holds labels {span[0]} to {span[1]}, outside the {nb_classes} "
+                              f"classes of the head (0 to {nb_classes - 1}); {fix}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(argv, FinetuneConfig, "LoMaR fine-tuning")
     # read before any work: a file that is not a weights file stops here
@@ -106,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     head_rows, weights, notes = eval_weights(cfg, sd) if cfg.eval else (None, "", [])
     cfg.validate()
     nb_classes = cfg.resolve_nb_classes(head_rows, weights)
+    check_labels(cfg, nb_classes)
     from lomar_fast.data import build_finetune_loader
     from lomar_fast.data.augment import BatchAugment
     from lomar_fast.data.shard import build_shard

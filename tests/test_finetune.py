@@ -3,6 +3,7 @@ that counts every val image exactly once on one and two ranks, --eval, resume.""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -315,6 +316,20 @@ def test_bad_inputs_stop_before_any_work(mini_demo, tmp_path, monkeypatch):
             main([*SMALL, *out, *data, *args])
     with pytest.raises(ConfigError, match="--eval needs"):
         main([*SMALL, "--eval", "--val_path", str(mini_demo["val"])])
+    # without a classes.json to count them, the labels themselves must fit the head (they failed in the loss, or
+    # on a GPU as a device-side assert)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for split in ("train", "val"):
+        shutil.copy(mini_demo[split], bare / f"{split}.beton")
+    unlisted = ["--data_path", str(bare / "train.beton"), "--val_path", str(bare / "val.beton")]
+    with pytest.raises(ConfigError, match=f"--data_path {bare}/train.beton holds labels 0 to 7, outside the 4 classes "
+                                          f"of the head \\(0 to 3\\); pass --nb_classes 8 or more"):
+        main([*SMALL, *out, *unlisted, "--nb_classes", "4"])
+    _fine_tuned(tmp_path / "best4.pth", classes=4)
+    with pytest.raises(ConfigError, match=f"--val_path {bare}/val.beton holds labels 0 to 7, outside the 4 classes "
+                                          f"of the head .*; evaluate it on data of the classes"):
+        main(["--eval", "--finetune", str(tmp_path / "best4.pth"), *unlisted, "--deepspeed_config", "ds_configs/cpu.json"])
     # a file that is not a weights file: one line naming --finetune, before the run starts
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     for mode in ([], ["--eval"]):

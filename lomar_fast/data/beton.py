@@ -61,7 +61,8 @@ def dataset_info(path: str | os.PathLike) -> dict:
         {"path": str, "num_images": int, "fields": {name: field class name},
          "max_side": int | None, "min_side": int | None,   # over the 'image' field
          "max_height": int, "max_width": int, "jpeg_fraction": float,
-         "page_size": int, "file_size": int, "classes": list[str] | None}
+         "page_size": int, "file_size": int, "classes": list[str] | None,
+         "label_range": (int, int) | None}                  # the 'label' field's smallest and largest value
 
     ``classes`` is read from ``classes.json`` beside the file when present.
     Raises FileNotFoundError if the file does not exist and BetonError if it is not a
@@ -114,7 +115,9 @@ def dataset_info(path: str | os.PathLike) -> dict:
 
     info = {"path": str(path), "num_images": n, "fields": fields, "max_side": None,
             "min_side": None, "max_height": None, "max_width": None, "jpeg_fraction": None,
-            "page_size": page, "file_size": size, "classes": None}
+            "page_size": page, "file_size": size, "classes": None, "label_range": None}
+    if fields.get(LABEL_FIELD) == "IntField" and n:  # an IntField's value is its metadata: no sample is read
+        info["label_range"] = (int(meta[LABEL_FIELD].min()), int(meta[LABEL_FIELD].max()))
     img_name = IMAGE_FIELD if fields.get(IMAGE_FIELD) == "RGBImageField" else next(
         (k for k, v in fields.items() if v == "RGBImageField"), None)
     if img_name is not None and n:
