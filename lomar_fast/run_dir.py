@@ -202,24 +202,41 @@ def saved_shapes(point: ResumePoint) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _probe_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and write and delete a file in it; OSError if either fails."""
-    folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / f".write_probe_{os.getpid()}"
-    probe.write_text("ok")
-    probe.unlink()
+def _probe_writable(folder: Path, keep: bool = True) -> None:
+    """Create ``folder`` if needed and write and delete a file in it; OSError if either fails. With ``keep``
+    false the folders it created are removed again: the run creates them when it writes, and one made by a check
+    would outlive a run stopped by a later input error (in --output_dir it would count as an earlier run)."""
+    made = [d for d in (folder, *folder.parents) if not d.exists()]  # the deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_probe_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    finally:
+        for d in made if not keep else ():
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
+def _unwritable(folder: Path, e: OSError) -> str:
+    """Why ``folder`` could not be created or written, in words."""
+    blocking = next((d for d in (folder, *folder.parents) if d.exists() and not d.is_dir()), None)
+    if blocking is not None:
+        return f"{blocking} is a file, not a folder"
+    where = f"cannot write in {folder}" if folder.is_dir() else f"cannot create the folder {folder}"
+    return f"{where} ({e.strerror or e})"
 
 
 def check_writable_later(path: str | os.PathLike, flag: str) -> None:
-    """Check, creating nothing, that ``path`` is or can become a folder this process writes (a folder the run
-    creates only when it starts writing, such as --log_dir: made by the check, it would outlive a run stopped by
-    a later input error, and an output folder holding it counts as holding a run)."""
+    """Check that ``path`` is or can become a folder this process writes, leaving behind no folder the check
+    made (for a folder the run creates only when it starts writing, such as --log_dir)."""
     p = Path(path)
-    existing = next(a for a in (p, *p.parents) if a.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"{flag} {p}: {existing} is a file, not a folder; pass a folder you can write to")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {p} is not writable ({existing} is not); pass a folder you can write to")
+    try:
+        _probe_writable(p, keep=False)
+    except OSError as e:
+        raise ConfigError(f"{flag} {p}: {_unwritable(p, e)}; pass a folder you can write to") from None
 
 
 def writable_dir(path: str | os.PathLike, flag: str) -> Path:
@@ -248,21 +265,15 @@ def prepare_output_dir(path: str | os.PathLike, resume: str | None, overwrite: b
 
 
 def prepare_output_file(path: str | os.PathLike, flag: str, example: str) -> Path:
-    """Check an output file's path before any work: not a folder, and its folder (created if needed) writable.
-    ``flag`` and ``example`` (a file name to suggest) word the errors."""
+    """Check an output file's path before any work: not a folder, and its folder writable (created to be probed,
+    then removed again if the probe made it). ``flag`` and ``example`` (a file name to suggest) word the errors."""
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"{flag} {p} is a folder; pass a file name such as {p / example}")
     try:
-        _probe_writable(p.parent)
+        _probe_writable(p.parent, keep=False)  # the writer creates the folder; a later input error leaves none
     except OSError as e:
-        blocking = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
-        if blocking is not None:
-            why = f"{blocking} is a file, not a folder"
-        else:
-            where = f"cannot write in {p.parent}" if p.parent.is_dir() else f"cannot create the folder {p.parent}"
-            why = f"{where} ({e.strerror or e})"
-        raise ConfigError(f"{flag} {p}: {why}; pass a path in a folder you can write to") from None
+        raise ConfigError(f"{flag} {p}: {_unwritable(p.parent, e)}; pass a path in a folder you can write to") from None
     return p
 
 

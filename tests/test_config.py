@@ -302,9 +302,10 @@ def test_output_dir_guard_and_overwrite(tmp_path):
     assert [p.name for p in root.iterdir()] == ["notes.txt"]  # files the run did not write are kept
 
 
-def test_log_dir_is_checked_without_creating_it(tmp_path):
-    """--log_dir is checked before any work, but created only by the run's first write: a folder made by the check
-    outlived a run stopped by a later input error, and in --output_dir it then counted as an earlier run."""
+def test_log_dir_and_output_files_are_checked_without_leaving_a_folder(tmp_path):
+    """--log_dir (and export's or visualize's --out folder) is checked before any work, but created only by the
+    first write: a folder made by the check outlived a run stopped by a later input error, and in --output_dir it
+    then counted as an earlier run."""
     out = tmp_path / "out"
     run_dir.check_writable_later(out / "tensorboard", "--log_dir")
     assert not out.exists()
@@ -314,6 +315,11 @@ def test_log_dir_is_checked_without_creating_it(tmp_path):
     with pytest.raises(ConfigError, match=f"--log_dir {blocker / 'tb'}: {blocker} is a file, not a folder"):
         run_dir.check_writable_later(blocker / "tb", "--log_dir")
     run_dir.check_writable_later(out, "--log_dir")  # an existing folder
+    # an output file's folder is probed the same way (export, visualize): its writer creates it
+    run_dir.prepare_output_file(tmp_path / "new" / "sub" / "model.pth", "--out", "model.pth")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ConfigError, match=f"--out {blocker / 'm.pth'}: {blocker} is a file, not a folder"):
+        run_dir.prepare_output_file(blocker / "m.pth", "--out", "model.pth")
 
 
 def test_overwrite_never_deletes_what_the_run_reads_and_limits_are_positive(tmp_path):
