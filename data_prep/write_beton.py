@@ -273,8 +273,9 @@ def _writer_process(work_q, metadata_sm, metadata_type, fields, allocator, done,
 
 def _write_beton(fname: str, dataset: FolderSamples, fields: dict, workers: int,
                  chunk_size: int, page_size: int, seed: int, desc: str,
-                 progress: bool) -> list[tuple[int, str]]:
-    """Writes ``dataset`` to ``fname``; returns [(source index, reason)] of skipped images.
+                 progress: bool, shown: str | None = None) -> list[tuple[int, str]]:
+    """Writes ``dataset`` to ``fname``; returns [(source index, reason)] of skipped images. ``shown``: the name
+    the errors give the file (the split's .beton, where ``fname`` is its temporary name).
 
     Unlike ``DatasetWriter.from_indexed_dataset``, an image that fails to load or encode is
     dropped (the file is compacted at the end) and a crashed worker stops the write with an
@@ -319,7 +320,7 @@ def _write_beton(fname: str, dataset: FolderSamples, fields: dict, workers: int,
     def check_workers() -> None:
         bad = [p for p in procs if p.exitcode not in (None, 0)]
         if bad:
-            raise DataPrepError(f"{fname}: a writer process died (exit code {bad[0].exitcode}); "
+            raise DataPrepError(f"{shown or fname}: a writer process died (exit code {bad[0].exitcode}); "
                                 "nothing was written. Check free disk space and memory, then rerun.")
 
     try:
@@ -356,7 +357,7 @@ def _write_beton(fname: str, dataset: FolderSamples, fields: dict, workers: int,
         keep[list(skipped)] = False
         kept = int(keep.sum())
         if kept == 0:
-            raise DataPrepError(f"{fname}: every image was unreadable (first: "
+            raise DataPrepError(f"{shown or fname}: every image was unreadable (first: "
                                 f"{next(iter(skipped.values()))[1]})")
         new_id = np.cumsum(keep) - 1
         table = [np.array(a, dtype=ALLOC_TABLE_TYPE) for a in allocations if len(a)]
@@ -491,7 +492,7 @@ def write_dataset(src: str | os.PathLike, out: str | os.PathLike,
                                    workers=max(1, min(workers, len(samples))),
                                    chunk_size=opts.chunk_size,
                                    page_size=_page_size_for(opts.max_side, opts.write_mode),
-                                   seed=opts.seed, desc=split, progress=opts.progress)
+                                   seed=opts.seed, desc=split, progress=opts.progress, shown=str(target))
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
