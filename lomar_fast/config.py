@@ -312,16 +312,17 @@ class FinetuneConfig(RunConfig):
 
     ADOPTED_KEYS: ClassVar[tuple[str, ...]] = ("model", "depth", "input_size", "global_pool", "interpolation")
 
-    def adopt_checkpoint_args(self, path: str) -> tuple[list[str], list[str]]:
+    def adopt_checkpoint_args(self, path: str, loaded: Any = None) -> tuple[list[str], list[str]]:
         """For ``--eval --finetune checkpoint-best.pth``: :meth:`adopt_args` of the settings the checkpoint was
-        trained with (saved under ``args``)."""
+        trained with (saved under ``args``). ``loaded``: the checkpoint's object, when the caller has read it
+        already (else it is read from ``path``)."""
         from lomar_fast.checkpoint import checkpoint_args, load_object
 
         try:
-            args = checkpoint_args(load_object(path))  # a dict, or the reference scripts' Namespace
+            obj = load_object(path) if loaded is None else loaded
         except Exception:  # noqa: BLE001 - no readable args: keep the flags (loading the weights says why)
             return [], []
-        return self.adopt_args(args, f"--finetune {path}")
+        return self.adopt_args(checkpoint_args(obj), f"--finetune {path}")  # a dict, or the reference Namespace
 
     def adopt_args(self, args: dict[str, Any], weights: str,
                    refuse: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from lomar_fast import run_dir
-from lomar_fast.checkpoint import load_file, module_state_dict, named, save_checkpoint
+from lomar_fast.checkpoint import extract_state_dict, load_object, module_state_dict, named, save_checkpoint
 from lomar_fast.cli import run_cli
 from lomar_fast.config import FinetuneConfig, parse_config
 from lomar_fast.errors import ConfigError
@@ -40,11 +41,12 @@ def build_model(cfg: FinetuneConfig, nb_classes: int):
                         global_pool=cfg.global_pool, **depth)
 
 
-def eval_weights(cfg: FinetuneConfig, sd: dict | None) -> tuple[int | None, str, list[str]]:
+def eval_weights(cfg: FinetuneConfig, sd: dict | None, loaded: Any = None) -> tuple[int | None, str, list[str]]:
     """``--eval``: the weights to evaluate, checked before any work. The model settings they were trained with
     are taken for every one the user did not set: from a fine-tuned checkpoint's ``args`` (``--finetune``) or
     from the run settings saved with the tag (``--resume``). Weights without a classifier head (a pretraining
-    export or run) are refused. ``sd``: the ``--finetune`` file, read already. Returns (the head's rows, the
+    export or run) are refused. ``sd``: the ``--finetune`` file's state dict, and ``loaded`` the object it came
+    from, both read already. Returns (the head's rows, the
     weights' name, lines for the log)."""
     if cfg.resume:
         point = run_dir.find_resume(cfg.resume, cfg.output_dir, "last")
@@ -75,7 +77,7 @@ def eval_weights(cfg: FinetuneConfig, sd: dict | None) -> tuple[int | None, str,
         if missing:
             raise ConfigError(f"--eval {weights} holds no classifier head ({', '.join(missing)}; a pretraining export "
                               f"has none), so the evaluation would score a randomly initialized one; {CLASSIFIER_FIX}")
-        taken, kept = cfg.adopt_checkpoint_args(cfg.finetune)
+        taken, kept = cfg.adopt_checkpoint_args(cfg.finetune, loaded)
         rows = int(sd["head.weight"].shape[0])
     else:  # no weights: validate() says what to pass
         return None, "", []
@@ -118,9 +120,10 @@ def check_labels(cfg: FinetuneConfig, nb_classes: int) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(argv, FinetuneConfig, "LoMaR fine-tuning")
-    # read before any work: a file that is not a weights file stops here
-    sd = load_file(cfg.finetune, "--finetune") if cfg.finetune and Path(cfg.finetune).is_file() else None
-    head_rows, weights, notes = eval_weights(cfg, sd) if cfg.eval else (None, "", [])
+    # read once, before any work: a file that is not a weights file stops here
+    loaded = load_object(cfg.finetune, "--finetune") if cfg.finetune and Path(cfg.finetune).is_file() else None
+    sd = None if loaded is None else extract_state_dict(loaded, named(cfg.finetune, "--finetune"))
+    head_rows, weights, notes = eval_weights(cfg, sd, loaded) if cfg.eval else (None, "", [])
     cfg.validate()
     nb_classes = cfg.resolve_nb_classes(head_rows, weights)
     check_labels(cfg, nb_classes)
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = trainer.build(make_model, lambda m: param_groups_layer_decay(m, cfg.weight_decay, cfg.layer_decay),
                           betas=(0.9, 0.999))
-    sd = None  # loaded into the model
+    sd = loaded = None  # loaded into the model
     if cfg.eval:
         return evaluate_only(cfg, trainer, val, nb_classes, notes, loaded)
     trainer.resume()
