@@ -92,6 +92,15 @@ def load_file(path: str | os.PathLike, flag: str | None = None) -> dict[str, tor
     return extract_state_dict(load_object(path, flag), named(path, flag))
 
 
+def state_dict_of(path_or_state: str | os.PathLike | Mapping[str, Any],
+                  source: str | None = None) -> tuple[dict[str, torch.Tensor], str | None]:
+    """(the model state dict, how errors name the weights) of a ``.pth`` path or a checkpoint loaded already:
+    a path names itself unless ``source`` does; a loaded checkpoint keeps ``source`` (None: unnamed)."""
+    if isinstance(path_or_state, Mapping):
+        return extract_state_dict(path_or_state, source or "checkpoint"), source
+    return load_file(path_or_state), source or named(path_or_state)
+
+
 def checkpoint_args(obj: Any) -> dict[str, Any]:
     """The run settings a loaded checkpoint carries (``args``: a dict, or the reference scripts' Namespace)."""
     args = obj.get("args") if isinstance(obj, Mapping) else None
@@ -151,7 +160,7 @@ def load_checkpoint(model: nn.Module, path_or_state: str | os.PathLike | Mapping
 
     Raises CheckpointMismatch listing every missing, unexpected or misshaped key.
     """
-    sd = extract_state_dict(path_or_state) if isinstance(path_or_state, Mapping) else load_file(path_or_state)
+    sd, _ = state_dict_of(path_or_state)
     problems = compare_keys(model.state_dict(), sd)
     if problems:
         raise CheckpointMismatch("checkpoint does not fit the model: " + "; ".join(problems))

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from lomar_fast.checkpoint import CheckpointMismatch, extract_state_dict, load_file, named
+from lomar_fast.checkpoint import CheckpointMismatch, state_dict_of
 
 from .irpe import DEFAULT_RATIO, bucket_ids
 from .vit import Block, PatchEmbed, drop_path_rates, init_vit_weights, size_factory
@@ -81,11 +81,7 @@ class VisionTransformerRPE(nn.Module):
         pretrained norm). Misshaped encoder keys or missing encoder keys raise CheckpointMismatch listing them.
         ``source`` names the weights in the errors (e.g. ``--finetune model.pth``; a path names itself).
         """
-        if isinstance(path_or_state_dict, Mapping):
-            sd = extract_state_dict(path_or_state_dict, source or "checkpoint")
-        else:
-            source = source or named(path_or_state_dict)
-            sd = load_file(path_or_state_dict)
+        sd, source = state_dict_of(path_or_state_dict, source)
         own = self.state_dict()
         fresh = {k for k in own if k.startswith(("fc_norm.", "head."))}
         used, dropped, problems = [], [], []
@@ -120,11 +116,7 @@ def load_finetune_weights(model: VisionTransformerRPE, path_or_sd: str | os.Path
     (MAE's script drops a head of another class count too, but refuses a checkpoint that holds ``fc_norm`` and
     re-initializes the head in any case). Returns ``load_pretrained``'s report ({"used", "dropped",
     "initialized"}) updated accordingly. ``source`` names the weights in the errors (a path names itself)."""
-    if isinstance(path_or_sd, Mapping):
-        sd = extract_state_dict(path_or_sd, source or "checkpoint")
-    else:
-        source = source or named(path_or_sd)
-        sd = load_file(path_or_sd)
+    sd, source = state_dict_of(path_or_sd, source)
     try:
         report = model.load_pretrained(sd, source)
     except CheckpointMismatch as e:
