@@ -231,13 +231,11 @@ class FinetuneConfig(RunConfig):
                                                     "data/demo/train.beton; make prep-imagenet ImageNet)")
         _need_file("val_path", self.val_path, "the labelled val.beton evaluated after every epoch (make demo-data "
                                               "or make prep-imagenet builds it)")
-        if self.finetune and Path(self.finetune).is_dir():
-            raise ConfigError(f"--finetune {self.finetune} is a folder, not a file; pass a model.pth (a pretraining "
-                              f"run folder becomes one with python -m lomar_fast.export --checkpoint "
-                              f"{self.finetune} --out model.pth), or --resume a fine-tuning run's folder")
-        if self.finetune and not Path(self.finetune).is_file():
-            raise ConfigError(f"--finetune {self.finetune} does not exist; pass a model.pth from lomar_fast.export "
-                              f"(make pretrain writes output/demo/model.pth) or a published LoMaR checkpoint")
+        if self.finetune:
+            _need_file("finetune", self.finetune, "pass a model.pth from lomar_fast.export (python -m "
+                       "lomar_fast.export --checkpoint RUN --out model.pth turns a pretraining run folder into one; "
+                       "make pretrain writes output/demo/model.pth), a published LoMaR checkpoint, or --resume a "
+                       "fine-tuning run's folder")
         if self.eval and not (self.finetune or self.resume):
             raise ConfigError("--eval needs the weights to evaluate: --finetune checkpoint-best.pth or --resume DIR")
         if self.overwrite and self.eval:
