@@ -93,11 +93,8 @@ def export(checkpoint: str, out: str, tag: str | None = None) -> Path:
         problems = compare_keys(expected, sd)
         if problems:
             raise CheckpointMismatch(f"{checkpoint}: consolidated weights do not fit {cfg['model']}: " + "; ".join(problems))
-    try:
+    with run_dir.writing(outp, "--out"):
         return save_checkpoint(sd, outp, args=cfg or {}, epoch=meta.get("epoch"), step=meta.get("step"))
-    except OSError as e:
-        raise ConfigError(f"--out {outp} cannot be written ({e.strerror or e}); pass a path on a disk with room "
-                          f"that you can write to") from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,9 +24,10 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lomar_fast.errors import ConfigError
 
@@ -275,6 +276,16 @@ def prepare_output_file(path: str | os.PathLike, flag: str, example: str) -> Pat
     except OSError as e:
         raise ConfigError(f"{flag} {p}: {_unwritable(p.parent, e)}; pass a path in a folder you can write to") from None
     return p
+
+
+@contextmanager
+def writing(path: str | os.PathLike, flag: str) -> Iterator[None]:
+    """A failed write of the output file ``path`` (disk full, permissions) as one ConfigError naming ``flag``."""
+    try:
+        yield
+    except OSError as e:
+        raise ConfigError(f"{flag} {path} cannot be written ({e.strerror or e}); pass a path on a disk with room "
+                          f"that you can write to") from None
 
 
 def clear_run(root: Path) -> list[str]:

@@ -145,11 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         raise ConfigError(f"--image {a.image} cannot be read as an image ({e})") from None
     img = render(model, image, a.seed)
-    try:
+    with run_dir.writing(a.out, "--out"):
         write_atomically(a.out, lambda f: img.save(f, format=fmt))  # a failed write leaves an earlier file whole
-    except OSError as e:
-        raise ConfigError(f"--out {a.out} cannot be written ({e.strerror or e}); pass a path on a disk with room "
-                          f"that you can write to") from None
     print(f"wrote {a.out}")
 
 
