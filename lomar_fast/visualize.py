@@ -134,10 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     for flag, path in (("--checkpoint", a.checkpoint), ("--image", a.image)):
         if not Path(path).is_file():
             raise ConfigError(f"{flag} {path} does not exist")
-    fmt = picture_format(a.out)  # before the model is loaded
-    for flag, path in (("--checkpoint", a.checkpoint), ("--image", a.image)):
         if Path(a.out).exists() and Path(a.out).samefile(path):
             raise ConfigError(f"--out {a.out} is the {flag} file; pass another file name")
+    fmt = picture_format(a.out)  # before the model is loaded
     obj = load_object(a.checkpoint, "--checkpoint", PRETRAINING_FILES)  # weights_only: a file cannot run code
     model = model_from_state_dict(extract_state_dict(obj, named(a.checkpoint, "--checkpoint")), checkpoint_args(obj))
     try:
