@@ -41,11 +41,11 @@ def build_model(cfg: FinetuneConfig, nb_classes: int):
                         global_pool=cfg.global_pool, **depth)
 
 
-def eval_weights(cfg: FinetuneConfig, sd: dict | None, loaded: Any = None) -> tuple[int | None, str, list[str]]:
+def eval_weights(cfg: FinetuneConfig, sd: dict | None, file_obj: Any = None) -> tuple[int | None, str, list[str]]:
     """``--eval``: the weights to evaluate, checked before any work. The model settings they were trained with
     are taken for every one the user did not set: from a fine-tuned checkpoint's ``args`` (``--finetune``) or
     from the run settings saved with the tag (``--resume``). Weights without a classifier head (a pretraining
-    export or run) are refused. ``sd``: the ``--finetune`` file's state dict, and ``loaded`` the object it came
+    export or run) are refused. ``sd``: the ``--finetune`` file's state dict, and ``file_obj`` the object it came
     from, both read already. Returns (the head's rows, the
     weights' name, lines for the log)."""
     if cfg.resume:
@@ -77,7 +77,7 @@ def eval_weights(cfg: FinetuneConfig, sd: dict | None, loaded: Any = None) -> tu
         if missing:
             raise ConfigError(f"--eval {weights} holds no classifier head ({', '.join(missing)}; a pretraining export "
                               f"has none), so the evaluation would score a randomly initialized one; {CLASSIFIER_FIX}")
-        taken, kept = cfg.adopt_checkpoint_args(cfg.finetune, loaded)
+        taken, kept = cfg.adopt_checkpoint_args(cfg.finetune, file_obj)
         rows = int(sd["head.weight"].shape[0])
     else:  # no weights: validate() says what to pass
         return None, "", []
@@ -121,9 +121,9 @@ def check_labels(cfg: FinetuneConfig, nb_classes: int) -> None:
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(argv, FinetuneConfig, "LoMaR fine-tuning")
     # read once, before any work: a file that is not a weights file stops here
-    loaded = load_object(cfg.finetune, "--finetune") if cfg.finetune and Path(cfg.finetune).is_file() else None
-    sd = None if loaded is None else extract_state_dict(loaded, named(cfg.finetune, "--finetune"))
-    head_rows, weights, notes = eval_weights(cfg, sd, loaded) if cfg.eval else (None, "", [])
+    file_obj = load_object(cfg.finetune, "--finetune") if cfg.finetune and Path(cfg.finetune).is_file() else None
+    sd = None if file_obj is None else extract_state_dict(file_obj, named(cfg.finetune, "--finetune"))
+    head_rows, weights, notes = eval_weights(cfg, sd, file_obj) if cfg.eval else (None, "", [])
     cfg.validate()
     nb_classes = cfg.resolve_nb_classes(head_rows, weights)
     check_labels(cfg, nb_classes)
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = trainer.build(make_model, lambda m: param_groups_layer_decay(m, cfg.weight_decay, cfg.layer_decay),
                           betas=(0.9, 0.999))
-    sd = loaded = None  # loaded into the model
+    sd = file_obj = None  # loaded into the model
     if cfg.eval:
         return evaluate_only(cfg, trainer, val, nb_classes, notes, loaded)
     trainer.resume()
