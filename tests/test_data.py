@@ -465,6 +465,19 @@ def torch_equal(a, b) -> bool:
     return torch.equal(a, b)
 
 
+def test_more_workers_than_numba_can_start_warns_and_uses_its_limit(tiny):
+    """FFCV's decode threads are numba's, which refuses more than NUMBA_NUM_THREADS (the cores) with a bare
+    ValueError: the default --num_workers 8 on a 2-core machine was a traceback. It warns and uses the limit."""
+    from lomar_fast.data.loaders import numba_thread_limit
+
+    _, out = tiny
+    limit = numba_thread_limit()
+    with pytest.warns(UserWarning, match=rf"--num_workers {limit + 6} is more than the {limit} decode threads"):
+        loader = build_pretrain_loader(out / "train.beton", batch_size=4, input_size=48, num_workers=limit + 6)
+    assert loader.num_workers == limit
+    assert next(iter(loader)).shape == (4, 48, 48, 3)
+
+
 def test_batches_follow_the_epoch_order(tiny, val_loader):
     """Batch i of epoch e holds samples epoch_order(e)[i*B:(i+1)*B] (FFCV's Loader, whatever the pipeline): what
     the trainer hands RandAugment as the batch's sample indices."""

@@ -39,6 +39,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import warnings
 from typing import Union
 
 import numpy as np
@@ -64,6 +65,25 @@ def default_num_workers() -> int:
         cores = os.cpu_count() or 1
     local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
     return max(1, cores // max(1, local))
+
+
+def numba_thread_limit() -> int:
+    """The most threads numba starts in this process (``NUMBA_NUM_THREADS``, by default the cores)."""
+    from numba import config
+
+    return int(config.NUMBA_NUM_THREADS)
+
+
+def usable_workers(requested: int) -> int:
+    """``requested`` decode threads, or fewer where numba, which runs FFCV's threads, may start fewer: it
+    refuses more than ``NUMBA_NUM_THREADS`` (by default the machine's cores) with a bare ValueError. Asking
+    for more warns once and uses numba's limit (MAE's ``--num_workers 10`` on an 8-core machine trains)."""
+    limit = numba_thread_limit()
+    if requested <= limit:
+        return requested
+    warnings.warn(f"--num_workers {requested} is more than the {limit} decode threads numba can start here "
+                  f"(NUMBA_NUM_THREADS, by default the number of cores); using {limit}", stacklevel=3)
+    return limit
 
 
 def _order(order, distributed: bool):
@@ -208,7 +228,8 @@ def _build(path, fields, pipelines, batch_size, num_workers, distributed, seed, 
     # collected before FFCV takes the lists apart
     seeded = [op for ops in pipelines.values() if ops for op in ops if hasattr(op, "set_epoch")]
     loader = cls(str(path), batch_size=batch_size,
-                 num_workers=num_workers if num_workers and num_workers > 0 else default_num_workers(),
+                 num_workers=(usable_workers(num_workers) if num_workers and num_workers > 0
+                              else min(default_num_workers(), numba_thread_limit())),
                  os_cache=os_cache, order=order, distributed=distributed,
                  seed=int(seed), pipelines=full, drop_last=drop_last, batches_ahead=batches_ahead)
     loader.seeded_ops = seeded
