@@ -396,12 +396,13 @@ def test_cuda_matches_cpu_without_host_syncs():
     idx = torch.arange(48) + 100
     ref = aug(x, 3, 1, idx)
     xg = x.cuda()
-    aug(xg, 3, 1, idx), aug(xg, 3, 1, idx.cuda())  # warm-up: device tables, pinned buffers
+    idx_gpu = idx.cuda()  # the test's own copy from pageable memory syncs: made before the check
+    aug(xg, 3, 1, idx), aug(xg, 3, 1, idx_gpu)  # warm-up: device tables, pinned buffers
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         sparse = aug(xg, 3, 1, idx)
-        dense = aug(xg, 3, 1, idx.cuda())
+        dense = aug(xg, 3, 1, idx_gpu)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     # integer hashing and IEEE arithmetic agree across devices; cos/sin may differ in the last

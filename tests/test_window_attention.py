@@ -846,6 +846,9 @@ GPU_TOL = {  # max error relative to the largest magnitude: output, gradients
     torch.bfloat16: (1e-2, 2e-2),
     torch.float16: (4e-3, 1e-2),
 }
+# the explicit-logits path's bf16 output: its q k^T is rounded to bf16 before the softmax (the fused kernel and
+# SDPA's GPU kernels keep the logits in fp32)
+MATH_BF16_OUT_TOL = 2e-2
 
 
 def _check_gpu(q, k, v, table, buckets, scale=None, rpe_scale=None, go=None):
@@ -904,7 +907,9 @@ def test_gpu_vit_b_shapes(kernels_on, dtype, scaled_query):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_gpu_math_path_at_vit_b_shapes(compiled):
     """The explicit-logits path (LOMAR_ATTN_PATH=math) on the GPU in bf16, eager and compiled: values and
-    gradients against the float64 truth within the fused kernel's bf16 tolerance."""
+    gradients against the float64 truth. The gradients keep the fused kernel's bf16 tolerance; the output gets
+    MATH_BF16_OUT_TOL, since the path rounds q k^T to bf16 before the softmax as the published attention does
+    (on an H200 the output was off by 1.26e-2, and the same inputs in bf16 on a CPU give the same 1.26e-2)."""
     torch.manual_seed(3)
     buckets = window_buckets(7).cuda()
     q, k, v = (x.detach().requires_grad_(True) for x in qkv_views(256, 12, 50, 64, torch.bfloat16, "cuda", seed=4))
@@ -917,8 +922,8 @@ def test_gpu_math_path_at_vit_b_shapes(compiled):
     go = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v, table), go)
     want, truth = truth_grads(q, k, v, table, buckets.cpu(), 64**-0.5, go.cpu())
-    tol_out, tol_grad = GPU_TOL[torch.bfloat16]
-    assert out.dtype == torch.bfloat16 and rel_err(out.cpu(), want) <= tol_out, rel_err(out.cpu(), want)
+    tol_grad = GPU_TOL[torch.bfloat16][1]
+    assert out.dtype == torch.bfloat16 and rel_err(out.cpu(), want) <= MATH_BF16_OUT_TOL, rel_err(out.cpu(), want)
     for name, a, b in zip("q k v table".split(), got, truth):
         assert rel_err(a.cpu(), b) <= tol_grad, (name, rel_err(a.cpu(), b))
 
