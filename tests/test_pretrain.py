@@ -445,6 +445,31 @@ def test_a_resume_on_another_split_keeps_the_lr_schedule(mini_demo, tmp_path, in
                        "--max_steps_per_epoch", "1"])
 
 
+@pytest.mark.slow
+def test_each_epoch_frees_the_last_epochs_loader_buffers_before_allocating_its_own(mini_demo, tmp_path,
+                                                                                   in_process_world, monkeypatch):
+    """FFCV allocates an epoch's buffers (1.3 GB pinned at ViT-B batches of 256) when the epoch's iterator is
+    made. The trainer held the last epoch's iterator and batch until then, so each new epoch pinned a second set
+    instead of reusing the first from torch's cache. No earlier epoch's iterator may be alive when one is made."""
+    import weakref
+
+    import ffcv.loader.loader as ffcv_loader
+
+    made, alive_at_start = [], []
+
+    class Recording(ffcv_loader.EpochIterator):
+        def __init__(self, *a, **kw):
+            alive_at_start.append(sum(r() is not None for r in made))
+            super().__init__(*a, **kw)
+            made.append(weakref.ref(self))
+
+    monkeypatch.setattr(ffcv_loader, "EpochIterator", Recording)
+    pretrain.main(["--data_path", str(mini_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", *SMALL,
+                   "--output_dir", str(tmp_path / "run"), "--epochs", "3", "--warmup_epochs", "1",
+                   "--batch_size", "4"])
+    assert alive_at_start == [0, 0, 0]
+
+
 def test_an_epoch_is_whole_accumulation_groups():
     """Every epoch ends on an optimizer step (where checkpoints are written): its micro-steps, capped by
     --max_steps_per_epoch, are rounded down to a multiple of --accum_iter. (An epoch of 3 micro-steps at accum 2
