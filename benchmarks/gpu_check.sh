@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
 # One-shot GPU check for an offline GPU host (Python 3.12, torch, cupy; no deepspeed/ffcv):
 # installs the kit (.whl/, built here by `make gpu-kit`) with benchmarks/gpu_kit_install.sh into
-# ${SITE:-/tmp/site}, then, each stage within what is left of one deadline (DEADLINE, default 540 s, so the
-# whole check fits one 10-minute device call):
-#   1. the GPU tests (kernels against their references, the fused window attention in both kernel modes);
-#   2. the throughput benchmark, --quick: LoMaR vs MAE ViT-B/16 at 224/384/448 through ds_configs/zero2.json,
-#      each model at its best (the rows issue-level targets are read from), with a GPU-time profile of LoMaR 224
-#      compiled (where the step's time goes, and how busy the device is);
-#   3. the kernel benchmark, --quick (each kernel, and the explicit-logits attention path, vs its eager and
-#      compiled reference);
-#   4. LoMaR at 224, compiled, with the explicit-logits attention path (LOMAR_ATTN_PATH=math), then with ZeRO's
-#      contiguous gradient buffer on (one rank leaves it off by default);
-#   5. with the time left, LoMaR at 224 in DeepSpeed's bf16 mode and without DeepSpeed, then at micro-batch 512
-#      with compiled blocks, the whole model compiled, and the fused kernels.
+# ${SITE:-/tmp/site}, then runs these stages in this order, each within what is left of one deadline (DEADLINE,
+# default 540 s, so the whole check fits one 10-minute device call):
+#   gpu_tests       the GPU tests (kernels against their references, the fused window attention in both kernel
+#                   modes, RandAugment on the GPU); GPU_TESTS replaces the test files/ids;
+#   throughput      the issue-level rows, --quick: LoMaR (compiled blocks, the default, and the whole model
+#                   compiled) against MAE at its best (the whole model compiled), ViT-B/16 at 224/384/448 through
+#                   ds_configs/zero2.json, with a GPU-time profile of LoMaR 224 with the whole model compiled;
+#   engine_modes    LoMaR at 224, compiled blocks, in DeepSpeed's bf16 mode and without DeepSpeed (the shipped
+#                   torch_autocast row is the throughput stage's);
+#   attention_math  the same step with the explicit-logits attention (LOMAR_ATTN_PATH=math);
+#   gradient_buffer the same step with ZeRO's contiguous gradient buffer (one rank leaves it off by default);
+#   batch512        LoMaR at 224 at micro-batch 512, compiled blocks and the whole model compiled;
+#   kernels         the kernel benchmark, --quick (each kernel, and the explicit-logits path, vs its eager and
+#                   compiled reference).
+# The order is what issue-level figures still need first: the 2026-11-27 H200 run (benchmarks/results/h200/
+# 2026-11-27/) measured the GPU tests, the kernels and the compiled-blocks rows, and ran out of time before
+# the rest. STAGES="engine_modes batch512" runs only the stages named (in the order above), e.g. for a second
+# call on the same machine.
 # Every benchmark rewrites its JSON after each row, so a stage cut short keeps what it measured.
 # Everything goes under RESULTS (default: a new /tmp/lomar_gpu_check.XXXXXX); after every stage OUT (default
 # benchmarks/results/gpu_check) receives at most six files: stages.txt, environment.txt, throughput.json,
@@ -24,11 +30,16 @@
 # kernel benchmark's --cpu-smoke; the -m gpu tests are collected and skip): every stage's command line as the GPU
 # runs it, with the CPU flags after it, so an argument or packing mistake shows before a GPU call is spent.
 #   usage: bash benchmarks/gpu_check.sh [--no-throughput]
-#   env:   OUT, RESULTS, SITE, DEADLINE (seconds for the whole check), THROUGHPUT_ARGS (extra flags for stage 2), PY,
-#          CHECK_CPU, CHECK_KIT=0 (skip the kit install: the Python in PY has DeepSpeed already)
+#   env:   OUT, RESULTS, SITE, DEADLINE (seconds for the whole check), STAGES, GPU_TESTS, THROUGHPUT_ARGS (extra
+#          flags for the throughput stage), PY, CHECK_CPU, CHECK_KIT=0 (skip the kit install: the Python in PY has
+#          DeepSpeed already)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
+ALL_STAGES="gpu_tests throughput engine_modes attention_math gradient_buffer batch512 kernels"
+for s in ${STAGES:-}; do
+  case " $ALL_STAGES " in *" $s "*) ;; *) echo "STAGES: unknown stage '$s'; the stages are: $ALL_STAGES"; exit 2;; esac
+done
 DEADLINE="${DEADLINE:-540}"
 PY="${PY:-python3}"
 OUT="${OUT:-benchmarks/results/gpu_check}"
@@ -93,6 +104,9 @@ left() { echo $(( DEADLINE - (SECONDS - t0) )); }
 # stages after it); skipped (and recorded) when under 30 s would remain for it
 stage() {
   local name=$1 cap=$2 reserve=$3; shift 3
+  if [ -n "${STAGES:-}" ] && [[ " $STAGES " != *" $name "* ]]; then
+    return 0
+  fi
   local limit=$(( $(left) - reserve ))
   [ "$limit" -gt "$cap" ] && limit=$cap
   if [ "$limit" -lt 30 ]; then
@@ -111,6 +125,9 @@ stage() {
 }
 # a stage that needs DeepSpeed: skipped, and recorded, without it
 ds_stage() {
+  if [ -n "${STAGES:-}" ] && [[ " $STAGES " != *" $1 "* ]]; then
+    return 0
+  fi
   if [ "$have_ds" != 1 ]; then
     echo "$1 skipped: no deepspeed" | tee -a "$RESULTS/stages.txt"
     status=1
@@ -121,37 +138,41 @@ ds_stage() {
 # the benchmark's own time budget: stop starting rows in time to write its report within the stage's limit
 budget() { local b=$(( $(left) - $1 - 40 )); [ "$b" -gt "$2" ] && b=$2; echo $(( b > 30 ? b : 30 )); }
 
-stage gpu_tests 180 360 "$PY" -m pytest tests/test_kernels.py tests/test_window_attention.py tests/test_randaugment.py \
-  -m gpu -q -rfE --tb=short -p no:cacheprovider --junitxml="$RESULTS/gpu_tests.xml"
+# shellcheck disable=SC2206
+tests=(${GPU_TESTS:-tests/test_kernels.py tests/test_window_attention.py tests/test_randaugment.py})
+stage gpu_tests 180 420 "$PY" -m pytest "${tests[@]}" -m gpu -q -rfE --tb=short -p no:cacheprovider \
+  --junitxml="$RESULTS/gpu_tests.xml"
 
 if [ "${1:-}" != "--no-throughput" ]; then
   # shellcheck disable=SC2086
-  # the variants are the GPU defaults, named so that the CPU rehearsal runs them too, and the profile's target
-  # is a row of this plan; with THROUGHPUT_ARGS the benchmark's defaults and its own profile choice apply
-  plan=(--variants eager compile compile+kernels --mae_variants eager compile compile-model
-        --profile --profile_target lomar:224:compile)
+  # the variants are named, so that the CPU rehearsal runs them too, and the profile's target is a row of this
+  # plan; with THROUGHPUT_ARGS the benchmark's defaults and its own profile choice apply
+  # rows in the order the figures are needed: the shipped step and both models' best at each size first, LoMaR's
+  # whole-model rows at 384 and 448 (its windows do not depend on the image size) last
+  plan=(--rows lomar:224:compile lomar:224:compile-model mae:224:compile-model lomar:384:compile
+        mae:384:compile-model lomar:448:compile mae:448:compile-model lomar:384:compile-model
+        lomar:448:compile-model --profile --profile_target lomar:224:compile-model)
   [ -n "${THROUGHPUT_ARGS:-}" ] && plan=(--profile)
-  ds_stage throughput 330 120 "$PY" -m benchmarks.throughput --quick --out "$RESULTS/throughput" \
-    --name throughput "${plan[@]}" --time_budget "$(budget 120 280)" ${THROUGHPUT_ARGS:-} ${cpu_tp[@]+"${cpu_tp[@]}"}
-fi
-
-stage kernels 150 60 "$PY" -m benchmarks.kernels --out "$RESULTS/kernels" "${cpu_k[@]}"
-
-if [ "${1:-}" != "--no-throughput" ]; then
-  # the explicit-logits attention (batched GEMMs + fp32 softmax) in the shipped step; the baseline is stage 2's
-  # lomar 224 compile row, timed in this call
-  ds_stage attention_math 120 0 env LOMAR_ATTN_PATH=math "$PY" -m benchmarks.throughput --quick --models lomar \
-    --sizes 224 --variants compile --profile --out "$RESULTS/throughput" --name attention_math --time_budget "$(budget 0 80)" ${cpu_tp[@]+"${cpu_tp[@]}"}
+  ds_stage throughput 430 110 "$PY" -m benchmarks.throughput --quick --out "$RESULTS/throughput" \
+    --name throughput "${plan[@]}" --time_budget "$(budget 110 380)" ${THROUGHPUT_ARGS:-} ${cpu_tp[@]+"${cpu_tp[@]}"}
+  # the engine modes the shipped configs left: DeepSpeed's bf16 (bf16 weights, ZeRO's fp32 master copy) and none
+  ds_stage engine_modes 110 60 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
+    --engine_mode bf16 no_deepspeed --out "$RESULTS/throughput" --name engine_modes \
+    --time_budget "$(budget 60 70)" ${cpu_tp[@]+"${cpu_tp[@]}"}
+  # the explicit-logits attention (batched GEMMs + fp32 softmax) in the shipped step; the baseline is the
+  # throughput stage's lomar 224 compile row, timed in this call
+  ds_stage attention_math 80 40 env LOMAR_ATTN_PATH=math "$PY" -m benchmarks.throughput --quick --models lomar \
+    --sizes 224 --variants compile --out "$RESULTS/throughput" --name attention_math \
+    --time_budget "$(budget 40 40)" ${cpu_tp[@]+"${cpu_tp[@]}"}
   # the same with ZeRO's contiguous gradient buffer, which the shipped JSON leaves off on one rank
-  ds_stage gradient_buffer 130 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
-    --contiguous_gradients true --out "$RESULTS/throughput" --name gradient_buffer --time_budget "$(budget 0 90)" \
+  ds_stage gradient_buffer 80 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
+    --contiguous_gradients true --out "$RESULTS/throughput" --name gradient_buffer --time_budget "$(budget 0 40)" \
     ${cpu_tp[@]+"${cpu_tp[@]}"}
-  ds_stage engine_modes 150 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
-    --engine_mode torch_autocast bf16 no_deepspeed --out "$RESULTS/throughput" --name engine_modes \
-    --time_budget "$(budget 0 110)" ${cpu_tp[@]+"${cpu_tp[@]}"}
   ds_stage batch512 150 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 \
-    --variants compile compile-model compile+kernels --lomar_batch 512 --out "$RESULTS/throughput" --name batch512 \
+    --variants compile compile-model --lomar_batch 512 --out "$RESULTS/throughput" --name batch512 \
     --time_budget "$(budget 0 110)" ${cpu_tp[@]+"${cpu_tp[@]}"}
 fi
+
+stage kernels 150 0 "$PY" -m benchmarks.kernels --out "$RESULTS/kernels" "${cpu_k[@]}"
 echo "gpu_check exit $status after $(( SECONDS - t0 ))s"
 exit $status

@@ -97,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"any of {', '.join(VARIANTS)} (default: GPU eager compile compile+kernels; CPU eager)")
     p.add_argument("--mae_variants", nargs="+", default=None,
                    help="MAE's own variants (default: --variants if given, else GPU eager compile compile-model; CPU eager)")
+    p.add_argument("--rows", nargs="+", default=None, metavar="MODEL:SIZE:VARIANT",
+                   help="exactly these rows, in this order (e.g. lomar:224:compile mae:224:compile-model), instead of "
+                        "--models x --sizes x variants; --sizes then keeps the rows at those sizes")
     p.add_argument("--engine_mode", nargs="+", default=None, choices=ENGINES,
                    help="engine modes to run, each a row group (default: the mode of the DeepSpeed JSON)")
     p.add_argument("--compile_scope", default="blocks", choices=SCOPES,
@@ -139,6 +142,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for s in args.sizes or ():
         if s <= 0 or s % 16:
             p.error(f"--sizes {s} is not a positive multiple of the patch size 16")
+    if args.rows is not None:
+        if args.variants is not None or args.mae_variants is not None:
+            p.error("--rows names each row's variant; drop --variants and --mae_variants")
+        rows = []
+        for spec in args.rows:
+            kind, _, rest = spec.partition(":")
+            size, _, variant = rest.partition(":")
+            if kind not in MODEL_KINDS or not size.isdigit() or variant not in VARIANTS:
+                p.error(f"--rows {spec!r} is not MODEL:SIZE:VARIANT with MODEL one of {', '.join(MODEL_KINDS)} and "
+                        f"VARIANT one of {', '.join(VARIANTS)}")
+            if int(size) <= 0 or int(size) % 16:
+                p.error(f"--rows {spec!r}: {size} is not a positive multiple of the patch size 16")
+            if args.sizes is None or int(size) in args.sizes:
+                rows.append((kind, int(size), variant))
+        if not rows:
+            p.error(f"--sizes {' '.join(map(str, args.sizes))} keeps none of the --rows")
+        args.rows = list(dict.fromkeys(rows))
+        # the selectors the rest of the benchmark reads, from the rows
+        args.models = list(dict.fromkeys(k for k, _, _ in args.rows))
+        args.sizes = list(dict.fromkeys(s for _, s, _ in args.rows))
+        args.variants = [v for v in VARIANTS if ("lomar", v) in {(k, v) for k, _, v in args.rows}] or None
+        args.mae_variants = [v for v in VARIANTS if ("mae", v) in {(k, v) for k, _, v in args.rows}] or None
     for flag in ("batch_size", "lomar_batch", "mae_batch", "steps", "warmup", "profile_steps"):
         v = getattr(args, flag)
         if v is not None and (v < (0 if flag == "warmup" else 1)):
@@ -938,17 +963,27 @@ def profile_choice(args, plan: list[tuple[str, int, str, str]],
 
 def build_plan(args) -> list[tuple[str, int, str, str]]:
     """(model, size, variant, engine mode) in run order: variants outermost, so the cheap eager rows of every size
-    come first, then the compiled ones; engine modes innermost, so the rows they compare run back to back."""
+    come first, then the compiled ones; engine modes innermost, so the rows they compare run back to back.
+    With --rows, those rows in their order (engine modes innermost)."""
+    if getattr(args, "rows", None):
+        return [(k, s, v, m) for k, s, v in args.rows for m in args.engine_mode]
     by_kind = {"lomar": args.variants, "mae": args.mae_variants}
     variants = [v for v in VARIANTS if any(v in by_kind[k] for k in args.models)]
     return [(k, s, v, m) for v in variants for s in args.sizes for k in args.models if v in by_kind[k]
             for m in args.engine_mode]
 
 
+# Rough seconds a ViT-B row needs on an H200 (build, engine, compile, 10 + 20 steps), with a margin: a row is
+# started only when this much of --time_budget is left. Measured 2026-11-27 (first step / whole row): eager
+# 1-2 s / about 8 s; compiled blocks 10 s / 16 s (later sizes reuse the graph); whole model 36-51 s / 45-57 s.
+# The CUDA-graph and autotuned whole-model variants have not run on a GPU: their costs are guesses.
+ROW_COST_S = {"eager": 15.0, "eager+kernels": 20.0, "compile": 30.0, "compile+kernels": 30.0, "compile-model": 70.0,
+              "compile-model-cudagraphs": 90.0, "compile-model-autotune": 300.0}
+
+
 def row_cost(variant: str) -> float:
-    """Rough seconds a configuration needs (build, compile, warm-up, timed steps): a row is started only when
-    this much of --time_budget is left."""
-    return 60.0 if variant.startswith("compile") else 20.0
+    """Rough seconds a configuration of ``variant`` needs (:data:`ROW_COST_S`)."""
+    return ROW_COST_S[variant]
 
 
 def contiguous_gradients(ds_raw: dict, zero: int, world: int) -> bool | None:

@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[:2] == ["-m", "pytest"]:  # the test files exist and the marker is registered
         _record(argv)
-        files = [a for a in argv[2:] if a.startswith("tests/")]
+        files = [a.split("::")[0] for a in argv[2:] if a.startswith("tests/")]  # a file, or a test id in one
         marker = argv[argv.index("-m", 2) + 1]
         registered = f'"{marker}:' in Path("pyproject.toml").read_text()
         return 0 if files and all(Path(f).is_file() for f in files) and registered else 4

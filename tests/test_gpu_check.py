@@ -37,31 +37,39 @@ def stages(tmp_path: Path) -> dict[str, str]:
     return {line.split()[0]: line for line in lines if " rc=" in line or " skipped" in line}
 
 
+ORDER = ["gpu_tests", "throughput", "engine_modes", "attention_math", "gradient_buffer", "batch512", "kernels"]
+
+
 def test_every_stage_parses_and_the_output_is_what_a_device_call_returns(tmp_path):
     proc, calls = run_check(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     done = stages(tmp_path)
-    assert list(done) == ["gpu_tests", "throughput", "kernels", "attention_math", "gradient_buffer", "engine_modes",
-                          "batch512"], done
+    assert list(done) == ORDER, done
     assert all(" rc=0 " in line for line in done.values()), done
 
     bench = [c for c in calls if c["argv"][:2] == ["-m", "benchmarks.throughput"]]
     main = bench[0]
-    # stage 2: ViT-B LoMaR and MAE at every size, each at its best; the profile is the shipped LoMaR 224 step
-    assert main["target"] == "lomar:224:compile:torch_autocast"
-    for kind, variants in (("lomar", ("eager", "compile", "compile+kernels")), ("mae", ("eager", "compile", "compile-model"))):
-        for size in (224, 384, 448):
-            for v in variants:
-                assert f"{kind}:{size}:{v}:torch_autocast" in main["plan"], (kind, size, v)
-    # stage 4 times the explicit-logits path; stage 5 the engine modes and micro-batch 512
+    # the throughput stage: the shipped LoMaR step and both models' best (whole model compiled) at every size,
+    # first; LoMaR's whole-model rows at 384 and 448 last; the profile is LoMaR 224 with the whole model compiled
+    assert main["target"] == "lomar:224:compile-model:torch_autocast"
+    assert main["plan"][:7] == [f"{r}:torch_autocast" for r in (
+        "lomar:224:compile", "lomar:224:compile-model", "mae:224:compile-model", "lomar:384:compile",
+        "mae:384:compile-model", "lomar:448:compile", "mae:448:compile-model")], main["plan"]
+    assert len(main["plan"]) == 9
+    modes = next(c for c in bench if "engine_modes" in c["argv"])
+    assert modes["plan"] == [f"lomar:224:compile:{m}" for m in ("bf16", "no_deepspeed")]
     math = next(c for c in bench if "attention_math" in c["argv"])
     assert math["env"]["LOMAR_ATTN_PATH"] == "math" and math["plan"] == ["lomar:224:compile:torch_autocast"]
     buffer = next(c for c in bench if "gradient_buffer" in c["argv"])
     assert buffer["plan"] == ["lomar:224:compile:torch_autocast"] and "--contiguous_gradients" in buffer["argv"]
-    modes = next(c for c in bench if "engine_modes" in c["argv"])
-    assert modes["plan"] == [f"lomar:224:compile:{m}" for m in ("torch_autocast", "bf16", "no_deepspeed")]
-    # with the whole deadline left, each stage's own cap lets its first row start (a compile row needs 60 s)
+    big = next(c for c in bench if "batch512" in c["argv"])
+    assert big["plan"] == ["lomar:224:compile:torch_autocast", "lomar:224:compile-model:torch_autocast"]
+    # with the whole deadline left, each stage's own cap lets its first row start
     assert all(b["first_row_fits"] for b in bench), [(b["argv"][-8:], b["budget"]) for b in bench]
+    # and the throughput stage's budget holds the rows that give the acceptance figures (costs as on an H200)
+    from benchmarks.throughput import row_cost
+
+    assert sum(row_cost(r.split(":")[2]) for r in main["plan"][:7]) <= main["budget"], main["budget"]
     tests = next(c for c in calls if c["argv"][:2] == ["-m", "pytest"])
     assert "gpu" in tests["argv"]
 
@@ -70,13 +78,29 @@ def test_every_stage_parses_and_the_output_is_what_a_device_call_returns(tmp_pat
                           "gpu_check.tgz"]), out  # a device call hands back at most 8 files
 
 
+def test_stages_runs_only_the_stages_named_and_gpu_tests_narrows_the_tests(tmp_path):
+    """A second call on the same machine runs what the first left (STAGES); GPU_TESTS picks the tests. A stage
+    name that does not exist stops the check before anything runs."""
+    proc, calls = run_check(tmp_path, STAGES="kernels engine_modes gpu_tests",
+                            GPU_TESTS="tests/test_randaugment.py::test_cuda_matches_cpu_without_host_syncs")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert list(stages(tmp_path)) == ["gpu_tests", "engine_modes", "kernels"]
+    tests = next(c for c in calls if c["argv"][:2] == ["-m", "pytest"])
+    assert "tests/test_randaugment.py::test_cuda_matches_cpu_without_host_syncs" in tests["argv"]
+    assert not any(a.endswith("test_kernels.py") for a in tests["argv"])
+    (tmp_path / "bad").mkdir()
+    proc, calls = run_check(tmp_path / "bad", STAGES="throughput enigne_modes")
+    assert proc.returncode == 2 and "unknown stage 'enigne_modes'" in proc.stdout, proc.stdout
+    assert not any(c["argv"][:1] == ["-m"] for c in calls)
+
+
 def test_without_deepspeed_the_gpu_tests_and_kernels_still_run(tmp_path):
     proc, calls = run_check(tmp_path, STUB_NO_DEEPSPEED="1")
     assert proc.returncode == 1  # the check did not do all it should
     done = stages(tmp_path)
     assert " rc=0 " in done["gpu_tests"] and " rc=0 " in done["kernels"], done
-    assert all(done[s].endswith("skipped: no deepspeed") for s in ("throughput", "attention_math", "gradient_buffer",
-                                                                   "engine_modes", "batch512")), done
+    assert all(done[s].endswith("skipped: no deepspeed") for s in ("throughput", "engine_modes", "attention_math",
+                                                                   "gradient_buffer", "batch512")), done
     assert not any(c["argv"][:2] == ["-m", "benchmarks.throughput"] for c in calls)
 
 

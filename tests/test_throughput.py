@@ -121,6 +121,33 @@ def test_bad_size_is_rejected_before_any_work(capsys):
     assert e.value.code == 2 and "--sizes 100" in capsys.readouterr().err
 
 
+def test_rows_are_run_as_given_and_sizes_filter_them(capsys):
+    """--rows is an explicit plan (the GPU check's order: the figures needed first), engine modes innermost;
+    --sizes keeps the rows at those sizes (the CPU rehearsal's --sizes 224); a malformed row is one error."""
+    import torch
+
+    from benchmarks.throughput import build_plan, parse_args, resolve_defaults
+
+    rows = ["lomar:224:compile", "mae:224:compile-model", "lomar:384:compile", "lomar:224:compile-model"]
+    args = resolve_defaults(parse_args(["--rows", *rows]), torch.device("cuda"))
+    args.engine_mode = ["torch_autocast", "bf16"]
+    assert build_plan(args) == [(k, int(s), v, m) for k, s, v in (r.split(":") for r in rows)
+                                for m in ("torch_autocast", "bf16")]
+    assert args.models == ["lomar", "mae"] and args.sizes == [224, 384]
+    args = resolve_defaults(parse_args(["--rows", *rows, "--sizes", "224"]), torch.device("cuda"))
+    args.engine_mode = ["torch_autocast"]
+    assert [p[:3] for p in build_plan(args)] == [("lomar", 224, "compile"), ("mae", 224, "compile-model"),
+                                                 ("lomar", 224, "compile-model")]
+    for bad, msg in ((["--rows", "lomar:224"], "is not MODEL:SIZE:VARIANT"),
+                     (["--rows", "vit:224:compile"], "is not MODEL:SIZE:VARIANT"),
+                     (["--rows", "lomar:200:compile"], "200 is not a positive multiple"),
+                     (["--rows", "lomar:224:compile", "--variants", "eager"], "drop --variants"),
+                     (["--rows", "lomar:384:compile", "--sizes", "224"], "keeps none of the --rows")):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+        assert msg in capsys.readouterr().err, bad
+
+
 # --------------------------------------------------------------------------------------------- end to end
 @pytest.fixture
 def bench(in_process_world):
