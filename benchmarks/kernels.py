@@ -165,14 +165,16 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
     def gather_kernel():
         return wgc.gather_windows_kernel(images, windows, masks, p, w, True, dtype, n_mask, False)
 
+    # the references get the masked count, as the model's step passes it (without it they read it back from
+    # the masks: a host sync, and a graph break in the compiled reference)
     def gather_ref():
-        return gather_windows_reference(images, windows, masks, p, w, True, dtype)
+        return gather_windows_reference(images, windows, masks, p, w, True, dtype, n_mask)
 
     def gather_vis_kernel():
         return wgc.gather_windows_kernel(images, windows, masks, p, w, True, dtype, n_mask, True)
 
     def gather_vis_ref():
-        return wgr.gather_visible_reference(images, windows, masks, p, w, True, dtype)
+        return wgr.gather_visible_reference(images, windows, masks, p, w, True, dtype, n_mask)
 
     gen = torch.Generator(device="cpu").manual_seed(1)
     embed = torch.nn.Linear(vdim, cfg["embed_dim"]).to(device=device, dtype=dtype)

@@ -450,6 +450,19 @@ def test_benchmark_cpu_smoke(tmp_path, monkeypatch):
     assert (tmp_path / "kernels.md").read_text().startswith("#")
 
 
+def test_benchmark_gather_references_trace_whole_as_the_model_runs_them():
+    """The compiled gather references are timed as the model's step runs them: given the masked count, with no
+    read-back of the masks (a host sync and a graph break, which the H200 run of 2026-11-27 timed)."""
+    from benchmarks import kernels as bench
+
+    cfg = dict(bench.SMOKE_CONFIG)
+    cases = {c["name"]: c for c in bench.build_cases(bench.make_inputs(cfg, "cpu"), cfg, "cpu", with_kernels=False)}
+    for name in ("window_gather", "window_gather_visible"):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(cases[name]["reference"])()
+        assert explained.graph_break_count == 0, (name, explained.break_reasons)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_benchmark_without_gpu_exits_clearly(tmp_path):
     from benchmarks import kernels as bench
