@@ -478,6 +478,21 @@ def test_more_workers_than_numba_can_start_warns_and_uses_its_limit(tiny):
     assert next(iter(loader)).shape == (4, 48, 48, 3)
 
 
+def test_the_evaluation_shard_also_keeps_to_numbas_thread_limit(tiny):
+    """Fine-tuning's validation set and k-NN read through build_shard, FFCV's loader too: the same --num_workers
+    (default 8) above numba's limit warns and uses the limit there, instead of numba's ValueError."""
+    from lomar_fast.data.loaders import numba_thread_limit
+    from lomar_fast.data.shard import build_shard
+
+    _, out = tiny
+    limit = numba_thread_limit()
+    with pytest.warns(UserWarning, match=rf"--num_workers {limit + 6} is more than the {limit} decode threads"):
+        shard = build_shard(out / "val.beton", 4, 48, "cpu", limit + 6, rank=0, world=1)
+    assert shard.loader.num_workers == limit
+    images, labels = next(shard.batches())
+    assert images.shape[1:] == (48, 48, 3) and labels.ndim == 1
+
+
 def test_batches_follow_the_epoch_order(tiny, val_loader):
     """Batch i of epoch e holds samples epoch_order(e)[i*B:(i+1)*B] (FFCV's Loader, whatever the pipeline): what
     the trainer hands RandAugment as the batch's sample indices."""

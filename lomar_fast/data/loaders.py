@@ -82,8 +82,16 @@ def usable_workers(requested: int) -> int:
     if requested <= limit:
         return requested
     warnings.warn(f"--num_workers {requested} is more than the {limit} decode threads numba can start here "
-                  f"(NUMBA_NUM_THREADS, by default the number of cores); using {limit}", stacklevel=3)
+                  f"(NUMBA_NUM_THREADS, by default the number of cores); using {limit}", stacklevel=4)
     return limit
+
+
+def loader_workers(num_workers: int | None) -> int:
+    """The decode threads an FFCV loader of this package gets for ``num_workers``: that many (0 or None: the
+    cores this rank may use), never more than numba can start (:func:`usable_workers`)."""
+    if num_workers and num_workers > 0:
+        return usable_workers(num_workers)
+    return min(default_num_workers(), numba_thread_limit())
 
 
 def _order(order, distributed: bool):
@@ -228,8 +236,7 @@ def _build(path, fields, pipelines, batch_size, num_workers, distributed, seed, 
     # collected before FFCV takes the lists apart
     seeded = [op for ops in pipelines.values() if ops for op in ops if hasattr(op, "set_epoch")]
     loader = cls(str(path), batch_size=batch_size,
-                 num_workers=(usable_workers(num_workers) if num_workers and num_workers > 0
-                              else min(default_num_workers(), numba_thread_limit())),
+                 num_workers=loader_workers(num_workers),
                  os_cache=os_cache, order=order, distributed=distributed,
                  seed=int(seed), pipelines=full, drop_last=drop_last, batches_ahead=batches_ahead)
     loader.seeded_ops = seeded

@@ -59,7 +59,7 @@ def build_shard(path: str | os.PathLike, batch_size: int, input_size: int, devic
     from ffcv.loader import Loader, OrderOption
 
     from .beton import check_beton
-    from .loaders import default_num_workers, val_pipelines
+    from .loaders import loader_workers, val_pipelines
 
     if rank is None or world is None:
         rank, world = rank_world()
@@ -74,7 +74,7 @@ def build_shard(path: str | os.PathLike, batch_size: int, input_size: int, devic
         pipes = {name: None for name in info["fields"]}
         pipes.update(val_pipelines(input_size, device, interpolation))
         loader = Loader(str(path), batch_size=batch_size,
-                        num_workers=num_workers if num_workers and num_workers > 0 else default_num_workers(),
+                        num_workers=loader_workers(num_workers),
                         os_cache=os_cache, order=OrderOption.SEQUENTIAL, distributed=False,
                         indices=np.arange(start, stop), pipelines=pipes, drop_last=False,
                         batches_ahead=batches_ahead)
