@@ -973,6 +973,14 @@ def build_plan(args) -> list[tuple[str, int, str, str]]:
             for m in args.engine_mode]
 
 
+def max_batch_pairs(args) -> list[tuple[str, int]]:
+    """The (model, size) pairs --find_max_batch searches: those of --rows, in their order, else --models x
+    --sizes."""
+    if getattr(args, "rows", None):
+        return list(dict.fromkeys((k, s) for k, s, _ in args.rows))
+    return [(k, s) for k in args.models for s in args.sizes]
+
+
 # Rough seconds a ViT-B row needs on an H200 (build, engine, compile, 10 + 20 steps), with a margin: a row is
 # started only when this much of --time_budget is left. Measured 2026-11-27 (first step / whole row): eager
 # 1-2 s / about 8 s; compiled blocks 10 s / 16 s (later sizes reuse the graph); whole model 36-51 s / 45-57 s.
@@ -1085,12 +1093,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     max_batch = report["max_batch"]
     if args.find_max_batch:
-        for kind in args.models:
-            for size in args.sizes:
-                mb = find_max_batch(args, kind, size, device, ds_raw, world, default_batch(args, kind, size, device),
-                                    deadline, args.engine_mode[0])
-                max_batch.append(mb)
-                print(f"[throughput] max batch {kind} {size}: {mb['max_batch']}", flush=True)
+        for kind, size in max_batch_pairs(args):
+            mb = find_max_batch(args, kind, size, device, ds_raw, world, default_batch(args, kind, size, device),
+                                deadline, args.engine_mode[0])
+            max_batch.append(mb)
+            print(f"[throughput] max batch {kind} {size}: {mb['max_batch']}", flush=True)
 
     report.update(complete=True, speedups=speedups(results), wall_s=time.perf_counter() - t_start)
     files = write_outputs(report, Path(args.out), args.name)

@@ -223,6 +223,30 @@ def test_benchmark_rewrites_its_json_after_every_row(tmp_path, bench, monkeypatc
     assert doc["complete"] is True and [r["variant"] for r in doc["results"]] == ["eager", "compile", "compile+kernels"]
 
 
+def test_find_max_batch_with_rows_searches_only_their_model_and_size_pairs(tmp_path, bench, monkeypatch):
+    """--rows is exactly those rows: --find_max_batch searches the (model, size) pairs they name, not every
+    model at every size they hold between them (LoMaR at MAE's sizes, MAE at LoMaR's)."""
+    from benchmarks import throughput as tp
+
+    def fake_run_config(args, kind, size, variant, batch, device, ds_raw, world, peak, spec, profile, mode):
+        return tp.Result(model=f"{kind}_vit_tiny_patch16", kind=kind, size=size, variant=variant, batch_size=batch,
+                         engine_mode=mode, compute_dtype="float32", status="ok", images_per_sec=10.0,
+                         step_ms_median=1.0, mfu=0.1, first_step_s=0.1), None
+
+    searched = []
+
+    def fake_find_max_batch(args, kind, size, device, ds_raw, world, start, deadline, mode):
+        searched.append((kind, size))
+        return {"model": kind, "size": size, "variant": args.max_batch_variant, "engine_mode": mode,
+                "max_batch": start, "tried": []}
+
+    monkeypatch.setattr(tp, "run_config", fake_run_config)
+    monkeypatch.setattr(tp, "find_max_batch", fake_find_max_batch)
+    bench("--rows", "lomar:64:eager", "mae:96:eager", "lomar:64:compile", "--find_max_batch", "--matmul_size", "64",
+          "--out", str(tmp_path), "--name", "rows_max")
+    assert searched == [("lomar", 64), ("mae", 96)]
+
+
 def test_benchmark_records_the_op_paths_its_rows_ran(tmp_path, bench, monkeypatch):
     """$LOMAR_ATTN_PATH / $LOMAR_IRPE_PATH change what a row times, so the report says which paths ran."""
     from benchmarks import throughput as tp
