@@ -18,7 +18,7 @@
 # The order is what issue-level figures still need first: the 2026-11-27 H200 run (benchmarks/results/h200/
 # 2026-11-27/) measured the GPU tests, the kernels and the compiled-blocks rows, and ran out of time before
 # the rest. STAGES="engine_modes batch512" runs only the stages named (in the order above), e.g. for a second
-# call on the same machine.
+# call on the same machine. Naming a DeepSpeed stage with --no-throughput is an error.
 # Every benchmark rewrites its JSON after each row, so a stage cut short keeps what it measured.
 # Everything goes under RESULTS (default: a new /tmp/lomar_gpu_check.XXXXXX); after every stage OUT (default
 # benchmarks/results/gpu_check) receives at most six files: stages.txt, environment.txt, throughput.json,
@@ -37,9 +37,18 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
 ALL_STAGES="gpu_tests throughput engine_modes attention_math gradient_buffer batch512 kernels"
+DS_STAGES="throughput engine_modes attention_math gradient_buffer batch512"  # need DeepSpeed; --no-throughput skips
+no_tp=0
+[ "${1:-}" = "--no-throughput" ] && no_tp=1
+wanted=""
 for s in ${STAGES:-}; do
   case " $ALL_STAGES " in *" $s "*) ;; *) echo "STAGES: unknown stage '$s'; the stages are: $ALL_STAGES"; exit 2;; esac
+  if [ "$no_tp" = 1 ] && [[ " $DS_STAGES " == *" $s "* ]]; then
+    echo "STAGES: '$s' is one of the stages --no-throughput skips ($DS_STAGES)"; exit 2
+  fi
+  wanted="$wanted $s"
 done
+STAGES="${wanted# }"  # the names one space apart, whatever separated them (tabs, newlines): matched on spaces below
 DEADLINE="${DEADLINE:-540}"
 PY="${PY:-python3}"
 OUT="${OUT:-benchmarks/results/gpu_check}"
@@ -104,7 +113,7 @@ left() { echo $(( DEADLINE - (SECONDS - t0) )); }
 # stages after it); skipped (and recorded) when under 30 s would remain for it
 stage() {
   local name=$1 cap=$2 reserve=$3; shift 3
-  if [ -n "${STAGES:-}" ] && [[ " $STAGES " != *" $name "* ]]; then
+  if [ -n "$STAGES" ] && [[ " $STAGES " != *" $name "* ]]; then
     return 0
   fi
   local limit=$(( $(left) - reserve ))
@@ -125,7 +134,7 @@ stage() {
 }
 # a stage that needs DeepSpeed: skipped, and recorded, without it
 ds_stage() {
-  if [ -n "${STAGES:-}" ] && [[ " $STAGES " != *" $1 "* ]]; then
+  if [ -n "$STAGES" ] && [[ " $STAGES " != *" $1 "* ]]; then
     return 0
   fi
   if [ "$have_ds" != 1 ]; then
@@ -143,7 +152,7 @@ tests=(${GPU_TESTS:-tests/test_kernels.py tests/test_window_attention.py tests/t
 stage gpu_tests 180 420 "$PY" -m pytest "${tests[@]}" -m gpu -q -rfE --tb=short -p no:cacheprovider \
   --junitxml="$RESULTS/gpu_tests.xml"
 
-if [ "${1:-}" != "--no-throughput" ]; then
+if [ "$no_tp" != 1 ]; then
   # shellcheck disable=SC2086
   # the variants are named, so that the CPU rehearsal runs them too, and the profile's target is a row of this
   # plan; with THROUGHPUT_ARGS the benchmark's defaults and its own profile choice apply

@@ -82,16 +82,32 @@ def test_every_stage_parses_and_the_output_is_what_a_device_call_returns(tmp_pat
 def test_stages_runs_only_the_stages_named_and_gpu_tests_narrows_the_tests(tmp_path):
     """A second call on the same machine runs what the first left (STAGES); GPU_TESTS picks the tests. A stage
     name that does not exist stops the check before anything runs."""
-    proc, calls = run_check(tmp_path, STAGES="kernels engine_modes gpu_tests",
-                            GPU_TESTS="tests/test_randaugment.py::test_cuda_matches_cpu_without_host_syncs")
+    ids = ["tests/test_randaugment.py::test_cuda_matches_cpu_without_host_syncs",
+           "tests/test_window_attention.py::test_gpu_math_path_at_vit_b_shapes[True]"]
+    proc, calls = run_check(tmp_path, STAGES="kernels engine_modes gpu_tests", GPU_TESTS=" ".join(ids))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert list(stages(tmp_path)) == ["gpu_tests", "engine_modes", "kernels"]
     tests = next(c for c in calls if c["argv"][:2] == ["-m", "pytest"])
-    assert "tests/test_randaugment.py::test_cuda_matches_cpu_without_host_syncs" in tests["argv"]
+    assert tests["argv"][2:4] == ids, tests["argv"]  # each id its own argument
     assert not any(a.endswith("test_kernels.py") for a in tests["argv"])
     (tmp_path / "bad").mkdir()
     proc, calls = run_check(tmp_path / "bad", STAGES="throughput enigne_modes")
     assert proc.returncode == 2 and "unknown stage 'enigne_modes'" in proc.stdout, proc.stdout
+    assert not any(c["argv"][:1] == ["-m"] for c in calls)
+
+
+def test_stages_may_be_separated_by_any_whitespace_and_must_not_contradict_no_throughput(tmp_path):
+    """STAGES from a file or a heredoc holds tabs or newlines: those stages run (they were checked as names,
+    then matched on spaces, and ran nothing). A DeepSpeed stage named with --no-throughput is an error, not a
+    check that runs nothing and exits 0."""
+    (tmp_path / "ws").mkdir()
+    proc, _ = run_check(tmp_path / "ws", STAGES="throughput\tkernels\n")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert list(stages(tmp_path / "ws")) == ["throughput", "kernels"]
+    (tmp_path / "no_tp").mkdir()
+    proc, calls = run_check(tmp_path / "no_tp", "--no-throughput", STAGES="gpu_tests engine_modes")
+    assert proc.returncode == 2 and "'engine_modes' is one of the stages --no-throughput skips" in proc.stdout, \
+        proc.stdout
     assert not any(c["argv"][:1] == ["-m"] for c in calls)
 
 
