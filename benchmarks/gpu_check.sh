@@ -18,7 +18,8 @@
 # The order is what issue-level figures still need first: the 2026-11-27 H200 run (benchmarks/results/h200/
 # 2026-11-27/) measured the GPU tests, the kernels and the compiled-blocks rows, and ran out of time before
 # the rest. STAGES="engine_modes batch512" runs only the stages named (in the order above), e.g. for a second
-# call on the same machine. Naming a DeepSpeed stage with --no-throughput is an error.
+# call on the same machine; a stage that does not run (not named, --no-throughput, no DeepSpeed) keeps no time
+# back from the stages before it. Naming a DeepSpeed stage with --no-throughput is an error.
 # Every benchmark rewrites its JSON after each row, so a stage cut short keeps what it measured.
 # Everything goes under RESULTS (default: a new /tmp/lomar_gpu_check.XXXXXX); after every stage OUT (default
 # benchmarks/results/gpu_check) receives at most six files: stages.txt, environment.txt, throughput.json,
@@ -109,6 +110,27 @@ pack
 
 status=0
 left() { echo $(( DEADLINE - (SECONDS - t0) )); }
+# whether stage $1 runs in this check: named in STAGES (or STAGES empty) and, for the DeepSpeed stages, not
+# --no-throughput and DeepSpeed importable
+will_run() {
+  [ -z "$STAGES" ] || [[ " $STAGES " == *" $1 "* ]] || return 1
+  if [[ " $DS_STAGES " == *" $1 "* ]]; then [ "$have_ds" = 1 ] && [ "$no_tp" != 1 ]; fi
+}
+# the seconds a stage keeps from the stages before it; a stage's limit leaves the shares of the later stages that
+# run (reserve), so a stage not run (STAGES, --no-throughput, no DeepSpeed) holds no time back. With every stage
+# run: gpu_tests leaves 420 s, throughput 110, engine_modes 60, attention_math 40
+share() {
+  case $1 in throughput) echo 310;; engine_modes) echo 50;; attention_math) echo 20;; gradient_buffer) echo 40;;
+    *) echo 0;; esac
+}
+reserve() {
+  local s r=0 after=0
+  for s in $ALL_STAGES; do
+    if [ "$after" = 1 ] && will_run "$s"; then r=$(( r + $(share "$s") )); fi
+    [ "$s" = "$1" ] && after=1
+  done
+  echo "$r"
+}
 # stage NAME CAP RESERVE CMD...: run CMD with a time limit of min(CAP, what is left minus RESERVE for the
 # stages after it); skipped (and recorded) when under 30 s would remain for it
 stage() {
@@ -149,7 +171,7 @@ budget() { local b=$(( $(left) - $1 - 40 )); [ "$b" -gt "$2" ] && b=$2; echo $((
 
 # shellcheck disable=SC2206
 tests=(${GPU_TESTS:-tests/test_kernels.py tests/test_window_attention.py tests/test_randaugment.py})
-stage gpu_tests 180 420 "$PY" -m pytest "${tests[@]}" -m gpu -q -rfE --tb=short -p no:cacheprovider \
+stage gpu_tests 180 "$(reserve gpu_tests)" "$PY" -m pytest "${tests[@]}" -m gpu -q -rfE --tb=short -p no:cacheprovider \
   --junitxml="$RESULTS/gpu_tests.xml"
 
 if [ "$no_tp" != 1 ]; then
@@ -163,26 +185,26 @@ if [ "$no_tp" != 1 ]; then
         mae:384:compile-model lomar:448:compile mae:448:compile-model lomar:224:compile-model-cudagraphs
         lomar:384:compile-model lomar:448:compile-model --profile --profile_target lomar:224:compile-model)
   [ -n "${THROUGHPUT_ARGS:-}" ] && plan=(--profile)
-  ds_stage throughput 430 110 "$PY" -m benchmarks.throughput --quick --out "$RESULTS/throughput" \
-    --name throughput "${plan[@]}" --time_budget "$(budget 110 380)" ${THROUGHPUT_ARGS:-} ${cpu_tp[@]+"${cpu_tp[@]}"}
+  ds_stage throughput 430 "$(reserve throughput)" "$PY" -m benchmarks.throughput --quick --out "$RESULTS/throughput" \
+    --name throughput "${plan[@]}" --time_budget "$(budget "$(reserve throughput)" 380)" ${THROUGHPUT_ARGS:-} ${cpu_tp[@]+"${cpu_tp[@]}"}
   # the engine modes the shipped configs left: DeepSpeed's bf16 (bf16 weights, ZeRO's fp32 master copy) and none
-  ds_stage engine_modes 110 60 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
+  ds_stage engine_modes 110 "$(reserve engine_modes)" "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
     --engine_mode bf16 no_deepspeed --out "$RESULTS/throughput" --name engine_modes \
-    --time_budget "$(budget 60 70)" ${cpu_tp[@]+"${cpu_tp[@]}"}
+    --time_budget "$(budget "$(reserve engine_modes)" 70)" ${cpu_tp[@]+"${cpu_tp[@]}"}
   # the explicit-logits attention (batched GEMMs + fp32 softmax) in the shipped step; the baseline is the
   # throughput stage's lomar 224 compile row, timed in this call
-  ds_stage attention_math 80 40 env LOMAR_ATTN_PATH=math "$PY" -m benchmarks.throughput --quick --models lomar \
+  ds_stage attention_math 80 "$(reserve attention_math)" env LOMAR_ATTN_PATH=math "$PY" -m benchmarks.throughput --quick --models lomar \
     --sizes 224 --variants compile --out "$RESULTS/throughput" --name attention_math \
-    --time_budget "$(budget 40 40)" ${cpu_tp[@]+"${cpu_tp[@]}"}
+    --time_budget "$(budget "$(reserve attention_math)" 40)" ${cpu_tp[@]+"${cpu_tp[@]}"}
   # the same with ZeRO's contiguous gradient buffer, which the shipped JSON leaves off on one rank
-  ds_stage gradient_buffer 80 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
-    --contiguous_gradients true --out "$RESULTS/throughput" --name gradient_buffer --time_budget "$(budget 0 40)" \
+  ds_stage gradient_buffer 80 "$(reserve gradient_buffer)" "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
+    --contiguous_gradients true --out "$RESULTS/throughput" --name gradient_buffer --time_budget "$(budget "$(reserve gradient_buffer)" 40)" \
     ${cpu_tp[@]+"${cpu_tp[@]}"}
-  ds_stage batch512 150 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 \
+  ds_stage batch512 150 "$(reserve batch512)" "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 \
     --variants compile compile-model --lomar_batch 512 --out "$RESULTS/throughput" --name batch512 \
-    --time_budget "$(budget 0 110)" ${cpu_tp[@]+"${cpu_tp[@]}"}
+    --time_budget "$(budget "$(reserve batch512)" 110)" ${cpu_tp[@]+"${cpu_tp[@]}"}
 fi
 
-stage kernels 150 0 "$PY" -m benchmarks.kernels --out "$RESULTS/kernels" "${cpu_k[@]}"
+stage kernels 150 "$(reserve kernels)" "$PY" -m benchmarks.kernels --out "$RESULTS/kernels" "${cpu_k[@]}"
 echo "gpu_check exit $status after $(( SECONDS - t0 ))s"
 exit $status

@@ -96,6 +96,20 @@ def test_stages_runs_only_the_stages_named_and_gpu_tests_narrows_the_tests(tmp_p
     assert not any(c["argv"][:1] == ["-m"] for c in calls)
 
 
+def test_a_stage_not_run_keeps_no_time_back(tmp_path):
+    """Each stage's limit leaves time for the stages after it; a stage that does not run (left out of STAGES,
+    --no-throughput) keeps none: the GPU tests alone get their whole cap, not what the full check leaves them."""
+    limits = {}
+    for name, args, env in (("only", (), {"STAGES": "gpu_tests"}), ("no_tp", ("--no-throughput",), {}),
+                            ("all", (), {})):
+        (tmp_path / name).mkdir()
+        proc, _ = run_check(tmp_path / name, *args, **env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        limits[name] = {k: int(v.rsplit("limit=", 1)[1]) for k, v in stages(tmp_path / name).items()}
+    assert limits["only"] == {"gpu_tests": 180} and limits["no_tp"]["gpu_tests"] == 180, limits
+    assert limits["all"]["gpu_tests"] <= 540 - 420, limits  # the full check: 420 s kept for the stages after it
+
+
 def test_stages_may_be_separated_by_any_whitespace_and_must_not_contradict_no_throughput(tmp_path):
     """STAGES from a file or a heredoc holds tabs or newlines: those stages run (they were checked as names,
     then matched on spaces, and ran nothing). A DeepSpeed stage named with --no-throughput is an error, not a
