@@ -67,10 +67,6 @@ def test_every_stage_parses_and_the_output_is_what_a_device_call_returns(tmp_pat
     assert big["plan"] == ["lomar:224:compile:torch_autocast", "lomar:224:compile-model:torch_autocast"]
     # with the whole deadline left, each stage's own cap lets its first row start
     assert all(b["first_row_fits"] for b in bench), [(b["argv"][-8:], b["budget"]) for b in bench]
-    # and the throughput stage's budget holds the rows that give the acceptance figures (costs as on an H200)
-    from benchmarks.throughput import row_cost
-
-    assert sum(row_cost(r.split(":")[2]) for r in main["plan"][:7]) <= main["budget"], main["budget"]
     tests = next(c for c in calls if c["argv"][:2] == ["-m", "pytest"])
     assert "gpu" in tests["argv"]
 
