@@ -87,9 +87,17 @@ def load_object(path: str | os.PathLike, flag: str | None = None, expect: str = 
         raise CheckpointMismatch(f"{named(p, flag)} is not a weights file{held}; pass {expect}") from None
 
 
+def load_weights(path: str | os.PathLike, flag: str | None = None,
+                 expect: str = WEIGHTS_FILES) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(the object a ``.pth`` holds, its model state dict), read once (see :func:`load_object`); the errors name
+    the file by ``flag`` (see :func:`named`) and suggest ``expect``."""
+    obj = load_object(path, flag, expect)
+    return obj, extract_state_dict(obj, named(path, flag))
+
+
 def load_file(path: str | os.PathLike, flag: str | None = None) -> dict[str, torch.Tensor]:
     """Load a ``.pth`` on the CPU and return its model state dict (see :func:`load_object`)."""
-    return extract_state_dict(load_object(path, flag), named(path, flag))
+    return load_weights(path, flag)[1]
 
 
 def state_dict_of(path_or_state: str | os.PathLike | Mapping[str, Any],

@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 
 
 from lomar_fast import run_dir
-from lomar_fast.checkpoint import extract_state_dict, load_object, module_state_dict, named, save_checkpoint
+from lomar_fast.checkpoint import load_weights, module_state_dict, named, save_checkpoint
 from lomar_fast.cli import run_cli
 from lomar_fast.config import FinetuneConfig, parse_config
 from lomar_fast.errors import ConfigError
@@ -121,8 +121,8 @@ def check_labels(cfg: FinetuneConfig, nb_classes: int) -> None:
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(argv, FinetuneConfig, "LoMaR fine-tuning")
     # read once, before any work: a file that is not a weights file stops here
-    file_obj = load_object(cfg.finetune, "--finetune") if cfg.finetune and Path(cfg.finetune).is_file() else None
-    sd = None if file_obj is None else extract_state_dict(file_obj, named(cfg.finetune, "--finetune"))
+    file_obj, sd = load_weights(cfg.finetune, "--finetune") if cfg.finetune and Path(cfg.finetune).is_file() else (
+        None, None)
     head_rows, weights, notes = eval_weights(cfg, sd, file_obj) if cfg.eval else (None, "", [])
     cfg.validate()
     nb_classes = cfg.resolve_nb_classes(head_rows, weights)

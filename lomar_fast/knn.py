@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script by a launcher: make the package
 import torch
 import torch.nn.functional as F
 
-from lomar_fast.checkpoint import (CheckpointMismatch, checkpoint_args, extract_state_dict, load_object,
+from lomar_fast.checkpoint import (CheckpointMismatch, checkpoint_args, extract_state_dict, load_weights,
                                    module_state_dict, named)
 from lomar_fast.errors import ConfigError
 from lomar_fast.data.shard import Shard, build_shard
@@ -81,10 +81,9 @@ def build_encoder(state_dict_or_path: str | os.PathLike | Mapping[str, Any], inp
     LoMaR model's state dict or a fine-tuned classifier checkpoint (eval mode, on ``device``). ``flag``: the
     option a path came from, named in the errors."""
     if isinstance(state_dict_or_path, Mapping):
-        obj, source = state_dict_or_path, None
+        obj, sd, source = state_dict_or_path, extract_state_dict(state_dict_or_path), None
     else:
-        obj, source = load_object(state_dict_or_path, flag), named(state_dict_or_path, flag)
-    sd = extract_state_dict(obj, source or "checkpoint")
+        (obj, sd), source = load_weights(state_dict_or_path, flag), named(state_dict_or_path, flag)
     shape = encoder_shape(sd)
     classifier = "fc_norm.weight" in sd
     # a classifier fine-tuned on the cls token (--no_global_pool) is read the way it was trained

@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from lomar_fast import run_dir
-from lomar_fast.checkpoint import (PRETRAINING_FILES, CheckpointMismatch, checkpoint_args, extract_state_dict,
-                                   load_checkpoint, load_object, named, write_atomically)
+from lomar_fast.checkpoint import (PRETRAINING_FILES, CheckpointMismatch, checkpoint_args, load_checkpoint,
+                                   load_weights, write_atomically)
 from lomar_fast.cli import run_cli
 from lomar_fast.errors import ConfigError
 from lomar_fast.models.lomar import LoMaR
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         if Path(a.out).exists() and Path(a.out).samefile(path):
             raise ConfigError(f"--out {a.out} is the {flag} file; pass another file name")
     fmt = picture_format(a.out)  # before the model is loaded
-    obj = load_object(a.checkpoint, "--checkpoint", PRETRAINING_FILES)  # weights_only: a file cannot run code
-    model = model_from_state_dict(extract_state_dict(obj, named(a.checkpoint, "--checkpoint")), checkpoint_args(obj))
+    obj, sd = load_weights(a.checkpoint, "--checkpoint", PRETRAINING_FILES)  # weights_only: a file cannot run code
+    model = model_from_state_dict(sd, checkpoint_args(obj))
     try:
         image = load_image(a.image, model.img_size)
     except OSError as e:

@@ -620,8 +620,8 @@ def test_visualize_checks_out_before_loading_and_writes_it_whole(tmp_path, monke
     def run(out):
         visualize.main(["--checkpoint", str(ckpt), "--image", str(image), "--out", str(out)])
 
-    real_load = visualize.load_object
-    monkeypatch.setattr(visualize, "load_object", lambda *a: (_ for _ in ()).throw(AssertionError("loaded")))
+    real_load = visualize.load_weights
+    monkeypatch.setattr(visualize, "load_weights", lambda *a: (_ for _ in ()).throw(AssertionError("loaded")))
     for out, message in ((tmp_path / "x.xyz", ": its extension .xyz names no picture format PIL writes in RGB; pass a "
                                                "file name such as x.png$"),
                          (tmp_path / "recon", ": it has no extension; pass a file name such as recon.png$"),
@@ -630,7 +630,7 @@ def test_visualize_checks_out_before_loading_and_writes_it_whole(tmp_path, monke
                          (image, " is the --image file; pass another file name$")):
         with pytest.raises(ConfigError, match=f"^--out {out}{message}"):
             run(out)
-    monkeypatch.setattr(visualize, "load_object", real_load)
+    monkeypatch.setattr(visualize, "load_weights", real_load)
 
     out = tmp_path / "recon.png"
     out.write_bytes(b"earlier")
