@@ -112,8 +112,9 @@ status=0
 left() { echo $(( DEADLINE - (SECONDS - t0) )); }
 # whether stage $1 runs in this check: named in STAGES (or STAGES empty) and, for the DeepSpeed stages, not
 # --no-throughput and DeepSpeed importable
+selected() { [ -z "$STAGES" ] || [[ " $STAGES " == *" $1 "* ]]; }  # named by STAGES, or no STAGES given
 will_run() {
-  [ -z "$STAGES" ] || [[ " $STAGES " == *" $1 "* ]] || return 1
+  selected "$1" || return 1
   if [[ " $DS_STAGES " == *" $1 "* ]]; then [ "$have_ds" = 1 ] && [ "$no_tp" != 1 ]; fi
 }
 # the seconds a stage keeps from the stages before it; a stage's limit leaves the shares of the later stages that
@@ -135,9 +136,7 @@ reserve() {
 # stages after it); skipped (and recorded) when under 30 s would remain for it
 stage() {
   local name=$1 cap=$2 reserve=$3; shift 3
-  if [ -n "$STAGES" ] && [[ " $STAGES " != *" $name "* ]]; then
-    return 0
-  fi
+  selected "$name" || return 0
   local limit=$(( $(left) - reserve ))
   [ "$limit" -gt "$cap" ] && limit=$cap
   if [ "$limit" -lt 30 ]; then
@@ -156,9 +155,7 @@ stage() {
 }
 # a stage that needs DeepSpeed: skipped, and recorded, without it
 ds_stage() {
-  if [ -n "$STAGES" ] && [[ " $STAGES " != *" $1 "* ]]; then
-    return 0
-  fi
+  selected "$1" || return 0
   if [ "$have_ds" != 1 ]; then
     echo "$1 skipped: no deepspeed" | tee -a "$RESULTS/stages.txt"
     status=1

@@ -162,8 +162,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # the selectors the rest of the benchmark reads, from the rows
         args.models = list(dict.fromkeys(k for k, _, _ in args.rows))
         args.sizes = list(dict.fromkeys(s for _, s, _ in args.rows))
-        args.variants = [v for v in VARIANTS if ("lomar", v) in {(k, v) for k, _, v in args.rows}] or None
-        args.mae_variants = [v for v in VARIANTS if ("mae", v) in {(k, v) for k, _, v in args.rows}] or None
+        named = {(k, v) for k, _, v in args.rows}
+        args.variants = [v for v in VARIANTS if ("lomar", v) in named] or None
+        args.mae_variants = [v for v in VARIANTS if ("mae", v) in named] or None
     for flag in ("batch_size", "lomar_batch", "mae_batch", "steps", "warmup", "profile_steps"):
         v = getattr(args, flag)
         if v is not None and (v < (0 if flag == "warmup" else 1)):
