@@ -373,10 +373,11 @@ class Trainer:
                         epoch_wait, wait = epoch_wait + wait, 0.0
                 seconds = time.perf_counter() - t0
                 stop_epoch(batches)  # an epoch cut short: FFCV's decoding thread must be gone before the next
-                # FFCV allocates an epoch's buffers when its iterator is made: pinned decode buffers (1.3 GB for
-                # batches of 256 from a .beton of 512-px images) and the GPU copies' targets. Dropped here, the
-                # next epoch takes them back from torch's pinned and device caches; held until the next iter(),
-                # they made it pin a second set (likely why an H200 run's second epoch started a second late)
+                # FFCV allocates an epoch's buffers when its iterator is made: the pinned output batches (190 MB
+                # for 5 slots of 256 images at 224 px) and the GPU copies' targets. Dropped here, the next epoch
+                # takes them back from torch's pinned and device caches; held until the next iter(), they made it
+                # pin a second set (then with FFCV's decode buffers, 1.3 GB: likely why an H200 run's second epoch
+                # started a second late)
                 batches = batch = None
                 last = dict(epoch=epoch, step=self.step, loss=meter.epoch_mean, lr=lr, epoch_time=seconds,
                             data_wait_s=epoch_wait,

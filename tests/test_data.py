@@ -448,6 +448,16 @@ def test_seeded_crops_replay_an_epoch_whatever_the_workers(tiny):
     epochs = [pixels(continued), pixels(continued)]  # epochs 1 and 2
     resumed = loader(1, workers=1)
     assert (epochs[0] == pixels(resumed)).all() and (epochs[1] == pixels(resumed)).all()
+    # an epoch left with `break` (no stop_epoch): the next iteration stops its thread first, and replays as well
+    set_epoch(continued, 1)
+    abandoned = iter(continued)
+    next(abandoned)
+    thread = abandoned._it
+    del abandoned
+    assert thread.is_alive()
+    set_epoch(continued, 1)
+    assert (pixels(continued) == epochs[0]).all()
+    assert not thread.is_alive()
     assert not (next(iter(loader(1, workers=2, seed=5))) == epochs[0][:4]).all()
     # sample by sample (the order changes with the epoch too): every image gets new crops or flips each epoch
     by_index = [{int(i): x for i, x in zip(epoch_order(continued, e), ep)} for e, ep in ((1, epochs[0]),

@@ -187,7 +187,8 @@ def loader_images(loader) -> np.ndarray:
 
 def test_training_crop_bicubic_equals_pil_with_the_same_draws(betons):
     """The fine-tuning decoder with 'bicubic' yields PIL's crop-then-resize of the box it drew, flipped when it drew
-    a flip; with 'area' it yields FFCV's resize of the same box with the same flip: same draws, another resize."""
+    a flip; with 'area' it yields FFCV's resize of the same box with the same flip: same draws, another resize.
+    Two decode threads share the JPEG decode buffers, one each (ThreadScratch)."""
     from ffcv.libffcv import resize_crop
 
     from lomar_fast.data import FINETUNE_SCALE, RATIO, build_finetune_loader
@@ -198,7 +199,7 @@ def test_training_crop_bicubic_equals_pil_with_the_same_draws(betons):
     scale, ratio = np.array(FINETUNE_SCALE, np.float64), np.array(RATIO, np.float64)
     loaders, got = {}, {}
     for interp in ("area", "bicubic"):
-        loaders[interp] = build_finetune_loader(betons["jpg"], batch_size=4, input_size=64, num_workers=1, seed=7,
+        loaders[interp] = build_finetune_loader(betons["jpg"], batch_size=4, input_size=64, num_workers=2, seed=7,
                                                 order="sequential", start_epoch=1, interpolation=interp)
         assert loaders[interp].seeded_ops[0].interpolation == interp
         got[interp] = loader_images(loaders[interp])
@@ -217,6 +218,50 @@ def test_training_crop_bicubic_equals_pil_with_the_same_draws(betons):
     assert (got["area"] != got["bicubic"]).any()
     del loaders
     gc.collect()  # free the compiled pipelines now, while numba compiles nothing else
+
+
+def test_decoders_keep_one_decode_buffer_per_thread_and_ask_the_loader_for_their_output_alone(betons):
+    """FFCV's crop decoders had the loader allocate, and pin, a decode buffer of the largest image's size for every
+    image of every batch slot (1 GB per rank at batch 256 from 512-px images). Ours decode into one unpinned
+    buffer per thread, made once: the loader holds only their output batches. The 'area' evaluation decoder,
+    now ours too, gives FFCV's center crop to the pixel, with two decode threads."""
+    import torch
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+
+    from lomar_fast.data import build_val_loader, eval_crop_pct
+
+    size, batch, ahead = 40, 3, 2
+    ours = build_val_loader(betons["jpg"], batch_size=batch, input_size=size, num_workers=2, batches_ahead=ahead,
+                            interpolation="area")
+    ffcv_own = Loader(str(betons["jpg"]), batch_size=batch, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                      pipelines={"image": [CenterCropRGBImageDecoder((size, size), eval_crop_pct(size)), ToTensor()],
+                                 "label": None})
+    got = torch.cat([x.clone() for x, _ in ours]).numpy()
+    want = torch.cat([x.clone() for x, in ffcv_own]).numpy()
+    assert got.shape == (8, size, size, 3) and (got == want).all()
+
+    def buffers(loader):
+        allocs = loader.graph.allocate_memory(batch, ahead + 2)["operation"].values()
+        return [a for alloc in allocs if alloc is not None for a in (alloc if isinstance(alloc, tuple) else (alloc,))]
+
+    import numba
+
+    decoder = ours.pipeline_specs["image"].decoder
+    heights, widths = decoder.metadata["height"].astype(int), decoder.metadata["width"].astype(int)
+    slot_batch = (ahead + 2, batch, size, size, 3)
+    assert [np.shape(b) for b in buffers(ffcv_own)] == [slot_batch, (ahead + 2, batch, 3 * heights.max() * widths.max())]
+    # ours: the images, their copies (ToDevice), the labels and theirs; nothing bigger than a batch of images
+    assert slot_batch in [np.shape(b) for b in buffers(ours)]
+    assert max(np.prod(np.shape(b)) for b in buffers(ours)) == np.prod(slot_batch)
+    assert decoder._scratch.shape == (numba.config.NUMBA_NUM_THREADS, 3 * int((heights * widths).max()))
+    address = decoder._scratch.ctypes.data
+    for _ in ours:  # a second epoch: the compiled code's buffers stay where they were
+        pass
+    assert decoder._scratch.ctypes.data == address
+    del ours, ffcv_own
+    gc.collect()
 
 
 def mae_eval(img: np.ndarray, size: int, crop_pct: float) -> np.ndarray:

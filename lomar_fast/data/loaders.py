@@ -40,6 +40,7 @@ import os
 import queue
 import threading
 import warnings
+import weakref
 from typing import Union
 
 import numpy as np
@@ -205,13 +206,22 @@ def _loader_class(image_only: bool):
     from ffcv.loader import Loader
 
     class SeededLoader(Loader):
-        """An ffcv Loader that tells its seeded operations which epoch each iteration replays
-        (and, for pretraining, yields the image batch alone)."""
+        """An ffcv Loader that tells its seeded operations which epoch each iteration replays (and, for
+        pretraining, yields the image batch alone). A new iteration first stops the previous one if it is still
+        running (an epoch abandoned with ``break``): its decoding thread would otherwise go on decoding into the
+        decoders' per-thread buffers and numba's per-thread generators alongside the new epoch's, and, blocked on
+        its full queue forever, keep the epoch's pinned buffers."""
+
+        _running = None  # weak reference to the last epoch's FFCV iterator (a thread)
 
         def __iter__(self):
+            previous = self._running() if self._running is not None else None
+            if previous is not None and previous.is_alive():
+                stop_epoch(previous)
             for op in getattr(self, "seeded_ops", ()):
                 op.set_epoch(self.next_epoch)
             it = super().__iter__()
+            self._running = weakref.ref(it)
             return _FirstOutput(it) if image_only else it
 
     return SeededLoader

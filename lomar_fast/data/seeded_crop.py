@@ -2,6 +2,10 @@
 (seed, epoch, sample index): the same epoch yields the same crops and flips on every run,
 which is what makes a resumed run reproduce the uninterrupted one.
 
+Both decoders decode a JPEG into one scratch buffer per decode thread (:class:`ThreadScratch`), made once per
+loader and not pinned, where FFCV's give every image of every batch slot its own pinned buffer of the largest
+image's size: 1 GB of pinned memory per rank for batches of 256 from a ``.beton`` of 512-px images.
+
 FFCV's own RandomResizedCrop and RandomHorizontalFlip draw from numba's per-thread generators,
 which nothing seeds. Here every image reseeds the calling thread's generator from a hash of
 (seed, epoch, index) right before drawing its crop and flip, so the result does not depend on
@@ -10,8 +14,9 @@ pipeline reads through its address, so changing epochs needs no recompilation.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
-from numba import carray, njit, types
+from numba import carray, get_thread_id, njit, types
 from numba.extending import intrinsic
 
 from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, get_center_crop,
@@ -33,15 +38,23 @@ def check_interpolation(interpolation: str) -> str:
     return interpolation
 
 
-@intrinsic
-def _int64_ptr(typingctx, address):
-    """Turn an integer address into an ``int64*`` inside compiled code."""
-    sig = types.CPointer(types.int64)(types.intp)
+def _pointer_intrinsic(kind):
+    """An intrinsic that turns an integer address into a ``kind*`` inside compiled code."""
 
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.int64)))
+    @intrinsic
+    def pointer(typingctx, address):
+        sig = types.CPointer(kind)(types.intp)
 
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(types.CPointer(kind)))
+
+        return sig, codegen
+
+    return pointer
+
+
+_int64_ptr = _pointer_intrinsic(types.int64)
+_uint8_ptr = _pointer_intrinsic(types.uint8)
 
 
 def mix_seed(seed: int, epoch: int, index: int) -> int:
@@ -64,6 +77,7 @@ def _mix_seed_jit(seed, epoch, index):
 _mix_seed_c = njit(nogil=True, cache=True)(_mix_seed_jit)
 _get_crop_c = njit(nogil=True, cache=True)(get_random_crop)
 _horizontal_first_c = njit(nogil=True, cache=True)(horizontal_first)
+_center_crop_c = njit(nogil=True, cache=True)(get_center_crop)
 
 
 @njit(nogil=True, cache=True)
@@ -92,7 +106,38 @@ def _flip_rows(img):
                 img[r, w - 1 - x, ch] = t
 
 
-class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
+class ThreadScratch:
+    """For FFCV's crop decoders: JPEGs decode into one buffer per decode thread.
+
+    FFCV's crop decoders ask the loader for a decode buffer of the largest image's size for every image of every
+    batch slot (``batches_ahead + 2`` of them), and the loader pins them all: at batch 256 from a ``.beton`` of
+    512-px images, 1 GB of pinned memory per rank, pinned again by each epoch's iterator. A buffer is needed
+    only while its image is decoded and cropped, so one per thread is enough. These are made once per decoder
+    (so per loader), one row per thread numba may start (``NUMBA_NUM_THREADS``; rows of threads that never run
+    stay untouched, so not resident), not pinned. The decoder asks the loader for its output batch alone.
+
+    A row is the decoding thread's (numba's ``get_thread_id``), so two epochs of one loader must not decode at
+    once: the loaders of :mod:`lomar_fast.data.loaders` stop an abandoned epoch before starting the next.
+    """
+
+    _scratch: np.ndarray | None = None
+
+    def declare_state_and_memory(self, previous_state):
+        state, (output, _decode_buffer) = super().declare_state_and_memory(previous_state)
+        return state, output
+
+    def scratch(self) -> tuple[int, int, int]:
+        """(address, rows, bytes per row) of this decoder's decode buffers, made on the first call. FFCV calls
+        ``generate_code`` again at every epoch; the buffers, whose address the compiled code holds, stay."""
+        if self._scratch is None:
+            heights = self.metadata["height"].astype(np.int64)
+            widths = self.metadata["width"].astype(np.int64)
+            row = max(int((heights * widths).max(initial=1)) * 3, 1)
+            self._scratch = np.empty((max(int(numba.config.NUMBA_NUM_THREADS), 1), row), dtype=np.uint8)
+        return self._scratch.ctypes.data, self._scratch.shape[0], self._scratch.shape[1]
+
+
+class SeededRandomResizedCrop(ThreadScratch, RandomResizedCropRGBImageDecoder):
     """RandomResizedCrop (scale, ratio) to ``output_size`` plus a flip with probability ``flip_prob``; the crop is
     resized with ``interpolation`` (``"area"`` or ``"bicubic"``, see the module doc).
 
@@ -124,10 +169,12 @@ class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
         flip_prob = self.flip_prob
         seed = self.seed
         epoch_addr = self._epoch.ctypes.data  # this object keeps the array alive
+        scratch_addr, rows, row = self.scratch()
 
         def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage = my_storage
+            destination = my_storage
             epoch = carray(_int64_ptr(epoch_addr), (1,))[0]
+            scratch = carray(_uint8_ptr(scratch_addr), (rows, row))
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
@@ -135,7 +182,7 @@ class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
                 height = np.uint32(field['height'])
                 width = np.uint32(field['width'])
                 if field['mode'] == jpg:
-                    buf = temp_storage[dst_ix]
+                    buf = scratch[get_thread_id()]
                     imdecode_c(image_data, buf, height, width, height, width, 0, 0, 1, 1, False, False)
                     buf = buf.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
@@ -171,7 +218,7 @@ def eval_box(height: int, width: int, size: int, ratio: float) -> tuple[float, f
 _eval_box_c = njit(nogil=True, cache=True)(eval_box)
 
 
-class CenterCrop(CenterCropRGBImageDecoder):
+class CenterCrop(ThreadScratch, CenterCropRGBImageDecoder):
     """The evaluation crop resized to ``output_size`` with ``interpolation``. ``"area"`` is FFCV's decoder
     unchanged (a center crop of side ``int(ratio * min(H, W))``, INTER_AREA); ``"bicubic"`` is MAE's transform,
     ``Resize(int(output_size / ratio), BICUBIC)`` then ``CenterCrop(output_size)`` (torchvision on PIL images),
@@ -182,18 +229,21 @@ class CenterCrop(CenterCropRGBImageDecoder):
         self.interpolation = check_interpolation(interpolation)
 
     def generate_code(self):
-        if self.interpolation == "area":
-            return super().generate_code()
         jpg = 0
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        center_c = _center_crop_c
         box_c = _eval_box_c
         ratio = float(self.ratio)
         size = int(self.output_size[0])
+        bicubic = self.interpolation == "bicubic"
+        scratch_addr, rows, row = self.scratch()
 
         def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage = my_storage
+            destination = my_storage
+            scratch = carray(_uint8_ptr(scratch_addr), (rows, row))
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
@@ -201,13 +251,17 @@ class CenterCrop(CenterCropRGBImageDecoder):
                 height = np.uint32(field['height'])
                 width = np.uint32(field['width'])
                 if field['mode'] == jpg:
-                    buf = temp_storage[dst_ix]
+                    buf = scratch[get_thread_id()]
                     imdecode_c(image_data, buf, height, width, height, width, 0, 0, 1, 1, False, False)
                     buf = buf.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     buf = image_data.reshape(height, width, 3)
-                top, bottom, left, right, order = box_c(np.int64(height), np.int64(width), size, ratio)
-                resize_bicubic(buf, top, bottom, left, right, destination[dst_ix], order)
+                if bicubic:
+                    top, bottom, left, right, order = box_c(np.int64(height), np.int64(width), size, ratio)
+                    resize_bicubic(buf, top, bottom, left, right, destination[dst_ix], order)
+                else:  # FFCV's center crop of side int(ratio * min(H, W)), INTER_AREA
+                    i, j, h, w = center_c(height, width, 0.0, ratio)
+                    resize_crop_c(buf, i, i + h, j, j + w, destination[dst_ix])
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
