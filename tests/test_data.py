@@ -490,7 +490,8 @@ def test_more_workers_than_numba_can_start_warns_and_uses_its_limit(tiny):
 
 def test_the_evaluation_shard_also_keeps_to_numbas_thread_limit(tiny):
     """Fine-tuning's validation set and k-NN read through build_shard, FFCV's loader too: the same --num_workers
-    (default 8) above numba's limit warns and uses the limit there, instead of numba's ValueError."""
+    (default 8) above numba's limit warns and uses the limit there, instead of numba's ValueError. A pass left
+    unfinished is stopped by the next, as with the training loaders."""
     from lomar_fast.data.loaders import numba_thread_limit
     from lomar_fast.data.shard import build_shard
 
@@ -499,8 +500,15 @@ def test_the_evaluation_shard_also_keeps_to_numbas_thread_limit(tiny):
     with pytest.warns(UserWarning, match=rf"--num_workers {limit + 6} is more than the {limit} decode threads"):
         shard = build_shard(out / "val.beton", 4, 48, "cpu", limit + 6, rank=0, world=1)
     assert shard.loader.num_workers == limit
-    images, labels = next(shard.batches())
+    images, labels = next(shard.batches())  # a pass left unfinished, its decoding thread still running
     assert images.shape[1:] == (48, 48, 3) and labels.ndim == 1
+    thread = shard.loader._running()
+    assert thread is not None and thread.is_alive()
+    passes = [[(x.clone(), y.clone()) for x, y in shard.batches()] for _ in range(2)]  # each stops the one before
+    assert not thread.is_alive()
+    assert len(passes[0]) == shard.num_batches == 3
+    assert torch_equal(passes[0][0][0], images) and torch_equal(passes[0][0][1], labels)
+    assert all(torch_equal(a[0], b[0]) and torch_equal(a[1], b[1]) for a, b in zip(*passes))
 
 
 def test_batches_follow_the_epoch_order(tiny, val_loader):
