@@ -336,7 +336,8 @@ class Trainer:
                 meter.start_epoch()
                 t0, lr, wait, epoch_wait = time.perf_counter(), self.base_lr, 0.0, 0.0
                 idle.new_epoch()
-                batches = iter(self.loader)
+                batches = iter(self.loader)  # FFCV allocates the epoch's buffers here: the host waits on the loader
+                wait = time.perf_counter() - t0
                 for i in range(self.steps_per_epoch):
                     t_wait = time.perf_counter()
                     batch = next(batches)

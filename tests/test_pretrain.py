@@ -448,9 +448,13 @@ def test_a_resume_on_another_split_keeps_the_lr_schedule(mini_demo, tmp_path, in
 @pytest.mark.slow
 def test_each_epoch_frees_the_last_epochs_loader_buffers_before_allocating_its_own(mini_demo, tmp_path,
                                                                                    in_process_world, monkeypatch):
-    """FFCV allocates an epoch's buffers (1.3 GB pinned at ViT-B batches of 256) when the epoch's iterator is
-    made. The trainer held the last epoch's iterator and batch until then, so each new epoch pinned a second set
-    instead of reusing the first from torch's cache. No earlier epoch's iterator may be alive when one is made."""
+    """FFCV allocates an epoch's buffers (pinned, on a GPU host: 1.3 GB at ViT-B batches of 256 with FFCV's own
+    decode buffers) when the epoch's iterator is made. The trainer held the last epoch's iterator and batch until
+    then, so each new epoch pinned a second set instead of reusing the first from torch's cache. No earlier
+    epoch's iterator may be alive when one is made. Making it is time the host waits on the loader: the log's
+    data_wait_s counts it (an H200 run's second epoch started a second late with a wait of 0.05 s logged)."""
+    import gc
+    import time
     import weakref
 
     import ffcv.loader.loader as ffcv_loader
@@ -460,14 +464,27 @@ def test_each_epoch_frees_the_last_epochs_loader_buffers_before_allocating_its_o
     class Recording(ffcv_loader.EpochIterator):
         def __init__(self, *a, **kw):
             alive_at_start.append(sum(r() is not None for r in made))
+            if len(made) == 1:
+                time.sleep(0.5)  # the second epoch's buffers are slow to come
             super().__init__(*a, **kw)
             made.append(weakref.ref(self))
 
     monkeypatch.setattr(ffcv_loader, "EpochIterator", Recording)
-    pretrain.main(["--data_path", str(mini_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", *SMALL,
-                   "--output_dir", str(tmp_path / "run"), "--epochs", "3", "--warmup_epochs", "1",
-                   "--batch_size", "4"])
+    out = tmp_path / "run"
+    # Python's cyclic collector off: numba's compile of the first batch leaves a reference cycle through the
+    # loader thread's frames that holds the first epoch's iterator until the collector runs, which it did in
+    # some runs and not in others
+    gc.disable()
+    try:
+        pretrain.main(["--data_path", str(mini_demo["train"]), "--deepspeed_config", "ds_configs/cpu.json", *SMALL,
+                       "--output_dir", str(out), "--epochs", "3", "--warmup_epochs", "1", "--batch_size", "4"])
+    finally:
+        gc.enable()
     assert alive_at_start == [0, 0, 0]
+    recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    first_windows = {r["epoch"]: r for r in reversed(recs) if r["kind"] == "steps"}  # each epoch's first window
+    assert first_windows[1]["data_wait_s"] * first_windows[1]["n"] >= 0.5
+    assert first_windows[2]["data_wait_s"] * first_windows[2]["n"] < 0.5
 
 
 def test_an_epoch_is_whole_accumulation_groups():

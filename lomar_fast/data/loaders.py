@@ -36,6 +36,7 @@ you want to keep past the next few iterations.
 """
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import threading
@@ -215,14 +216,26 @@ def _loader_class(image_only: bool):
         _running = None  # weak reference to the last epoch's FFCV iterator (a thread)
 
         def __iter__(self):
-            previous = self._running() if self._running is not None else None
-            if previous is not None and previous.is_alive():
-                stop_epoch(previous)
+            self._stop_running()  # and hold no reference to it: the new epoch's buffers may reuse its memory
             for op in getattr(self, "seeded_ops", ()):
                 op.set_epoch(self.next_epoch)
             it = super().__iter__()
             self._running = weakref.ref(it)
             return _FirstOutput(it) if image_only else it
+
+        def _stop_running(self) -> None:
+            ref = self._running
+            if ref is None:
+                return
+            previous = ref()
+            if previous is not None and previous.is_alive():
+                stop_epoch(previous)
+            previous = None
+            if ref() is not None:
+                # still held, by a reference cycle: numba's compile of the first batch leaves one through the
+                # loader thread's frames, which hold the epoch's buffers (the pinned ones too) until Python's
+                # collector happens to run. Collected now, before the new epoch allocates its own.
+                gc.collect()
 
     return SeededLoader
 
