@@ -372,6 +372,7 @@ class Batches:
         try:
             batch = next(self._it)
         except StopIteration:
+            self._it = None  # the ended epoch's iterator dropped first: the loader then reuses its buffers
             self._it = iter(self.loader)
             batch = next(self._it)
         return batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -453,11 +453,15 @@ def test_seeded_crops_replay_an_epoch_whatever_the_workers(tiny):
     abandoned = iter(continued)
     next(abandoned)
     thread = abandoned._it
-    del abandoned
     assert thread.is_alive()
     set_epoch(continued, 1)
     assert (pixels(continued) == epochs[0]).all()
     assert not thread.is_alive()
+    # the ended epoch, read on: what was decoded, then its end (a stopped thread sends no end marker of its own)
+    reader = threading.Thread(target=lambda: [x for x in abandoned], daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert not reader.is_alive()
     assert not (next(iter(loader(1, workers=2, seed=5))) == epochs[0][:4]).all()
     # sample by sample (the order changes with the epoch too): every image gets new crops or flips each epoch
     by_index = [{int(i): x for i, x in zip(epoch_order(continued, e), ep)} for e, ep in ((1, epochs[0]),

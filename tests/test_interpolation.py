@@ -185,6 +185,19 @@ def loader_images(loader) -> np.ndarray:
     return torch.cat([x.clone() for x, _ in loader]).numpy()
 
 
+def images_within(loader, seconds: float = 120) -> np.ndarray:
+    """loader_images, or a failure when no epoch's end comes in time (a loader thread that died leaves its
+    reader waiting forever)."""
+    import threading
+
+    out = []
+    reader = threading.Thread(target=lambda: out.append(loader_images(loader)), daemon=True)
+    reader.start()
+    reader.join(seconds)
+    assert out, f"the loader gave no epoch within {seconds} s"
+    return out[0]
+
+
 def test_training_crop_bicubic_equals_pil_with_the_same_draws(betons):
     """The fine-tuning decoder with 'bicubic' yields PIL's crop-then-resize of the box it drew, flipped when it drew
     a flip; with 'area' it yields FFCV's resize of the same box with the same flip: same draws, another resize.
@@ -216,7 +229,17 @@ def test_training_crop_bicubic_equals_pil_with_the_same_draws(betons):
         np.testing.assert_array_equal(got["area"][ix], area, err_msg=f"image {ix}")
     assert 0 < flips < len(images)  # both branches were exercised
     assert (got["area"] != got["bicubic"]).any()
-    del loaders
+    # FFCV's pure-Python mode (its debugging switch) runs the same decode loop uncompiled, to the same pixels
+    from ffcv.pipeline.compiler import Compiler
+
+    Compiler.set_enabled(False)
+    try:
+        pure = build_finetune_loader(betons["jpg"], batch_size=4, input_size=64, num_workers=1, seed=7,
+                                     order="sequential", start_epoch=1, interpolation="bicubic")
+        np.testing.assert_array_equal(images_within(pure), got["bicubic"])
+    finally:
+        Compiler.set_enabled(True)
+    del loaders, pure
     gc.collect()  # free the compiled pipelines now, while numba compiles nothing else
 
 
@@ -241,6 +264,14 @@ def test_decoders_keep_one_decode_buffer_per_thread_and_ask_the_loader_for_their
     got = torch.cat([x.clone() for x, _ in ours]).numpy()
     want = torch.cat([x.clone() for x, in ffcv_own]).numpy()
     assert got.shape == (8, size, size, 3) and (got == want).all()
+    from ffcv.pipeline.compiler import Compiler
+
+    Compiler.set_enabled(False)  # FFCV's pure-Python mode: the same loop uncompiled, the same pixels
+    try:
+        pure = build_val_loader(betons["jpg"], batch_size=batch, input_size=size, num_workers=1, interpolation="area")
+        assert (images_within(pure) == want).all()
+    finally:
+        Compiler.set_enabled(True)
 
     def buffers(loader):
         allocs = loader.graph.allocate_memory(batch, ahead + 2)["operation"].values()
@@ -260,7 +291,12 @@ def test_decoders_keep_one_decode_buffer_per_thread_and_ask_the_loader_for_their
     for _ in ours:  # a second epoch: the compiled code's buffers stay where they were
         pass
     assert decoder._scratch.ctypes.data == address
-    del ours, ffcv_own
+    # a decoder serves one loader: one over larger images would write past its buffers
+    decoder.metadata = decoder.metadata.copy()
+    decoder.metadata["height"] *= 2
+    with pytest.raises(ValueError, match="give each loader its own decoder"):
+        decoder.scratch()
+    del ours, ffcv_own, pure
     gc.collect()
 
 

@@ -208,10 +208,11 @@ def _loader_class(image_only: bool):
 
     class SeededLoader(Loader):
         """An ffcv Loader that tells its seeded operations which epoch each iteration replays (and, for
-        pretraining, yields the image batch alone). A new iteration first stops the previous one if it is still
-        running (an epoch abandoned with ``break``): its decoding thread would otherwise go on decoding into the
-        decoders' per-thread buffers and numba's per-thread generators alongside the new epoch's, and, blocked on
-        its full queue forever, keep the epoch's pinned buffers."""
+        pretraining, yields the image batch alone). A new iteration ends the previous one if it is still running
+        (an epoch left with ``break``, or still being read: that reader then gets at most the batches already
+        decoded, then StopIteration). Its decoding thread would otherwise go on decoding into the decoders'
+        per-thread buffers and numba's per-thread generators alongside the new epoch's, and, blocked on its full
+        queue forever, keep the epoch's pinned buffers."""
 
         _running = None  # weak reference to the last epoch's FFCV iterator (a thread)
 
@@ -232,9 +233,11 @@ def _loader_class(image_only: bool):
                 stop_epoch(previous)
             previous = None
             if ref() is not None:
-                # still held, by a reference cycle: numba's compile of the first batch leaves one through the
-                # loader thread's frames, which hold the epoch's buffers (the pinned ones too) until Python's
-                # collector happens to run. Collected now, before the new epoch allocates its own.
+                # still held: numba's compile of the first batch leaves a reference cycle through the loader
+                # thread's frames (later epochs sometimes do too), which holds that epoch's buffers (the pinned
+                # ones too) until Python's collector happens to run. Collected now, before the new epoch allocates
+                # its own. (A caller that keeps its own reference to the old iterator pays this collection at
+                # every epoch: drop it before the next iter().)
                 gc.collect()
 
     return SeededLoader
@@ -320,7 +323,8 @@ def stop_epoch(batches) -> None:
     """End an epoch's iterator that was not run to its end (``--max_steps_per_epoch``), and wait for FFCV's
     decoding thread to exit. Without the wait, that thread can still be decoding the abandoned epoch's next
     batches when the next epoch starts, and two pipelines then share numba's worker threads and their
-    per-thread random state: the seeded crops of the new epoch's first batch can come out wrong."""
+    per-thread random state: the seeded crops of the new epoch's first batch can come out wrong. Reading the
+    iterator afterwards gives at most the batches already decoded, then StopIteration."""
     inner = getattr(batches, "_it", batches)
     if isinstance(inner, threading.Thread):
         inner.terminate_event.set()  # seen by the thread when its output queue is full
@@ -331,6 +335,14 @@ def stop_epoch(batches) -> None:
                     inner.output_queue.get_nowait()
                 except queue.Empty:
                     pass
+        # a stopped thread sends no end marker: sent here, a reader still holding this iterator gets what is
+        # queued and then the end of the epoch, instead of waiting forever
+        while True:
+            try:
+                inner.output_queue.put_nowait(None)
+                break
+            except queue.Full:
+                inner.output_queue.get_nowait()
     inner.close()  # releases the epoch's memory, once nothing decodes into it
 
 

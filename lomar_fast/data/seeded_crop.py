@@ -53,8 +53,22 @@ def _pointer_intrinsic(kind):
     return pointer
 
 
-_int64_ptr = _pointer_intrinsic(types.int64)
-_uint8_ptr = _pointer_intrinsic(types.uint8)
+_POINTERS = {np.dtype(np.int64): _pointer_intrinsic(types.int64), np.dtype(np.uint8): _pointer_intrinsic(types.uint8)}
+
+
+def _array_at(array: np.ndarray):
+    """A function of no arguments that returns ``array`` (kept alive by the caller) to a decode loop. Compiled,
+    it rebuilds the array from its address, as numba freezes a global array into a read-only constant; in FFCV's
+    pure-Python mode (``Compiler.set_enabled(False)``), where no intrinsic runs, it returns the array itself."""
+    if not Compiler.is_enabled:
+        return lambda: array
+    address, shape, pointer = array.ctypes.data, array.shape, _POINTERS[array.dtype]
+
+    @njit(nogil=True)
+    def at():
+        return carray(pointer(address), shape)
+
+    return at
 
 
 def mix_seed(seed: int, epoch: int, index: int) -> int:
@@ -126,15 +140,20 @@ class ThreadScratch:
         state, (output, _decode_buffer) = super().declare_state_and_memory(previous_state)
         return state, output
 
-    def scratch(self) -> tuple[int, int, int]:
-        """(address, rows, bytes per row) of this decoder's decode buffers, made on the first call. FFCV calls
-        ``generate_code`` again at every epoch; the buffers, whose address the compiled code holds, stay."""
+    def scratch(self):
+        """This decoder's decode buffers for its decode loop (see :func:`_array_at`), made on the first call.
+        FFCV calls ``generate_code`` again at every epoch; the buffers, whose address the compiled code holds,
+        stay. A decoder serves one loader: a ``.beton`` with larger images than the buffers' is refused."""
+        heights = self.metadata["height"].astype(np.int64)
+        widths = self.metadata["width"].astype(np.int64)
+        row = max(int((heights * widths).max(initial=1)) * 3, 1)
         if self._scratch is None:
-            heights = self.metadata["height"].astype(np.int64)
-            widths = self.metadata["width"].astype(np.int64)
-            row = max(int((heights * widths).max(initial=1)) * 3, 1)
             self._scratch = np.empty((max(int(numba.config.NUMBA_NUM_THREADS), 1), row), dtype=np.uint8)
-        return self._scratch.ctypes.data, self._scratch.shape[0], self._scratch.shape[1]
+        elif self._scratch.shape[1] < row:
+            raise ValueError(f"{type(self).__name__}: this decoder's buffers were made for images of up to "
+                             f"{self._scratch.shape[1] // 3} pixels, and its loader now reads images of {row // 3}; "
+                             "give each loader its own decoder (lomar_fast.data's pipeline functions make new ones)")
+        return _array_at(self._scratch)
 
 
 class SeededRandomResizedCrop(ThreadScratch, RandomResizedCropRGBImageDecoder):
@@ -168,13 +187,13 @@ class SeededRandomResizedCrop(ThreadScratch, RandomResizedCropRGBImageDecoder):
         ratio = np.array(self.ratio, dtype=np.float64)
         flip_prob = self.flip_prob
         seed = self.seed
-        epoch_addr = self._epoch.ctypes.data  # this object keeps the array alive
-        scratch_addr, rows, row = self.scratch()
+        epoch_at = _array_at(self._epoch)  # this object keeps the array alive
+        scratch_at = self.scratch()
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination = my_storage
-            epoch = carray(_int64_ptr(epoch_addr), (1,))[0]
-            scratch = carray(_uint8_ptr(scratch_addr), (rows, row))
+            epoch = epoch_at()[0]
+            scratch = scratch_at()
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
@@ -219,8 +238,8 @@ _eval_box_c = njit(nogil=True, cache=True)(eval_box)
 
 
 class CenterCrop(ThreadScratch, CenterCropRGBImageDecoder):
-    """The evaluation crop resized to ``output_size`` with ``interpolation``. ``"area"`` is FFCV's decoder
-    unchanged (a center crop of side ``int(ratio * min(H, W))``, INTER_AREA); ``"bicubic"`` is MAE's transform,
+    """The evaluation crop resized to ``output_size`` with ``interpolation``. ``"area"`` gives FFCV's decoder's
+    pixels (a center crop of side ``int(ratio * min(H, W))``, INTER_AREA); ``"bicubic"`` is MAE's transform,
     ``Resize(int(output_size / ratio), BICUBIC)`` then ``CenterCrop(output_size)`` (torchvision on PIL images),
     computed as one PIL bicubic resize of the matching box of the whole image (:func:`eval_box`)."""
 
@@ -239,11 +258,11 @@ class CenterCrop(ThreadScratch, CenterCropRGBImageDecoder):
         ratio = float(self.ratio)
         size = int(self.output_size[0])
         bicubic = self.interpolation == "bicubic"
-        scratch_addr, rows, row = self.scratch()
+        scratch_at = self.scratch()
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination = my_storage
-            scratch = carray(_uint8_ptr(scratch_addr), (rows, row))
+            scratch = scratch_at()
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
