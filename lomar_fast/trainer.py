@@ -334,7 +334,7 @@ class Trainer:
                 engine.train()
                 self.logger.start_epoch(epoch, self.steps_per_epoch)
                 meter.start_epoch()
-                t0, lr, wait, epoch_wait = time.perf_counter(), self.base_lr, 0.0, 0.0
+                t0, lr, epoch_wait = time.perf_counter(), self.base_lr, 0.0
                 idle.new_epoch()
                 batches = iter(self.loader)  # FFCV allocates the epoch's buffers here: the host waits on the loader
                 wait = time.perf_counter() - t0
