@@ -235,7 +235,7 @@ __device__ __forceinline__ void wa_load_table(float* stt, const float* __restric
 // Bucket ids as bytes; ids outside [0, NB) become WA_BAD_BUCKET.
 __device__ __forceinline__ void wa_load_buckets(unsigned char* sbk, const long long* __restrict__ buckets,
                                                 int L, int NB) {
-    for (int e = threadIdx.x; e < L * L; e += WA_THREADS) {
+    for (int e = threadIdx.x; e < L * L; e += blockDim.x) {
         const long long b = buckets[e];
         sbk[e] = (b >= 0 && b < NB) ? (unsigned char)b : (unsigned char)WA_BAD_BUCKET;
     }
@@ -469,13 +469,6 @@ __device__ __forceinline__ WaTcWork wa_tc_work(int M, int NT, int warp) {
     return w;
 }
 
-__device__ __forceinline__ void wa_tc_zero(float (&c)[WA_TC_NT][4]) {
-#pragma unroll
-    for (int j = 0; j < WA_TC_NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) c[j][e] = 0.f;
-}
-
 // c[j] += A[m0 .. m0+16, 0 .. K16) B[0 .. K16, n-tile nt0 + j] for the warp's n-tiles. fa(row, kk) and
 // fb(kk, col) read the fp32 operands; both must give 0 for kk past the product's inner length (K16 is that
 // length rounded up to 16), and finite values for rows and columns past the output (they are not stored).
@@ -540,7 +533,7 @@ __device__ __forceinline__ WaTcWork wa_tc_scores(float (&c)[WA_TC_NT][4], const 
                                                  const float* stt, int L, int L4, int NB4, int warp) {
     constexpr int DS = D + 4;
     const WaTcWork w = wa_tc_work(L, (L4 + NB4 + 7) >> 3, warp);
-    wa_tc_zero(c);
+    wa_zero(c);
     wa_tc_strip(c, w, D,
                 [&](int i, int d) { return sq[min(i, L - 1) * DS + d]; },
                 [&](int d, int col) {
@@ -658,7 +651,7 @@ window_attention_fwd(const void* __restrict__ q, long long q_sn, long long q_sh,
         if constexpr (TC) {
             float c[WA_TC_NT][4];
             const WaTcWork w = wa_tc_work(L, D / 8, warp);
-            wa_tc_zero(c);
+            wa_zero(c);
             wa_tc_strip(c, w, wa_round16(L),
                         [&](int i, int j) { return j < L ? sx[min(i, L - 1) * SE + j] : 0.f; },
                         [&](int j, int d) { return j < L ? sv[j * DS + d] : 0.f; });
@@ -683,7 +676,7 @@ window_attention_fwd(const void* __restrict__ q, long long q_sn, long long q_sh,
 // perm[i * L + off[i * (NB + 1) + b] ...  off[i * (NB + 1) + b + 1]).  Built once per block.
 __device__ __forceinline__ void wa_bucket_lists(unsigned char* perm, unsigned char* off, const unsigned char* sbk,
                                                 int L, int NB) {
-    for (int i = threadIdx.x; i < L; i += WA_THREADS) {
+    for (int i = threadIdx.x; i < L; i += blockDim.x) {
         const unsigned char* row = sbk + i * L;
         unsigned char* pr = perm + i * L;
         unsigned char* of = off + i * (NB + 1);
@@ -767,7 +760,7 @@ window_attention_bwd(const void* __restrict__ q, long long q_sn, long long q_sh,
     float dtc[TC ? WA_TC_NT : 1][4];  // TC: the same sum as the warp's tiles of dT^T (rows b, columns d)
     const WaTcWork wt = wa_tc_work(NB, D / 8, warp);
     const WaTcWork wd = wa_tc_work(L, D / 8, warp);  // TC: the (L x D) products dv, dq, dk
-    if constexpr (TC) wa_tc_zero(dtc);
+    if constexpr (TC) wa_zero(dtc);
     else wa_zero(dt);
 
     for (long long p = blockIdx.x; p < NP; p += gridDim.x) {
@@ -826,14 +819,14 @@ window_attention_bwd(const void* __restrict__ q, long long q_sn, long long q_sh,
         // dv = P^T do
         if constexpr (TC) {
             float c[WA_TC_NT][4];
-            wa_tc_zero(c);
+            wa_zero(c);
             wa_tc_strip(c, wd, wa_round16(L),
                         [&](int j, int i) { return i < L ? sx[i * SE + min(j, L - 1)] : 0.f; },
                         [&](int i, int d) { return i < L ? sdo[i * DS + d] : 0.f; });
             wa_tc_store_bf16(static_cast<unsigned char*>(dv) + hoff, grow, L, c, wd, 1.f);
             // dP = do v^T, then dS = P (dP - delta) over P
             const WaTcWork w = wa_tc_work(L, (L + 7) >> 3, warp);
-            wa_tc_zero(c);
+            wa_zero(c);
             wa_tc_strip(c, w, D,
                         [&](int i, int d) { return sdo[min(i, L - 1) * DS + d]; },
                         [&](int d, int j) { return sv[min(j, L - 1) * DS + d]; });
@@ -895,7 +888,7 @@ window_attention_bwd(const void* __restrict__ q, long long q_sn, long long q_sh,
         if constexpr (TC) {
             // dq = scale * dS k + G T^T
             float c[WA_TC_NT][4];
-            wa_tc_zero(c);
+            wa_zero(c);
             wa_tc_strip(c, wd, wa_round16(L),
                         [&](int i, int j) { return j < L ? sx[min(i, L - 1) * SE + j] : 0.f; },
                         [&](int j, int d) { return j < L ? sk[j * DS + d] : 0.f; });
@@ -908,7 +901,7 @@ window_attention_bwd(const void* __restrict__ q, long long q_sn, long long q_sh,
                         [&](int b, int d) { return b < NB ? stt[b * DS + d] : 0.f; });
             wa_tc_store_bf16(static_cast<unsigned char*>(dq) + hoff, grow, L, c, wd, 1.f);
             // dk = scale * dS^T q
-            wa_tc_zero(c);
+            wa_zero(c);
             wa_tc_strip(c, wd, wa_round16(L),
                         [&](int j, int i) { return i < L ? sx[i * SE + min(j, L - 1)] : 0.f; },
                         [&](int i, int d) { return i < L ? sq[i * DS + d] : 0.f; });
@@ -976,6 +969,572 @@ __global__ void window_attention_dtable_reduce(const float* __restrict__ part, f
     out[e] = s;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// warp-tiled tensor-core kernels (window_attention_mma_fwd / _bwd: bf16 I/O, sm_80 and newer)
+// ---------------------------------------------------------------------------------------------------
+// The same formulas as above, laid out as a flash attention for one short sequence: a block of WM_THREADS
+// (4 warps) handles one (n, h) pair at a time (grid-stride over the pairs, as above), warp w owning the
+// 16-row strip of queries [16 w, 16 w + 16). q, k, v (and dout) are staged in shared memory as bf16 (rows of
+// D + 8 elements: the eight rows an ldmatrix reads start in different banks); every operand of mma.sync
+// comes from shared memory through ldmatrix (.trans where the product needs the transposed tile), or
+// straight from the accumulators of the previous product (P and dS as the A operand: the m16n8 C fragment
+// of two adjacent n-tiles is the m16k16 A fragment). The forward reads the strip's q fragments straight from
+// global memory (no q tile). Scores, the softmax, P and dS stay in registers; the only shared-memory round
+// trip inside a strip is the iRPE lookup: q T of the strip goes to an fp32 scratch tile and each logit reads
+// its bucket's column (fp32, as the kernels above: the PyTorch path under autocast rounds it to bf16).
+//
+// Backward, per pair: each warp recomputes P of its strip from the saved lse, dP = do v^T, dS, and writes
+// P and dS (bf16) to shared tiles and G (the bucket sums of dS, from the bf16 dS in a fixed order) to a
+// third; dq = scale dS k + G T^T from the registers and the G tile. After one block barrier
+// warp w computes the 16 keys [16 w, 16 w + 16) of dk = scale dS^T q and dv = P^T do, and the 16 buckets
+// [16 w, 16 w + 16) of dT^T += G^T q, kept in registers over the block's pairs and written as the block's
+// partial at the end (reduced by window_attention_dtable_reduce, as above).
+//
+// Tiles have WM_ROWS = 64 rows (L, NB <= 64); rows past L (past NB for T^T) are zeroed once per block and
+// never written again, so padded rows and columns enter every product as zeros. Requirements (checked by
+// the Python side, which uses the kernels above otherwise): bf16, every row 16-byte aligned, D a multiple
+// of 16.
+#define WM_THREADS 128
+#define WM_ROWS 64
+#define WM_PS (WM_ROWS + 8)  // row stride (elements) of the L- and NB-wide bf16 tiles (P, dS, G)
+#define WM_QS (WM_ROWS + 4)  // row stride (floats) of the fp32 q T scratch
+#define WM_NEG (-3.0e38f)    // the logit of a padded key: exp() of it is 0
+
+template <int D>
+struct WmLayout {
+    static constexpr int RS = D + 8;                // row stride (elements) of the D-wide tiles
+    static constexpr int TILE = WM_ROWS * RS;       // elements of a D-wide tile
+    static constexpr int PTILE = WM_ROWS * WM_PS;   // elements of an L-wide tile
+};
+
+// Dynamic shared memory of the two kernels, in bytes (the Python launcher mirrors these).
+__device__ __forceinline__ int wm_fwd_shared_bytes(int L, int NB, int D) {
+    (void)NB;
+    return 2 * 3 * WM_ROWS * (D + 8) + 4 * WM_ROWS * WM_QS + ((L * L + 15) & ~15);
+}
+__device__ __forceinline__ int wm_bwd_shared_bytes(int L, int NB, int D) {
+    return 2 * (5 * WM_ROWS * (D + 8) + 3 * WM_ROWS * WM_PS) + 4 * (WM_ROWS * WM_QS + 2 * WM_ROWS) +
+           ((2 * L * L + L * (NB + 1) + 15) & ~15);
+}
+
+// ldmatrix .x4 (.trans with TRANS): lane l gives the address of row l % 8 of 8x8 matrix l / 8 (16 bytes,
+// 16-byte aligned); register m receives matrix m's elements (row lane / 4, columns 2 (lane % 4) + 0, 1), or
+// transposed (rows 2 (lane % 4) + 0, 1, column lane / 4), the lower 16 bits holding the first.
+template <bool TRANS>
+__device__ __forceinline__ void wm_ldsm(unsigned int (&r)[4], const unsigned short* p) {
+#if defined(LOMAR_EMULATION)
+    emu_ldmatrix_x4(r, p, TRANS);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned int a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    if (TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+    }
+#else
+    (void)p;
+    r[0] = r[1] = r[2] = r[3] = 0u;
+    asm volatile("trap;");
+#endif
+}
+
+__device__ __forceinline__ void wm_syncwarp() {
+#if defined(LOMAR_EMULATION)
+    __syncwarp();
+#else
+    __syncwarp(0xffffffffu);
+#endif
+}
+
+// The A fragment (16 x 16) at rows r0, columns k0 of a row-major tile (row stride ld elements).
+__device__ __forceinline__ void wm_frag_a(unsigned int (&a)[4], const unsigned short* m, int ld, int r0, int k0) {
+    const int l = threadIdx.x & 31;
+    wm_ldsm<false>(a, m + (r0 + (l & 7) + ((l >> 3) & 1) * 8) * ld + k0 + (l >> 4) * 8);
+}
+// The A fragment of A[r][k] = M[k][r] (M row-major): rows r0, columns k0 of the transposed tile.
+__device__ __forceinline__ void wm_frag_at(unsigned int (&a)[4], const unsigned short* m, int ld, int r0, int k0) {
+    const int l = threadIdx.x & 31;
+    wm_ldsm<true>(a, m + (k0 + (l & 7) + (l >> 4) * 8) * ld + r0 + ((l >> 3) & 1) * 8);
+}
+// B fragments (16 x 8) of the n-tiles n0 and n0 + 8 at k0, B[k][n] = M[n][k] (M row-major: one row per
+// output column, as k for q k^T): b[0], b[1] for n0; b[2], b[3] for n0 + 8.
+__device__ __forceinline__ void wm_frag_b_nk(unsigned int (&b)[4], const unsigned short* m, int ld, int n0, int k0) {
+    const int l = threadIdx.x & 31;
+    wm_ldsm<false>(b, m + (n0 + (l & 7) + (l >> 4) * 8) * ld + k0 + ((l >> 3) & 1) * 8);
+}
+// The same for B[k][n] = M[k][n] (M row-major: one row per k, as v for P v).
+__device__ __forceinline__ void wm_frag_b_kn(unsigned int (&b)[4], const unsigned short* m, int ld, int k0, int n0) {
+    const int l = threadIdx.x & 31;
+    wm_ldsm<true>(b, m + (k0 + (l & 7) + ((l >> 3) & 1) * 8) * ld + n0 + (l >> 4) * 8);
+}
+
+// The A fragment at k-step kk of the accumulators of n-tiles 2 kk and 2 kk + 1, rounded to bf16.
+__device__ __forceinline__ void wm_acc_to_a(unsigned int (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+    a[0] = wa_bf16x2(c0[0], c0[1]);
+    a[1] = wa_bf16x2(c0[2], c0[3]);
+    a[2] = wa_bf16x2(c1[0], c1[1]);
+    a[3] = wa_bf16x2(c1[2], c1[3]);
+}
+
+// c[2 p], c[2 p + 1] += A B over k in [0, K16) for the n-tile pairs p < np (M = the A tile, B from bk as
+// wm_frag_b_kn): the products P v, dS k, G T^T, dS^T q, P^T do, G^T q.
+template <int NT, bool AT>
+__device__ __forceinline__ void wm_mm_kn(float (&c)[NT][4], const unsigned short* am, int lda, int r0,
+                                         const unsigned short* bm, int ldb, int K16) {
+    for (int k0 = 0; k0 < K16; k0 += 16) {
+        unsigned int a[4];
+        if (AT) wm_frag_at(a, am, lda, r0, k0);
+        else wm_frag_a(a, am, lda, r0, k0);
+#pragma unroll
+        for (int p = 0; p < NT / 2; ++p) {
+            unsigned int b[4];
+            wm_frag_b_kn(b, bm, ldb, k0, 16 * p);
+            wa_mma(c[2 * p], a, b[0], b[1]);
+            wa_mma(c[2 * p + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// c += A B over the 16-key steps kp < nkp: A from the accumulators of the key n-tiles 2 kp, 2 kp + 1 (P or dS,
+// rounded to bf16), B the rows [16 kp, 16 kp + 16) of a D-wide tile read as K x N (v for P v, k for dS k).
+template <int D>
+__device__ __forceinline__ void wm_acc_mm(float (&c)[D / 8][4], const float (&p)[8][4], const unsigned short* bm,
+                                          int nkp) {
+#pragma unroll
+    for (int kp = 0; kp < 4; ++kp) {
+        if (kp >= nkp) break;
+        unsigned int a[4];
+        wm_acc_to_a(a, p[2 * kp], p[2 * kp + 1]);
+#pragma unroll
+        for (int x = 0; x < D / 16; ++x) {
+            unsigned int b[4];
+            wm_frag_b_kn(b, bm, WmLayout<D>::RS, 16 * kp, 16 * x);
+            wa_mma(c[2 * x], a, b[0], b[1]);
+            wa_mma(c[2 * x + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// Calls f(row, col, x0, x1) for each pair of a warp's accumulator elements C[row][col], C[row][col + 1] in the
+// n-tiles [0, nt) of the strip at rows r0.
+template <int NT, typename F>
+__device__ __forceinline__ void wm_pairs(const float (&c)[NT][4], int r0, int nt, F f) {
+    const int lane = threadIdx.x & 31;
+    const int r = r0 + (lane >> 2);
+    const int t2 = 2 * (lane & 3);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        if (j < nt) {
+            f(r, 8 * j + t2, c[j][0], c[j][1]);
+            f(r + 8, 8 * j + t2, c[j][2], c[j][3]);
+        }
+    }
+}
+
+// Rows below M of a warp's accumulators (the strip at r0), times mul, as bf16 to dst + row * rs + col
+// (elements; 4-byte stores).
+template <int NT>
+__device__ __forceinline__ void wm_store_rows(unsigned short* dst, long long rs, int r0, int M, const float (&c)[NT][4],
+                                              float mul) {
+    wm_pairs(c, r0, NT, [&](int r, int col, float x0, float x1) {
+        if (r < M) *reinterpret_cast<unsigned int*>(dst + r * rs + col) = wa_bf16x2(x0 * mul, x1 * mul);
+    });
+}
+
+// A warp's accumulators of n-tiles [0, nt) as bf16 to the tile rows r0.. (row stride ld elements).
+__device__ __forceinline__ void wm_store_tile(unsigned short* m, int ld, int r0, int nt, const float (&c)[8][4]) {
+    wm_pairs(c, r0, nt, [&](int r, int col, float x0, float x1) {
+        *reinterpret_cast<unsigned int*>(m + r * ld + col) = wa_bf16x2(x0, x1);
+    });
+}
+
+// The same as fp32 (8-byte stores).
+__device__ __forceinline__ void wm_store_tile_f32(float* m, int ld, int r0, int nt, const float (&c)[8][4]) {
+    wm_pairs(c, r0, nt, [&](int r, int col, float x0, float x1) {
+        float2 x;
+        x.x = x0;
+        x.y = x1;
+        *reinterpret_cast<float2*>(m + r * ld + col) = x;
+    });
+}
+
+// Rows [0, L) of an (L, D) bf16 matrix at src (row stride in elements, rows 16-byte aligned) into a tile.
+template <int D>
+__device__ __forceinline__ void wm_load_rows(unsigned short* dst, const unsigned short* __restrict__ src,
+                                             long long rs, int L) {
+    constexpr int CPR = D / 8;  // 16-byte chunks per row
+    constexpr int RS = WmLayout<D>::RS;
+    for (int e = threadIdx.x; e < L * CPR; e += WM_THREADS) {
+        const int r = e / CPR;
+        const int c = e - r * CPR;
+        *reinterpret_cast<uint4*>(dst + r * RS + 8 * c) = *reinterpret_cast<const uint4*>(src + r * rs + 8 * c);
+    }
+}
+
+// Once per block: zero the rows [from, WM_ROWS) of a tile (row stride ld elements).
+__device__ __forceinline__ void wm_zero_rows(unsigned short* m, int ld, int from) {
+    for (int e = threadIdx.x + from * ld; e < WM_ROWS * ld; e += WM_THREADS) m[e] = 0;
+}
+
+// T^T as bf16: row b holds T[:, b] (b < NB), zero rows after.
+template <int D>
+__device__ __forceinline__ void wm_load_table(unsigned short* stt, const float* __restrict__ table, int NB) {
+    constexpr int RS = WmLayout<D>::RS;
+    for (int e = threadIdx.x; e < WM_ROWS * D; e += WM_THREADS) {
+        const int b = e / D;
+        const int d = e - b * D;
+        stt[b * RS + d] = (b < NB) ? from_f32<lomar_bf16>(table[d * NB + b]).bits : (unsigned short)0;
+    }
+}
+
+__device__ __forceinline__ float wm_bf16_value(unsigned short x) { return __uint_as_float((unsigned int)x << 16); }
+
+// The A fragments of the 16-row strip at r0 of a D-wide bf16 tile in shared memory.
+template <int D>
+__device__ __forceinline__ void wm_strip_frags(unsigned int (&a)[D / 16][4], const unsigned short* m, int r0) {
+#pragma unroll
+    for (int x = 0; x < D / 16; ++x) wm_frag_a(a[x], m, WmLayout<D>::RS, r0, 16 * x);
+}
+
+// The same from an (L, D) bf16 matrix in global memory (row stride rs elements; 4-byte loads), zero past row L.
+template <int D>
+__device__ __forceinline__ void wm_strip_frags_global(unsigned int (&a)[D / 16][4], const unsigned short* __restrict__ src,
+                                                      long long rs, int r0, int L) {
+    const int lane = threadIdx.x & 31;
+    const int r = r0 + (lane >> 2);
+    const int t2 = 2 * (lane & 3);
+    const unsigned short* p0 = src + r * rs + t2;
+    const unsigned short* p1 = p0 + 8 * rs;
+#pragma unroll
+    for (int x = 0; x < D / 16; ++x) {
+        a[x][0] = r < L ? *reinterpret_cast<const unsigned int*>(p0 + 16 * x) : 0u;
+        a[x][1] = r + 8 < L ? *reinterpret_cast<const unsigned int*>(p1 + 16 * x) : 0u;
+        a[x][2] = r < L ? *reinterpret_cast<const unsigned int*>(p0 + 16 * x + 8) : 0u;
+        a[x][3] = r + 8 < L ? *reinterpret_cast<const unsigned int*>(p1 + 16 * x + 8) : 0u;
+    }
+}
+
+// c = A B^T over the D columns for the n-tile pairs p < np: A the strip's fragments, B the rows
+// [16 p, 16 p + 16) of a D-wide tile (q k^T, q T, do v^T).
+template <int D>
+__device__ __forceinline__ void wm_abt(float (&c)[8][4], const unsigned int (&a)[D / 16][4], const unsigned short* bm,
+                                       int np) {
+    constexpr int RS = WmLayout<D>::RS;
+    wa_zero(c);
+#pragma unroll
+    for (int x = 0; x < D / 16; ++x) {
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+            if (p < np) {
+                unsigned int b[4];
+                wm_frag_b_nk(b, bm, RS, 16 * p, 16 * x);
+                wa_mma(c[2 * p], a[x], b[0], b[1]);
+                wa_mma(c[2 * p + 1], a[x], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// Logits of the strip in place: scale q.k + (q T)[bucket] from the fp32 q T scratch rows (sqt); WM_NEG past
+// column L, 0 in rows past L, NaN for a bad bucket.
+__device__ __forceinline__ void wm_logits(float (&s)[8][4], const float* sqt, const unsigned char* sbk,
+                                          int r0, int L, float scale) {
+    const int lane = threadIdx.x & 31;
+    const int t2 = 2 * (lane & 3);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int i = r0 + (lane >> 2) + 8 * (e >> 1);
+            const int col = 8 * j + t2 + (e & 1);
+            float x = WM_NEG;
+            if (i >= L) {
+                x = 0.f;
+            } else if (col < L) {
+                const int b = sbk[i * L + col];
+                x = scale * s[j][e] +
+                    (b != WA_BAD_BUCKET ? sqt[i * WM_QS + b] : __int_as_float(0x7fffffff));
+            }
+            s[j][e] = x;
+        }
+}
+
+// The strip's logits into s from its q fragments: q T goes to the fp32 scratch sqt first (the warp's rows),
+// then s = q k^T and the lookup of wm_logits.
+template <int D>
+__device__ __forceinline__ void wm_strip_logits(float (&s)[8][4], const unsigned int (&qa)[D / 16][4],
+                                                const unsigned short* sk, const unsigned short* stt, float* sqt,
+                                                const unsigned char* sbk, int r0, int L, int NB, float scale) {
+    const int nbp = (NB + 15) >> 4;
+    wm_abt<D>(s, qa, stt, nbp);
+    wm_store_tile_f32(sqt, WM_QS, r0, 2 * nbp, s);
+    wm_abt<D>(s, qa, sk, (L + 15) >> 4);
+    wm_syncwarp();
+    wm_logits(s, sqt, sbk, r0, L, scale);
+}
+
+// Grid: any number of blocks; block: WM_THREADS; dynamic shared memory: wm_fwd_shared_bytes(L, NB, D).
+// Strides in elements (bf16); out through its strides; lse (N * H, L) fp32 contiguous.
+template <int D>
+__global__ void __launch_bounds__(WM_THREADS, (D <= 64 ? 4 : 2))
+window_attention_mma_fwd(const unsigned short* __restrict__ q, long long q_sn, long long q_sh, long long q_si,
+                         const unsigned short* __restrict__ k, long long k_sn, long long k_sh, long long k_si,
+                         const unsigned short* __restrict__ v, long long v_sn, long long v_sh, long long v_si,
+                         const float* __restrict__ table, const long long* __restrict__ buckets,
+                         unsigned short* __restrict__ out, long long o_sn, long long o_sh, long long o_si,
+                         float* __restrict__ lse, int H, int L, int NB, long long NP, float scale) {
+    using Lay = WmLayout<D>;
+    constexpr int RS = Lay::RS;
+    extern __shared__ float4 smem_wm[];
+    unsigned short* sk = reinterpret_cast<unsigned short*>(smem_wm);
+    unsigned short* sv = sk + Lay::TILE;
+    unsigned short* stt = sv + Lay::TILE;
+    float* sqt = reinterpret_cast<float*>(stt + Lay::TILE);  // q T of each strip (the warp's 16 rows)
+    unsigned char* sbk = reinterpret_cast<unsigned char*>(sqt + WM_ROWS * WM_QS);
+
+    const int lane = threadIdx.x & 31;
+    const int r0 = 16 * (threadIdx.x >> 5);
+    const int nkp = (L + 15) >> 4;  // 16-key steps (pairs of key n-tiles)
+
+    wm_zero_rows(sk, RS, L);
+    wm_zero_rows(sv, RS, L);
+    wm_load_table<D>(stt, table, NB);
+    wa_load_buckets(sbk, buckets, L, NB);
+
+    for (long long p = blockIdx.x; p < NP; p += gridDim.x) {
+        const long long n = p / H;
+        const long long h = p - n * H;
+        unsigned int qa[D / 16][4];
+        if (r0 < L) wm_strip_frags_global<D>(qa, q + n * q_sn + h * q_sh, q_si, r0, L);
+        wm_load_rows<D>(sk, k + n * k_sn + h * k_sh, k_si, L);
+        wm_load_rows<D>(sv, v + n * v_sn + h * v_sh, v_si, L);
+        __syncthreads();
+        if (r0 < L) {
+            float s[8][4];
+            wm_strip_logits<D>(s, qa, sk, stt, sqt, sbk, r0, L, NB, scale);
+            // softmax of rows g (elements 0, 1) and g + 8 (2, 3); a row's columns are spread over a lane quad
+            float m[2] = {WM_NEG, WM_NEG};
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) m[e >> 1] = fmaxf(m[e >> 1], s[j][e]);
+            float l[2] = {0.f, 0.f};
+#pragma unroll
+            for (int x = 0; x < 2; ++x) {
+                m[x] = fmaxf(m[x], __shfl_xor_sync(0xffffffffu, m[x], 1));
+                m[x] = fmaxf(m[x], __shfl_xor_sync(0xffffffffu, m[x], 2));
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    s[j][e] = __expf(s[j][e] - m[e >> 1]);
+                    l[e >> 1] += s[j][e];
+                }
+#pragma unroll
+            for (int x = 0; x < 2; ++x) {
+                l[x] += __shfl_xor_sync(0xffffffffu, l[x], 1);
+                l[x] += __shfl_xor_sync(0xffffffffu, l[x], 2);
+            }
+            const float inv[2] = {1.f / l[0], 1.f / l[1]};
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[j][e] *= inv[e >> 1];
+            const int i = r0 + (lane >> 2);
+            if ((lane & 3) == 0) {
+                if (i < L) lse[p * L + i] = m[0] + __logf(l[0]);
+                if (i + 8 < L) lse[p * L + i + 8] = m[1] + __logf(l[1]);
+            }
+            // out = P v: P from the registers, v through ldmatrix.trans
+            float o[D / 8][4];
+            wa_zero(o);
+            wm_acc_mm<D>(o, s, sv, nkp);
+            wm_store_rows(out + n * o_sn + h * o_sh, o_si, r0, L, o, 1.f);
+        }
+        __syncthreads();
+    }
+}
+
+// Grid: any number of blocks (each writes one dT partial); block: WM_THREADS; dynamic shared memory:
+// wm_bwd_shared_bytes(L, NB, D). Strides in elements (bf16); dq, dk, dv share one set of strides;
+// dtable_part: (gridDim.x, D, NB) fp32, every element written.
+template <int D>
+__global__ void __launch_bounds__(WM_THREADS, 2)
+window_attention_mma_bwd(const unsigned short* __restrict__ q, long long q_sn, long long q_sh, long long q_si,
+                         const unsigned short* __restrict__ k, long long k_sn, long long k_sh, long long k_si,
+                         const unsigned short* __restrict__ v, long long v_sn, long long v_sh, long long v_si,
+                         const unsigned short* __restrict__ o, long long o_sn, long long o_sh, long long o_si,
+                         const unsigned short* __restrict__ dout, long long do_sn, long long do_sh, long long do_si,
+                         const float* __restrict__ lse, const float* __restrict__ table,
+                         const long long* __restrict__ buckets, unsigned short* __restrict__ dq,
+                         unsigned short* __restrict__ dk, unsigned short* __restrict__ dv, long long g_sn,
+                         long long g_sh, long long g_si, float* __restrict__ dtable_part, int H, int L, int NB,
+                         long long NP, float scale) {
+    using Lay = WmLayout<D>;
+    constexpr int RS = Lay::RS;
+    extern __shared__ float4 smem_wm[];
+    unsigned short* sq = reinterpret_cast<unsigned short*>(smem_wm);
+    unsigned short* sk = sq + Lay::TILE;
+    unsigned short* sv = sk + Lay::TILE;
+    unsigned short* sdo = sv + Lay::TILE;
+    unsigned short* stt = sdo + Lay::TILE;
+    unsigned short* sp = stt + Lay::TILE;    // P
+    unsigned short* sds = sp + Lay::PTILE;   // dS
+    unsigned short* sg = sds + Lay::PTILE;   // G
+    float* sqt = reinterpret_cast<float*>(sg + Lay::PTILE);  // q T of each strip
+    float* slse = sqt + WM_ROWS * WM_QS;
+    float* sdelta = slse + WM_ROWS;
+    unsigned char* sbk = reinterpret_cast<unsigned char*>(sdelta + WM_ROWS);
+    unsigned char* sperm = sbk + L * L;
+    unsigned char* soff = sperm + L * L;
+
+    const int lane = threadIdx.x & 31;
+    const int w = threadIdx.x >> 5;
+    const int r0 = 16 * w;
+    const int nkp = (L + 15) >> 4;
+    const int nbp = (NB + 15) >> 4;
+    const int nbc = 16 * nbp;  // the G columns the products read
+
+    wm_zero_rows(sq, RS, L);
+    wm_zero_rows(sk, RS, L);
+    wm_zero_rows(sv, RS, L);
+    wm_zero_rows(sdo, RS, L);
+    wm_load_table<D>(stt, table, NB);
+    wa_load_buckets(sbk, buckets, L, NB);
+    for (int i = threadIdx.x; i < WM_ROWS; i += WM_THREADS) sdelta[i] = 0.f;
+    __syncthreads();
+    wa_bucket_lists(sperm, soff, sbk, L, NB);
+
+    float dtc[D / 8][4];  // dT^T rows [r0, r0 + 16) (buckets), all D columns, over the block's pairs
+    wa_zero(dtc);
+
+    for (long long p = blockIdx.x; p < NP; p += gridDim.x) {
+        const long long n = p / H;
+        const long long h = p - n * H;
+        wm_load_rows<D>(sq, q + n * q_sn + h * q_sh, q_si, L);
+        wm_load_rows<D>(sk, k + n * k_sn + h * k_sh, k_si, L);
+        wm_load_rows<D>(sv, v + n * v_sn + h * v_sh, v_si, L);
+        wm_load_rows<D>(sdo, dout + n * do_sn + h * do_sh, do_si, L);
+        for (int i = threadIdx.x; i < L; i += WM_THREADS) slse[i] = lse[p * L + i];
+        // delta_i = do_i . out_i: two lanes per row (16-byte loads of out, the row's dout from global too)
+        {
+            const int i = r0 + (lane >> 1);
+            const int half = lane & 1;
+            float acc = 0.f;
+            if (i < L) {
+                const unsigned short* orow = o + n * o_sn + h * o_sh + i * o_si + half * (D / 2);
+                const unsigned short* drow = dout + n * do_sn + h * do_sh + i * do_si + half * (D / 2);
+#pragma unroll
+                for (int c = 0; c < D / 16; ++c) {
+                    const uint4 a = *reinterpret_cast<const uint4*>(orow + 8 * c);
+                    const uint4 b = *reinterpret_cast<const uint4*>(drow + 8 * c);
+                    const unsigned int av[4] = {a.x, a.y, a.z, a.w};
+                    const unsigned int bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+                    for (int x = 0; x < 4; ++x) {
+                        acc = fmaf(__uint_as_float(av[x] << 16), __uint_as_float(bv[x] << 16), acc);
+                        acc = fmaf(__uint_as_float(av[x] & 0xffff0000u), __uint_as_float(bv[x] & 0xffff0000u), acc);
+                    }
+                }
+            }
+            acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+            if (i < L && half == 0) sdelta[i] = acc;
+        }
+        __syncthreads();
+
+        if (r0 < L) {
+            float s[8][4];
+            {
+                unsigned int qa[D / 16][4];
+                wm_strip_frags<D>(qa, sq, r0);
+                wm_strip_logits<D>(s, qa, sk, stt, sqt, sbk, r0, L, NB, scale);
+            }
+            // P = exp(logit - lse): zero past column L (WM_NEG) and in rows past L
+            float dp[8][4];
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = r0 + (lane >> 2) + 8 * (e >> 1);
+                    s[j][e] = (i < L) ? __expf(s[j][e] - slse[i]) : 0.f;
+                }
+            // dP = do v^T, then dS = P (dP - delta)
+            {
+                unsigned int da[D / 16][4];
+                wm_strip_frags<D>(da, sdo, r0);
+                wm_abt<D>(dp, da, sv, nkp);
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = r0 + (lane >> 2) + 8 * (e >> 1);
+                    dp[j][e] = s[j][e] * (dp[j][e] - sdelta[i]);
+                }
+            wm_store_tile(sp, WM_PS, r0, 2 * nkp, s);
+            wm_store_tile(sds, WM_PS, r0, 2 * nkp, dp);
+            wm_syncwarp();
+            // G[i, b]: dS of row i summed over the keys of bucket b, in ascending key order (zero past NB and
+            // in rows past L)
+            for (int e = lane; e < 16 * nbc; e += 32) {
+                const int i = r0 + e / nbc;
+                const int b = e - (i - r0) * nbc;
+                float acc = 0.f;
+                if (i < L && b < NB) {
+                    const unsigned char* pr = sperm + i * L;
+                    const int t1 = soff[i * (NB + 1) + b + 1];
+                    for (int x = soff[i * (NB + 1) + b]; x < t1; ++x) acc += wm_bf16_value(sds[i * WM_PS + pr[x]]);
+                }
+                sg[i * WM_PS + b] = from_f32<lomar_bf16>(acc).bits;
+            }
+            wm_syncwarp();
+            // dq = scale dS k + G T^T
+            float c[D / 8][4];
+            wa_zero(c);
+            wm_acc_mm<D>(c, dp, sk, nkp);
+#pragma unroll
+            for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) c[j][e] *= scale;
+            wm_mm_kn<D / 8, false>(c, sg, WM_PS, r0, stt, RS, nbc);
+            wm_store_rows(dq + n * g_sn + h * g_sh, g_si, r0, L, c, 1.f);
+        }
+        __syncthreads();
+
+        const int k16 = 16 * nkp;
+        if (r0 < L) {
+            // keys [r0, r0 + 16): dk = scale dS^T q, dv = P^T do
+            float c[D / 8][4];
+            wa_zero(c);
+            wm_mm_kn<D / 8, true>(c, sds, WM_PS, r0, sq, RS, k16);
+            wm_store_rows(dk + n * g_sn + h * g_sh, g_si, r0, L, c, scale);
+            wa_zero(c);
+            wm_mm_kn<D / 8, true>(c, sp, WM_PS, r0, sdo, RS, k16);
+            wm_store_rows(dv + n * g_sn + h * g_sh, g_si, r0, L, c, 1.f);
+        }
+        // buckets [r0, r0 + 16): dT^T += G^T q
+        if (r0 < NB) wm_mm_kn<D / 8, true>(dtc, sg, WM_PS, r0, sq, RS, k16);
+        __syncthreads();
+    }
+
+    if (r0 < NB) {
+        float* part = dtable_part + (long long)blockIdx.x * D * NB;
+        const int b = r0 + (lane >> 2);
+        const int t2 = 2 * (lane & 3);
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int bb = b + 8 * (e >> 1);
+                if (bb < NB) part[(8 * j + t2 + (e & 1)) * NB + bb] = dtc[j][e];
+            }
+    }
+}
+
 // Explicit instantiations: nvcc then compiles (and warns about) every variant the runtime can
 // ask NVRTC for; NVRTC finds the same ones by name expression.
 #define WA_INSTANTIATE(D, TC)                                                                              \
@@ -997,3 +1556,18 @@ WA_INSTANTIATE(32, true)
 WA_INSTANTIATE(64, true)
 WA_INSTANTIATE(80, true)
 WA_INSTANTIATE(128, true)
+#define WM_INSTANTIATE(D)                                                                                   \
+    template __global__ void window_attention_mma_fwd<D>(                                                  \
+        const unsigned short*, long long, long long, long long, const unsigned short*, long long, long long, \
+        long long, const unsigned short*, long long, long long, long long, const float*, const long long*,  \
+        unsigned short*, long long, long long, long long, float*, int, int, int, long long, float);          \
+    template __global__ void window_attention_mma_bwd<D>(                                                  \
+        const unsigned short*, long long, long long, long long, const unsigned short*, long long, long long, \
+        long long, const unsigned short*, long long, long long, long long, const unsigned short*, long long, \
+        long long, long long, const unsigned short*, long long, long long, long long, const float*,          \
+        const float*, const long long*, unsigned short*, unsigned short*, unsigned short*, long long,       \
+        long long, long long, float*, int, int, int, long long, float);
+WM_INSTANTIATE(32)
+WM_INSTANTIATE(64)
+WM_INSTANTIATE(80)
+WM_INSTANTIATE(128)

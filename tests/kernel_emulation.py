@@ -80,6 +80,8 @@ EMU_LAYER = r"""#include <thread>
 #include <cmath>
 #include <functional>
 #include <algorithm>
+#include <cstdint>
+#include <cstdlib>
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 struct alignas(16) float4 { float x, y, z, w; };  // CUDA's alignments: a misaligned
 struct alignas(8) float2 { float x, y; };  // vector access trips the alignment
@@ -165,6 +167,24 @@ inline void emu_mma_bf16_m16n8k16(float (&c)[4], const unsigned (&a)[4], unsigne
     float s = c[e];
     for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
     c[e] = s;
+  }
+  g_warp_bar[w]->arrive_and_wait();
+}
+inline void __syncwarp() { g_warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16 as a warp collective: lane l gives the address of row l % 8
+// of matrix l / 8 (16-byte aligned: a misaligned row aborts, as it faults on a GPU); register m of lane l
+// receives matrix m's (row l / 4, columns 2 (l % 4) + 0, 1), transposed: (rows 2 (l % 4) + 0, 1, column l / 4).
+static const unsigned short* g_ldsm_rows[32][32];
+inline void emu_ldmatrix_x4(unsigned (&r)[4], const unsigned short* p, bool trans) {
+  int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  if (reinterpret_cast<std::uintptr_t>(p) % 16) std::abort();
+  g_ldsm_rows[w][l] = p; g_warp_bar[w]->arrive_and_wait();
+  int g = l / 4, t2 = 2 * (l % 4);
+  for (int m = 0; m < 4; ++m) {
+    unsigned lo, hi;
+    if (trans) { lo = g_ldsm_rows[w][8 * m + t2][g]; hi = g_ldsm_rows[w][8 * m + t2 + 1][g]; }
+    else { lo = g_ldsm_rows[w][8 * m + g][t2]; hi = g_ldsm_rows[w][8 * m + g][t2 + 1]; }
+    r[m] = lo | (hi << 16);
   }
   g_warp_bar[w]->arrive_and_wait();
 }

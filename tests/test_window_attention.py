@@ -7,12 +7,14 @@ the real ops' shapes, strides and dtypes, opcheck passes, and the ops' forward a
 (the kernels' math, run in PyTorch on CPU) match autograd through the reference on odd shapes; the
 source compiles warning-free with nvcc and NVRTC for sm_80 and sm_90; and the kernels, compiled as host
 C++ with the emulation layer (tests/kernel_emulation.py), match the reference forward and backward, also
-when launched by the CUDA wrapper itself (its launch call redirected to the emulation). The explicit-logits
+when launched by the CUDA wrapper itself (its launch call redirected to the emulation); so do the warp-tiled
+kernels (LOMAR_WA_KERNEL=mma: ldmatrix and mma.sync emulated), which the wrapper takes only for bf16 with
+16-byte aligned rows. The explicit-logits
 path (LOMAR_ATTN_PATH=math) matches the float64 formula in values and gradients, compiles to one graph, and
 the switch picks it only for windows.
 
 GPU (``-m gpu``, skipped without CUDA or CuPy): kernel vs float64 truth on odd and ViT-B shapes in every
-dtype, values and gradients, non-contiguous and unaligned inputs, a deterministic table gradient,
+dtype (and the warp-tiled kernels of LOMAR_WA_KERNEL=mma in bf16), values and gradients, non-contiguous and unaligned inputs, a deterministic table gradient,
 torch.compile of an attention block, opcheck on CUDA; the explicit-logits path in bf16 at ViT-B shapes.
 """
 from __future__ import annotations
@@ -188,7 +190,8 @@ def test_dispatch_on_cpu_is_the_sdpa_bias_path(monkeypatch, mode, rpe_scale):
 
 @pytest.mark.parametrize("scaled_query", [False, True])
 def test_attention_block_uses_window_attention(monkeypatch, scaled_query):
-    """The block's output is unchanged (rpe_k + SDPA, as before), and it goes through window_attention."""
+    """The block's output is unchanged (rpe_k + SDPA, as before), and it goes through window_attention_qkv with
+    its packed projection."""
     import lomar_fast.models.vit as vit
 
     torch.manual_seed(0)
@@ -198,17 +201,18 @@ def test_attention_block_uses_window_attention(monkeypatch, scaled_query):
     buckets = window_buckets(3)
     x = torch.randn(4, 10, 48)
     calls = []
-    real = vit.window_attention
+    real = vit.window_attention_qkv
 
     def spy(*args, **kwargs):
         calls.append((args, kwargs))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(vit, "window_attention", spy)
+    monkeypatch.setattr(vit, "window_attention_qkv", spy)
     got = attn(x, buckets)
     assert len(calls) == 1
     args, kwargs = calls[0]
-    assert args[3] is not None and torch.equal(args[3], attn.rpe_k.lookup_table_weight[0])
+    assert args[0].shape == (4, 10, 3, 3, 16)
+    assert args[1] is not None and torch.equal(args[1], attn.rpe_k.lookup_table_weight[0])
     assert kwargs["rpe_scale"] == (16**-0.5 if scaled_query else None)
 
     n, length, dim = x.shape
@@ -234,7 +238,8 @@ def test_auto_default_follows_committed_gpu_results():
 # ---------------------------------------------------------------------------------------------
 # custom ops: registration, fake implementations, opcheck, autograd formula (CPU)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["window_attention_fwd", "window_attention_bwd"])
+@pytest.mark.parametrize("name", ["window_attention_fwd", "window_attention_bwd", "window_attention_qkv_fwd",
+                                  "window_attention_qkv_bwd"])
 def test_ops_registered(name):
     op = getattr(torch.ops.lomar_fast, name)
     assert isinstance(op.default, torch._ops.OpOverload)
@@ -290,6 +295,59 @@ def test_opcheck_cpu():
     out, lse = torch.ops.lomar_fast.window_attention_fwd(q, k, v, table, buckets, 0.3)
     args = (torch.randn_like(out), *(x.detach() for x in (q, k, v, out, lse, table)), buckets, 0.3)
     torch.library.opcheck(torch.ops.lomar_fast.window_attention_bwd, args)
+
+
+def test_packed_ops_fake_layout_and_opcheck_cpu():
+    """The packed ops: the forward's out has the unpacked op's layout, the gradient comes back in qkv's own
+    (N, L, 3, H, D) layout (contiguous), the fake implementations agree, and opcheck passes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    n, h, length, d = 2, 3, 9, 8
+    with FakeTensorMode():
+        qkv = torch.empty(n, length, 3, h, d, dtype=torch.bfloat16)
+        out, lse = torch.ops.lomar_fast.window_attention_qkv_fwd(qkv, torch.empty(d, 7), torch.zeros(9, 9).long(), 0.3)
+        assert out.stride() == _heads_strides(n, h, length, d) and lse.dtype == torch.float32
+        dqkv, dt = torch.ops.lomar_fast.window_attention_qkv_bwd(out, qkv, out, lse, torch.empty(d, 7),
+                                                                torch.zeros(9, 9).long(), 0.3)
+        assert dqkv.shape == qkv.shape and dqkv.is_contiguous() and dt.shape == (d, 7)
+    torch.manual_seed(0)
+    buckets = torch.randint(0, 7, (length, length))
+    qkv = torch.randn(n, length, 3, h, d, dtype=torch.float64, requires_grad=True)
+    table = random_table(d, 7, dtype=torch.float64).requires_grad_(True)
+    torch.library.opcheck(torch.ops.lomar_fast.window_attention_qkv_fwd, (qkv, table, buckets, 0.3))
+    out, lse = torch.ops.lomar_fast.window_attention_qkv_fwd(qkv, table, buckets, 0.3)
+    assert out.stride() == _heads_strides(n, h, length, d)
+    args = (torch.randn_like(out), qkv.detach(), out.detach(), lse, table.detach(), buckets, 0.3)
+    torch.library.opcheck(torch.ops.lomar_fast.window_attention_qkv_bwd, args)
+    dqkv, _ = torch.ops.lomar_fast.window_attention_qkv_bwd(*args)
+    assert dqkv.shape == qkv.shape and dqkv.is_contiguous()
+
+
+@pytest.mark.parametrize("scaled_query", [False, True])
+def test_window_attention_qkv_equals_unpacked_path(monkeypatch, scaled_query):
+    """window_attention_qkv gives window_attention's value and gradients: bit for bit on the PyTorch path (it is
+    that path), and through the packed ops' formulas (the kernel path's meaning, run on CPU) within fp32 error."""
+    torch.manual_seed(1)
+    buckets = window_buckets(4)
+    qkv = torch.randn(3, 17, 3, 5, 32, requires_grad=True)
+    table = random_table(32).requires_grad_(True)
+    rpe = 32**-0.5 if scaled_query else None
+    go = torch.randn(3, 5, 17, 32)
+
+    def run(fn):
+        out = fn()
+        return (out, *torch.autograd.grad(out, (qkv, table), go))
+
+    want = run(lambda: wa_mod.window_attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0), table, buckets, rpe_scale=rpe))
+    got = run(lambda: wa_mod.window_attention_qkv(qkv, table, buckets, rpe_scale=rpe))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(wa_mod, "use_kernel", lambda *a, **k: True)
+    packed = run(lambda: wa_mod.window_attention_qkv(qkv, table, buckets, rpe_scale=rpe))
+    for a, b in zip(packed, want):
+        assert rel_err(a, b) <= 2e-5, rel_err(a, b)
+    with pytest.raises(ValueError, match=r"qkv must be \(N, L, 3, H, D\), got shape \(3, 17, 480\)"):
+        wa_mod.window_attention_qkv(qkv.detach().reshape(3, 17, 480), table, buckets)
 
 
 OP_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -595,6 +653,31 @@ void wa_reduce_launch(int D, int tc, int grid, int block, const float* part, flo
   (void)D; (void)tc;
   emu_launch(grid, block, [&] { wa_ns::window_attention_dtable_reduce(part, out, parts, count); });
 }
+// the warp-tiled kernels (bf16 only: the 16-bit pointers as the kernels take them)
+typedef const unsigned short* cbf;
+int wm_fwd_bytes(int L, int NB, int D) { return wa_ns::wm_fwd_shared_bytes(L, NB, D); }
+int wm_bwd_bytes(int L, int NB, int D) { return wa_ns::wm_bwd_shared_bytes(L, NB, D); }
+#define WM_EMU_DISPATCH(D, CALL) \
+  switch (D) { case 32: CALL(32); break; case 64: CALL(64); break; case 80: CALL(80); break; \
+               case 128: CALL(128); break; default: break; }
+void wm_fwd_launch(int D, int tc, int grid, int block, const void* q, ll a0, ll a1, ll a2, const void* k, ll b0, ll b1,
+                   ll b2, const void* v, ll c0, ll c1, ll c2, const float* table, const ll* bk, void* out, ll o0, ll o1,
+                   ll o2, float* lse, int H, int L, int NB, ll NP, float scale) {
+  (void)tc;
+#define WM_FWDL(DD) emu_launch(grid, block, [&] { wa_ns::window_attention_mma_fwd<DD>((cbf)q, a0, a1, a2, (cbf)k, b0, b1, \
+      b2, (cbf)v, c0, c1, c2, table, bk, (unsigned short*)out, o0, o1, o2, lse, H, L, NB, NP, scale); })
+  WM_EMU_DISPATCH(D, WM_FWDL)
+}
+void wm_bwd_launch(int D, int tc, int grid, int block, const void* q, ll a0, ll a1, ll a2, const void* k, ll b0, ll b1,
+                   ll b2, const void* v, ll c0, ll c1, ll c2, const void* o, ll o0, ll o1, ll o2, const void* go, ll g0,
+                   ll g1, ll g2, const float* lse, const float* table, const ll* bk, void* dq, void* dk, void* dv,
+                   ll s0, ll s1, ll s2, float* part, int H, int L, int NB, ll NP, float scale) {
+  (void)tc;
+#define WM_BWDL(DD) emu_launch(grid, block, [&] { wa_ns::window_attention_mma_bwd<DD>((cbf)q, a0, a1, a2, (cbf)k, b0, b1, \
+      b2, (cbf)v, c0, c1, c2, (cbf)o, o0, o1, o2, (cbf)go, g0, g1, g2, lse, table, bk, (unsigned short*)dq, \
+      (unsigned short*)dk, (unsigned short*)dv, s0, s1, s2, part, H, L, NB, NP, scale); })
+  WM_EMU_DISPATCH(D, WM_BWDL)
+}
 }
 """
 
@@ -730,6 +813,7 @@ def _emulated_launcher(emu, launches):
         raise TypeError(f"kernel argument of unexpected type {type(a)}")
 
     entries = {"window_attention_fwd": emu.wa_fwd_launch, "window_attention_bwd": emu.wa_bwd_launch,
+               "window_attention_mma_fwd": emu.wm_fwd_launch, "window_attention_mma_bwd": emu.wm_bwd_launch,
                "window_attention_dtable_reduce": emu.wa_reduce_launch}
 
     def launch(filename, names, kernel, device, grid, block, args, shared_mem=0):
@@ -758,7 +842,7 @@ def test_wrapper_launches_match_reference_in_emulation(emu, monkeypatch, length,
     monkeypatch.setattr(cb, "launch", _emulated_launcher(emu, launches))
     monkeypatch.setattr(wac, "_kernel_ok", lambda kind, q, table: wac.kernel_supports(q, table) and q.numel() > 0)
     monkeypatch.setattr(wac, "_prepare", lambda kernel, device, shared: None)
-    monkeypatch.setattr(wac, "_grid", lambda kernel, device, shared, pairs: min(pairs, 2))
+    monkeypatch.setattr(wac, "_grid", lambda kernel, device, shared, pairs, threads=wac.THREADS: min(pairs, 2))
     torch.manual_seed(0)
     buckets = window_buckets({17: 4, 26: 5}[length])
     big = torch.randn(3, length, 3, 3, d + (0 if aligned else 1)).to(dtype)
@@ -781,6 +865,143 @@ def test_wrapper_launches_match_reference_in_emulation(emu, monkeypatch, length,
     for name, a, b in zip("q k v table".split(), grads, truth):
         assert a.dtype == (torch.float32 if name == "table" else dtype)
         assert rel_err(a, b) <= tol_grad, (name, rel_err(a, b))
+
+
+# ---------------------------------------------------------------------------------------------
+# the warp-tiled kernels ($LOMAR_WA_KERNEL=mma), emulated through the wrapper's own launches
+# ---------------------------------------------------------------------------------------------
+def test_mma_shared_memory_formula_matches_kernel(emu):
+    for length in (1, 5, 17, 50, 63, 64):
+        for nb in (1, 13, 50, 64):
+            for d in wac.HEAD_DIMS:
+                assert wac.mma_shared_bytes("fwd", length, nb, d) == emu.wm_fwd_bytes(length, nb, d)
+                assert wac.mma_shared_bytes("bwd", length, nb, d) == emu.wm_bwd_bytes(length, nb, d)
+    # the largest case fits the opt-in limit of an A100 (163 KB) and of an H100 (227 KB)
+    assert wac.mma_shared_bytes("bwd", 64, 64, 128) <= 163 * 1024
+    # ViT-B: 4 forward and 2 backward blocks fit one SM of an H100 (228 KB, 1 KB reserved per block)
+    assert 4 * (wac.mma_shared_bytes("fwd", 50, 50, 64) + 1024) <= 228 * 1024
+    assert 2 * (wac.mma_shared_bytes("bwd", 50, 50, 64) + 1024) <= 228 * 1024
+
+
+def _run_wrapper_emulated(emu, monkeypatch, q, k, v, table, buckets, scale, go, grid):
+    """window_attention through the CUDA wrapper, its launches run in the emulation with ``grid`` blocks;
+    returns (out, (dq, dk, dv, dtable), the launched kernel names)."""
+    launches = []
+    monkeypatch.setattr(cb, "launch", _emulated_launcher(emu, launches))
+    monkeypatch.setattr(wac, "_kernel_ok", lambda kind, q, table: wac.kernel_supports(q, table) and q.numel() > 0)
+    monkeypatch.setattr(wac, "_prepare", lambda kernel, device, shared: None)
+    monkeypatch.setattr(wac, "_grid", lambda kernel, device, shared, pairs, threads=wac.THREADS: min(pairs, grid))
+    q, k, v, table = (x.detach().requires_grad_(True) for x in (q, k, v, table))
+    out = wac.window_attention(q, k, v, table, buckets, scale)
+    grads = torch.autograd.grad(out, (q, k, v, table), go)
+    for name, grid_, block, shared, _ in launches[:2]:
+        assert block == (wac.MMA_THREADS if "_mma_" in name else wac.THREADS)
+        kind = "fwd" if "fwd" in name else "bwd"
+        size = wac.mma_shared_bytes if "_mma_" in name else wac.shared_bytes
+        assert shared == size(kind, q.shape[-2], table.shape[-1], q.shape[-1]) and grid_ == min(grid, q.shape[0] * q.shape[1])
+    return out, grads, [name for name, *_ in launches]
+
+
+MMA_CASES = [
+    # (N, H, side or L, D, NB, blocks)
+    (2, 3, 7, 64, 50, 2),  # L = 50, the LoMaR window: 4 strips, the last with 2 rows; several pairs per block
+    (2, 3, 4, 32, 50, 1),  # L = 17: a 1-row strip, NB > L
+    (1, 3, 37, 80, 13, 2),  # random buckets, NB = 13 (one bucket pair), 5 k-steps of D
+    (1, 2, 64, 128, 64, 1),  # the largest L and NB, head_dim 128
+    (1, 2, 5, 32, 7, 2),  # L = 5: one strip, most of it padding
+    (1, 5, 33, 64, 61, 3),  # odd L, NB = 61, 5 pairs over 3 blocks
+]
+
+
+@pytest.mark.parametrize("n,h,side,d,nb,blocks", MMA_CASES)
+def test_emulated_mma_kernels_match_reference(emu, monkeypatch, n, h, side, d, nb, blocks):
+    """The warp-tiled kernels (ldmatrix and mma.sync emulated) through the wrapper's launches: values and
+    gradients (dq, dk, dv, dT) against the float64 truth from the same bf16 inputs."""
+    monkeypatch.setenv(wac.KERNEL_ENV, "mma")
+    torch.manual_seed(side + d)
+    buckets = window_buckets(side) if nb == 50 else torch.randint(0, nb, (side, side))
+    length = buckets.shape[0]
+    q, k, v = qkv_views(n, h, length, d, torch.bfloat16, seed=nb)
+    table = random_table(d, nb)
+    scale = d**-0.5
+    go = torch.randn(n, length, h, d).to(torch.bfloat16).transpose(1, 2)
+    out, grads, names = _run_wrapper_emulated(emu, monkeypatch, q, k, v, table, buckets, scale, go, blocks)
+    assert names == [wac.mma_kernel_name("fwd", d), wac.mma_kernel_name("bwd", d), "window_attention_dtable_reduce"]
+    want, truth = truth_grads(q, k, v, table, buckets, scale, go)
+    assert out.dtype == torch.bfloat16 and rel_err(out, want) <= 1e-2, rel_err(out, want)
+    for name, a, b in zip("q k v table".split(), grads, truth):
+        assert a.dtype == (torch.float32 if name == "table" else torch.bfloat16)
+        assert rel_err(a, b) <= 2e-2, (name, rel_err(a, b))
+
+
+def test_emulated_mma_lse_and_bad_bucket(emu, monkeypatch):
+    """The saved lse is the logits' log-sum-exp (the backward recomputes P from it), and a bucket id outside
+    [0, NB) poisons its query row only."""
+    monkeypatch.setenv(wac.KERNEL_ENV, "mma")
+    launches = []
+    monkeypatch.setattr(cb, "launch", _emulated_launcher(emu, launches))
+    monkeypatch.setattr(wac, "_kernel_ok", lambda kind, q, table: True)
+    monkeypatch.setattr(wac, "_prepare", lambda kernel, device, shared: None)
+    monkeypatch.setattr(wac, "_grid", lambda kernel, device, shared, pairs, threads=wac.THREADS: 2)
+    q, k, v = qkv_views(1, 3, 50, 64, torch.bfloat16, seed=3)
+    table, buckets = random_table(64), window_buckets(7)
+    out, lse = torch.ops.lomar_fast.window_attention_fwd(q, k, v, table, buckets, 0.125)
+    assert launches[0][0] == wac.mma_kernel_name("fwd", 64)
+    assert rel_err(lse, brute_force(q, k, v, table, buckets, 0.125)[1]) <= 4e-3
+    bad = buckets.clone()
+    bad[4, 2] = 50
+    out = torch.ops.lomar_fast.window_attention_fwd(q, k, v, table, bad, 0.125)[0]
+    assert bool(out[:, :, 4].isnan().all())
+    assert bool(out[:, :, [i for i in range(50) if i != 4]].isfinite().all())
+
+
+@pytest.mark.parametrize("choice", ["tiles", "mma"])
+def test_emulated_packed_qkv_gradient_lands_in_one_buffer(emu, monkeypatch, choice):
+    """window_attention_qkv through the wrapper's launches (emulated): the backward kernel writes dq, dk, dv into
+    one (N, L, 3, H, D) buffer through their shared strides; values and gradients match the truth."""
+    monkeypatch.setenv(wac.KERNEL_ENV, choice)
+    launches = []
+    monkeypatch.setattr(cb, "launch", _emulated_launcher(emu, launches))
+    monkeypatch.setattr(wac, "_kernel_ok", lambda kind, q, table: True)
+    monkeypatch.setattr(wac, "_prepare", lambda kernel, device, shared: None)
+    monkeypatch.setattr(wac, "_grid", lambda kernel, device, shared, pairs, threads=wac.THREADS: 2)
+    torch.manual_seed(2)
+    buckets = window_buckets(7)
+    qkv = torch.randn(2, 50, 3, 3, 64).to(torch.bfloat16).requires_grad_(True)
+    table = random_table(64).requires_grad_(True)
+    out = wac.window_attention_qkv(qkv, table, buckets, 0.125)
+    go = torch.randn(out.shape).to(torch.bfloat16)
+    dqkv, dtable = torch.autograd.grad(out, (qkv, table), go)
+    assert [n.split("<")[0] for n in [name for name, *_ in launches]] == [
+        f"window_attention{'_mma' if choice == 'mma' else ''}_{k}" for k in ("fwd", "bwd")] + [
+        "window_attention_dtable_reduce"]
+    assert dqkv.shape == qkv.shape and dqkv.is_contiguous()
+    q, k, v = qkv.detach().permute(2, 0, 3, 1, 4).unbind(0)
+    want, truth = truth_grads(q, k, v, table, buckets, 0.125, go)
+    assert rel_err(out, want) <= 1e-2
+    for name, a, b in zip("qkv", dqkv.permute(2, 0, 3, 1, 4).unbind(0), truth[:3]):
+        assert rel_err(a, b) <= 2e-2, (name, rel_err(a, b))
+    assert rel_err(dtable, truth[3]) <= 2e-2
+
+
+def test_mma_choice_and_fallbacks(emu, monkeypatch):
+    """$LOMAR_WA_KERNEL picks the kernels: tiles by default; mma only for bf16 with 16-byte aligned rows (other
+    inputs keep the tile kernels); a bad value is one clear error."""
+    q, k, v = qkv_views(2, 3, 17, 32, torch.bfloat16)
+    assert wac.kernel_choice() == wac.DEFAULT_KERNEL == "tiles" and not wac.use_mma(q, k, v)
+    monkeypatch.setenv(wac.KERNEL_ENV, "mma")
+    assert wac.use_mma(q, k, v)
+    assert not wac.use_mma(*(x.float() for x in (q, k, v)))
+    big = torch.randn(2, 17, 3, 3, 33).to(torch.bfloat16)
+    uq, uk, uv = big[..., 1:].permute(2, 0, 3, 1, 4).unbind(0)
+    assert not wac.use_mma(uq, uk, uv)
+    go = torch.randn(2, 3, 17, 32).to(torch.bfloat16)
+    out, grads, names = _run_wrapper_emulated(emu, monkeypatch, uq, uk, uv, random_table(32), window_buckets(4), 0.2,
+                                              go, 2)
+    assert names == [wac.kernel_name("fwd", 32, True), wac.kernel_name("bwd", 32, True), "window_attention_dtable_reduce"]
+    monkeypatch.setenv(wac.KERNEL_ENV, "fast")
+    with pytest.raises(ValueError, match="LOMAR_WA_KERNEL='fast' must be one of tiles, mma"):
+        wac.kernel_choice()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -811,31 +1032,37 @@ def test_benchmark_window_attention_cases():
                                wa_mod.window_attention_math(x["q"], x["k"], x["v"], x["table"], x["buckets"]))
 
 
-def test_benchmark_cuda_core_rows_switch_the_kernels_off_for_the_call(monkeypatch):
-    """The ``[cuda cores]`` rows run the fused op with LOMAR_WA_TENSOR_CORES=0 during the call only (on CPU the op
-    computes in PyTorch, so the rows agree with the default rows)."""
+def test_benchmark_kernel_variant_rows_switch_for_the_call_only(monkeypatch):
+    """The ``[cuda cores]`` rows run the fused op with LOMAR_WA_TENSOR_CORES=0 and the ``[mma]`` rows with
+    LOMAR_WA_KERNEL=mma, during the call only (on CPU the op computes in PyTorch, so the rows agree with the
+    default rows); fp32 inputs get no ``[mma]`` rows."""
     import argparse
 
     from benchmarks import kernels as bench
 
     monkeypatch.delenv(wac.TENSOR_CORES_ENV, raising=False)
+    monkeypatch.delenv(wac.KERNEL_ENV, raising=False)
     cfg = dict(bench.SMOKE_CONFIG, dtype="bfloat16")
     x = bench.make_inputs(cfg, "cpu")
     cases = {c["name"]: c for c in bench.build_cases(x, cfg, "cpu", with_kernels=True)}
     seen = []
     real = wac.window_attention
 
-    def spy(q, *args, **kwargs):
-        seen.append(wac.use_tensor_cores(q))
-        return real(q, *args, **kwargs)
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((wac.use_tensor_cores(q), wac.use_mma(q, k, v)))
+        return real(q, k, v, *args, **kwargs)
 
     monkeypatch.setattr(wac, "window_attention", spy)
-    for name in ("window_attention_fwd_bwd", "window_attention_fwd_bwd[cuda cores]"):
+    for name, want in (("window_attention_fwd_bwd", (True, False)), ("window_attention_fwd_bwd[cuda cores]", (False, False)),
+                       ("window_attention_fwd[mma]", (True, True)), ("window_attention_fwd_bwd[mma]", (True, True))):
         rec = bench.run_case(cases[name], argparse.Namespace(warmup=0, repeats=1), False, None, False)
         assert rec["correct"] is True, rec
-        assert seen and set(seen) == {"cuda cores" not in name}, (name, seen)
+        assert seen and set(seen) == {want}, (name, seen)
         seen.clear()
-    assert os.environ.get(wac.TENSOR_CORES_ENV) is None
+    assert os.environ.get(wac.TENSOR_CORES_ENV) is None and os.environ.get(wac.KERNEL_ENV) is None
+    fp32 = bench.build_cases(bench.make_inputs(dict(bench.SMOKE_CONFIG, dtype="float32"), "cpu"),
+                             dict(bench.SMOKE_CONFIG, dtype="float32"), "cpu", with_kernels=True)
+    assert not [c["name"] for c in fp32 if "[mma]" in c["name"]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -851,20 +1078,21 @@ GPU_TOL = {  # max error relative to the largest magnitude: output, gradients
 MATH_BF16_OUT_TOL = 2e-2
 
 
-def _check_gpu(q, k, v, table, buckets, scale=None, rpe_scale=None, go=None):
+def _check_gpu(q, k, v, table, buckets, scale=None, rpe_scale=None, go=None, kernel="window_attention"):
+    """The op on the GPU against the float64 truth; ``kernel``: the name of the kernels that must run."""
     dtype = q.dtype
     tol_out, tol_grad = GPU_TOL[dtype]
     q, k, v, table = (x.detach().requires_grad_(True) for x in (q, k, v, table))
     with launched() as fwd:
         out = wa_mod.window_attention(q, k, v, table, buckets, scale, rpe_scale=rpe_scale)
-    assert [n.split("<")[0] for n in fwd] == ["window_attention_fwd"], fwd  # the kernel ran, not the fallback
+    assert [n.split("<")[0] for n in fwd] == [f"{kernel}_fwd"], fwd  # the kernel ran, not the fallback
     n, h, length, d = q.shape
     assert out.dtype == dtype and out.shape == (n, h, length, d)
     assert out.stride() == _heads_strides(n, h, length, d)  # the kernel's layout: the kernel ran
     go = torch.randn_like(out) if go is None else go
     with launched() as bwd:
         got = torch.autograd.grad(out, (q, k, v, table), go)
-    assert "window_attention_bwd" in [n.split("<")[0] for n in bwd], bwd
+    assert f"{kernel}_bwd" in [n.split("<")[0] for n in bwd], bwd
     s = d**-0.5 if scale is None else scale
     t = table if rpe_scale is None else table * rpe_scale
     want, truth = truth_grads(q, k, v, t, buckets.cpu(), s, go.cpu())
@@ -876,6 +1104,14 @@ def _check_gpu(q, k, v, table, buckets, scale=None, rpe_scale=None, go=None):
         assert rel_err(a.cpu(), b) <= tol_grad, (name, rel_err(a.cpu(), b))
 
 
+def _gpu_odd_inputs(length, d, dtype):
+    """(buckets, (q, k, v)) on the GPU: window buckets for L = side^2 + 1, random ones otherwise."""
+    torch.manual_seed(0)
+    side = {17: 4, 26: 5, 37: 6, 50: 7}.get(length)
+    buckets = (window_buckets(side) if side else torch.randint(0, 50, (length, length))).cuda()
+    return buckets, qkv_views(3, 5, length, d, dtype, "cuda", seed=length + d)
+
+
 @gpu_test
 @pytest.mark.parametrize("length,d", [(17, 32), (26, 80), (37, 64), (50, 64), (50, 80), (64, 128)])
 @pytest.mark.parametrize("dtype,tc", [(torch.float32, False), (torch.bfloat16, True), (torch.bfloat16, False),
@@ -884,13 +1120,31 @@ def test_gpu_odd_shapes(kernels_on, monkeypatch, dtype, tc, length, d):
     """bf16 runs twice: on tensor cores (the default) and with LOMAR_WA_TENSOR_CORES=0."""
     if dtype == torch.bfloat16 and not tc:
         monkeypatch.setenv(wac.TENSOR_CORES_ENV, "0")
-    torch.manual_seed(0)
-    side = {17: 4, 26: 5, 37: 6, 50: 7}.get(length)
-    buckets = (window_buckets(side) if side else torch.randint(0, 50, (length, length))).cuda()
-    q, k, v = qkv_views(3, 5, length, d, dtype, "cuda", seed=length + d)
+    buckets, (q, k, v) = _gpu_odd_inputs(length, d, dtype)
     assert wac.use_tensor_cores(q) is tc
     _check_gpu(q, k, v, random_table(d, device="cuda"), buckets)
     assert (wac.SOURCE, torch.cuda.current_device()) in cb._modules  # the kernel ran
+
+
+@gpu_test
+@pytest.mark.parametrize("length,d", [(17, 32), (26, 80), (37, 64), (50, 64), (50, 80), (64, 128)])
+def test_gpu_mma_odd_shapes(kernels_on, monkeypatch, length, d):
+    """The warp-tiled kernels (LOMAR_WA_KERNEL=mma), bf16."""
+    monkeypatch.setenv(wac.KERNEL_ENV, "mma")
+    buckets, (q, k, v) = _gpu_odd_inputs(length, d, torch.bfloat16)
+    assert wac.use_mma(q, k, v)
+    _check_gpu(q, k, v, random_table(d, device="cuda"), buckets, kernel="window_attention_mma")
+
+
+@gpu_test
+@pytest.mark.parametrize("scaled_query", [False, True])
+def test_gpu_mma_vit_b_shapes(kernels_on, monkeypatch, scaled_query):
+    monkeypatch.setenv(wac.KERNEL_ENV, "mma")
+    torch.manual_seed(1)
+    buckets = window_buckets(7).cuda()
+    q, k, v = qkv_views(256, 12, 50, 64, torch.bfloat16, "cuda", seed=2)  # 3072 pairs: many per block
+    _check_gpu(q, k, v, random_table(64, device="cuda"), buckets, rpe_scale=0.125 if scaled_query else None,
+               kernel="window_attention_mma")
 
 
 @gpu_test
@@ -945,7 +1199,9 @@ def test_gpu_non_contiguous_and_unaligned(kernels_on, dtype):
 
 
 @gpu_test
-def test_gpu_table_gradient_is_deterministic(kernels_on):
+@pytest.mark.parametrize("choice", wac.KERNEL_CHOICES)
+def test_gpu_table_gradient_is_deterministic(kernels_on, monkeypatch, choice):
+    monkeypatch.setenv(wac.KERNEL_ENV, choice)
     torch.manual_seed(3)
     buckets = window_buckets(7).cuda()
     q, k, v = (x.detach().requires_grad_(True) for x in qkv_views(64, 12, 50, 64, torch.bfloat16, "cuda"))
@@ -953,6 +1209,26 @@ def test_gpu_table_gradient_is_deterministic(kernels_on):
     go = torch.randn(64, 12, 50, 64, device="cuda", dtype=torch.bfloat16)
     grads = [torch.autograd.grad(wa_mod.window_attention(q, k, v, table, buckets), (q, table), go) for _ in range(2)]
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@gpu_test
+@pytest.mark.parametrize("choice", wac.KERNEL_CHOICES)
+def test_gpu_packed_qkv_matches_unpacked(kernels_on, monkeypatch, choice):
+    """window_attention_qkv on the GPU (bf16, ViT-B window): the same values and gradients as the unpacked op."""
+    monkeypatch.setenv(wac.KERNEL_ENV, choice)
+    torch.manual_seed(6)
+    buckets = window_buckets(7).cuda()
+    qkv = torch.randn(64, 50, 3, 12, 64, device="cuda").to(torch.bfloat16).requires_grad_(True)
+    table = random_table(64, device="cuda").requires_grad_(True)
+    go = torch.randn(64, 12, 50, 64, device="cuda").to(torch.bfloat16)
+    with launched() as names:
+        out = wa_mod.window_attention_qkv(qkv, table, buckets)
+        got = torch.autograd.grad(out, (qkv, table), go)
+    assert any("_bwd" in n for n in names), names
+    ref = wa_mod.window_attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0), table, buckets)
+    want = torch.autograd.grad(ref, (qkv, table), go)
+    assert torch.equal(out, ref)  # the same kernel on the same inputs
+    assert rel_err(got[0], want[0]) <= 1e-6 and rel_err(got[1], want[1]) <= 1e-6
 
 
 @gpu_test
@@ -979,8 +1255,9 @@ def test_gpu_torch_compile_attention_block_matches_eager(kernels_on):
 
 
 @gpu_test
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_opcheck(dtype):
+@pytest.mark.parametrize("dtype,choice", [(torch.float32, "tiles"), (torch.bfloat16, "tiles"), (torch.bfloat16, "mma")])
+def test_gpu_opcheck(monkeypatch, dtype, choice):
+    monkeypatch.setenv(wac.KERNEL_ENV, choice)
     torch.manual_seed(5)
     buckets = window_buckets(3).cuda()
     q, k, v = (x.detach().requires_grad_(True) for x in qkv_views(2, 3, 10, 32, dtype, "cuda"))

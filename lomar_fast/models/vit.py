@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lomar_fast.ops.window_attention import window_attention
+from lomar_fast.ops.window_attention import window_attention_qkv
 
 from .irpe import DEFAULT_RATIO, ContextualKeyRPE
 
@@ -108,7 +108,7 @@ class Attention(nn.Module):
     """Multi-head self-attention through ``F.scaled_dot_product_attention``.
 
     With ``rpe`` the contextual iRPE key term (``rpe_k``) enters the logits through
-    :func:`lomar_fast.ops.window_attention.window_attention` (the fused kernel where enabled, else SDPA
+    :func:`lomar_fast.ops.window_attention.window_attention_qkv` (the fused kernel where enabled, else SDPA
     with the iRPE additive bias); the forward then needs the (L, L) bucket ids of the token layout.
     """
 
@@ -125,15 +125,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, buckets: torch.Tensor | None = None) -> torch.Tensor:
         n, l, d = x.shape
-        qkv = self.qkv(x).reshape(n, l, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        qkv = self.qkv(x).reshape(n, l, 3, self.num_heads, self.head_dim)
         if self.rpe_k is not None:
             if buckets is None:
                 raise ValueError("Attention with iRPE needs the bucket ids of the token layout")
             rpe_scale = self.head_dim**-0.5 if self.rpe_k.scaled_query else None
-            x = window_attention(q, k, v, self.rpe_k.lookup_table_weight[0], buckets, rpe_scale=rpe_scale)
+            x = window_attention_qkv(qkv, self.rpe_k.lookup_table_weight[0], buckets, rpe_scale=rpe_scale)
         else:
-            x = F.scaled_dot_product_attention(q, k, v)
+            x = F.scaled_dot_product_attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0))
         return self.proj(x.transpose(1, 2).reshape(n, l, d))
 
 

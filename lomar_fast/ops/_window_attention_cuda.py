@@ -20,6 +20,11 @@ The table is used in fp32 whatever its dtype (the reference computes in fp32), a
 returned in the table's dtype. bf16 inputs on sm_80 and newer take the tensor-core kernels (template argument
 TC: bf16 mma.sync products, fp32 accumulation; the table, P and dS enter the products rounded to bf16, as under
 autocast); LOMAR_WA_TENSOR_CORES=0 keeps them on the fp32 CUDA-core kernels, which fp32 and fp16 inputs use.
+LOMAR_WA_KERNEL=mma takes the warp-tiled tensor-core kernels instead (``window_attention_mma_fwd`` / ``_bwd``: a
+flash-attention layout with bf16 shared-memory tiles, ldmatrix, and the scores, softmax, P and dS in registers)
+wherever they apply: bf16 with every row 16-byte aligned, sm_80 and newer. Their results equal the tile kernels'
+within bf16 rounding (P and dS enter their products in bf16 in both); the default stays ``tiles`` until a
+committed GPU result shows them faster.
 Inputs need a contiguous last dimension (:func:`window_attention` copies otherwise); rows are read with 16-byte
 loads when every row is 16-byte aligned.
 """
@@ -48,16 +53,39 @@ REDUCE_THREADS = 256
 
 TENSOR_CORES_ENV = "LOMAR_WA_TENSOR_CORES"  # "0": bf16 inputs also take the CUDA-core (fp32 product) kernels
 
+# The warp-tiled tensor-core kernels (window_attention_mma_fwd / _bwd): bf16, 16-byte aligned rows, sm_80 and
+# newer. "tiles" (the default until a committed GPU result shows them faster and correct on a GPU) keeps the
+# kernels above for every dtype; "mma" takes them wherever they apply.
+KERNEL_ENV = "LOMAR_WA_KERNEL"
+KERNEL_CHOICES = ("tiles", "mma")
+DEFAULT_KERNEL = "tiles"
+MMA_THREADS = 128  # WM_THREADS
+MMA_ROWS = 64  # WM_ROWS
+
 
 def kernel_name(kind: str, head_dim: int, tensor_cores: bool) -> str:
     """The name expression of the ``"fwd"`` or ``"bwd"`` kernel (template arguments D, TC)."""
     return f"window_attention_{kind}<{head_dim}, {'true' if tensor_cores else 'false'}>"
 
 
+def mma_kernel_name(kind: str, head_dim: int) -> str:
+    """The name expression of the warp-tiled ``"fwd"`` or ``"bwd"`` kernel (template argument D)."""
+    return f"window_attention_mma_{kind}<{head_dim}>"
+
+
 NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     [kernel_name(kind, d, tc) for kind in ("fwd", "bwd") for tc in (False, True) for d in HEAD_DIMS]
+    + [mma_kernel_name(kind, d) for kind in ("fwd", "bwd") for d in HEAD_DIMS]
     + ["window_attention_dtable_reduce"]
 )
+
+
+def kernel_choice() -> str:
+    """``tiles`` or ``mma``: ``$LOMAR_WA_KERNEL``, else the default; anything else is a ValueError."""
+    choice = os.environ.get(KERNEL_ENV, DEFAULT_KERNEL).strip().lower()
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"{KERNEL_ENV}={choice!r} must be one of {', '.join(KERNEL_CHOICES)}")
+    return choice
 
 
 def use_tensor_cores(q: torch.Tensor) -> bool:
@@ -67,6 +95,26 @@ def use_tensor_cores(q: torch.Tensor) -> bool:
     if q.dtype != torch.bfloat16 or os.environ.get(TENSOR_CORES_ENV, "1") == "0":
         return False
     return not q.is_cuda or torch.cuda.get_device_capability(q.device) >= (8, 0)
+
+
+def use_mma(q: torch.Tensor, *rows: torch.Tensor) -> bool:
+    """Whether launches for ``q`` take the warp-tiled kernels: ``$LOMAR_WA_KERNEL=mma``, bf16, a head_dim that is
+    a multiple of 16, every row of ``q`` and ``rows`` 16-byte aligned, sm_80 and newer."""
+    if kernel_choice() != "mma" or q.dtype != torch.bfloat16 or q.shape[-1] % 16 or not _aligned(q, *rows):
+        return False
+    return not q.is_cuda or torch.cuda.get_device_capability(q.device) >= (8, 0)
+
+
+def mma_shared_bytes(kind: str, length: int, num_buckets: int, head_dim: int) -> int:
+    """Dynamic shared memory in bytes of the warp-tiled ``"fwd"`` or ``"bwd"`` kernel (mirrors
+    wm_*_shared_bytes in window_attention.cu): bf16 tiles of 64 rows, the fp32 q T scratch, the bucket bytes."""
+    rs, ps, qs = head_dim + 8, MMA_ROWS + 8, MMA_ROWS + 4
+    if kind == "fwd":
+        return 2 * 3 * MMA_ROWS * rs + 4 * MMA_ROWS * qs + ((length * length + 15) & ~15)
+    if kind == "bwd":
+        return (2 * (5 * MMA_ROWS * rs + 3 * MMA_ROWS * ps) + 4 * (MMA_ROWS * qs + 2 * MMA_ROWS)
+                + ((2 * length * length + length * (num_buckets + 1) + 15) & ~15))
+    raise ValueError(f"kind must be 'fwd' or 'bwd', got {kind!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,6 +171,11 @@ def _kernel_ok(kind: str, q: torch.Tensor, table: torch.Tensor) -> bool:
     return shared_bytes(kind, q.shape[-2], table.shape[-1], q.shape[-1]) <= _limits(q.device)[0]
 
 
+def _fits(shared: int, device: torch.device) -> bool:
+    """Whether a block with ``shared`` bytes of dynamic shared memory can start on ``device``."""
+    return device.type != "cuda" or shared <= _limits(device)[0]
+
+
 def _aligned(*tensors: torch.Tensor) -> bool:
     """Every row (last dimension) of every tensor starts on a 16-byte boundary."""
     for t in tensors:
@@ -158,7 +211,7 @@ def _prepare(kernel: str, device: torch.device, shared: int) -> None:
         _shared_set[key] = shared
 
 
-def _grid(kernel: str, device: torch.device, shared: int, pairs: int) -> int:
+def _grid(kernel: str, device: torch.device, shared: int, pairs: int, threads: int = THREADS) -> int:
     """Blocks for ``pairs`` (n, h) pairs: as many as fit on the device at once (each loops over pairs)."""
     index = _device_index(device)
     key = (kernel, index, shared)
@@ -170,10 +223,10 @@ def _grid(kernel: str, device: torch.device, shared: int, pairs: int) -> int:
             cupy = cb._import_cupy()
             with cupy.cuda.Device(index):
                 fn = _function(kernel, device)
-                per_sm = int(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, THREADS, shared))
+                per_sm = int(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, shared))
         except Exception:  # older CuPy without the occupancy call: count by shared memory
             per_sm = _limits(device)[1] // (shared + 1024)
-        per_sm = max(1, min(per_sm, 8))
+        per_sm = max(1, min(per_sm, 2048 // threads))
         _blocks_per_sm[key] = per_sm
     return max(1, min(pairs, per_sm * cb.sm_count(device)))
 
@@ -203,39 +256,50 @@ def _forward_torch(q, k, v, table, buckets, scale):
     return torch.matmul(probs, v.to(probs.dtype)), lse
 
 
+def _forward_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (out, lse) for the (N, H, L, D) q: out with (N, L, H, D) memory, lse (N, H, L) in the compute dtype."""
+    n, h, length, _ = q.shape
+    return _heads_empty(q), q.new_empty((n, h, length), dtype=compute_dtype(q.dtype))
+
+
+def _attend(q, k, v, table, buckets, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the attention of the (N, H, L, D) views q, k, v: the kernels where they apply, else the
+    PyTorch formulas."""
+    n, h, length, d = q.shape
+    out, lse = _forward_outputs(q)
+    if not _kernel_ok("fwd", q, table):
+        o, lse_t = _forward_torch(q, k, v, table, buckets, scale)
+        out.copy_(o)
+        lse.copy_(lse_t)
+        return out, lse
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    table_f = table.to(device=q.device, dtype=torch.float32).contiguous()
+    buckets_c = buckets.to(q.device).contiguous()
+    nb = table.shape[1]
+    args = (
+        cb.ptr(q), *_strides3(q), cb.ptr(k), *_strides3(k), cb.ptr(v), *_strides3(v),
+        cb.ptr(table_f), cb.ptr(buckets_c), cb.ptr(out), *_strides3(out), cb.ptr(lse),
+        cb.i32(h), cb.i32(length), cb.i32(nb), cb.i64(n * h), cb.f32(scale),
+    )
+    if use_mma(q, k, v, out) and _fits(mma_shared_bytes("fwd", length, nb, d), q.device):
+        kernel, threads, shared = mma_kernel_name("fwd", d), MMA_THREADS, mma_shared_bytes("fwd", length, nb, d)
+    else:
+        kernel, threads, shared = kernel_name("fwd", d, use_tensor_cores(q)), THREADS, shared_bytes("fwd", length, nb, d)
+        args += (cb.i32(DTYPE_CODES[q.dtype]), cb.i32(int(_aligned(q, k, v))))
+    _launch(kernel, q.device, _grid(kernel, q.device, shared, n * h, threads), threads, args, shared)
+    return out, lse
+
+
 @torch.library.custom_op("lomar_fast::window_attention_fwd", mutates_args=())
 def window_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
                             buckets: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, H, L, D) q, k, v, (D, NB) table, (L, L) int64 buckets -> (out, lse); see the module docstring."""
-    n, h, length, d = q.shape
-    out = _heads_empty(q)
-    lse = q.new_empty((n, h, length), dtype=compute_dtype(q.dtype))
-    if _kernel_ok("fwd", q, table):
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        table_f = table.to(device=q.device, dtype=torch.float32).contiguous()
-        buckets_c = buckets.to(q.device).contiguous()
-        nb = table.shape[1]
-        shared = shared_bytes("fwd", length, nb, d)
-        kernel = kernel_name("fwd", d, use_tensor_cores(q))
-        grid = _grid(kernel, q.device, shared, n * h)
-        args = (
-            cb.ptr(q), *_strides3(q), cb.ptr(k), *_strides3(k), cb.ptr(v), *_strides3(v),
-            cb.ptr(table_f), cb.ptr(buckets_c), cb.ptr(out), *_strides3(out), cb.ptr(lse),
-            cb.i32(h), cb.i32(length), cb.i32(nb), cb.i64(n * h), cb.f32(scale),
-            cb.i32(DTYPE_CODES[q.dtype]), cb.i32(int(_aligned(q, k, v))),
-        )
-        _launch(kernel, q.device, grid, THREADS, args, shared)
-    else:
-        o, lse_t = _forward_torch(q, k, v, table, buckets, scale)
-        out.copy_(o)
-        lse.copy_(lse_t)
-    return out, lse
+    return _attend(q, k, v, table, buckets, scale)
 
 
 @window_attention_fwd_op.register_fake
 def _window_attention_fwd_fake(q, k, v, table, buckets, scale):
-    n, h, length, _ = q.shape
-    return _heads_empty(q), q.new_empty((n, h, length), dtype=compute_dtype(q.dtype))
+    return _forward_outputs(q)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,43 +325,51 @@ def _backward_torch(grad_out, q, k, v, out, lse, table, buckets, scale):
     return dq, dk, dv, dtable
 
 
+def _fill_backward(grad_out, q, k, v, out, lse, table, buckets, scale, dq, dk, dv, dtable) -> None:
+    """dq, dk, dv (views sharing one set of strides, last dimension contiguous) and dtable (D, NB) for
+    ``grad_out``: the kernels where they apply, else the PyTorch formulas."""
+    n, h, length, d = q.shape
+    nb = table.shape[1]
+    if not _kernel_ok("bwd", q, table):
+        for dst, src in zip((dq, dk, dv, dtable), _backward_torch(grad_out, q, k, v, out, lse, table, buckets, scale)):
+            dst.copy_(src)
+        return
+    grad_out = grad_out.to(q.dtype)
+    q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
+    table_f = table.to(device=q.device, dtype=torch.float32).contiguous()
+    buckets_c = buckets.to(q.device).contiguous()
+    lse_c = lse.to(torch.float32).contiguous()
+    mma = use_mma(q, k, v, out, grad_out, dq) and _fits(mma_shared_bytes("bwd", length, nb, d), q.device)
+    if mma:
+        kernel, threads, shared = mma_kernel_name("bwd", d), MMA_THREADS, mma_shared_bytes("bwd", length, nb, d)
+    else:
+        kernel, threads, shared = kernel_name("bwd", d, use_tensor_cores(q)), THREADS, shared_bytes("bwd", length, nb, d)
+    grid = _grid(kernel, q.device, shared, n * h, threads)
+    part = torch.empty((grid, d, nb), dtype=torch.float32, device=q.device)
+    args = (
+        cb.ptr(q), *_strides3(q), cb.ptr(k), *_strides3(k), cb.ptr(v), *_strides3(v),
+        cb.ptr(out), *_strides3(out), cb.ptr(grad_out), *_strides3(grad_out),
+        cb.ptr(lse_c), cb.ptr(table_f), cb.ptr(buckets_c),
+        cb.ptr(dq), cb.ptr(dk), cb.ptr(dv), *_strides3(dq), cb.ptr(part),
+        cb.i32(h), cb.i32(length), cb.i32(nb), cb.i64(n * h), cb.f32(scale),
+    )
+    if not mma:
+        args += (cb.i32(DTYPE_CODES[q.dtype]), cb.i32(int(_aligned(q, k, v, out, grad_out))))
+    _launch(kernel, q.device, grid, threads, args, shared)
+    count = d * nb
+    _launch("window_attention_dtable_reduce", q.device, (count + REDUCE_THREADS - 1) // REDUCE_THREADS,
+            REDUCE_THREADS, (cb.ptr(part), cb.ptr(dtable), cb.i32(grid), cb.i32(count)), 0)
+
+
 @torch.library.custom_op("lomar_fast::window_attention_bwd", mutates_args=())
 def window_attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             out: torch.Tensor, lse: torch.Tensor, table: torch.Tensor, buckets: torch.Tensor,
                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv, dtable) of ``window_attention_fwd`` for ``grad_out``; see the module docstring."""
-    n, h, length, d = q.shape
-    nb = table.shape[1]
+    d, nb = table.shape
     dq, dk, dv = _heads_empty(q), _heads_empty(q), _heads_empty(q)
     dtable = torch.empty((d, nb), dtype=compute_dtype(q.dtype), device=q.device)
-    if _kernel_ok("bwd", q, table):
-        grad_out = grad_out.to(q.dtype)
-        q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
-        table_f = table.to(device=q.device, dtype=torch.float32).contiguous()
-        buckets_c = buckets.to(q.device).contiguous()
-        lse_c = lse.to(torch.float32).contiguous()
-        shared = shared_bytes("bwd", length, nb, d)
-        kernel = kernel_name("bwd", d, use_tensor_cores(q))
-        grid = _grid(kernel, q.device, shared, n * h)
-        part = torch.empty((grid, d, nb), dtype=torch.float32, device=q.device)
-        args = (
-            cb.ptr(q), *_strides3(q), cb.ptr(k), *_strides3(k), cb.ptr(v), *_strides3(v),
-            cb.ptr(out), *_strides3(out), cb.ptr(grad_out), *_strides3(grad_out),
-            cb.ptr(lse_c), cb.ptr(table_f), cb.ptr(buckets_c),
-            cb.ptr(dq), cb.ptr(dk), cb.ptr(dv), *_strides3(dq), cb.ptr(part),
-            cb.i32(h), cb.i32(length), cb.i32(nb), cb.i64(n * h), cb.f32(scale),
-            cb.i32(DTYPE_CODES[q.dtype]), cb.i32(int(_aligned(q, k, v, out, grad_out))),
-        )
-        _launch(kernel, q.device, grid, THREADS, args, shared)
-        count = d * nb
-        _launch("window_attention_dtable_reduce", q.device, (count + REDUCE_THREADS - 1) // REDUCE_THREADS,
-                REDUCE_THREADS, (cb.ptr(part), cb.ptr(dtable), cb.i32(grid), cb.i32(count)), 0)
-    else:
-        gq, gk, gv, gt = _backward_torch(grad_out, q, k, v, out, lse, table, buckets, scale)
-        dq.copy_(gq)
-        dk.copy_(gk)
-        dv.copy_(gv)
-        dtable.copy_(gt)
+    _fill_backward(grad_out, q, k, v, out, lse, table, buckets, scale, dq, dk, dv, dtable)
     return dq, dk, dv, dtable
 
 
@@ -326,6 +398,64 @@ torch.library.register_autograd("lomar_fast::window_attention_fwd", _backward, s
 
 
 # ---------------------------------------------------------------------------------------------
+# packed ops: q, k, v as the (N, L, 3, H, D) output of a fused qkv projection, and its gradient in that layout
+# (the backward writes dq, dk, dv into one buffer: no stacking copy of three gradients into the projection's)
+# ---------------------------------------------------------------------------------------------
+def unpack_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, L, 3, H, D) -> q, k, v as (N, H, L, D) views."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@torch.library.custom_op("lomar_fast::window_attention_qkv_fwd", mutates_args=())
+def window_attention_qkv_fwd_op(qkv: torch.Tensor, table: torch.Tensor, buckets: torch.Tensor,
+                                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``window_attention_fwd`` of the q, k, v of a packed (N, L, 3, H, D) tensor: (out, lse) as there."""
+    return _attend(*unpack_qkv(qkv), table, buckets, scale)
+
+
+@window_attention_qkv_fwd_op.register_fake
+def _window_attention_qkv_fwd_fake(qkv, table, buckets, scale):
+    return _forward_outputs(unpack_qkv(qkv)[0])
+
+
+@torch.library.custom_op("lomar_fast::window_attention_qkv_bwd", mutates_args=())
+def window_attention_qkv_bwd_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                table: torch.Tensor, buckets: torch.Tensor,
+                                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_qkv in qkv's (N, L, 3, H, D) layout, contiguous; dtable) of ``window_attention_qkv_fwd``."""
+    d, nb = table.shape
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    dtable = torch.empty((d, nb), dtype=compute_dtype(qkv.dtype), device=qkv.device)
+    _fill_backward(grad_out, *unpack_qkv(qkv), out, lse, table, buckets, scale, *unpack_qkv(dqkv), dtable)
+    return dqkv, dtable
+
+
+@window_attention_qkv_bwd_op.register_fake
+def _window_attention_qkv_bwd_fake(grad_out, qkv, out, lse, table, buckets, scale):
+    d, nb = table.shape
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format), qkv.new_empty(
+        (d, nb), dtype=compute_dtype(qkv.dtype))
+
+
+def _setup_context_qkv(ctx, inputs, output):
+    qkv, table, buckets, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, table, buckets)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_qkv(ctx, grad_out, grad_lse):
+    qkv, out, lse, table, buckets = ctx.saved_tensors
+    dqkv, dtable = torch.ops.lomar_fast.window_attention_qkv_bwd(grad_out, qkv, out, lse, table, buckets, ctx.scale)
+    return dqkv, dtable.to(table.dtype), None, None
+
+
+torch.library.register_autograd("lomar_fast::window_attention_qkv_fwd", _backward_qkv,
+                                setup_context=_setup_context_qkv)
+
+
+# ---------------------------------------------------------------------------------------------
 # entry point used by lomar_fast.ops.window_attention
 # ---------------------------------------------------------------------------------------------
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, buckets: torch.Tensor,
@@ -344,4 +474,14 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: t
     check_window_attention_inputs(q, k, v, table, buckets)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, _ = torch.ops.lomar_fast.window_attention_fwd(q, k, v, table, buckets, float(scale))
+    return out
+
+
+def window_attention_qkv(qkv: torch.Tensor, table: torch.Tensor, buckets: torch.Tensor, scale: float) -> torch.Tensor:
+    """Kernel path of :func:`lomar_fast.ops.window_attention.window_attention_qkv`: ``qkv`` (N, L, 3, H, D) with a
+    contiguous last dimension; returns (N, H, L, D) with (N, L, H, D) memory layout. Its gradient comes back in
+    qkv's layout."""
+    q, k, v = unpack_qkv(qkv)
+    check_window_attention_inputs(q, k, v, table, buckets)
+    out, _ = torch.ops.lomar_fast.window_attention_qkv_fwd(_last_dim_contiguous(qkv), table, buckets, float(scale))
     return out

@@ -114,3 +114,25 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: t
     if q.shape[-2] <= MATH_MAX_TOKENS and attention_path() == "math":
         return window_attention_math(q, k, v, table, buckets, scale, rpe_scale)
     return window_attention_sdpa(q, k, v, table, buckets, scale, rpe_scale)
+
+
+def window_attention_qkv(qkv: torch.Tensor, table: torch.Tensor, buckets: torch.Tensor, scale: float | None = None,
+                         *, rpe_scale: float | None = None) -> torch.Tensor:
+    """:func:`window_attention` of the q, k, v packed in the (N, L, 3, H, D) output of a fused qkv projection.
+
+    The same value as ``window_attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0), table, buckets, ...)``. On the
+    kernel path the op takes the packed tensor and returns its gradient in the packed layout, so the backward
+    writes dq, dk, dv into one buffer instead of stacking three gradients into the projection's.
+    """
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"window_attention_qkv: qkv must be (N, L, 3, H, D), got shape {tuple(qkv.shape)}")
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    check_window_attention_inputs(q, k, v, table, buckets)
+    if use_kernel(q, k, v, table, buckets, auto_default=AUTO_USES_KERNEL):
+        from . import _window_attention_cuda  # imported lazily: the kernel path needs CuPy and a GPU
+
+        if _window_attention_cuda.kernel_supports(q, table):
+            s = default_scale(q.shape[-1]) if scale is None else float(scale)
+            t = table if rpe_scale is None else table * rpe_scale
+            return _window_attention_cuda.window_attention_qkv(qkv, t, buckets, s)
+    return window_attention(q, k, v, table, buckets, scale, rpe_scale=rpe_scale)
