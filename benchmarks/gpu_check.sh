@@ -11,6 +11,7 @@
 #   engine_modes    LoMaR at 224, compiled blocks, in DeepSpeed's bf16 mode and without DeepSpeed (the shipped
 #                   torch_autocast row is the throughput stage's);
 #   attention_math  the same step with the explicit-logits attention (LOMAR_ATTN_PATH=math);
+#   attention_mma   the same step with the kernels on and the warp-tiled attention kernels (LOMAR_WA_KERNEL=mma);
 #   gradient_buffer the same step with ZeRO's contiguous gradient buffer (one rank leaves it off by default);
 #   batch512        LoMaR at 224 at micro-batch 512, compiled blocks and the whole model compiled;
 #   kernels         the kernel benchmark, --quick (each kernel, and the explicit-logits path, vs its eager and
@@ -22,9 +23,9 @@
 # back from the stages before it. Naming a DeepSpeed stage with --no-throughput is an error.
 # Every benchmark rewrites its JSON after each row, so a stage cut short keeps what it measured.
 # Everything goes under RESULTS (default: a new /tmp/lomar_gpu_check.XXXXXX); after every stage OUT (default
-# benchmarks/results/gpu_check) receives at most six files: stages.txt, environment.txt, throughput.json,
-# kernels.json, attention_math.json and gpu_check.tgz (all of RESULTS: logs, tables, plots, profiles, the
-# other runs' JSON). A device call returns at most 8 files from its output folder, hence the archive.
+# benchmarks/results/gpu_check) receives at most seven files: stages.txt, environment.txt, throughput.json,
+# kernels.json, attention_math.json, attention_mma.json and gpu_check.tgz (all of RESULTS: logs, tables, plots,
+# profiles, the other runs' JSON). A device call returns at most 8 files from its output folder, hence the archive.
 # Without the kit (no .whl/, or its install failed) the GPU tests and the kernel benchmark still run; the
 # stages that need DeepSpeed are skipped and say so in stages.txt.
 # CHECK_CPU=1 rehearses the whole script on a CPU (DS_ACCELERATOR=cpu, tiny models at 224, 2 timed steps, the
@@ -37,8 +38,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
-ALL_STAGES="gpu_tests throughput engine_modes attention_math gradient_buffer batch512 kernels"
-DS_STAGES="throughput engine_modes attention_math gradient_buffer batch512"  # need DeepSpeed; --no-throughput skips
+ALL_STAGES="gpu_tests throughput engine_modes attention_math attention_mma gradient_buffer batch512 kernels"
+DS_STAGES="throughput engine_modes attention_math attention_mma gradient_buffer batch512"  # need DeepSpeed; --no-throughput skips
 no_tp=0
 [ "${1:-}" = "--no-throughput" ] && no_tp=1
 wanted=""
@@ -97,7 +98,7 @@ cat "$RESULTS/environment.txt"
 pack() {
   local f
   for f in stages.txt environment.txt throughput/throughput.json kernels/kernels.json \
-           throughput/attention_math.json; do
+           throughput/attention_math.json throughput/attention_mma.json; do
     if [ -f "$RESULTS/$f" ]; then
       local name; name=$(basename "$f")
       cp -f "$RESULTS/$f" "$OUT/$name.partial" && mv -f "$OUT/$name.partial" "$OUT/$name"
@@ -119,10 +120,10 @@ will_run() {
 }
 # the seconds a stage keeps from the stages before it; a stage's limit leaves the shares of the later stages that
 # run (reserve), so a stage not run (STAGES, --no-throughput, no DeepSpeed) holds no time back. With every stage
-# run: gpu_tests leaves 420 s, throughput 110, engine_modes 60, attention_math 40
+# run: gpu_tests leaves 440 s, throughput 130, engine_modes 80, attention_math 60, attention_mma 40
 share() {
-  case $1 in throughput) echo 310;; engine_modes) echo 50;; attention_math) echo 20;; gradient_buffer) echo 40;;
-    *) echo 0;; esac
+  case $1 in throughput) echo 310;; engine_modes) echo 50;; attention_math) echo 20;; attention_mma) echo 20;;
+    gradient_buffer) echo 40;; *) echo 0;; esac
 }
 reserve() {
   local s r=0 after=0
@@ -193,6 +194,11 @@ if [ "$no_tp" != 1 ]; then
   ds_stage attention_math 80 "$(reserve attention_math)" env LOMAR_ATTN_PATH=math "$PY" -m benchmarks.throughput --quick --models lomar \
     --sizes 224 --variants compile --out "$RESULTS/throughput" --name attention_math \
     --time_budget "$(budget "$(reserve attention_math)" 40)" ${cpu_tp[@]+"${cpu_tp[@]}"}
+  # the kernels on, with the warp-tiled attention kernels (ldmatrix, scores and softmax in registers), in the
+  # shipped step; the baseline is again the throughput stage's lomar 224 compile row
+  ds_stage attention_mma 80 "$(reserve attention_mma)" env LOMAR_WA_KERNEL=mma "$PY" -m benchmarks.throughput --quick \
+    --models lomar --sizes 224 --variants compile+kernels --out "$RESULTS/throughput" --name attention_mma \
+    --time_budget "$(budget "$(reserve attention_mma)" 40)" ${cpu_tp[@]+"${cpu_tp[@]}"}
   # the same with ZeRO's contiguous gradient buffer, which the shipped JSON leaves off on one rank
   ds_stage gradient_buffer 80 "$(reserve gradient_buffer)" "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
     --contiguous_gradients true --out "$RESULTS/throughput" --name gradient_buffer --time_budget "$(budget "$(reserve gradient_buffer)" 40)" \

@@ -18,7 +18,8 @@ Cases at ViT-B shapes (B=256 images, K=4 windows of 7x7 patches, 224 px, p=16; 1
   ``scaled_dot_product_attention`` with the batched-matmul iRPE bias, eager and ``torch.compile``'d; q, k, v
   are the views of a fused (N, L, 3, H, D) qkv projection, as in the model. bf16 inputs take the tensor-core
   kernels; the ``[cuda cores]`` rows run the same kernels with fp32 products on CUDA cores
-  (LOMAR_WA_TENSOR_CORES=0); the ``[math path]`` and ``[compiled math path]`` rows put the pure-PyTorch
+  (LOMAR_WA_TENSOR_CORES=0), and the ``[mma]`` rows (bf16) the warp-tiled tensor-core kernels
+  (LOMAR_WA_KERNEL=mma); the ``[math path]`` and ``[compiled math path]`` rows put the pure-PyTorch
   explicit-logits path (``LOMAR_ATTN_PATH=math``: batched GEMMs, fp32 softmax) in the kernel column.
 
 Each case: median time over repeated runs (CUDA events, after warm-up), achieved GB/s from the bytes the
@@ -239,20 +240,31 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
     def wattn_fwd_bwd(fn):
         return attention_fwd_bwd(fn, (qa, ka, va))
 
-    def cuda_cores(run):
-        """``run`` with the window-attention kernels' products on CUDA cores (LOMAR_WA_TENSOR_CORES=0)."""
-        def wrapped():
-            old = os.environ.get(wac.TENSOR_CORES_ENV)
-            os.environ[wac.TENSOR_CORES_ENV] = "0"
-            try:
-                return run()
-            finally:
-                if old is None:
-                    os.environ.pop(wac.TENSOR_CORES_ENV)
-                else:
-                    os.environ[wac.TENSOR_CORES_ENV] = old
+    def with_env(name: str, value: str):
+        """``run`` with the environment variable ``name`` set to ``value`` for the call only."""
+        def wrap(run):
+            def wrapped():
+                old = os.environ.get(name)
+                os.environ[name] = value
+                try:
+                    return run()
+                finally:
+                    if old is None:
+                        os.environ.pop(name)
+                    else:
+                        os.environ[name] = old
 
-        return wrapped
+            return wrapped
+
+        return wrap
+
+    # the window-attention kernels' products on CUDA cores (LOMAR_WA_TENSOR_CORES=0); the warp-tiled kernels
+    # (LOMAR_WA_KERNEL=mma, bf16 only)
+    cuda_cores = with_env(wac.TENSOR_CORES_ENV, "0") if with_kernels else None
+    mma = with_env(wac.KERNEL_ENV, "mma") if with_kernels else None
+    variants = [("", lambda run: run, ""), ("[cuda cores]", cuda_cores, "; the kernels' products in fp32 on CUDA cores")]
+    if dtype == torch.bfloat16:
+        variants.append(("[mma]", mma, "; the warp-tiled tensor-core kernels (LOMAR_WA_KERNEL=mma)"))
 
     gather_bytes = b * k * ww * vdim * 1 + b * k * ww * vdim * esize + b * k * n_mask * vdim * 4
     vis_bytes = b * k * ww * vdim * 1 + b * k * n_vis * vdim * esize + b * k * n_mask * vdim * 4
@@ -294,8 +306,7 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
                kernel=wrap(make(fused_attention)) if with_kernels else None,
                reference=make(current_attention),
                compiled=lambda make=make: make(torch.compile(current_attention)))
-          for label, wrap, note_suffix in (("", lambda run: run, ""),
-                                           ("[cuda cores]", cuda_cores, "; the kernels' products in fp32 on CUDA cores"))
+          for label, wrap, note_suffix in variants
           for kind, make, nbytes, note in (
               ("fwd", wattn_fwd, 4 * q_bytes, "q, k, v read + out written"),
               ("fwd_bwd", wattn_fwd_bwd, 12 * q_bytes,
@@ -436,7 +447,21 @@ def parse_args(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd references")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--cases", nargs="+", default=None, metavar="NAME",
+                    help="run only these cases (exact names, e.g. window_attention_fwd_bwd[mma]); default: all")
     return ap.parse_args(argv)
+
+
+def select_cases(cases: list[dict], names: list[str] | None) -> list[dict]:
+    """The cases named (in the benchmark's order); every name must be a case of this run, else SystemExit."""
+    if names is None:
+        return cases
+    known = [c["name"] for c in cases]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"benchmarks.kernels --cases: no case {', '.join(unknown)} in this run; the cases are: "
+                         f"{', '.join(known)}")
+    return [c for c in cases if c["name"] in names]
 
 
 def main(argv=None) -> dict:
@@ -480,7 +505,7 @@ def main(argv=None) -> dict:
         "wall_s": None,
         "results": results,
     }
-    for case in build_cases(x, cfg, device, with_kernels):
+    for case in select_cases(build_cases(x, cfg, device, with_kernels), args.cases):
         rec = run_case(case, args, cuda, copy_gbps, compile_ref)
         results.append(rec)
         data["wall_s"] = time.time() - t0

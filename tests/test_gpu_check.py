@@ -37,7 +37,8 @@ def stages(tmp_path: Path) -> dict[str, str]:
     return {line.split()[0]: line for line in lines if " rc=" in line or " skipped" in line}
 
 
-ORDER = ["gpu_tests", "throughput", "engine_modes", "attention_math", "gradient_buffer", "batch512", "kernels"]
+ORDER = ["gpu_tests", "throughput", "engine_modes", "attention_math", "attention_mma", "gradient_buffer", "batch512",
+         "kernels"]
 
 
 def test_every_stage_parses_and_the_output_is_what_a_device_call_returns(tmp_path):
@@ -61,6 +62,9 @@ def test_every_stage_parses_and_the_output_is_what_a_device_call_returns(tmp_pat
     assert modes["plan"] == [f"lomar:224:compile:{m}" for m in ("bf16", "no_deepspeed")]
     math = next(c for c in bench if "attention_math" in c["argv"])
     assert math["env"]["LOMAR_ATTN_PATH"] == "math" and math["plan"] == ["lomar:224:compile:torch_autocast"]
+    mma = next(c for c in bench if "attention_mma" in c["argv"])
+    assert mma["env"] == {"LOMAR_ATTN_PATH": None, "LOMAR_WA_KERNEL": "mma"}
+    assert mma["plan"] == ["lomar:224:compile+kernels:torch_autocast"]
     buffer = next(c for c in bench if "gradient_buffer" in c["argv"])
     assert buffer["plan"] == ["lomar:224:compile:torch_autocast"] and "--contiguous_gradients" in buffer["argv"]
     big = next(c for c in bench if "batch512" in c["argv"])
@@ -72,7 +76,7 @@ def test_every_stage_parses_and_the_output_is_what_a_device_call_returns(tmp_pat
 
     out = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert out == sorted(["stages.txt", "environment.txt", "throughput.json", "kernels.json", "attention_math.json",
-                          "gpu_check.tgz"]), out  # a device call hands back at most 8 files
+                          "attention_mma.json", "gpu_check.tgz"]), out  # a device call hands back at most 8 files
 
 
 def test_stages_runs_only_the_stages_named_and_gpu_tests_narrows_the_tests(tmp_path):
@@ -103,7 +107,7 @@ def test_a_stage_not_run_keeps_no_time_back(tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         limits[name] = {k: int(v.rsplit("limit=", 1)[1]) for k, v in stages(tmp_path / name).items()}
     assert limits["only"] == {"gpu_tests": 180} and limits["no_tp"]["gpu_tests"] == 180, limits
-    assert limits["all"]["gpu_tests"] <= 540 - 420, limits  # the full check: 420 s kept for the stages after it
+    assert limits["all"]["gpu_tests"] <= 540 - 440, limits  # the full check: 440 s kept for the stages after it
 
 
 def test_stages_may_be_separated_by_any_whitespace_and_must_not_contradict_no_throughput(tmp_path):
@@ -127,7 +131,7 @@ def test_without_deepspeed_the_gpu_tests_and_kernels_still_run(tmp_path):
     done = stages(tmp_path)
     assert " rc=0 " in done["gpu_tests"] and " rc=0 " in done["kernels"], done
     assert all(done[s].endswith("skipped: no deepspeed") for s in ("throughput", "engine_modes", "attention_math",
-                                                                   "gradient_buffer", "batch512")), done
+                                                                   "attention_mma", "gradient_buffer", "batch512")), done
     assert not any(c["argv"][:2] == ["-m", "benchmarks.throughput"] for c in calls)
 
 

@@ -450,6 +450,16 @@ def test_benchmark_cpu_smoke(tmp_path, monkeypatch):
     assert (tmp_path / "kernels.md").read_text().startswith("#")
 
 
+def test_benchmark_cases_option_runs_the_named_cases_only(tmp_path):
+    from benchmarks import kernels as bench
+
+    bench.main(["--cpu-smoke", "--out", str(tmp_path), "--cases", "irpe_fwd", "window_attention_fwd"])
+    data = json.loads((tmp_path / "kernels.json").read_text())
+    assert [r["name"] for r in data["results"]] == ["irpe_fwd", "window_attention_fwd"]  # the benchmark's order
+    with pytest.raises(SystemExit, match=r"--cases: no case window_attention_fwd\[mma\] in this run"):
+        bench.main(["--cpu-smoke", "--out", str(tmp_path), "--cases", "window_attention_fwd[mma]"])
+
+
 def test_benchmark_gather_references_trace_whole_as_the_model_runs_them():
     """The compiled gather references are timed as the model's step runs them: given the masked count, with no
     read-back of the masks (a host sync and a graph break, which the H200 run of 2026-11-27 timed)."""
