@@ -21,7 +21,9 @@
 # the rest. STAGES="engine_modes batch512" runs only the stages named (in the order above), e.g. for a second
 # call on the same machine; a stage that does not run (not named, --no-throughput, no DeepSpeed) keeps no time
 # back from the stages before it. Naming a DeepSpeed stage with --no-throughput is an error.
-# Every benchmark rewrites its JSON after each row, so a stage cut short keeps what it measured.
+# Every benchmark rewrites its JSON after each row, so a stage cut short keeps what it measured. nvidia-smi logs
+# the GPU's clocks, power and throttle reasons once a second into gpu_telemetry.csv, and each stage notes the
+# busiest host processes at its start (NAME.ps).
 # Everything goes under RESULTS (default: a new /tmp/lomar_gpu_check.XXXXXX); after every stage OUT (default
 # benchmarks/results/gpu_check) receives at most seven files: stages.txt, environment.txt, throughput.json,
 # kernels.json, attention_math.json, attention_mma.json and gpu_check.tgz (all of RESULTS: logs, tables, plots,
@@ -91,8 +93,18 @@ fi
   "$PY" -c "import cupy; print('cupy', cupy.__version__)" 2>&1
   "$PY" -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1
   git rev-parse HEAD 2>/dev/null
+  echo "busiest host processes:"
+  ps -eo pid,pcpu,pmem,etime,comm --sort=-pcpu 2>/dev/null | head -8
 } > "$RESULTS/environment.txt" 2>&1
 cat "$RESULTS/environment.txt"
+# the GPU's clocks, power, temperature and throttle reasons once a second for the whole check, so that a slow or
+# noisy row can be read against them (each throughput row also records them once, after its timed steps)
+telemetry_pid=""
+if command -v nvidia-smi > /dev/null 2>&1; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,clocks_throttle_reasons.active \
+    --format=csv -l 1 > "$RESULTS/gpu_telemetry.csv" 2>&1 &
+  telemetry_pid=$!
+fi
 
 # OUT: copies of the summaries and one archive of RESULTS, rewritten after every stage (at most 6 files)
 pack() {
@@ -106,7 +118,7 @@ pack() {
   done
   tar -czf "$OUT/gpu_check.tgz.partial" -C "$RESULTS" . 2>/dev/null && mv -f "$OUT/gpu_check.tgz.partial" "$OUT/gpu_check.tgz"
 }
-trap pack EXIT
+trap '[ -n "$telemetry_pid" ] && kill "$telemetry_pid" 2>/dev/null; pack' EXIT
 pack
 
 status=0
@@ -145,6 +157,7 @@ stage() {
     return 0
   fi
   echo "== $name (limit ${limit}s)"
+  ps -eo pid,pcpu,pmem,etime,comm --sort=-pcpu 2>/dev/null | head -6 > "$RESULTS/$name.ps"  # who else is busy
   local s=$SECONDS
   # SIGINT first (pytest writes its report, a benchmark keeps the rows it wrote), SIGKILL 15 s later
   timeout -s INT -k 15 "$limit" "$@" > "$RESULTS/$name.log" 2>&1

@@ -252,6 +252,12 @@ class Result:
     kernels: list[str] = field(default_factory=list)  # the ops whose CUDA kernel ran (kernels_in_use)
     loss: float | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # the host and the GPU right after the timed steps: the 1-minute load average (with the number of CPUs), and
+    # nvidia-smi's SM clock, power, temperature and active clock-throttle reasons, so that a slow or noisy row
+    # says whether the host was busy or the GPU throttled
+    host_load_1m: float | None = None
+    host_cpus: int | None = None
+    gpu_state: dict[str, Any] | None = None
 
 
 def guarded(result: Result, fn: Callable[[], None]) -> Result:
@@ -270,6 +276,28 @@ def guarded(result: Result, fn: Callable[[], None]) -> Result:
 
 
 # ------------------------------------------------------------------------------------------------ device info
+GPU_STATE_FIELDS = ("clocks.sm", "clocks.mem", "power.draw", "temperature.gpu", "utilization.gpu",
+                    "clocks_throttle_reasons.active")
+
+
+def gpu_state(device: torch.device) -> dict[str, Any] | None:
+    """nvidia-smi's view of ``device`` now (``GPU_STATE_FIELDS``), or None off CUDA or without nvidia-smi."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    smi_index = visible[index].strip() if index < len(visible) and visible[index].strip() else str(index)
+    try:
+        out = subprocess.run(["nvidia-smi", "-i", smi_index, f"--query-gpu={','.join(GPU_STATE_FIELDS)}",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    values = [v.strip() for v in out.stdout.strip().split(",")]
+    if out.returncode != 0 or len(values) != len(GPU_STATE_FIELDS):
+        return None
+    return dict(zip(GPU_STATE_FIELDS, values))
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -628,6 +656,8 @@ def run_config(args, kind: str, size: int, variant: str, batch: int, device: tor
         warm, _ = timed_steps(h, max(0, args.warmup - 1), device)
         result.warmup_times_ms = [round(x, 4) for x in warm]
         times, loss = timed_steps(h, args.steps, device)
+        result.gpu_state = gpu_state(device)
+        result.host_load_1m, result.host_cpus = round(os.getloadavg()[0], 2), os.cpu_count()
         result.step_times_ms = [round(x, 4) for x in times]
         result.loss = float(loss) if loss is not None else None
         if result.loss is not None and not math.isfinite(result.loss):

@@ -184,6 +184,7 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path, bench):
         assert r["mfu"] == pytest.approx(r["achieved_tflops"] / report["matmul_by_dtype"]["float32"]["tflops"])
         assert r["host_sync_method"].startswith("cpu proxy") and r["host_syncs_in_step"] is not None
         assert r["loss"] is not None and r["loss"] > 0
+        assert r["host_load_1m"] >= 0 and r["host_cpus"] >= 1 and r["gpu_state"] is None  # no GPU state on a CPU
         assert by[(kind, "compile+kernels")]["status"] == "skipped"
     # tiny LoMaR at 64 px shrinks its windows to the 4x4 grid, and the FLOPs follow the model it ran
     lo = by[("lomar", "eager")]
@@ -379,6 +380,36 @@ def test_compiled_rows_are_skipped_under_zero3_with_deepspeed():
         assert tp.skip_reason("lomar", v, cuda, 3, "no_deepspeed") is None
         assert tp.skip_reason("lomar", v, cuda, 2, "bf16") is None
     assert tp.skip_reason("lomar", "eager", cuda, 3, "torch_autocast") is None
+
+
+def test_gpu_state_reads_nvidia_smi_for_the_visible_device(monkeypatch):
+    """A row's GPU state is nvidia-smi's line for the row's device (mapped through CUDA_VISIBLE_DEVICES), by field;
+    None when nvidia-smi is missing or answers otherwise."""
+    import subprocess
+
+    from benchmarks import throughput as tp
+
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="1980, 3201, 612.35, 55, 100, 0x0000000000000000\n", stderr="")
+
+    monkeypatch.setattr(tp.subprocess, "run", fake_run)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    state = tp.gpu_state(torch.device("cuda", 1))
+    assert calls[0][:3] == ["nvidia-smi", "-i", "5"]
+    assert state == {"clocks.sm": "1980", "clocks.mem": "3201", "power.draw": "612.35", "temperature.gpu": "55",
+                     "utilization.gpu": "100", "clocks_throttle_reasons.active": "0x0000000000000000"}
+    monkeypatch.setattr(tp.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 9, "", "err"))
+    assert tp.gpu_state(torch.device("cuda", 0)) is None
+
+    def missing(cmd, **kw):
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(tp.subprocess, "run", missing)
+    assert tp.gpu_state(torch.device("cuda", 0)) is None
+    assert tp.gpu_state(torch.device("cpu")) is None
 
 
 def test_gpu_sync_count_leaves_out_the_debug_modes_notice_and_other_threads(monkeypatch):
