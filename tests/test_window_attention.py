@@ -397,6 +397,30 @@ def test_op_compiles_as_one_node_cpu():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_packed_op_compiles_as_one_node_cpu():
+    """The same for the packed op the model's attention calls, with the qkv projection in the graph: the gradient
+    of the projection's weight flows through the op's packed gradient."""
+    torch.manual_seed(0)
+    buckets = window_buckets(3)
+    proj = torch.nn.Linear(24, 3 * 24)
+    table = random_table(8).requires_grad_(True)
+    x = torch.randn(2, 10, 24, requires_grad=True)
+
+    def f(x, table):
+        qkv = proj(x).reshape(2, 10, 3, 3, 8)
+        return (wac.window_attention_qkv(qkv, table, buckets, 0.2) * 1.5).square().sum()
+
+    params = (x, table, proj.weight)
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(x, table)
+    g_got = torch.autograd.grad(got, params)
+    want = f(x, table)
+    g_want = torch.autograd.grad(want, params)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # the explicit-logits path (LOMAR_ATTN_PATH=math), CPU
 # ---------------------------------------------------------------------------------------------
