@@ -974,8 +974,9 @@ __global__ void window_attention_dtable_reduce(const float* __restrict__ part, f
 // ---------------------------------------------------------------------------------------------------
 // The same formulas as above, laid out as a flash attention for one short sequence: a block of WM_THREADS
 // (4 warps) handles one (n, h) pair at a time (grid-stride over the pairs, as above), warp w owning the
-// 16-row strip of queries [16 w, 16 w + 16). q, k, v (and dout) are staged in shared memory as bf16 (rows of
-// D + 8 elements: the eight rows an ldmatrix reads start in different banks); every operand of mma.sync
+// 16-row strip of queries [16 w, 16 w + 16). k, v (and q, dout in the backward) are copied to shared memory as
+// bf16 with cp.async, every copy of a pair in flight at once (rows of D + 8 elements: the eight rows an ldmatrix
+// reads start in different banks); every operand of mma.sync
 // comes from shared memory through ldmatrix (.trans where the product needs the transposed tile), or
 // straight from the accumulators of the previous product (P and dS as the A operand: the m16n8 C fragment
 // of two adjacent n-tiles is the m16k16 A fragment). The forward reads the strip's q fragments straight from
@@ -984,7 +985,7 @@ __global__ void window_attention_dtable_reduce(const float* __restrict__ part, f
 // its bucket's column (fp32, as the kernels above: the PyTorch path under autocast rounds it to bf16).
 //
 // Backward, per pair: each warp recomputes P of its strip from the saved lse, dP = do v^T, dS, and writes
-// P and dS (bf16) to shared tiles and G (the bucket sums of dS, from the bf16 dS in a fixed order) to a
+// P and dS (bf16) to shared tiles and G (the bucket sums of dS, from the fp32 dS in a fixed order) to a
 // third; dq = scale dS k + G T^T from the registers and the G tile. After one block barrier
 // warp w computes the 16 keys [16 w, 16 w + 16) of dk = scale dS^T q and dv = P^T do, and the 16 buckets
 // [16 w, 16 w + 16) of dT^T += G^T q, kept in registers over the block's pairs and written as the block's
@@ -999,6 +1000,13 @@ __global__ void window_attention_dtable_reduce(const float* __restrict__ part, f
 #define WM_PS (WM_ROWS + 8)  // row stride (elements) of the L- and NB-wide bf16 tiles (P, dS, G)
 #define WM_QS (WM_ROWS + 4)  // row stride (floats) of the fp32 q T scratch
 #define WM_NEG (-3.0e38f)    // the logit of a padded key: exp() of it is 0
+// forward blocks per SM at head_dim <= 64 (about 48 KB of shared memory each): four fit an sm_90 SM (228 KB), three
+// an sm_80 one (164 KB); the register cap follows, so sm_80 does not spill for a fourth block that cannot start
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define WM_FWD_BLOCKS 4
+#else
+#define WM_FWD_BLOCKS 3
+#endif
 
 template <int D>
 struct WmLayout {
@@ -1161,7 +1169,30 @@ __device__ __forceinline__ void wm_store_tile_f32(float* m, int ld, int r0, int 
     });
 }
 
-// Rows [0, L) of an (L, D) bf16 matrix at src (row stride in elements, rows 16-byte aligned) into a tile.
+// 16 bytes from global src to shared dst (both 16-byte aligned), asynchronously (cp.async, sm_80 and newer): all
+// of a thread's copies are in flight at once; wm_copies_wait() waits for them (then a barrier publishes them).
+__device__ __forceinline__ void wm_copy16(unsigned short* dst, const unsigned short* src) {
+#if defined(LOMAR_EMULATION)
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned int a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(src));
+#else
+    (void)dst;
+    (void)src;
+    asm volatile("trap;");
+#endif
+}
+
+__device__ __forceinline__ void wm_copies_wait() {
+#if !defined(LOMAR_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// Rows [0, L) of an (L, D) bf16 matrix at src (row stride in elements, rows 16-byte aligned) into a tile, with
+// wm_copy16 (complete after wm_copies_wait()).
 template <int D>
 __device__ __forceinline__ void wm_load_rows(unsigned short* dst, const unsigned short* __restrict__ src,
                                              long long rs, int L) {
@@ -1170,7 +1201,7 @@ __device__ __forceinline__ void wm_load_rows(unsigned short* dst, const unsigned
     for (int e = threadIdx.x; e < L * CPR; e += WM_THREADS) {
         const int r = e / CPR;
         const int c = e - r * CPR;
-        *reinterpret_cast<uint4*>(dst + r * RS + 8 * c) = *reinterpret_cast<const uint4*>(src + r * rs + 8 * c);
+        wm_copy16(dst + r * RS + 8 * c, src + r * rs + 8 * c);
     }
 }
 
@@ -1279,7 +1310,7 @@ __device__ __forceinline__ void wm_strip_logits(float (&s)[8][4], const unsigned
 // Grid: any number of blocks; block: WM_THREADS; dynamic shared memory: wm_fwd_shared_bytes(L, NB, D).
 // Strides in elements (bf16); out through its strides; lse (N * H, L) fp32 contiguous.
 template <int D>
-__global__ void __launch_bounds__(WM_THREADS, (D <= 64 ? 4 : 2))
+__global__ void __launch_bounds__(WM_THREADS, (D <= 64 ? WM_FWD_BLOCKS : 2))
 window_attention_mma_fwd(const unsigned short* __restrict__ q, long long q_sn, long long q_sh, long long q_si,
                          const unsigned short* __restrict__ k, long long k_sn, long long k_sh, long long k_si,
                          const unsigned short* __restrict__ v, long long v_sn, long long v_sh, long long v_si,
@@ -1311,6 +1342,7 @@ window_attention_mma_fwd(const unsigned short* __restrict__ q, long long q_sn, l
         if (r0 < L) wm_strip_frags_global<D>(qa, q + n * q_sn + h * q_sh, q_si, r0, L);
         wm_load_rows<D>(sk, k + n * k_sn + h * k_sh, k_si, L);
         wm_load_rows<D>(sv, v + n * v_sn + h * v_sh, v_si, L);
+        wm_copies_wait();
         __syncthreads();
         if (r0 < L) {
             float s[8][4];
@@ -1444,6 +1476,7 @@ window_attention_mma_bwd(const unsigned short* __restrict__ q, long long q_sn, l
             acc += __shfl_xor_sync(0xffffffffu, acc, 1);
             if (i < L && half == 0) sdelta[i] = acc;
         }
+        wm_copies_wait();
         __syncthreads();
 
         if (r0 < L) {
@@ -1477,9 +1510,11 @@ window_attention_mma_bwd(const unsigned short* __restrict__ q, long long q_sn, l
                 }
             wm_store_tile(sp, WM_PS, r0, 2 * nkp, s);
             wm_store_tile(sds, WM_PS, r0, 2 * nkp, dp);
+            wm_syncwarp();  // the lanes' reads of q T (wm_logits) are done: dS in fp32 takes its place
+            wm_store_tile_f32(sqt, WM_QS, r0, 2 * nkp, dp);
             wm_syncwarp();
-            // G[i, b]: dS of row i summed over the keys of bucket b, in ascending key order (zero past NB and
-            // in rows past L)
+            // G[i, b]: dS of row i (fp32) summed over the keys of bucket b, in ascending key order (zero past NB
+            // and in rows past L)
             for (int e = lane; e < 16 * nbc; e += 32) {
                 const int i = r0 + e / nbc;
                 const int b = e - (i - r0) * nbc;
@@ -1487,7 +1522,7 @@ window_attention_mma_bwd(const unsigned short* __restrict__ q, long long q_sn, l
                 if (i < L && b < NB) {
                     const unsigned char* pr = sperm + i * L;
                     const int t1 = soff[i * (NB + 1) + b + 1];
-                    for (int x = soff[i * (NB + 1) + b]; x < t1; ++x) acc += wm_bf16_value(sds[i * WM_PS + pr[x]]);
+                    for (int x = soff[i * (NB + 1) + b]; x < t1; ++x) acc += sqt[i * WM_QS + pr[x]];
                 }
                 sg[i * WM_PS + b] = from_f32<lomar_bf16>(acc).bits;
             }

@@ -864,7 +864,8 @@ def test_wrapper_launches_match_reference_in_emulation(emu, monkeypatch, length,
         monkeypatch.setenv(wac.TENSOR_CORES_ENV, "0")
     launches = []
     monkeypatch.setattr(cb, "launch", _emulated_launcher(emu, launches))
-    monkeypatch.setattr(wac, "_kernel_ok", lambda kind, q, table: wac.kernel_supports(q, table) and q.numel() > 0)
+    monkeypatch.setattr(wac, "_kernel_ok",
+                        lambda kind, q, table, mma=False: wac.kernel_supports(q, table) and q.numel() > 0)
     monkeypatch.setattr(wac, "_prepare", lambda kernel, device, shared: None)
     monkeypatch.setattr(wac, "_grid", lambda kernel, device, shared, pairs, threads=wac.THREADS: min(pairs, 2))
     torch.manual_seed(0)
@@ -912,7 +913,8 @@ def _run_wrapper_emulated(emu, monkeypatch, q, k, v, table, buckets, scale, go, 
     returns (out, (dq, dk, dv, dtable), the launched kernel names)."""
     launches = []
     monkeypatch.setattr(cb, "launch", _emulated_launcher(emu, launches))
-    monkeypatch.setattr(wac, "_kernel_ok", lambda kind, q, table: wac.kernel_supports(q, table) and q.numel() > 0)
+    monkeypatch.setattr(wac, "_kernel_ok",
+                        lambda kind, q, table, mma=False: wac.kernel_supports(q, table) and q.numel() > 0)
     monkeypatch.setattr(wac, "_prepare", lambda kernel, device, shared: None)
     monkeypatch.setattr(wac, "_grid", lambda kernel, device, shared, pairs, threads=wac.THREADS: min(pairs, grid))
     q, k, v, table = (x.detach().requires_grad_(True) for x in (q, k, v, table))
@@ -964,7 +966,7 @@ def test_emulated_mma_lse_and_bad_bucket(emu, monkeypatch):
     monkeypatch.setenv(wac.KERNEL_ENV, "mma")
     launches = []
     monkeypatch.setattr(cb, "launch", _emulated_launcher(emu, launches))
-    monkeypatch.setattr(wac, "_kernel_ok", lambda kind, q, table: True)
+    monkeypatch.setattr(wac, "_kernel_ok", lambda kind, q, table, mma=False: True)
     monkeypatch.setattr(wac, "_prepare", lambda kernel, device, shared: None)
     monkeypatch.setattr(wac, "_grid", lambda kernel, device, shared, pairs, threads=wac.THREADS: 2)
     q, k, v = qkv_views(1, 3, 50, 64, torch.bfloat16, seed=3)
@@ -986,7 +988,7 @@ def test_emulated_packed_qkv_gradient_lands_in_one_buffer(emu, monkeypatch, choi
     monkeypatch.setenv(wac.KERNEL_ENV, choice)
     launches = []
     monkeypatch.setattr(cb, "launch", _emulated_launcher(emu, launches))
-    monkeypatch.setattr(wac, "_kernel_ok", lambda kind, q, table: True)
+    monkeypatch.setattr(wac, "_kernel_ok", lambda kind, q, table, mma=False: True)
     monkeypatch.setattr(wac, "_prepare", lambda kernel, device, shared: None)
     monkeypatch.setattr(wac, "_grid", lambda kernel, device, shared, pairs, threads=wac.THREADS: 2)
     torch.manual_seed(2)
@@ -1006,6 +1008,41 @@ def test_emulated_packed_qkv_gradient_lands_in_one_buffer(emu, monkeypatch, choi
     for name, a, b in zip("qkv", dqkv.permute(2, 0, 3, 1, 4).unbind(0), truth[:3]):
         assert rel_err(a, b) <= 2e-2, (name, rel_err(a, b))
     assert rel_err(dtable, truth[3]) <= 2e-2
+
+
+def test_mma_kernels_are_checked_against_their_own_shared_memory(emu, monkeypatch):
+    """Where only the warp-tiled kernels fit the device's shared memory (head_dim 128, L = NB = 64 on an A100's
+    163 KB), they run: the launcher checks each kernel against its own size, and without them (tiles) the shape
+    takes the PyTorch path, launching nothing."""
+    class CudaLike:  # the attributes _kernel_ok reads, as of a CUDA tensor
+        is_cuda, dtype, shape, device = True, torch.bfloat16, (1, 2, 64, 128), torch.device("cuda", 0)
+
+        def numel(self):
+            return 1 * 2 * 64 * 128
+
+    monkeypatch.setattr(wac, "_limits", lambda device: (163 * 1024, 164 * 1024))
+    table = random_table(128, 64)
+    assert wac._kernel_ok("bwd", CudaLike(), table, mma=True) and not wac._kernel_ok("bwd", CudaLike(), table)
+    assert wac._kernel_ok("fwd", CudaLike(), table, mma=True) and wac._kernel_ok("fwd", CudaLike(), table)
+
+    launches = []
+    monkeypatch.setattr(cb, "launch", _emulated_launcher(emu, launches))
+    monkeypatch.setattr(wac, "_kernel_ok", lambda kind, q, table, mma=False: mma)  # only the mma kernels fit
+    monkeypatch.setattr(wac, "_prepare", lambda kernel, device, shared: None)
+    monkeypatch.setattr(wac, "_grid", lambda kernel, device, shared, pairs, threads=wac.THREADS: 2)
+    q, k, v = (x.detach().requires_grad_(True) for x in qkv_views(1, 2, 17, 32, torch.bfloat16))
+    table = random_table(32).requires_grad_(True)
+    for choice, want in (("mma", [wac.mma_kernel_name("fwd", 32), wac.mma_kernel_name("bwd", 32),
+                                  "window_attention_dtable_reduce"]), ("tiles", [])):
+        monkeypatch.setenv(wac.KERNEL_ENV, choice)
+        launches.clear()
+        out = wac.window_attention(q, k, v, table, window_buckets(4), 0.2)
+        grads = torch.autograd.grad(out, (q, k, v, table), torch.ones_like(out))
+        assert [name for name, *_ in launches] == want
+        ref = window_attention_reference(q, k, v, table, window_buckets(4), 0.2)
+        assert rel_err(out, ref) <= 1e-2
+        for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v, table), torch.ones_like(ref))):
+            assert rel_err(a, b) <= 3e-2
 
 
 def test_mma_choice_and_fallbacks(emu, monkeypatch):

@@ -165,15 +165,13 @@ def _limits(device: torch.device) -> tuple[int, int]:
     return lim
 
 
-def _kernel_ok(kind: str, q: torch.Tensor, table: torch.Tensor) -> bool:
+def _kernel_ok(kind: str, q: torch.Tensor, table: torch.Tensor, mma: bool = False) -> bool:
+    """Whether the ``kind`` kernel (the warp-tiled one with ``mma``) can run for q and table on q's GPU: the shapes
+    and dtype are covered and its shared memory fits the device."""
     if not (q.is_cuda and kernel_supports(q, table) and q.numel() > 0):
         return False
-    return shared_bytes(kind, q.shape[-2], table.shape[-1], q.shape[-1]) <= _limits(q.device)[0]
-
-
-def _fits(shared: int, device: torch.device) -> bool:
-    """Whether a block with ``shared`` bytes of dynamic shared memory can start on ``device``."""
-    return device.type != "cuda" or shared <= _limits(device)[0]
+    size = mma_shared_bytes if mma else shared_bytes
+    return size(kind, q.shape[-2], table.shape[-1], q.shape[-1]) <= _limits(q.device)[0]
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
@@ -267,12 +265,13 @@ def _attend(q, k, v, table, buckets, scale) -> tuple[torch.Tensor, torch.Tensor]
     PyTorch formulas."""
     n, h, length, d = q.shape
     out, lse = _forward_outputs(q)
-    if not _kernel_ok("fwd", q, table):
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    mma = use_mma(q, k, v, out) and _kernel_ok("fwd", q, table, mma=True)
+    if not (mma or _kernel_ok("fwd", q, table)):
         o, lse_t = _forward_torch(q, k, v, table, buckets, scale)
         out.copy_(o)
         lse.copy_(lse_t)
         return out, lse
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     table_f = table.to(device=q.device, dtype=torch.float32).contiguous()
     buckets_c = buckets.to(q.device).contiguous()
     nb = table.shape[1]
@@ -281,7 +280,7 @@ def _attend(q, k, v, table, buckets, scale) -> tuple[torch.Tensor, torch.Tensor]
         cb.ptr(table_f), cb.ptr(buckets_c), cb.ptr(out), *_strides3(out), cb.ptr(lse),
         cb.i32(h), cb.i32(length), cb.i32(nb), cb.i64(n * h), cb.f32(scale),
     )
-    if use_mma(q, k, v, out) and _fits(mma_shared_bytes("fwd", length, nb, d), q.device):
+    if mma:
         kernel, threads, shared = mma_kernel_name("fwd", d), MMA_THREADS, mma_shared_bytes("fwd", length, nb, d)
     else:
         kernel, threads, shared = kernel_name("fwd", d, use_tensor_cores(q)), THREADS, shared_bytes("fwd", length, nb, d)
@@ -330,16 +329,16 @@ def _fill_backward(grad_out, q, k, v, out, lse, table, buckets, scale, dq, dk, d
     ``grad_out``: the kernels where they apply, else the PyTorch formulas."""
     n, h, length, d = q.shape
     nb = table.shape[1]
-    if not _kernel_ok("bwd", q, table):
+    grad_out = grad_out.to(q.dtype)
+    q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
+    mma = use_mma(q, k, v, out, grad_out, dq) and _kernel_ok("bwd", q, table, mma=True)
+    if not (mma or _kernel_ok("bwd", q, table)):
         for dst, src in zip((dq, dk, dv, dtable), _backward_torch(grad_out, q, k, v, out, lse, table, buckets, scale)):
             dst.copy_(src)
         return
-    grad_out = grad_out.to(q.dtype)
-    q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
     table_f = table.to(device=q.device, dtype=torch.float32).contiguous()
     buckets_c = buckets.to(q.device).contiguous()
     lse_c = lse.to(torch.float32).contiguous()
-    mma = use_mma(q, k, v, out, grad_out, dq) and _fits(mma_shared_bytes("bwd", length, nb, d), q.device)
     if mma:
         kernel, threads, shared = mma_kernel_name("bwd", d), MMA_THREADS, mma_shared_bytes("bwd", length, nb, d)
     else:
