@@ -441,11 +441,12 @@ def kernels_in_use(device: torch.device, kind: str = "lomar") -> list[str]:
 
 def op_paths() -> dict[str, str]:
     """The pure-PyTorch paths the rows ran (``$LOMAR_IRPE_PATH``, ``$LOMAR_ATTN_PATH``; the kernels follow the
-    variant)."""
+    variant), and the form of the window-attention kernel where a variant runs it (``$LOMAR_WA_KERNEL``)."""
+    from lomar_fast.ops._window_attention_cuda import kernel_choice
     from lomar_fast.ops.irpe import irpe_path
     from lomar_fast.ops.window_attention import attention_path
 
-    return {"irpe": irpe_path(), "attention": attention_path()}
+    return {"irpe": irpe_path(), "attention": attention_path(), "window_attention_kernel": kernel_choice()}
 
 
 def engine_config(ds_raw: dict, mode: str) -> dict:
@@ -871,6 +872,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"FLOPs = matmul FLOPs per training image (fwd+bwd = 3x fwd); MFU against the measured matmul in the "
              f"row's dtype; {c['data']}"
              + (f"; iRPE path {c['paths']['irpe']}, attention path {c['paths']['attention']}" if c.get("paths") else "")
+             + (f", window-attention kernel {c['paths']['window_attention_kernel']}"
+                if c.get("paths", {}).get("window_attention_kernel") else "")
              + ".", "",
              "| model | size | variant | engine | dtype | batch | img/s | step ms (median) | GFLOP/img | TFLOP/s | MFU | "
              "peak GiB | syncs/step | status |",

@@ -249,7 +249,8 @@ def test_find_max_batch_with_rows_searches_only_their_model_and_size_pairs(tmp_p
 
 
 def test_benchmark_records_the_op_paths_its_rows_ran(tmp_path, bench, monkeypatch):
-    """$LOMAR_ATTN_PATH / $LOMAR_IRPE_PATH change what a row times, so the report says which paths ran."""
+    """$LOMAR_ATTN_PATH / $LOMAR_IRPE_PATH / $LOMAR_WA_KERNEL change what a row times, so the report says which
+    paths ran."""
     from benchmarks import throughput as tp
 
     def fake_run_config(args, kind, size, variant, batch, device, ds_raw, world, peak, spec, profile, mode):
@@ -259,12 +260,13 @@ def test_benchmark_records_the_op_paths_its_rows_ran(tmp_path, bench, monkeypatc
 
     monkeypatch.setattr(tp, "run_config", fake_run_config)
     monkeypatch.setenv("LOMAR_ATTN_PATH", "math")
+    monkeypatch.setenv("LOMAR_WA_KERNEL", "mma")
     monkeypatch.delenv("LOMAR_IRPE_PATH", raising=False)
     bench("--models", "lomar", "--sizes", "64", "--variants", "eager", "--matmul_size", "64", "--out", str(tmp_path),
           "--name", "paths")
     doc = json.loads((tmp_path / "paths.json").read_text())
-    assert doc["config"]["paths"] == {"irpe": "bmm", "attention": "math"}
-    assert "iRPE path bmm, attention path math" in (tmp_path / "paths.md").read_text()
+    assert doc["config"]["paths"] == {"irpe": "bmm", "attention": "math", "window_attention_kernel": "mma"}
+    assert "iRPE path bmm, attention path math, window-attention kernel mma" in (tmp_path / "paths.md").read_text()
 
 
 def _skipped_rows_report(bench, tmp_path: Path, name: str, *extra: str) -> dict:
