@@ -10,8 +10,12 @@ Ops (namespace ``lomar_fast``), meaning as :func:`lomar_fast.ops.window_attentio
   dq, dk, dv in q's dtype with ``out``'s layout; ``dtable`` (D, NB) fp32 (fp64 for fp64 inputs), the sum
   over every (n, h, i) of q_i G[i, :], accumulated per block and reduced in a fixed order
   (deterministic). The probabilities are recomputed from ``lse``.
+* ``window_attention_qkv_fwd(qkv, table, buckets, scale) -> (out, lse)`` and
+  ``window_attention_qkv_bwd(grad_out, qkv, out, lse, table, buckets, scale) -> (dqkv, dtable)``: the same for the
+  q, k, v packed in the (N, L, 3, H, D) output of a fused qkv projection; ``dqkv`` comes back in that layout
+  (contiguous), the kernels writing dq, dk, dv into it through one set of strides. The model's attention uses these.
 
-Both ops run the CUDA kernels on CUDA tensors and an equivalent PyTorch computation (the same
+All ops run the CUDA kernels on CUDA tensors and an equivalent PyTorch computation (the same
 formulas, in fp32 or fp64) on other devices, so the registration, fake implementations and autograd can
 be checked on CPU. Shapes the kernels do not cover (head_dim not in 32/64/80/128, L or NB above 64, or
 more shared memory than the device allows) use the PyTorch computation on the GPU too.
