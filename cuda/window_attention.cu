@@ -1088,7 +1088,7 @@ __device__ __forceinline__ void wm_acc_to_a(unsigned int (&a)[4], const float (&
 }
 
 // c[2 p], c[2 p + 1] += A B over k in [0, K16) for the n-tile pairs p < np (M = the A tile, B from bk as
-// wm_frag_b_kn): the products P v, dS k, G T^T, dS^T q, P^T do, G^T q.
+// wm_frag_b_kn): the products G T^T, dS^T q, P^T do, G^T q.
 template <int NT, bool AT>
 __device__ __forceinline__ void wm_mm_kn(float (&c)[NT][4], const unsigned short* am, int lda, int r0,
                                          const unsigned short* bm, int ldb, int K16) {
@@ -1220,8 +1220,6 @@ __device__ __forceinline__ void wm_load_table(unsigned short* stt, const float* 
         stt[b * RS + d] = (b < NB) ? from_f32<lomar_bf16>(table[d * NB + b]).bits : (unsigned short)0;
     }
 }
-
-__device__ __forceinline__ float wm_bf16_value(unsigned short x) { return __uint_as_float((unsigned int)x << 16); }
 
 // The A fragments of the 16-row strip at r0 of a D-wide bf16 tile in shared memory.
 template <int D>
@@ -1417,7 +1415,7 @@ window_attention_mma_bwd(const unsigned short* __restrict__ q, long long q_sn, l
     unsigned short* sp = stt + Lay::TILE;    // P
     unsigned short* sds = sp + Lay::PTILE;   // dS
     unsigned short* sg = sds + Lay::PTILE;   // G
-    float* sqt = reinterpret_cast<float*>(sg + Lay::PTILE);  // q T of each strip
+    float* sqt = reinterpret_cast<float*>(sg + Lay::PTILE);  // q T of each strip, then its dS in fp32
     float* slse = sqt + WM_ROWS * WM_QS;
     float* sdelta = slse + WM_ROWS;
     unsigned char* sbk = reinterpret_cast<unsigned char*>(sdelta + WM_ROWS);

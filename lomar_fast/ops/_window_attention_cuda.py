@@ -258,6 +258,15 @@ def _forward_torch(q, k, v, table, buckets, scale):
     return torch.matmul(probs, v.to(probs.dtype)), lse
 
 
+def _kernel_launch(kind: str, q: torch.Tensor, nb: int, mma: bool) -> tuple[str, int, int]:
+    """(kernel name, threads per block, dynamic shared bytes) of the ``kind`` kernel for q: the warp-tiled one with
+    ``mma``, else the tile kernel (tensor cores or not, by :func:`use_tensor_cores`)."""
+    length, d = q.shape[-2], q.shape[-1]
+    if mma:
+        return mma_kernel_name(kind, d), MMA_THREADS, mma_shared_bytes(kind, length, nb, d)
+    return kernel_name(kind, d, use_tensor_cores(q)), THREADS, shared_bytes(kind, length, nb, d)
+
+
 def _forward_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Empty (out, lse) for the (N, H, L, D) q: out with (N, L, H, D) memory, lse (N, H, L) in the compute dtype."""
     n, h, length, _ = q.shape
@@ -284,10 +293,8 @@ def _attend(q, k, v, table, buckets, scale) -> tuple[torch.Tensor, torch.Tensor]
         cb.ptr(table_f), cb.ptr(buckets_c), cb.ptr(out), *_strides3(out), cb.ptr(lse),
         cb.i32(h), cb.i32(length), cb.i32(nb), cb.i64(n * h), cb.f32(scale),
     )
-    if mma:
-        kernel, threads, shared = mma_kernel_name("fwd", d), MMA_THREADS, mma_shared_bytes("fwd", length, nb, d)
-    else:
-        kernel, threads, shared = kernel_name("fwd", d, use_tensor_cores(q)), THREADS, shared_bytes("fwd", length, nb, d)
+    kernel, threads, shared = _kernel_launch("fwd", q, nb, mma)
+    if not mma:
         args += (cb.i32(DTYPE_CODES[q.dtype]), cb.i32(int(_aligned(q, k, v))))
     _launch(kernel, q.device, _grid(kernel, q.device, shared, n * h, threads), threads, args, shared)
     return out, lse
@@ -343,10 +350,7 @@ def _fill_backward(grad_out, q, k, v, out, lse, table, buckets, scale, dq, dk, d
     table_f = table.to(device=q.device, dtype=torch.float32).contiguous()
     buckets_c = buckets.to(q.device).contiguous()
     lse_c = lse.to(torch.float32).contiguous()
-    if mma:
-        kernel, threads, shared = mma_kernel_name("bwd", d), MMA_THREADS, mma_shared_bytes("bwd", length, nb, d)
-    else:
-        kernel, threads, shared = kernel_name("bwd", d, use_tensor_cores(q)), THREADS, shared_bytes("bwd", length, nb, d)
+    kernel, threads, shared = _kernel_launch("bwd", q, nb, mma)
     grid = _grid(kernel, q.device, shared, n * h, threads)
     part = torch.empty((grid, d, nb), dtype=torch.float32, device=q.device)
     args = (

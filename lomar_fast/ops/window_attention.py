@@ -104,13 +104,28 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: t
         (N, H, L, D) in q's dtype. Differentiable in q, k, v and table.
     """
     check_window_attention_inputs(q, k, v, table, buckets)
-    if use_kernel(q, k, v, table, buckets, auto_default=AUTO_USES_KERNEL):
-        from . import _window_attention_cuda  # imported lazily: the kernel path needs CuPy and a GPU
+    kernel = _kernel_inputs(q, k, v, table, buckets, scale, rpe_scale)
+    if kernel is not None:
+        cuda, s, t = kernel
+        return cuda.window_attention(q, k, v, t, buckets, s)
+    return _pytorch_path(q, k, v, table, buckets, scale, rpe_scale)
 
-        if _window_attention_cuda.kernel_supports(q, table):
-            s = default_scale(q.shape[-1]) if scale is None else float(scale)
-            t = table if rpe_scale is None else table * rpe_scale
-            return _window_attention_cuda.window_attention(q, k, v, t, buckets, s)
+
+def _kernel_inputs(q, k, v, table, buckets, scale, rpe_scale):
+    """(the CUDA module, the q k^T scale, the table with rpe_scale folded in) where the fused kernel takes these
+    inputs, else None."""
+    if not use_kernel(q, k, v, table, buckets, auto_default=AUTO_USES_KERNEL):
+        return None
+    from . import _window_attention_cuda  # imported lazily: the kernel path needs CuPy and a GPU
+
+    if not _window_attention_cuda.kernel_supports(q, table):
+        return None
+    s = default_scale(q.shape[-1]) if scale is None else float(scale)
+    return _window_attention_cuda, s, (table if rpe_scale is None else table * rpe_scale)
+
+
+def _pytorch_path(q, k, v, table, buckets, scale, rpe_scale):
+    """The pure-PyTorch attention: ``math`` for windows where $LOMAR_ATTN_PATH asks for it, else ``sdpa``."""
     if q.shape[-2] <= MATH_MAX_TOKENS and attention_path() == "math":
         return window_attention_math(q, k, v, table, buckets, scale, rpe_scale)
     return window_attention_sdpa(q, k, v, table, buckets, scale, rpe_scale)
@@ -128,11 +143,8 @@ def window_attention_qkv(qkv: torch.Tensor, table: torch.Tensor, buckets: torch.
         raise ValueError(f"window_attention_qkv: qkv must be (N, L, 3, H, D), got shape {tuple(qkv.shape)}")
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     check_window_attention_inputs(q, k, v, table, buckets)
-    if use_kernel(q, k, v, table, buckets, auto_default=AUTO_USES_KERNEL):
-        from . import _window_attention_cuda  # imported lazily: the kernel path needs CuPy and a GPU
-
-        if _window_attention_cuda.kernel_supports(q, table):
-            s = default_scale(q.shape[-1]) if scale is None else float(scale)
-            t = table if rpe_scale is None else table * rpe_scale
-            return _window_attention_cuda.window_attention_qkv(qkv, t, buckets, s)
-    return window_attention(q, k, v, table, buckets, scale, rpe_scale=rpe_scale)
+    kernel = _kernel_inputs(q, k, v, table, buckets, scale, rpe_scale)
+    if kernel is not None:
+        cuda, s, t = kernel
+        return cuda.window_attention_qkv(qkv, t, buckets, s)
+    return _pytorch_path(q, k, v, table, buckets, scale, rpe_scale)
