@@ -11,7 +11,8 @@
 #   engine_modes    LoMaR at 224, compiled blocks, in DeepSpeed's bf16 mode and without DeepSpeed (the shipped
 #                   torch_autocast row is the throughput stage's);
 #   attention_math  the same step with the explicit-logits attention (LOMAR_ATTN_PATH=math);
-#   attention_mma   the same step with the kernels on and the warp-tiled attention kernels (LOMAR_WA_KERNEL=mma);
+#   attention_mma   the same step with the kernels on and the warp-tiled attention kernels (LOMAR_WA_KERNEL=mma),
+#                   compiled blocks and the whole model compiled;
 #   gradient_buffer the same step with ZeRO's contiguous gradient buffer (one rank leaves it off by default);
 #   batch512        LoMaR at 224 at micro-batch 512, compiled blocks and the whole model compiled;
 #   kernels         the kernel benchmark, --quick (each kernel, and the explicit-logits path, vs its eager and
@@ -208,10 +209,11 @@ if [ "$no_tp" != 1 ]; then
     --sizes 224 --variants compile --out "$RESULTS/throughput" --name attention_math \
     --time_budget "$(budget "$(reserve attention_math)" 40)" ${cpu_tp[@]+"${cpu_tp[@]}"}
   # the kernels on, with the warp-tiled attention kernels (ldmatrix, scores and softmax in registers), in the
-  # shipped step; the baseline is again the throughput stage's lomar 224 compile row
-  ds_stage attention_mma 80 "$(reserve attention_mma)" env LOMAR_WA_KERNEL=mma "$PY" -m benchmarks.throughput --quick \
-    --models lomar --sizes 224 --variants compile+kernels --out "$RESULTS/throughput" --name attention_mma \
-    --time_budget "$(budget "$(reserve attention_mma)" 40)" ${cpu_tp[@]+"${cpu_tp[@]}"}
+  # shipped step, compiled blocks then the whole model compiled; the baselines are the throughput stage's lomar
+  # 224 compile and compile-model rows
+  ds_stage attention_mma 150 "$(reserve attention_mma)" env LOMAR_WA_KERNEL=mma "$PY" -m benchmarks.throughput --quick \
+    --models lomar --sizes 224 --variants compile+kernels compile-model+kernels --out "$RESULTS/throughput" \
+    --name attention_mma --time_budget "$(budget "$(reserve attention_mma)" 110)" ${cpu_tp[@]+"${cpu_tp[@]}"}
   # the same with ZeRO's contiguous gradient buffer, which the shipped JSON leaves off on one rank
   ds_stage gradient_buffer 80 "$(reserve gradient_buffer)" "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
     --contiguous_gradients true --out "$RESULTS/throughput" --name gradient_buffer --time_budget "$(budget "$(reserve gradient_buffer)" 40)" \

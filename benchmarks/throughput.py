@@ -20,8 +20,8 @@ Variants: ``eager`` (reference), ``compile`` (torch.compile per block, or of the
 --compile_scope model: lomar_fast.compilation, what the entry points' --compile does), ``compile-model`` (the
 whole model, whatever --compile_scope says), ``compile-model-autotune`` (inductor's max-autotune GEMM templates
 with fused bias/GELU epilogues, GPU only), ``compile-model-cudagraphs`` (inductor's reduce-overhead mode: the
-compiled forward and backward replayed as CUDA graphs, GPU only), and ``eager`` or ``compile`` with ``+kernels``
-(every fused CUDA kernel on). Without ``+kernels`` a row runs the kernels' shipped ``auto`` choice (those a
+compiled forward and backward replayed as CUDA graphs, GPU only), and ``eager``, ``compile`` or ``compile-model``
+with ``+kernels`` (every fused CUDA kernel on). Without ``+kernels`` a row runs the kernels' shipped ``auto`` choice (those a
 committed GPU result made default, where CuPy is installed), which is what the entry points run, or none with
 ``--kernel_mode off``; each row records the kernels it ran (``kernels``). Each model has its own variant list and micro-batch
 (``--mae_variants``, ``--lomar_batch``, ``--mae_batch``), so each runs at its best; the LoMaR/MAE ratios are
@@ -63,7 +63,7 @@ from lomar_fast.compilation import SCOPES, apply_compile
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "lomar_fast.throughput/2"  # 2: engine mode and compute dtype per row, matmul peak per dtype
 VARIANTS = ("eager", "compile", "compile-model", "compile-model-autotune", "compile-model-cudagraphs",
-            "eager+kernels", "compile+kernels")
+            "eager+kernels", "compile+kernels", "compile-model+kernels")
 # inductor mode of each whole-model variant: autotuned GEMM templates with fused epilogues, or CUDA graphs
 INDUCTOR_MODES = {"compile-model-autotune": "max-autotune-no-cudagraphs", "compile-model-cudagraphs": "reduce-overhead"}
 MODEL_KINDS = ("lomar", "mae")
@@ -1021,7 +1021,7 @@ def max_batch_pairs(args) -> list[tuple[str, int]]:
 # 1-2 s / about 8 s; compiled blocks 10 s / 16 s (later sizes reuse the graph); whole model 36-51 s / 45-57 s.
 # The CUDA-graph and autotuned whole-model variants have not run on a GPU: their costs are guesses.
 ROW_COST_S = {"eager": 15.0, "eager+kernels": 20.0, "compile": 30.0, "compile+kernels": 30.0, "compile-model": 70.0,
-              "compile-model-cudagraphs": 90.0, "compile-model-autotune": 300.0}
+              "compile-model+kernels": 70.0, "compile-model-cudagraphs": 90.0, "compile-model-autotune": 300.0}
 
 
 def row_cost(variant: str) -> float:
