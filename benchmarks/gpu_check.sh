@@ -13,6 +13,8 @@
 #   attention_math  the same step with the explicit-logits attention (LOMAR_ATTN_PATH=math);
 #   attention_mma   the same step with the kernels on and the warp-tiled attention kernels (LOMAR_WA_KERNEL=mma),
 #                   compiled blocks and the whole model compiled;
+#   irpe_aligned    the same step (compiled blocks) with the iRPE bias in SDPA's aligned layout
+#                   (LOMAR_IRPE_PATH=bmm_aligned);
 #   gradient_buffer the same step with ZeRO's contiguous gradient buffer (one rank leaves it off by default);
 #   batch512        LoMaR at 224 at micro-batch 512, compiled blocks and the whole model compiled;
 #   kernels         the kernel benchmark, --quick (each kernel, and the explicit-logits path, vs its eager and
@@ -41,8 +43,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
-ALL_STAGES="gpu_tests throughput engine_modes attention_math attention_mma gradient_buffer batch512 kernels"
-DS_STAGES="throughput engine_modes attention_math attention_mma gradient_buffer batch512"  # need DeepSpeed; --no-throughput skips
+ALL_STAGES="gpu_tests throughput engine_modes attention_math attention_mma irpe_aligned gradient_buffer batch512 kernels"
+DS_STAGES="throughput engine_modes attention_math attention_mma irpe_aligned gradient_buffer batch512"  # need DeepSpeed; --no-throughput skips
 no_tp=0
 [ "${1:-}" = "--no-throughput" ] && no_tp=1
 wanted=""
@@ -214,6 +216,12 @@ if [ "$no_tp" != 1 ]; then
   ds_stage attention_mma 150 "$(reserve attention_mma)" env LOMAR_WA_KERNEL=mma "$PY" -m benchmarks.throughput --quick \
     --models lomar --sizes 224 --variants compile+kernels compile-model+kernels --out "$RESULTS/throughput" \
     --name attention_mma --time_budget "$(budget "$(reserve attention_mma)" 110)" ${cpu_tp[@]+"${cpu_tp[@]}"}
+  # the iRPE bias by batched matmuls into the padded layout SDPA's memory-efficient kernel reads without a copy
+  # (LOMAR_IRPE_PATH=bmm_aligned: 16-byte-aligned GEMM rows); the baseline is the throughput stage's lomar 224
+  # compile row (LOMAR_IRPE_PATH=bmm)
+  ds_stage irpe_aligned 80 "$(reserve irpe_aligned)" env LOMAR_IRPE_PATH=bmm_aligned "$PY" -m benchmarks.throughput --quick \
+    --models lomar --sizes 224 --variants compile --out "$RESULTS/throughput" --name irpe_aligned \
+    --time_budget "$(budget "$(reserve irpe_aligned)" 40)" ${cpu_tp[@]+"${cpu_tp[@]}"}
   # the same with ZeRO's contiguous gradient buffer, which the shipped JSON leaves off on one rank
   ds_stage gradient_buffer 80 "$(reserve gradient_buffer)" "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
     --contiguous_gradients true --out "$RESULTS/throughput" --name gradient_buffer --time_budget "$(budget "$(reserve gradient_buffer)" 40)" \

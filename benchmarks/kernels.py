@@ -12,7 +12,8 @@ Cases at ViT-B shapes (B=256 images, K=4 windows of 7x7 patches, 224 px, p=16; 1
   does running the embedding on 20% of the tokens pay?
 * ``irpe_fwd``: the iRPE key bias; ``irpe_fwd_bwd``: bias forward + backward (dq, dtable);
   ``irpe_attention``: bias + scaled_dot_product_attention forward + backward (the bias layout matters here:
-  the reference's (.., 50, 50) bias is padded by SDPA, the kernel's is not).
+  the reference's (.., 50, 50) bias is padded by SDPA, the kernel's is not); the ``[compiled aligned bmm path]``
+  rows time the batched-matmul bias into that padded layout (LOMAR_IRPE_PATH=bmm_aligned) against the plain one.
 * ``window_attention_fwd`` / ``window_attention_fwd_bwd``: the fused window-attention kernel (scores, iRPE
   term, softmax, P v in one kernel; dq, dk, dv, dtable in its backward) against the current path,
   ``scaled_dot_product_attention`` with the batched-matmul iRPE bias, eager and ``torch.compile``'d; q, k, v
@@ -138,7 +139,7 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
     """Each case: name, bytes, tolerance, and callables kernel / reference (returning tensors to compare)."""
     from lomar_fast.ops import _window_gather_cuda as wgc
     from lomar_fast.ops import window_gather_ref as wgr
-    from lomar_fast.ops.irpe_ref import irpe_key_bias_bmm, irpe_key_bias_reference
+    from lomar_fast.ops.irpe_ref import SDPA_BIAS_ALIGN, irpe_key_bias_bmm, irpe_key_bias_reference
     from lomar_fast.ops.window_attention import window_attention_math
     from lomar_fast.ops.window_gather_ref import gather_windows_reference
 
@@ -205,6 +206,10 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
             return torch.autograd.grad(out, (qq, tt), x["grad_bias"])
 
         return run
+
+    def aligned_bmm(qq, tt, bk):
+        """The iRPE bias of LOMAR_IRPE_PATH=bmm_aligned: into the layout SDPA reads without a copy."""
+        return irpe_key_bias_bmm(qq, tt, bk, align=SDPA_BIAS_ALIGN)
 
     def attention(fn, compiled_sdpa: bool = False):
         def fwd(qq, k2, v2, tt):
@@ -326,6 +331,20 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
              kernel=attention(irpe_key_bias_bmm),
              reference=attention(irpe_key_bias_reference),
              compiled=lambda: attention(irpe_key_bias_reference, compiled_sdpa=True)),
+        # the batched-matmul path into SDPA's aligned bias layout (LOMAR_IRPE_PATH=bmm_aligned), compiled, in the
+        # "kernel" column; the references are the plain batched-matmul path (the default), eager and compiled
+        dict(name="irpe_fwd_bwd[compiled aligned bmm path]", bytes=2 * (q_bytes + bias_bytes) + q_bytes, tol=tol,
+             bytes_note="as irpe_fwd_bwd; the kernel column is torch.compile(irpe_key_bias_bmm, align=8), the "
+                        "references irpe_key_bias_bmm",
+             kernel=irpe_fwd_bwd(torch.compile(aligned_bmm)),
+             reference=irpe_fwd_bwd(irpe_key_bias_bmm),
+             compiled=lambda: irpe_fwd_bwd(torch.compile(irpe_key_bias_bmm))),
+        dict(name="irpe_attention[compiled aligned bmm path]", bytes=None, tol=3 * tol,
+             bytes_note="the kernel column is bias (irpe_key_bias_bmm, align=8) + SDPA compiled, the references "
+                        "the same with the plain batched-matmul bias",
+             kernel=attention(aligned_bmm, compiled_sdpa=True),
+             reference=attention(irpe_key_bias_bmm),
+             compiled=lambda: attention(irpe_key_bias_bmm, compiled_sdpa=True)),
         # the explicit-logits path (LOMAR_ATTN_PATH=math) in the "kernel" column, against SDPA + the bias
         *(dict(name=f"window_attention_{kind}[{label}]", bytes=nbytes, tol=3 * tol,
                bytes_note=f"{note}; the kernel column is {how}(window_attention_math) (pure PyTorch)",

@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
         first_fits = not plan or args.time_budget is None or args.time_budget > tp.row_cost(plan[0][2])
         _record(argv, plan=[":".join(map(str, p)) for p in plan], target=target and ":".join(map(str, target)),
                 budget=args.time_budget, first_row_fits=first_fits,
-                env={name: os.environ.get(name) for name in ("LOMAR_ATTN_PATH", "LOMAR_WA_KERNEL")})
+                env={name: os.environ.get(name) for name in ("LOMAR_ATTN_PATH", "LOMAR_WA_KERNEL", "LOMAR_IRPE_PATH")})
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, f"{args.name}.json").write_text(json.dumps({"stub": True, "plan": len(plan)}))
         return 0

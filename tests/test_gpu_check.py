@@ -37,8 +37,8 @@ def stages(tmp_path: Path) -> dict[str, str]:
     return {line.split()[0]: line for line in lines if " rc=" in line or " skipped" in line}
 
 
-ORDER = ["gpu_tests", "throughput", "engine_modes", "attention_math", "attention_mma", "gradient_buffer", "batch512",
-         "kernels"]
+ORDER = ["gpu_tests", "throughput", "engine_modes", "attention_math", "attention_mma", "irpe_aligned", "gradient_buffer",
+         "batch512", "kernels"]
 
 
 def test_every_stage_parses_and_the_output_is_what_a_device_call_returns(tmp_path):
@@ -63,8 +63,11 @@ def test_every_stage_parses_and_the_output_is_what_a_device_call_returns(tmp_pat
     math = next(c for c in bench if "attention_math" in c["argv"])
     assert math["env"]["LOMAR_ATTN_PATH"] == "math" and math["plan"] == ["lomar:224:compile:torch_autocast"]
     mma = next(c for c in bench if "attention_mma" in c["argv"])
-    assert mma["env"] == {"LOMAR_ATTN_PATH": None, "LOMAR_WA_KERNEL": "mma"}
+    assert mma["env"] == {"LOMAR_ATTN_PATH": None, "LOMAR_WA_KERNEL": "mma", "LOMAR_IRPE_PATH": None}
     assert mma["plan"] == [f"lomar:224:{v}:torch_autocast" for v in ("compile+kernels", "compile-model+kernels")]
+    aligned = next(c for c in bench if "irpe_aligned" in c["argv"])
+    assert aligned["env"]["LOMAR_IRPE_PATH"] == "bmm_aligned" and aligned["plan"] == ["lomar:224:compile:torch_autocast"]
+    assert all(c["env"]["LOMAR_IRPE_PATH"] is None for c in bench if c is not aligned)
     buffer = next(c for c in bench if "gradient_buffer" in c["argv"])
     assert buffer["plan"] == ["lomar:224:compile:torch_autocast"] and "--contiguous_gradients" in buffer["argv"]
     big = next(c for c in bench if "batch512" in c["argv"])
@@ -131,7 +134,8 @@ def test_without_deepspeed_the_gpu_tests_and_kernels_still_run(tmp_path):
     done = stages(tmp_path)
     assert " rc=0 " in done["gpu_tests"] and " rc=0 " in done["kernels"], done
     assert all(done[s].endswith("skipped: no deepspeed") for s in ("throughput", "engine_modes", "attention_math",
-                                                                   "attention_mma", "gradient_buffer", "batch512")), done
+                                                                   "attention_mma", "irpe_aligned", "gradient_buffer",
+                                                                   "batch512")), done
     assert not any(c["argv"][:2] == ["-m", "benchmarks.throughput"] for c in calls)
 
 

@@ -213,8 +213,10 @@ def test_bucket_cache_ignores_ambient_default_device():
 
 
 # ------------------------------------------------------------------ batched-matmul formulation
+@pytest.mark.parametrize("align", [1, 8])
 @pytest.mark.parametrize("grid,heads,head_dim", [((5, 5), 3, 16), ((3, 7), 2, 8), ((7, 7), 1, 32)])
-def test_bmm_path_equals_reference_values_and_grads(grid, heads, head_dim):
+def test_bmm_path_equals_reference_values_and_grads(grid, heads, head_dim, align):
+    """Both forms of the batched-matmul path (plain; into SDPA's aligned bias layout) against the gather."""
     from lomar_fast.ops.irpe import irpe_key_bias_bmm, irpe_key_bias_reference
 
     gen = torch.Generator().manual_seed(3)
@@ -225,27 +227,68 @@ def test_bmm_path_equals_reference_values_and_grads(grid, heads, head_dim):
     q = q.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
     table = torch.randn(head_dim, 50, dtype=torch.float64, generator=gen, requires_grad=True)
     ref = irpe_key_bias_reference(q, table, buckets)
-    out = irpe_key_bias_bmm(q, table, buckets)
+    out = irpe_key_bias_bmm(q, table, buckets, align=align)
     assert out.shape == ref.shape and out.stride(-1) == 1
+    # every stride but the last a multiple of align (L = 25, 21, 49: never aligned by itself)
+    assert all(st % align == 0 for st in out.stride()[:-1]) and (align == 1 or L % align != 0), out.stride()
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     g = torch.randn(ref.shape, dtype=torch.float64, generator=gen)
     for a, b in zip(torch.autograd.grad(ref, (q, table), g), torch.autograd.grad(out, (q, table), g)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     # fast mode: the Jacobian checked through random projections (the full one takes ~30 s at L = 50)
-    assert torch.autograd.gradcheck(lambda qq, tt: irpe_key_bias_bmm(qq, tt, buckets), (q, table), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda qq, tt: irpe_key_bias_bmm(qq, tt, buckets, align=align), (q, table),
+                                    fast_mode=True)
+
+
+def test_aligned_bmm_path_feeds_sdpa_and_compiles_whole():
+    """The aligned form as the model uses it: SDPA's bias under bf16 autocast (the result equals the plain
+    form's, the gradients too), compiled without a graph break; a bad align is a ValueError naming it."""
+    from lomar_fast.ops.irpe import SDPA_BIAS_ALIGN, irpe_key_bias_bmm
+
+    gen = torch.Generator().manual_seed(5)
+    buckets = bucket_ids(7, 7, cls_token=True)  # L = 50, as in the pretraining windows
+    L = buckets.shape[0]
+    q, k, v = (torch.randn(2, 3, L, 16, generator=gen, requires_grad=True) for _ in range(3))
+    table = torch.randn(16, int(buckets.max()) + 1, generator=gen, requires_grad=True)
+
+    def attend(align):
+        bias = irpe_key_bias_bmm(q, table, buckets, align=align)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    g = torch.randn(2, 3, L, 16, generator=gen)
+    want = attend(1)
+    grads = torch.autograd.grad(want, (q, k, v, table), g)
+    got = attend(SDPA_BIAS_ALIGN)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v, table), g), grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda qq, tt: irpe_key_bias_bmm(qq, tt, buckets, align=SDPA_BIAS_ALIGN),
+                             fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = compiled(q.bfloat16(), table)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 3, L, L)
+    ref = irpe_key_bias_bmm(q.bfloat16().float(), table.bfloat16().float(), buckets).detach()
+    assert (out.float() - ref).abs().max() <= 1e-2 * ref.abs().max()  # bf16 products of the same inputs
+    with pytest.raises(ValueError, match="align"):
+        irpe_key_bias_bmm(q, table, buckets, align=0)
 
 
 def test_irpe_path_switch(monkeypatch):
     import lomar_fast.ops.irpe as ops_irpe
 
     calls = []
-    monkeypatch.setattr(ops_irpe, "irpe_key_bias_bmm", lambda *a: calls.append("bmm") or ops_irpe.irpe_key_bias_reference(*a))
+    monkeypatch.setattr(ops_irpe, "irpe_key_bias_bmm",
+                        lambda q, t, b, align=1: calls.append(("bmm", align)) or ops_irpe.irpe_key_bias_reference(q, t, b))
     q, t, b = torch.randn(1, 1, 10, 4), torch.randn(4, 50), bucket_ids(3, 3)
     monkeypatch.setenv("LOMAR_IRPE_PATH", "bmm")
     ops_irpe.irpe_key_bias(q, t, b)
     monkeypatch.setenv("LOMAR_IRPE_PATH", "reference")
     ops_irpe.irpe_key_bias(q, t, b)
-    assert calls == ["bmm"]
+    assert calls == [("bmm", 1)]
+    monkeypatch.setenv("LOMAR_IRPE_PATH", "bmm_aligned")
+    ops_irpe.irpe_key_bias(q, t, b)
+    assert calls == [("bmm", 1), ("bmm", 8)]
     monkeypatch.setenv("LOMAR_IRPE_PATH", "fast")
     with pytest.raises(ValueError, match="LOMAR_IRPE_PATH"):
         ops_irpe.irpe_key_bias(q, t, b)

@@ -639,3 +639,26 @@ def test_normalize_images_copies_its_channel_stats_to_the_device_once():
     scale = torch.ones(1, requires_grad=True)  # the cached stats work in a graph autograd records
     ((images.normalize_images(x) * scale).sum()).backward()
     assert scale.grad is not None
+
+
+def test_lomar_loss_and_gradients_are_the_same_on_every_irpe_path(monkeypatch):
+    """$LOMAR_IRPE_PATH changes how the iRPE term is computed, not the model: loss and every gradient agree."""
+    torch.manual_seed(0)
+    m = tiny_lomar(embed_dim=64, num_heads=2)
+    g = torch.Generator().manual_seed(2)
+    images = smooth_images(2, 64, g)
+    windows, masks = m.sample(2, generator=g)
+    results = {}
+    for path in ("reference", "bmm", "bmm_aligned"):
+        monkeypatch.setenv("LOMAR_IRPE_PATH", path)
+        m.zero_grad()
+        loss, _, _ = m(images, windows, masks)
+        loss.backward()
+        results[path] = (loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None])
+    loss0, grads0 = results["reference"]
+    assert len(grads0) == sum(1 for p in m.parameters() if p.requires_grad)
+    for path in ("bmm", "bmm_aligned"):
+        loss, grads = results[path]
+        torch.testing.assert_close(loss, loss0, rtol=1e-6, atol=1e-6)
+        for a, b in zip(grads, grads0):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
