@@ -41,8 +41,15 @@ ORDER = ["gpu_tests", "throughput", "engine_modes", "attention_math", "attention
          "batch512", "kernels"]
 
 
-def test_every_stage_parses_and_the_output_is_what_a_device_call_returns(tmp_path):
-    proc, calls = run_check(tmp_path)
+@pytest.fixture(scope="module")
+def full_check(tmp_path_factory):
+    """The whole check with the defaults, run once for the tests that read it: (its folder, process, calls)."""
+    tmp_path = tmp_path_factory.mktemp("full")
+    return (tmp_path, *run_check(tmp_path))
+
+
+def test_every_stage_parses_and_the_output_is_what_a_device_call_returns(full_check):
+    tmp_path, proc, calls = full_check
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     done = stages(tmp_path)
     assert list(done) == ORDER, done
@@ -99,16 +106,18 @@ def test_stages_runs_only_the_stages_named_and_gpu_tests_narrows_the_tests(tmp_p
     assert not any(c["argv"][:1] == ["-m"] for c in calls)
 
 
-def test_a_stage_not_run_keeps_no_time_back(tmp_path):
+def test_a_stage_not_run_keeps_no_time_back(tmp_path, full_check):
     """Each stage's limit leaves time for the stages after it; a stage that does not run (left out of STAGES,
     --no-throughput) keeps none: the GPU tests alone get their whole cap, not what the full check leaves them."""
     limits = {}
     for name, args, env in (("only", (), {"STAGES": "gpu_tests"}), ("no_tp", ("--no-throughput",), {}),
-                            ("all", (), {})):
-        (tmp_path / name).mkdir()
-        proc, _ = run_check(tmp_path / name, *args, **env)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        limits[name] = {k: int(v.rsplit("limit=", 1)[1]) for k, v in stages(tmp_path / name).items()}
+                            ("all", None, None)):
+        folder = full_check[0] if args is None else tmp_path / name
+        if args is not None:
+            folder.mkdir()
+            proc, _ = run_check(folder, *args, **env)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        limits[name] = {k: int(v.rsplit("limit=", 1)[1]) for k, v in stages(folder).items()}
     assert limits["only"] == {"gpu_tests": 180} and limits["no_tp"]["gpu_tests"] == 180, limits
     assert limits["all"]["gpu_tests"] <= 540 - 440, limits  # the full check: 440 s kept for the stages after it
 
@@ -141,7 +150,7 @@ def test_without_deepspeed_the_gpu_tests_and_kernels_still_run(tmp_path):
 
 def test_throughput_args_replace_the_plan_for_both_models(tmp_path):
     """With THROUGHPUT_ARGS stage 2 runs the benchmark's defaults plus those flags: --variants then limits MAE too."""
-    proc, calls = run_check(tmp_path, THROUGHPUT_ARGS="--variants eager --sizes 224")
+    proc, calls = run_check(tmp_path, THROUGHPUT_ARGS="--variants eager --sizes 224", STAGES="throughput")
     assert proc.returncode == 0, proc.stderr[-3000:]
     main = next(c for c in calls if c["argv"][:2] == ["-m", "benchmarks.throughput"])
     assert main["plan"] == ["lomar:224:eager:torch_autocast", "mae:224:eager:torch_autocast"]
