@@ -18,7 +18,9 @@
 #   gradient_buffer the same step with ZeRO's contiguous gradient buffer (one rank leaves it off by default);
 #   batch512        LoMaR at 224 at micro-batch 512, compiled blocks and the whole model compiled;
 #   kernels         the kernel benchmark, --quick (each kernel, and the explicit-logits path, vs its eager and
-#                   compiled reference).
+#                   compiled reference);
+#   autotune        LoMaR at 224, compiled blocks in inductor's max-autotune mode (GEMMs against Triton templates
+#                   that take the bias/GELU epilogues); last, as it runs only in the time the others leave.
 # The order is what issue-level figures still need first: the 2026-11-27 H200 run (benchmarks/results/h200/
 # 2026-11-27/) measured the GPU tests, the kernels and the compiled-blocks rows, and ran out of time before
 # the rest. STAGES="engine_modes batch512" runs only the stages named (in the order above), e.g. for a second
@@ -43,8 +45,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
-ALL_STAGES="gpu_tests throughput engine_modes attention_math attention_mma irpe_aligned gradient_buffer batch512 kernels"
-DS_STAGES="throughput engine_modes attention_math attention_mma irpe_aligned gradient_buffer batch512"  # need DeepSpeed; --no-throughput skips
+ALL_STAGES="gpu_tests throughput engine_modes attention_math attention_mma irpe_aligned gradient_buffer batch512 kernels autotune"
+DS_STAGES="throughput engine_modes attention_math attention_mma irpe_aligned gradient_buffer batch512 autotune"  # need DeepSpeed; --no-throughput skips
 no_tp=0
 [ "${1:-}" = "--no-throughput" ] && no_tp=1
 wanted=""
@@ -232,5 +234,10 @@ if [ "$no_tp" != 1 ]; then
 fi
 
 stage kernels 150 "$(reserve kernels)" "$PY" -m benchmarks.kernels --out "$RESULTS/kernels" "${cpu_k[@]}"
+if [ "$no_tp" != 1 ]; then
+  # shellcheck disable=SC2086
+  ds_stage autotune 240 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile-autotune \
+    --out "$RESULTS/throughput" --name autotune --time_budget "$(budget 0 200)" ${cpu_tp[@]+"${cpu_tp[@]}"}
+fi
 echo "gpu_check exit $status after $(( SECONDS - t0 ))s"
 exit $status

@@ -18,8 +18,9 @@ matmul timed in that dtype.
 
 Variants: ``eager`` (reference), ``compile`` (torch.compile per block, or of the whole model with
 --compile_scope model: lomar_fast.compilation, what the entry points' --compile does), ``compile-model`` (the
-whole model, whatever --compile_scope says), ``compile-model-autotune`` (inductor's max-autotune GEMM templates
-with fused bias/GELU epilogues, GPU only), ``compile-model-cudagraphs`` (inductor's reduce-overhead mode: the
+whole model, whatever --compile_scope says), ``compile-autotune`` and ``compile-model-autotune`` (the same two
+scopes in inductor's max-autotune mode: GEMMs autotuned against Triton templates, which take the bias/GELU
+epilogues, GPU only; the blocks share one graph, so their autotuning covers a block's GEMMs once), ``compile-model-cudagraphs`` (inductor's reduce-overhead mode: the
 compiled forward and backward replayed as CUDA graphs, GPU only), and ``eager``, ``compile`` or ``compile-model``
 with ``+kernels`` (every fused CUDA kernel on). Without ``+kernels`` a row runs the kernels' shipped ``auto`` choice (those a
 committed GPU result made default, where CuPy is installed), which is what the entry points run, or none with
@@ -62,10 +63,11 @@ from lomar_fast.compilation import SCOPES, apply_compile
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "lomar_fast.throughput/2"  # 2: engine mode and compute dtype per row, matmul peak per dtype
-VARIANTS = ("eager", "compile", "compile-model", "compile-model-autotune", "compile-model-cudagraphs",
+VARIANTS = ("eager", "compile", "compile-autotune", "compile-model", "compile-model-autotune", "compile-model-cudagraphs",
             "eager+kernels", "compile+kernels", "compile-model+kernels")
 # inductor mode of each whole-model variant: autotuned GEMM templates with fused epilogues, or CUDA graphs
-INDUCTOR_MODES = {"compile-model-autotune": "max-autotune-no-cudagraphs", "compile-model-cudagraphs": "reduce-overhead"}
+INDUCTOR_MODES = {"compile-autotune": "max-autotune-no-cudagraphs", "compile-model-autotune": "max-autotune-no-cudagraphs",
+                  "compile-model-cudagraphs": "reduce-overhead"}
 MODEL_KINDS = ("lomar", "mae")
 SYNC_WARNING = "called a synchronizing CUDA operation"  # what torch.cuda.set_sync_debug_mode("warn") says per sync
 ENGINES = ("torch_autocast", "bf16", "no_deepspeed")
@@ -1019,9 +1021,10 @@ def max_batch_pairs(args) -> list[tuple[str, int]]:
 # Rough seconds a ViT-B row needs on an H200 (build, engine, compile, 10 + 20 steps), with a margin: a row is
 # started only when this much of --time_budget is left. Measured 2026-11-27 (first step / whole row): eager
 # 1-2 s / about 8 s; compiled blocks 10 s / 16 s (later sizes reuse the graph); whole model 36-51 s / 45-57 s.
-# The CUDA-graph and autotuned whole-model variants have not run on a GPU: their costs are guesses.
-ROW_COST_S = {"eager": 15.0, "eager+kernels": 20.0, "compile": 30.0, "compile+kernels": 30.0, "compile-model": 70.0,
-              "compile-model+kernels": 70.0, "compile-model-cudagraphs": 90.0, "compile-model-autotune": 300.0}
+# The CUDA-graph and autotuned variants have not run on a GPU: their costs are guesses.
+ROW_COST_S = {"eager": 15.0, "eager+kernels": 20.0, "compile": 30.0, "compile+kernels": 30.0, "compile-autotune": 180.0,
+              "compile-model": 70.0, "compile-model+kernels": 70.0, "compile-model-cudagraphs": 90.0,
+              "compile-model-autotune": 300.0}
 
 
 def row_cost(variant: str) -> float:

@@ -38,7 +38,7 @@ def stages(tmp_path: Path) -> dict[str, str]:
 
 
 ORDER = ["gpu_tests", "throughput", "engine_modes", "attention_math", "attention_mma", "irpe_aligned", "gradient_buffer",
-         "batch512", "kernels"]
+         "batch512", "kernels", "autotune"]
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,8 @@ def test_every_stage_parses_and_the_output_is_what_a_device_call_returns(full_ch
     assert all(c["env"]["LOMAR_IRPE_PATH"] is None for c in bench if c is not aligned)
     buffer = next(c for c in bench if "gradient_buffer" in c["argv"])
     assert buffer["plan"] == ["lomar:224:compile:torch_autocast"] and "--contiguous_gradients" in buffer["argv"]
+    tuned = next(c for c in bench if "autotune" in c["argv"])
+    assert tuned["plan"] == ["lomar:224:compile-autotune:torch_autocast"]
     big = next(c for c in bench if "batch512" in c["argv"])
     assert big["plan"] == ["lomar:224:compile:torch_autocast", "lomar:224:compile-model:torch_autocast"]
     # with the whole deadline left, each stage's own cap lets its first row start
@@ -144,7 +146,7 @@ def test_without_deepspeed_the_gpu_tests_and_kernels_still_run(tmp_path):
     assert " rc=0 " in done["gpu_tests"] and " rc=0 " in done["kernels"], done
     assert all(done[s].endswith("skipped: no deepspeed") for s in ("throughput", "engine_modes", "attention_math",
                                                                    "attention_mma", "irpe_aligned", "gradient_buffer",
-                                                                   "batch512")), done
+                                                                   "batch512", "autotune")), done
     assert not any(c["argv"][:2] == ["-m", "benchmarks.throughput"] for c in calls)
 
 

@@ -331,7 +331,7 @@ def test_whole_model_inductor_variants_are_gpu_only_and_pass_their_mode(monkeypa
     from benchmarks import throughput as tp
 
     cpu = torch.device("cpu")
-    for v in ("compile-model-autotune", "compile-model-cudagraphs"):
+    for v in ("compile-autotune", "compile-model-autotune", "compile-model-cudagraphs"):
         assert "CUDA" in tp.skip_reason("lomar", v, cpu)
         assert tp.skip_reason("lomar", v, torch.device("cuda")) is None
     calls = []
