@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import _cuda_build as cb
-from .irpe_ref import check_irpe_inputs, irpe_key_bias_reference
+from .irpe_ref import SDPA_BIAS_ALIGN, check_irpe_inputs, irpe_key_bias_reference
 
 SOURCE = "irpe.cu"
 ROWS_PER_TILE = 32  # LOMAR_IRPE_ROWS in irpe.cu
@@ -38,8 +38,9 @@ NAME_EXPRESSIONS: tuple[str, ...] = tuple(
 
 
 def padded_length(length):
-    """Row stride of the bias buffer: ``length`` rounded up to a multiple of 8 (works on SymInts)."""
-    return (length + 7) // 8 * 8
+    """Row stride of the bias buffer: ``length`` rounded up to a multiple of :data:`SDPA_BIAS_ALIGN` (8; works on
+    SymInts), the layout SDPA reads in place, as :func:`lomar_fast.ops.irpe_ref.irpe_key_bias_bmm` with ``align``."""
+    return (length + SDPA_BIAS_ALIGN - 1) // SDPA_BIAS_ALIGN * SDPA_BIAS_ALIGN
 
 
 def _fwd_shared_bytes(head_dim: int, num_buckets: int) -> int:
