@@ -18,7 +18,7 @@
 #   gradient_buffer the same step with ZeRO's contiguous gradient buffer (one rank leaves it off by default);
 #   batch512        LoMaR at 224 at micro-batch 512, compiled blocks and the whole model compiled;
 #   kernels         the kernel benchmark, --quick (each kernel, and the explicit-logits path, vs its eager and
-#                   compiled reference);
+#                   compiled reference); KERNEL_CASES (case names, comma-separated) runs only those cases;
 #   autotune        LoMaR at 224, compiled blocks in inductor's max-autotune mode (GEMMs against Triton templates
 #                   that take the bias/GELU epilogues); last, as it runs only in the time the others leave.
 # The order is what issue-level figures still need first: the 2026-11-27 H200 run (benchmarks/results/h200/
@@ -40,8 +40,8 @@
 # runs it, with the CPU flags after it, so an argument or packing mistake shows before a GPU call is spent.
 #   usage: bash benchmarks/gpu_check.sh [--no-throughput]
 #   env:   OUT, RESULTS, SITE, DEADLINE (seconds for the whole check), STAGES, GPU_TESTS, THROUGHPUT_ARGS (extra
-#          flags for the throughput stage), PY, CHECK_CPU, CHECK_KIT=0 (skip the kit install: the Python in PY has
-#          DeepSpeed already)
+#          flags for the throughput stage), KERNEL_CASES, PY, CHECK_CPU, CHECK_KIT=0 (skip the kit install: the
+#          Python in PY has DeepSpeed already)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
@@ -233,7 +233,14 @@ if [ "$no_tp" != 1 ]; then
     --time_budget "$(budget "$(reserve batch512)" 110)" ${cpu_tp[@]+"${cpu_tp[@]}"}
 fi
 
-stage kernels 150 "$(reserve kernels)" "$PY" -m benchmarks.kernels --out "$RESULTS/kernels" "${cpu_k[@]}"
+# KERNEL_CASES: names with spaces and brackets (e.g. "irpe_attention[compiled aligned bmm path]"), so commas part them
+kcases=()
+if [ -n "${KERNEL_CASES:-}" ]; then
+  IFS=, read -ra kcases <<< "$KERNEL_CASES"
+  kcases=(--cases "${kcases[@]}")
+fi
+stage kernels 150 "$(reserve kernels)" "$PY" -m benchmarks.kernels --out "$RESULTS/kernels" "${cpu_k[@]}" \
+  ${kcases[@]+"${kcases[@]}"}
 if [ "$no_tp" != 1 ]; then
   # shellcheck disable=SC2086
   ds_stage autotune 240 0 "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile-autotune \

@@ -1,9 +1,10 @@
 """Stands in for the GPU host's Python under ``benchmarks/gpu_check.sh`` (tests/test_gpu_check.py).
 
 Each benchmark command line goes through that benchmark's own argument parsing and, for the throughput
-benchmark, its run plan as on a CUDA device (profile target included), then writes a small JSON where the
-benchmark writes its report. The test command's files and marker are checked, not run; the ``-c`` probes
-succeed (``$STUB_NO_DEEPSPEED`` makes ``import deepspeed`` fail); anything else runs in this interpreter. Every call is appended to ``$STUB_LOG`` as one JSON line.
+benchmark, its run plan as on a CUDA device (profile target included), and for the kernel benchmark the cases
+it names, then writes a small JSON where the benchmark writes its report. The test command's files and marker
+are checked, not run; the ``-c`` probes succeed (``$STUB_NO_DEEPSPEED`` makes ``import deepspeed`` fail);
+anything else runs in this interpreter. Every call is appended to ``$STUB_LOG`` as one JSON line.
 """
 from __future__ import annotations
 
@@ -40,7 +41,10 @@ def main(argv: list[str]) -> int:
         from benchmarks import kernels
 
         args = kernels.parse_args(argv[2:])
-        _record(argv)
+        _record(argv, cases=args.cases)
+        if args.cases:  # the names must be cases of a GPU run (bf16): built from tiny inputs here, not run
+            cfg = dict(kernels.SMOKE_CONFIG, dtype=kernels.GPU_CONFIG["dtype"])
+            kernels.select_cases(kernels.build_cases(kernels.make_inputs(cfg, "cpu"), cfg, "cpu", True), args.cases)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "kernels.json").write_text(json.dumps({"stub": True}))
         return 0
