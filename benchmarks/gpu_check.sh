@@ -234,8 +234,9 @@ if [ "$no_tp" != 1 ]; then
 fi
 
 # KERNEL_CASES: names with spaces and brackets (e.g. "irpe_attention[compiled aligned bmm path]"), so commas part them
+# (not in the CPU rehearsal: its float32 smoke run has no bf16-only case, such as the [mma] rows)
 kcases=()
-if [ -n "${KERNEL_CASES:-}" ]; then
+if [ -n "${KERNEL_CASES:-}" ] && [ "${cpu_k[0]}" != --cpu-smoke ]; then
   IFS=, read -ra kcases <<< "$KERNEL_CASES"
   kcases=(--cases "${kcases[@]}")
 fi
