@@ -84,8 +84,9 @@ fi
   | tee -a "$RESULTS/stages.txt"
 export LOMAR_KERNELS=auto
 # the CPU rehearsal's flags, appended to each benchmark's GPU command line (argparse keeps the last value)
-cpu_tp=() cpu_k=(--quick)
+cpu_tp=() cpu_k=(--quick) rehearsal=0
 if [ -n "${CHECK_CPU:-}" ] && [ "$CHECK_CPU" != 0 ]; then
+  rehearsal=1
   export DS_ACCELERATOR=cpu
   cpu_tp=(--device cpu --tiny --sizes 224 --lomar_batch 4 --mae_batch 4 --steps 2 --warmup 1 --matmul_size 256)
   cpu_k=(--cpu-smoke)
@@ -236,7 +237,7 @@ fi
 # KERNEL_CASES: names with spaces and brackets (e.g. "irpe_attention[compiled aligned bmm path]"), so commas part them
 # (not in the CPU rehearsal: its float32 smoke run has no bf16-only case, such as the [mma] rows)
 kcases=()
-if [ -n "${KERNEL_CASES:-}" ] && [ "${cpu_k[0]}" != --cpu-smoke ]; then
+if [ -n "${KERNEL_CASES:-}" ] && [ "$rehearsal" = 0 ]; then
   IFS=, read -ra kcases <<< "$KERNEL_CASES"
   kcases=(--cases "${kcases[@]}")
 fi

@@ -20,13 +20,14 @@ Variants: ``eager`` (reference), ``compile`` (torch.compile per block, or of the
 --compile_scope model: lomar_fast.compilation, what the entry points' --compile does), ``compile-model`` (the
 whole model, whatever --compile_scope says), ``compile-autotune`` and ``compile-model-autotune`` (the same two
 scopes in inductor's max-autotune mode: GEMMs autotuned against Triton templates, which take the bias/GELU
-epilogues, GPU only; the blocks share one graph, so their autotuning covers a block's GEMMs once), ``compile-model-cudagraphs`` (inductor's reduce-overhead mode: the
-compiled forward and backward replayed as CUDA graphs, GPU only), and ``eager``, ``compile`` or ``compile-model``
-with ``+kernels`` (every fused CUDA kernel on). Without ``+kernels`` a row runs the kernels' shipped ``auto`` choice (those a
-committed GPU result made default, where CuPy is installed), which is what the entry points run, or none with
-``--kernel_mode off``; each row records the kernels it ran (``kernels``). Each model has its own variant list and micro-batch
-(``--mae_variants``, ``--lomar_batch``, ``--mae_batch``), so each runs at its best; the LoMaR/MAE ratios are
-also given best row against best row per size. A variant that fails (kernels missing, out of memory, compile
+epilogues, GPU only; the blocks share one graph, so their autotuning covers a block's GEMMs once),
+``compile-model-cudagraphs`` (inductor's reduce-overhead mode: the compiled forward and backward replayed as CUDA
+graphs, GPU only), and ``eager``, ``compile`` or ``compile-model`` with ``+kernels`` (every fused CUDA kernel on).
+Without ``+kernels`` a row runs the kernels' shipped ``auto`` choice (those a committed GPU result made default,
+where CuPy is installed), which is what the entry points run, or none with ``--kernel_mode off``; each row records
+the kernels it ran (``kernels``). Each model has its own variant list and micro-batch (``--mae_variants``,
+``--lomar_batch``, ``--mae_batch``), so each runs at its best; the LoMaR/MAE ratios are also given best row
+against best row per size. A variant that fails (kernels missing, out of memory, compile
 error) is recorded with its error and the run goes on.
 
 Reported per configuration: images/sec (median step time over the timed steps, CUDA events on GPU), model
@@ -65,7 +66,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "lomar_fast.throughput/2"  # 2: engine mode and compute dtype per row, matmul peak per dtype
 VARIANTS = ("eager", "compile", "compile-autotune", "compile-model", "compile-model-autotune", "compile-model-cudagraphs",
             "eager+kernels", "compile+kernels", "compile-model+kernels")
-# inductor mode of each whole-model variant: autotuned GEMM templates with fused epilogues, or CUDA graphs
+# inductor mode of the variants that set one: autotuned GEMM templates with fused epilogues, or CUDA graphs
 INDUCTOR_MODES = {"compile-autotune": "max-autotune-no-cudagraphs", "compile-model-autotune": "max-autotune-no-cudagraphs",
                   "compile-model-cudagraphs": "reduce-overhead"}
 MODEL_KINDS = ("lomar", "mae")

@@ -121,15 +121,14 @@ def test_stages_runs_only_the_stages_named_and_gpu_tests_narrows_the_tests(tmp_p
 def test_a_stage_not_run_keeps_no_time_back(tmp_path, full_check):
     """Each stage's limit leaves time for the stages after it; a stage that does not run (left out of STAGES,
     --no-throughput) keeps none: the GPU tests alone get their whole cap, not what the full check leaves them."""
-    limits = {}
-    for name, args, env in (("only", (), {"STAGES": "gpu_tests"}), ("no_tp", ("--no-throughput",), {}),
-                            ("all", None, None)):
-        folder = full_check[0] if args is None else tmp_path / name
-        if args is not None:
-            folder.mkdir()
-            proc, _ = run_check(folder, *args, **env)
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        limits[name] = {k: int(v.rsplit("limit=", 1)[1]) for k, v in stages(folder).items()}
+    folders = {"all": full_check[0]}
+    for name, args, env in (("only", (), {"STAGES": "gpu_tests"}), ("no_tp", ("--no-throughput",), {})):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        proc, _ = run_check(folders[name], *args, **env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    limits = {name: {k: int(v.rsplit("limit=", 1)[1]) for k, v in stages(folder).items()}
+              for name, folder in folders.items()}
     assert limits["only"] == {"gpu_tests": 180} and limits["no_tp"]["gpu_tests"] == 180, limits
     assert limits["all"]["gpu_tests"] <= 540 - 440, limits  # the full check: 440 s kept for the stages after it
 
