@@ -20,7 +20,8 @@ Cases at ViT-B shapes (B=256 images, K=4 windows of 7x7 patches, 224 px, p=16; 1
   are the views of a fused (N, L, 3, H, D) qkv projection, as in the model. bf16 inputs take the tensor-core
   kernels; the ``[cuda cores]`` rows run the same kernels with fp32 products on CUDA cores
   (LOMAR_WA_TENSOR_CORES=0), and the ``[mma]`` rows (bf16) the warp-tiled tensor-core kernels
-  (LOMAR_WA_KERNEL=mma); the ``[math path]`` and ``[compiled math path]`` rows put the pure-PyTorch
+  (LOMAR_WA_KERNEL=mma), and the ``[mma 3 blocks]`` rows the same with the forward built for 3 blocks per SM
+  (LOMAR_WM_FWD_BLOCKS=3, a 170-register cap, against 4 and 128 on sm_90); the ``[math path]`` and ``[compiled math path]`` rows put the pure-PyTorch
   explicit-logits path (``LOMAR_ATTN_PATH=math``: batched GEMMs, fp32 softmax) in the kernel column.
 
 Each case: median time over repeated runs (CUDA events, after warm-up), achieved GB/s from the bytes the
@@ -267,9 +268,13 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
     # (LOMAR_WA_KERNEL=mma, bf16 only)
     cuda_cores = with_env(wac.TENSOR_CORES_ENV, "0") if with_kernels else None
     mma = with_env(wac.KERNEL_ENV, "mma") if with_kernels else None
+    # and the warp-tiled forward built for 3 blocks per SM (a 170-register cap; the sm_90 default, 4, caps at 128)
+    mma3 = (lambda run: mma(with_env(wac.FWD_BLOCKS_ENV, "3")(run))) if with_kernels else None
     variants = [("", lambda run: run, ""), ("[cuda cores]", cuda_cores, "; the kernels' products in fp32 on CUDA cores")]
     if dtype == torch.bfloat16:
         variants.append(("[mma]", mma, "; the warp-tiled tensor-core kernels (LOMAR_WA_KERNEL=mma)"))
+        variants.append(("[mma 3 blocks]", mma3, "; the warp-tiled kernels, the forward built for 3 blocks per SM "
+                                                 "(LOMAR_WM_FWD_BLOCKS=3; the default is 4 on sm_90, 3 on sm_80)"))
 
     gather_bytes = b * k * ww * vdim * 1 + b * k * ww * vdim * esize + b * k * n_mask * vdim * 4
     vis_bytes = b * k * ww * vdim * 1 + b * k * n_vis * vdim * esize + b * k * n_mask * vdim * 4

@@ -1001,11 +1001,15 @@ __global__ void window_attention_dtable_reduce(const float* __restrict__ part, f
 #define WM_QS (WM_ROWS + 4)  // row stride (floats) of the fp32 q T scratch
 #define WM_NEG (-3.0e38f)    // the logit of a padded key: exp() of it is 0
 // forward blocks per SM at head_dim <= 64 (about 48 KB of shared memory each): four fit an sm_90 SM (228 KB), three
-// an sm_80 one (164 KB); the register cap follows, so sm_80 does not spill for a fourth block that cannot start
+// an sm_80 one (164 KB); the register cap follows, so sm_80 does not spill for a fourth block that cannot start.
+// At four, the sm_90 head_dim 64 forward spills 48 bytes under its 128-register cap; -DWM_FWD_BLOCKS=N (the Python
+// side passes $LOMAR_WM_FWD_BLOCKS) sets N for every architecture, to time three against four.
+#ifndef WM_FWD_BLOCKS
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define WM_FWD_BLOCKS 4
 #else
 #define WM_FWD_BLOCKS 3
+#endif
 #endif
 
 template <int D>

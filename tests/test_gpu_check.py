@@ -94,7 +94,8 @@ def test_every_stage_parses_and_the_output_is_what_a_device_call_returns(full_ch
 def test_kernel_cases_pick_the_kernel_benchmarks_cases_by_exact_name(tmp_path):
     """KERNEL_CASES narrows the kernel stage to the cases named, commas between names that hold spaces and
     brackets; each reaches the benchmark as one --cases argument (its parser rejects a name it does not know)."""
-    names = ["window_attention_fwd_bwd", "window_attention_fwd_bwd[mma]", "irpe_attention[compiled aligned bmm path]"]
+    names = ["window_attention_fwd_bwd", "window_attention_fwd_bwd[mma]", "window_attention_fwd[mma 3 blocks]",
+             "irpe_attention[compiled aligned bmm path]"]
     proc, calls = run_check(tmp_path, STAGES="kernels", KERNEL_CASES=",".join(names))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     kernels = next(c for c in calls if c["argv"][:2] == ["-m", "benchmarks.kernels"])

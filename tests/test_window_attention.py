@@ -840,8 +840,8 @@ def _emulated_launcher(emu, launches):
                "window_attention_mma_fwd": emu.wm_fwd_launch, "window_attention_mma_bwd": emu.wm_bwd_launch,
                "window_attention_dtable_reduce": emu.wa_reduce_launch}
 
-    def launch(filename, names, kernel, device, grid, block, args, shared_mem=0):
-        assert filename == wac.SOURCE and kernel in names
+    def launch(filename, names, kernel, device, grid, block, args, shared_mem=0, options=()):
+        assert filename == wac.SOURCE and kernel in names and options == wac.module_options()
         assert shared_mem <= SHARED_BYTES
         base, _, rest = kernel.partition("<")
         d, _, tc = rest[:-1].partition(", ")
@@ -895,6 +895,109 @@ def test_wrapper_launches_match_reference_in_emulation(emu, monkeypatch, length,
 # ---------------------------------------------------------------------------------------------
 # the warp-tiled kernels ($LOMAR_WA_KERNEL=mma), emulated through the wrapper's own launches
 # ---------------------------------------------------------------------------------------------
+def _mma_forward_min_blocks(arch: int, options: tuple[str, ...]) -> dict[int, int]:
+    """head_dim -> the ``.minnctapersm`` (launch-bounds blocks per SM) of the warp-tiled forward in the PTX NVRTC
+    makes of the runtime source with ``options`` for ``compute_{arch}`` (no instantiation but the four)."""
+    import re
+
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError:
+        missing_toolchain("cuda-python (cuda.bindings) missing")
+    ok = nvrtc.nvrtcResult.NVRTC_SUCCESS
+    source = cb.cuda_source(wac.SOURCE).split("// Explicit instantiations")[0]
+    names = [wac.mma_kernel_name("fwd", d) for d in wac.HEAD_DIMS]
+    err, prog = nvrtc.nvrtcCreateProgram(source.encode(), wac.SOURCE.encode(), 0, [], [])
+    assert err == ok, err
+    try:
+        for name in names:
+            assert nvrtc.nvrtcAddNameExpression(prog, name.encode())[0] == ok
+        opts = [o.encode() for o in (*cb.NVRTC_OPTIONS, *options, f"--gpu-architecture=compute_{arch}")]
+        (status,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        assert status == ok, status
+        err, size = nvrtc.nvrtcGetPTXSize(prog)
+        ptx = bytearray(size)
+        nvrtc.nvrtcGetPTX(prog, ptx)
+        ptx = bytes(ptx).decode(errors="replace")
+        blocks = {}
+        for d, name in zip(wac.HEAD_DIMS, names):
+            err, lowered = nvrtc.nvrtcGetLoweredName(prog, name.encode())
+            entry = ptx[ptx.index(f".entry {lowered.decode()}("):]
+            blocks[d] = int(re.search(r"\.minnctapersm (\d+)", entry[:entry.index("{")]).group(1))
+        return blocks
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def test_forward_blocks_setting_reaches_the_mma_forwards_launch_bounds(monkeypatch):
+    """$LOMAR_WM_FWD_BLOCKS becomes -DWM_FWD_BLOCKS=N for the module, and the source takes it in place of its
+    per-architecture default: the head_dim <= 64 forwards ask for N blocks per SM (so for N's register cap),
+    the others keep 2. A bad value is one error naming the variable."""
+    monkeypatch.delenv(wac.FWD_BLOCKS_ENV, raising=False)
+    assert wac.module_options() == ()
+    assert _mma_forward_min_blocks(90, ()) == {32: 4, 64: 4, 80: 2, 128: 2}
+    assert _mma_forward_min_blocks(80, ()) == {32: 3, 64: 3, 80: 2, 128: 2}
+    monkeypatch.setenv(wac.FWD_BLOCKS_ENV, " 3 ")
+    assert wac.module_options() == ("-DWM_FWD_BLOCKS=3",)
+    assert _mma_forward_min_blocks(90, wac.module_options()) == {32: 3, 64: 3, 80: 2, 128: 2}
+    monkeypatch.setenv(wac.FWD_BLOCKS_ENV, "2")
+    assert _mma_forward_min_blocks(80, wac.module_options()) == {32: 2, 64: 2, 80: 2, 128: 2}
+    for bad in ("0", "5", "four", "3.0"):
+        monkeypatch.setenv(wac.FWD_BLOCKS_ENV, bad)
+        with pytest.raises(ValueError, match=f"{wac.FWD_BLOCKS_ENV}={bad!r} must be one of 1, 2, 3, 4"):
+            wac.module_options()
+
+
+def test_every_launch_and_occupancy_query_uses_the_modules_options(monkeypatch):
+    """The wrapper launches with the options of $LOMAR_WM_FWD_BLOCKS (a module of its own), and keeps the
+    shared-memory opt-in and the blocks-per-SM count per module: a function of another module has neither."""
+    import contextlib
+    import types
+
+    launches = []
+    monkeypatch.setattr(cb, "launch", lambda *a, options=(), **k: launches.append(options))
+    monkeypatch.setattr(wac, "_kernel_ok", lambda kind, q, table, mma=False: True)
+    monkeypatch.setattr(wac, "_prepare", lambda kernel, device, shared: None)
+    monkeypatch.setattr(wac, "_grid", lambda kernel, device, shared, pairs, threads=wac.THREADS: 1)
+    q, k, v = torch.randn(3, 1, 2, 5, 32).unbind(0)
+    for value, want in ((None, ()), ("3", ("-DWM_FWD_BLOCKS=3",))):
+        if value is None:
+            monkeypatch.delenv(wac.FWD_BLOCKS_ENV, raising=False)
+        else:
+            monkeypatch.setenv(wac.FWD_BLOCKS_ENV, value)
+        launches.clear()
+        wac.window_attention(q, k, v, random_table(32), window_buckets(2)[:5, :5], 0.2)
+        assert launches == [want]
+    monkeypatch.undo()
+
+    # the opt-in and the occupancy query, against a stand-in CuPy whose modules' functions report 4 blocks per
+    # SM (built with no option) or 3 (built with -DWM_FWD_BLOCKS=3)
+    functions = {}
+
+    def function(kernel, device):
+        opts = wac.module_options()
+        return functions.setdefault((kernel, opts), types.SimpleNamespace(
+            kernel=types.SimpleNamespace(ptr=3 if opts else 4), max_dynamic_shared_size_bytes=0))
+
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        Device=lambda index: contextlib.nullcontext(),
+        driver=types.SimpleNamespace(occupancyMaxActiveBlocksPerMultiprocessor=lambda ptr, threads, shared: ptr)))
+    monkeypatch.setattr(wac, "_function", function)
+    monkeypatch.setattr(cb, "_import_cupy", lambda: fake)
+    monkeypatch.setattr(cb, "sm_count", lambda device: 10)
+    monkeypatch.setattr(wac, "_shared_set", {})
+    monkeypatch.setattr(wac, "_blocks_per_sm", {})
+    name, dev, shared = wac.mma_kernel_name("fwd", 64), torch.device("cuda", 0), 60_000
+    for value, per_sm in ((None, 4), ("3", 3), (None, 4)):
+        if value is None:
+            monkeypatch.delenv(wac.FWD_BLOCKS_ENV, raising=False)
+        else:
+            monkeypatch.setenv(wac.FWD_BLOCKS_ENV, value)
+        assert wac._grid(name, dev, shared, 1000, wac.MMA_THREADS) == per_sm * 10
+    assert {key: f.max_dynamic_shared_size_bytes for key, f in functions.items()} == {
+        (name, ()): shared, (name, ("-DWM_FWD_BLOCKS=3",)): shared}
+
+
 def test_mma_shared_memory_formula_matches_kernel(emu):
     for length in (1, 5, 17, 50, 63, 64):
         for nb in (1, 13, 50, 64):

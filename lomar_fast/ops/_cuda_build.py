@@ -37,7 +37,7 @@ CUDA_TYPE_NAMES: dict[torch.dtype, str] = {
 }
 
 _lock = threading.Lock()
-_modules: dict[tuple[str, int], object] = {}
+_modules: dict[tuple[str, int, tuple[str, ...]], object] = {}
 _sm_counts: dict[int, int] = {}
 
 
@@ -107,10 +107,12 @@ def _import_cupy():
     return cupy
 
 
-def get_module(filename: str, name_expressions: tuple[str, ...], device: torch.device):
-    """The compiled ``cupy.RawModule`` of ``filename`` for ``device`` (compiled once per process and device)."""
+def get_module(filename: str, name_expressions: tuple[str, ...], device: torch.device,
+               options: tuple[str, ...] = ()):
+    """The compiled ``cupy.RawModule`` of ``filename`` for ``device``, built with :data:`NVRTC_OPTIONS` plus
+    ``options`` (such as ``-DNAME=VALUE``); compiled once per process, device and options."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (filename, index)
+    key = (filename, index, tuple(options))
     mod = _modules.get(key)
     if mod is not None:
         return mod
@@ -121,7 +123,7 @@ def get_module(filename: str, name_expressions: tuple[str, ...], device: torch.d
             with cupy.cuda.Device(index):
                 mod = cupy.RawModule(
                     code=cuda_source(filename),
-                    options=NVRTC_OPTIONS,
+                    options=NVRTC_OPTIONS + tuple(options),
                     name_expressions=list(name_expressions),
                 )
                 for name in name_expressions:  # compile and load now, not inside a timed launch
@@ -159,12 +161,13 @@ def f32(x: float) -> np.float32:
 
 
 def launch(filename: str, name_expressions: tuple[str, ...], kernel: str, device: torch.device,
-           grid: int, block: int, args: tuple, shared_mem: int = 0) -> None:
-    """Launch ``kernel`` (a name expression of ``filename``) on the current PyTorch stream of ``device``."""
+           grid: int, block: int, args: tuple, shared_mem: int = 0, options: tuple[str, ...] = ()) -> None:
+    """Launch ``kernel`` (a name expression of ``filename``, built with ``options``: :func:`get_module`) on the
+    current PyTorch stream of ``device``."""
     if grid <= 0:
         return
     cupy = _import_cupy()
-    mod = get_module(filename, name_expressions, device)
+    mod = get_module(filename, name_expressions, device, options)
     fn = mod.get_function(kernel)
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = torch.cuda.current_stream(index).cuda_stream

@@ -28,7 +28,9 @@ LOMAR_WA_KERNEL=mma takes the warp-tiled tensor-core kernels instead (``window_a
 flash-attention layout with bf16 shared-memory tiles, ldmatrix, and the scores, softmax, P and dS in registers)
 wherever they apply: bf16 with every row 16-byte aligned, sm_80 and newer. Their results equal the tile kernels'
 within bf16 rounding (P and dS enter their products in bf16 in both); the default stays ``tiles`` until a
-committed GPU result shows them faster.
+committed GPU result shows them faster. LOMAR_WM_FWD_BLOCKS=N (1-4) builds the module with N warp-tiled forward
+blocks per SM at head_dim <= 64, and the register cap that follows (default 4 on sm_90, where head_dim 64 spills
+48 bytes under the 128-register cap, and 3 on sm_80), so the benchmark can time one setting against another.
 Inputs need a contiguous last dimension (:func:`window_attention` copies otherwise); rows are read with 16-byte
 loads when every row is 16-byte aligned.
 """
@@ -65,6 +67,10 @@ KERNEL_CHOICES = ("tiles", "mma")
 DEFAULT_KERNEL = "tiles"
 MMA_THREADS = 128  # WM_THREADS
 MMA_ROWS = 64  # WM_ROWS
+# The warp-tiled forward's blocks per SM at head_dim <= 64 (WM_FWD_BLOCKS; its register cap follows): unset, the
+# source's default (4 on sm_90 and newer, 3 below); 1-4 compiles the module with -DWM_FWD_BLOCKS=N instead
+FWD_BLOCKS_ENV = "LOMAR_WM_FWD_BLOCKS"
+FWD_BLOCKS_CHOICES = ("1", "2", "3", "4")
 
 
 def kernel_name(kind: str, head_dim: int, tensor_cores: bool) -> str:
@@ -90,6 +96,18 @@ def kernel_choice() -> str:
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"{KERNEL_ENV}={choice!r} must be one of {', '.join(KERNEL_CHOICES)}")
     return choice
+
+
+def module_options() -> tuple[str, ...]:
+    """The NVRTC options this module is built with beyond the shared ones: ``-DWM_FWD_BLOCKS=N`` where
+    ``$LOMAR_WM_FWD_BLOCKS`` sets N, else none. Each setting is its own compiled module (and CuPy cache entry)."""
+    raw = os.environ.get(FWD_BLOCKS_ENV, "").strip()
+    if not raw:
+        return ()
+    if raw not in FWD_BLOCKS_CHOICES:
+        raise ValueError(f"{FWD_BLOCKS_ENV}={raw!r} must be one of {', '.join(FWD_BLOCKS_CHOICES)} (the warp-tiled "
+                         "forward's blocks per SM); unset it for the default (4 on sm_90 and newer, 3 below)")
+    return (f"-DWM_FWD_BLOCKS={raw}",)
 
 
 def use_tensor_cores(q: torch.Tensor) -> bool:
@@ -194,18 +212,18 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # launching
 # ---------------------------------------------------------------------------------------------
-_shared_set: dict[tuple[str, int], int] = {}
-_blocks_per_sm: dict[tuple[str, int, int], int] = {}
+_shared_set: dict[tuple[str, int, tuple[str, ...]], int] = {}
+_blocks_per_sm: dict[tuple[str, int, int, tuple[str, ...]], int] = {}
 
 
 def _function(kernel: str, device: torch.device):
-    return cb.get_module(SOURCE, NAME_EXPRESSIONS, device).get_function(kernel)
+    return cb.get_module(SOURCE, NAME_EXPRESSIONS, device, module_options()).get_function(kernel)
 
 
 def _prepare(kernel: str, device: torch.device, shared: int) -> None:
     """Let ``kernel`` use ``shared`` bytes of dynamic shared memory (opt-in above 48 KB)."""
     index = _device_index(device)
-    key = (kernel, index)
+    key = (kernel, index, module_options())  # the attribute belongs to one module's function
     if shared > DEFAULT_SHARED and _shared_set.get(key, 0) < shared:
         cupy = cb._import_cupy()
         with cupy.cuda.Device(index):
@@ -216,7 +234,7 @@ def _prepare(kernel: str, device: torch.device, shared: int) -> None:
 def _grid(kernel: str, device: torch.device, shared: int, pairs: int, threads: int = THREADS) -> int:
     """Blocks for ``pairs`` (n, h) pairs: as many as fit on the device at once (each loops over pairs)."""
     index = _device_index(device)
-    key = (kernel, index, shared)
+    key = (kernel, index, shared, module_options())
     per_sm = _blocks_per_sm.get(key)
     if per_sm is None:
         _prepare(kernel, device, shared)  # the occupancy query needs the opt-in first
@@ -235,7 +253,7 @@ def _grid(kernel: str, device: torch.device, shared: int, pairs: int, threads: i
 
 def _launch(kernel: str, device: torch.device, grid: int, block: int, args: tuple, shared: int) -> None:
     _prepare(kernel, device, shared)
-    cb.launch(SOURCE, NAME_EXPRESSIONS, kernel, device, grid, block, args, shared)
+    cb.launch(SOURCE, NAME_EXPRESSIONS, kernel, device, grid, block, args, shared, options=module_options())
 
 
 def _strides3(t: torch.Tensor) -> tuple:
