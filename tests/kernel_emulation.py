@@ -97,6 +97,23 @@ static unsigned g_warp_scratch[32][32];
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __restrict__
+// Under the race check (LOMAR_RACE_CHECK, a ThreadSanitizer build) a warp instruction exchanges its lanes'
+// registers without ordering their memory, as on a GPU: its barriers and its scratch traffic are hidden from the
+// sanitizer, so only __syncwarp and __syncthreads order one thread's shared-memory writes before another's reads.
+#ifdef LOMAR_RACE_CHECK
+extern "C" {
+void AnnotateIgnoreSyncBegin(const char*, int); void AnnotateIgnoreSyncEnd(const char*, int);
+void AnnotateIgnoreReadsBegin(const char*, int); void AnnotateIgnoreReadsEnd(const char*, int);
+void AnnotateIgnoreWritesBegin(const char*, int); void AnnotateIgnoreWritesEnd(const char*, int);
+}
+#define EMU_QUIET_BEGIN() (AnnotateIgnoreSyncBegin(__FILE__, __LINE__), AnnotateIgnoreReadsBegin(__FILE__, __LINE__), \
+                           AnnotateIgnoreWritesBegin(__FILE__, __LINE__))
+#define EMU_QUIET_END() (AnnotateIgnoreWritesEnd(__FILE__, __LINE__), AnnotateIgnoreReadsEnd(__FILE__, __LINE__), \
+                         AnnotateIgnoreSyncEnd(__FILE__, __LINE__))
+#else
+#define EMU_QUIET_BEGIN() ((void)0)
+#define EMU_QUIET_END() ((void)0)
+#endif
 inline void __syncthreads() { g_bar->arrive_and_wait(); }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
@@ -109,15 +126,21 @@ inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline unsigned __ballot_sync(unsigned, bool pred) {
   int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  EMU_QUIET_BEGIN();
   g_warp_scratch[w][l] = pred; g_warp_bar[w]->arrive_and_wait();
   unsigned r = 0; for (int i = 0; i < 32; ++i) if (g_warp_scratch[w][i]) r |= 1u << i;
-  g_warp_bar[w]->arrive_and_wait(); return r;
+  g_warp_bar[w]->arrive_and_wait();
+  EMU_QUIET_END();
+  return r;
 }
 inline float __shfl_xor_sync(unsigned, float v, int o) {
   int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  EMU_QUIET_BEGIN();
   g_warp_scratch[w][l] = __float_as_uint(v); g_warp_bar[w]->arrive_and_wait();
   float r = __uint_as_float(g_warp_scratch[w][l ^ o]);
-  g_warp_bar[w]->arrive_and_wait(); return r;
+  g_warp_bar[w]->arrive_and_wait();
+  EMU_QUIET_END();
+  return r;
 }
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 as a warp collective: every lane publishes its
 // registers, each lane rebuilds A (16 x 16) and B (16 x 8) by the PTX fragment layout and computes its own
@@ -145,6 +168,7 @@ inline unsigned short emu_f32_to_f16(float f) {
 }
 inline void emu_mma_bf16_m16n8k16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
   int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  EMU_QUIET_BEGIN();
   for (int r = 0; r < 4; ++r) g_mma_frag[w][l][r] = a[r];
   g_mma_frag[w][l][4] = b0; g_mma_frag[w][l][5] = b1;
   g_warp_bar[w]->arrive_and_wait();
@@ -169,6 +193,7 @@ inline void emu_mma_bf16_m16n8k16(float (&c)[4], const unsigned (&a)[4], unsigne
     c[e] = s;
   }
   g_warp_bar[w]->arrive_and_wait();
+  EMU_QUIET_END();
 }
 inline void __syncwarp() { g_warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
 // ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16 as a warp collective: lane l gives the address of row l % 8
@@ -178,15 +203,22 @@ static const unsigned short* g_ldsm_rows[32][32];
 inline void emu_ldmatrix_x4(unsigned (&r)[4], const unsigned short* p, bool trans) {
   int w = threadIdx.x / 32, l = threadIdx.x % 32;
   if (reinterpret_cast<std::uintptr_t>(p) % 16) std::abort();
+  const unsigned short* rows[32];
+  EMU_QUIET_BEGIN();
   g_ldsm_rows[w][l] = p; g_warp_bar[w]->arrive_and_wait();
+  for (int x = 0; x < 32; ++x) rows[x] = g_ldsm_rows[w][x];
+  EMU_QUIET_END();
+  // the shared-memory reads themselves are checked: what another lane wrote needs a barrier before them
   int g = l / 4, t2 = 2 * (l % 4);
   for (int m = 0; m < 4; ++m) {
     unsigned lo, hi;
-    if (trans) { lo = g_ldsm_rows[w][8 * m + t2][g]; hi = g_ldsm_rows[w][8 * m + t2 + 1][g]; }
-    else { lo = g_ldsm_rows[w][8 * m + g][t2]; hi = g_ldsm_rows[w][8 * m + g][t2 + 1]; }
+    if (trans) { lo = rows[8 * m + t2][g]; hi = rows[8 * m + t2 + 1][g]; }
+    else { lo = rows[8 * m + g][t2]; hi = rows[8 * m + g][t2 + 1]; }
     r[m] = lo | (hi << 16);
   }
+  EMU_QUIET_BEGIN();
   g_warp_bar[w]->arrive_and_wait();
+  EMU_QUIET_END();
 }
 alignas(16) float4 g_smem[1 << 14];
 template <typename F> void emu_launch(int grid, int block, F f) {
@@ -209,10 +241,10 @@ template <typename F> void emu_launch(int grid, int block, F f) {
 SHARED_BYTES = 16 * (1 << 14)
 
 
-def host_source(filename: str, namespace: str) -> str:
-    """The CUDA source ``filename`` (local headers inlined, explicit instantiations dropped) as host C++
-    inside ``namespace``, for the emulation layer."""
-    src = cb.cuda_source(filename).split("// Explicit instantiations")[0]
+def host_source(filename: str, namespace: str, source: str | None = None) -> str:
+    """The CUDA source ``filename`` (local headers inlined, explicit instantiations dropped), or ``source`` in its
+    place, as host C++ inside ``namespace``, for the emulation layer."""
+    src = (cb.cuda_source(filename) if source is None else source).split("// Explicit instantiations")[0]
     # the fp16 conversions in host arithmetic (emu_f16_to_f32 / emu_f32_to_f16 above)
     src = re.sub(r'asm\("cvt\.f32\.f16.*?\);', "f = emu_f16_to_f32(x.bits);", src)
     src = re.sub(r'asm\("cvt\.rn\.f16\.f32.*?\);', "r.bits = emu_f32_to_f16(x);", src)
@@ -222,9 +254,10 @@ def host_source(filename: str, namespace: str) -> str:
     return f"namespace {namespace} {{\n{src}\n}}"
 
 
-def emulation_source(sources: Iterable[tuple[str, str]], entry: str) -> str:
-    """The emulation layer, each ``(filename, namespace)`` source as host C++, then the ``entry`` code."""
-    return "\n".join([EMU_LAYER, *(host_source(f, ns) for f, ns in sources), entry])
+def emulation_source(sources: Iterable[tuple], entry: str) -> str:
+    """The emulation layer, each ``(filename, namespace)`` or ``(filename, namespace, source text)`` source as
+    host C++, then the ``entry`` code."""
+    return "\n".join([EMU_LAYER, *(host_source(*src) for src in sources), entry])
 
 
 def missing_toolchain(reason: str) -> None:
@@ -253,6 +286,41 @@ def build_library(source: str, directory: Path, name: str = "emu") -> ctypes.CDL
         missing_toolchain("host compiler lacks C++20 <barrier>")
     assert r.returncode == 0, r.stderr[-3000:]
     return ctypes.CDLL(str(lib))
+
+
+def build_race_checked(source: str, directory: Path, name: str = "race") -> Path:
+    """Compile ``source`` (an emulation with a ``main``) into an executable under ThreadSanitizer: every emulated
+    GPU thread is a host thread and each barrier (``__syncthreads``, ``__syncwarp``, a warp collective) an
+    ``std::barrier``, so a missing barrier shows as a data race on the emulated shared memory. Skips (fails
+    where the toolchain is required) without a C++20 compiler and its ThreadSanitizer runtime."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        missing_toolchain("no host C++ compiler for the kernel emulation")
+    cpp, exe = directory / f"{name}.cpp", directory / name
+    cpp.write_text(source)
+    r = subprocess.run([cxx, "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-DLOMAR_RACE_CHECK", "-o", str(exe), str(cpp),
+                        "-lpthread"],
+                       capture_output=True, text=True)
+    if r.returncode != 0 and ("tsan" in r.stderr or "sanitize" in r.stderr or "barrier" in r.stderr):
+        missing_toolchain(f"no ThreadSanitizer build for the race check: {r.stderr[-300:]}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return exe
+
+
+def run_race_checked(exe: Path, *args) -> tuple[int, str, int]:
+    """(exit status, output, data races reported) of a :func:`build_race_checked` executable; a status of 66
+    means ThreadSanitizer reported. Where the kernel's address-space layout does not suit ThreadSanitizer, the
+    run is repeated without address randomization."""
+    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=0 exitcode=66 report_signal_unsafe=0 history_size=2")
+    cmd = [str(exe), *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if "unexpected memory mapping" in r.stderr and shutil.which("setarch"):
+        r = subprocess.run(["setarch", os.uname().machine, "-R", *cmd], capture_output=True, text=True, env=env,
+                           timeout=600)
+    if "unexpected memory mapping" in r.stderr or "FATAL: ThreadSanitizer" in r.stderr:
+        missing_toolchain(f"ThreadSanitizer cannot run here: {r.stderr[-300:]}")
+    out = r.stdout + r.stderr
+    return r.returncode, out, out.count("WARNING: ThreadSanitizer: data race")
 
 
 def c_args(*xs):

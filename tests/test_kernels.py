@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_emulation import ARCHS, DTYPES, build_library, emulation_source, gpu_test, launched, missing_toolchain
+from kernel_emulation import (ARCHS, DTYPES, build_library, build_race_checked, emulation_source, gpu_test, launched,
+                              missing_toolchain, run_race_checked)
 from kernel_emulation import c_args as _c_args
 
 import lomar_fast.ops as ops_pkg
@@ -739,9 +740,12 @@ void gather_f32_f32(const float* img, long long sb, long long sc, long long sy, 
 """
 
 
+def _emulation_source_with(entry: str) -> str:
+    return emulation_source(((_irpe_cuda.SOURCE, "irpe_ns"), (_window_gather_cuda.SOURCE, "window_gather_ns")), entry)
+
+
 def _emulation_source() -> str:
-    return emulation_source(((_irpe_cuda.SOURCE, "irpe_ns"), (_window_gather_cuda.SOURCE, "window_gather_ns")),
-                            _EMU_ENTRY)
+    return _emulation_source_with(_EMU_ENTRY)
 
 
 @pytest.fixture(scope="module")
@@ -844,6 +848,58 @@ def test_emulated_window_gather_matches_reference(emu_lib, visible_only, norm_pi
     want_p, want_t = ref(view, windows, masks, p, w, norm_pix, torch.bfloat16)
     torch.testing.assert_close(patches.float(), want_p.float(), **GATHER_TOL[torch.bfloat16])
     torch.testing.assert_close(targets, want_t, **TARGET_TOL)
+
+
+_RACE_ENTRY = r"""
+#include <cstdio>
+#include <random>
+int main() {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  {  // iRPE forward (fp32, head_dim 64) and backward reduction at L = 50, NB = 50: 2 blocks over 100 rows
+    const int n = 1, h = 2, L = 50, D = 64, NB = 50, Lp = LP, rows = ROWS;
+    const long long M = (long long)n * h * L;
+    std::vector<float> q((size_t)M * D), t((size_t)D * NB), out((size_t)M * Lp), g((size_t)M * L), G((size_t)M * NB);
+    std::vector<long long> bk((size_t)L * L);
+    for (auto& x : q) x = nd(rng);
+    for (auto& x : t) x = nd(rng);
+    for (auto& x : g) x = nd(rng);
+    for (auto& x : bk) x = rng() % NB;
+    emu_launch(2, 256, [&] { irpe_ns::irpe_fwd<float, D>(q.data(), (long long)h * L * D, (long long)L * D, D, 1, t.data(),
+                                                         bk.data(), out.data(), h, L, NB, Lp, M); });
+    emu_launch(2, 128, [&] { irpe_ns::irpe_bwd_reduce<float>(g.data(), (long long)h * L * L, (long long)L * L, L, 1,
+                                                             bk.data(), G.data(), h, L, NB, M, rows, 128 / rows); });
+    std::printf("irpe\n");
+  }
+  for (int vis = 0; vis < 2; ++vis) {  // window gather: p = 16 (768 values a patch, 256 threads), norm-pix targets
+    const int B = 1, K = 1, w = 2, p = 16, grid = 3, nm = 3, S = grid * p, V = p * p * 3;
+    std::vector<unsigned char> img((size_t)B * S * S * 3), masks = {1, 0, 1, 1};
+    for (auto& x : img) x = rng() % 256;
+    std::vector<long long> win = {1, 0};
+    std::vector<window_gather_ns::lomar_bf16> P((size_t)B * K * w * w * V);
+    std::vector<float> T((size_t)B * K * nm * V);
+    emu_launch(B * K * w * w, 256, [&] {
+      window_gather_ns::window_gather<unsigned char, window_gather_ns::lomar_bf16>(
+          img.data(), (long long)S * S * 3, 1, (long long)S * 3, 3, win.data(), masks.data(), P.data(), T.data(), K, p,
+          w, nm, vis, 1, 0.485f, 0.456f, 0.406f, 0.229f, 0.224f, 0.225f);
+    });
+    std::printf("gather %d\n", vis);
+  }
+  return 0;
+}
+"""
+
+
+@pytest.mark.slow  # a ThreadSanitizer build and run
+def test_emulated_kernels_have_no_shared_memory_race(tmp_path):
+    """The iRPE forward and backward reduction and the window gather (both outputs), every emulated GPU thread a
+    host thread under ThreadSanitizer, read no shared memory another thread writes without a barrier between
+    (tests/test_window_attention.py shows the check finding a barrier taken out)."""
+    entry = _RACE_ENTRY.replace("LP", str(_irpe_cuda.padded_length(50))).replace("ROWS", str(_irpe_cuda._bwd_tile(50, 50)))
+    exe = build_race_checked(_emulation_source_with(entry), tmp_path)
+    status, out, races = run_race_checked(exe)
+    assert status == 0 and races == 0, out[-6000:]
+    assert out.split() == ["irpe", "gather", "0", "gather", "1"], out[-3000:]
 
 
 def test_emulated_visible_only_gather_writes_no_row_past_a_window_with_too_few_masked(emu_lib):

@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_emulation import (ARCHS, DTYPES, SHARED_BYTES, build_library, c_args, emulation_source, gpu_test,
-                              launched, missing_toolchain)
+from kernel_emulation import (ARCHS, DTYPES, SHARED_BYTES, build_library, build_race_checked, c_args,
+                              emulation_source, gpu_test, launched, missing_toolchain, run_race_checked)
 
 from lomar_fast.models.irpe import bucket_ids
 from lomar_fast.models.vit import Attention
@@ -1082,6 +1082,109 @@ def test_emulated_mma_lse_and_bad_bucket(emu, monkeypatch):
     out = torch.ops.lomar_fast.window_attention_fwd(q, k, v, table, bad, 0.125)[0]
     assert bool(out[:, :, 4].isnan().all())
     assert bool(out[:, :, [i for i in range(50) if i != 4]].isfinite().all())
+
+
+# ---------------------------------------------------------------------------------------------
+# races: the emulated kernels under ThreadSanitizer
+# ---------------------------------------------------------------------------------------------
+_RACE_ENTRY = r"""
+#include <cstdio>
+#include <random>
+#include <string>
+// one forward and backward on random bf16 inputs (the dT reduction shares no memory between threads): q, k, v packed as a qkv projection's
+// (N, L, 3, H, D) output, dq, dk, dv into one such buffer; N = 1, H = 3 pairs over 2 blocks, so the first
+// block runs two pairs and a barrier missing between them shows too
+struct RaceIO {
+  int D, L, NB, H = 3, grid = 2;
+  long long sn, sh, si, on, oh, oi;
+  std::vector<unsigned short> qkv, o, go, dqkv;
+  std::vector<float> table, lse, part;
+  std::vector<long long> bk;
+  RaceIO(int d, int l, int nb) : D(d), L(l), NB(nb) {
+    std::mt19937 rng(d * 131 + l);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    auto bf = [&](float f) { unsigned u; std::memcpy(&u, &f, 4); return (unsigned short)(u >> 16); };
+    qkv.resize((size_t)L * 3 * H * D); dqkv.resize(qkv.size()); o.resize((size_t)L * H * D); go.resize(o.size());
+    for (auto& x : qkv) x = bf(nd(rng));
+    for (auto& x : go) x = bf(nd(rng));
+    table.resize((size_t)D * NB); for (auto& x : table) x = 0.3f * nd(rng);
+    lse.resize((size_t)H * L); part.resize((size_t)grid * D * NB);
+    bk.resize((size_t)L * L); for (auto& x : bk) x = rng() % NB;
+    sn = (long long)L * 3 * H * D; sh = D; si = 3LL * H * D; on = (long long)L * H * D; oh = D; oi = (long long)H * D;
+  }
+  const unsigned short* q() const { return qkv.data(); }
+  const unsigned short* k() const { return qkv.data() + H * D; }
+  const unsigned short* v() const { return qkv.data() + 2 * H * D; }
+};
+#define RACE_RUNNERS(NS)                                                                                          \
+  template <int DD> void NS##_mma(RaceIO& x) {                                                                    \
+    emu_launch(x.grid, 128, [&] { NS::window_attention_mma_fwd<DD>(x.q(), x.sn, x.sh, x.si, x.k(), x.sn, x.sh, x.si, \
+        x.v(), x.sn, x.sh, x.si, x.table.data(), x.bk.data(), x.o.data(), x.on, x.oh, x.oi, x.lse.data(), x.H, x.L, \
+        x.NB, x.H, 0.125f); });                                                                                   \
+    emu_launch(x.grid, 128, [&] { NS::window_attention_mma_bwd<DD>(x.q(), x.sn, x.sh, x.si, x.k(), x.sn, x.sh, x.si, \
+        x.v(), x.sn, x.sh, x.si, x.o.data(), x.on, x.oh, x.oi, x.go.data(), x.on, x.oh, x.oi, x.lse.data(),       \
+        x.table.data(), x.bk.data(), x.dqkv.data(), x.dqkv.data() + x.H * DD, x.dqkv.data() + 2 * x.H * DD, x.sn,  \
+        x.sh, x.si, x.part.data(), x.H, x.L, x.NB, x.H, 0.125f); });                                              \
+  }                                                                                                               \
+  template <int DD, bool TC> void NS##_tiles(RaceIO& x) {                                                         \
+    emu_launch(x.grid, 256, [&] { NS::window_attention_fwd<DD, TC>(x.q(), x.sn, x.sh, x.si, x.k(), x.sn, x.sh,     \
+        x.si, x.v(), x.sn, x.sh, x.si, x.table.data(), x.bk.data(), x.o.data(), x.on, x.oh, x.oi, x.lse.data(),    \
+        x.H, x.L, x.NB, x.H, 0.125f, 1, 1); });                                                                   \
+    emu_launch(x.grid, 256, [&] { NS::window_attention_bwd<DD, TC>(x.q(), x.sn, x.sh, x.si, x.k(), x.sn, x.sh,     \
+        x.si, x.v(), x.sn, x.sh, x.si, x.o.data(), x.on, x.oh, x.oi, x.go.data(), x.on, x.oh, x.oi, x.lse.data(),  \
+        x.table.data(), x.bk.data(), x.dqkv.data(), x.dqkv.data() + x.H * DD, x.dqkv.data() + 2 * x.H * DD, x.sn,  \
+        x.sh, x.si, x.part.data(), x.H, x.L, x.NB, x.H, 0.125f, 1, 1); });                                        \
+  }
+RACE_RUNNERS(wa_ns)
+RACE_RUNNERS(wa_cut)
+RACE_RUNNERS(wa_warp)
+int main(int argc, char** argv) {
+  std::string which = argc > 1 ? argv[1] : "";
+  if (which == "kernels") {
+    { RaceIO x(64, 50, 50); wa_ns_mma<64>(x); std::printf("mma 64 L=50\n"); }
+    { RaceIO x(80, 37, 13); wa_ns_mma<80>(x); std::printf("mma 80 L=37\n"); }
+    { RaceIO x(64, 50, 50); wa_ns_tiles<64, true>(x); std::printf("tiles 64 tc L=50\n"); }
+    { RaceIO x(32, 17, 50); wa_ns_tiles<32, false>(x); std::printf("tiles 32 L=17\n"); }
+  } else if (which == "cut") {
+    RaceIO x(64, 50, 50); wa_cut_mma<64>(x); std::printf("cut mma 64 L=50\n");
+  } else if (which == "warp") {
+    RaceIO x(64, 50, 50); wa_warp_mma<64>(x); std::printf("warp mma 64 L=50\n");
+  } else {
+    return 2;
+  }
+  return 0;
+}
+"""
+
+
+@pytest.mark.slow  # a ThreadSanitizer build and run (about 30 s on 2 cores)
+def test_emulated_kernels_have_no_shared_memory_race(tmp_path):
+    """Every emulated GPU thread a host thread under ThreadSanitizer: the warp-tiled kernels (head_dim 64 at
+    L = 50, the LoMaR window, and 80 at L = 37) and the tile kernels (64 with tensor cores at L = 50, 32 at
+    L = 17), forward and backward, read no shared memory another thread wrote without a barrier between them.
+    Warp instructions (mma, ldmatrix, shuffles) order no memory here, as on a GPU, so a missing __syncwarp shows
+    as well as a missing __syncthreads. The check finds both: the warp-tiled forward without the barrier that
+    ends a pair (the next pair's k and v overwrite tiles other warps still read), or without the __syncwarp
+    between a warp's q T stores and its lanes' reads of them (only mma.sync collectives in between), reports
+    a race."""
+    source = cb.cuda_source(wac.SOURCE)
+    start = source.index("window_attention_mma_fwd(const unsigned short*")
+    end = source.index("window_attention_mma_bwd(const unsigned short*")
+    body = source[start:end]
+    last = body.rindex("__syncthreads();")
+    cut = source[:start] + body[:last] + body[last + len("__syncthreads();"):] + source[end:]
+    logits = "    wm_syncwarp();\n    wm_logits(s, sqt, sbk, r0, L, scale);"
+    assert source.count(logits) == 1
+    warp = source.replace(logits, "    wm_logits(s, sqt, sbk, r0, L, scale);")
+    exe = build_race_checked(emulation_source(((wac.SOURCE, "wa_ns"), (wac.SOURCE, "wa_cut", cut),
+                                               (wac.SOURCE, "wa_warp", warp)), _RACE_ENTRY), tmp_path)
+    status, out, races = run_race_checked(exe, "kernels")
+    assert status == 0 and races == 0, out[-6000:]
+    assert out.count("\n") >= 4 and "tiles 32 L=17" in out
+    status, out, races = run_race_checked(exe, "cut")
+    assert status == 66 and races >= 1 and "wm_load_rows" in out, out[-3000:]  # the next pair's tile loads
+    status, out, races = run_race_checked(exe, "warp")
+    assert status == 66 and races >= 1 and "wm_logits" in out, out[-3000:]  # a lane reading another's q T
 
 
 @pytest.mark.parametrize("choice", ["tiles", "mma"])
