@@ -221,12 +221,15 @@ inline void emu_ldmatrix_x4(unsigned (&r)[4], const unsigned short* p, bool tran
   EMU_QUIET_END();
 }
 alignas(16) float4 g_smem[1 << 14];
+// the dynamic shared memory of a launch: g_smem, or exactly what an emu_launch_sized asked for
+static float4* g_smem_ptr = g_smem;
+static size_t g_smem_bytes = sizeof(g_smem);
 template <typename F> void emu_launch(int grid, int block, F f) {
   gridDim.x = grid; blockDim.x = block;
   for (int b = 0; b < grid; ++b) {
     blockIdx.x = b;
     // shared memory starts as garbage on a GPU: NaN here, so a read before a write shows in the results
-    { unsigned* u = (unsigned*)g_smem; for (size_t i = 0; i < sizeof(g_smem) / 4; ++i) u[i] = 0x7fc00001u; }
+    { unsigned* u = (unsigned*)g_smem_ptr; for (size_t i = 0; i < g_smem_bytes / 4; ++i) u[i] = 0x7fc00001u; }
     std::barrier<> bar(block); g_bar = &bar;
     std::vector<std::unique_ptr<std::barrier<>>> wb;
     for (int w = 0; w < block / 32; ++w) { wb.emplace_back(new std::barrier<>(32)); g_warp_bar[w] = wb.back().get(); }
@@ -234,6 +237,15 @@ template <typename F> void emu_launch(int grid, int block, F f) {
     for (int t = 0; t < block; ++t) ts.emplace_back([t, &f] { threadIdx.x = t; f(); });
     for (auto& t : ts) t.join();
   }
+}
+// a launch whose dynamic shared memory is exactly ``bytes`` (rounded up to 16): under AddressSanitizer an access
+// past it, an illegal address on a GPU, is reported
+template <typename F> void emu_launch_sized(int grid, int block, size_t bytes, F f) {
+  std::unique_ptr<float4[]> buf(new float4[(bytes + 15) / 16]);
+  float4* old = g_smem_ptr; size_t old_bytes = g_smem_bytes;
+  g_smem_ptr = buf.get(); g_smem_bytes = (bytes + 15) / 16 * 16;
+  emu_launch(grid, block, f);
+  g_smem_ptr = old; g_smem_bytes = old_bytes;
 }
 """
 
@@ -248,8 +260,8 @@ def host_source(filename: str, namespace: str, source: str | None = None) -> str
     # the fp16 conversions in host arithmetic (emu_f16_to_f32 / emu_f32_to_f16 above)
     src = re.sub(r'asm\("cvt\.f32\.f16.*?\);', "f = emu_f16_to_f32(x.bits);", src)
     src = re.sub(r'asm\("cvt\.rn\.f16\.f32.*?\);', "r.bits = emu_f32_to_f16(x);", src)
-    src = re.sub(r"extern __shared__ float4 (\w+)\[\];", r"float4* \1 = g_smem;", src)
-    src = re.sub(r"extern __shared__ float (\w+)\[\];", r"float* \1 = (float*)g_smem;", src)
+    src = re.sub(r"extern __shared__ float4 (\w+)\[\];", r"float4* \1 = g_smem_ptr;", src)
+    src = re.sub(r"extern __shared__ float (\w+)\[\];", r"float* \1 = (float*)g_smem_ptr;", src)
     src = src.replace("__shared__", "static").replace("nullptr", "(TOut*)0")
     return f"namespace {namespace} {{\n{src}\n}}"
 
@@ -288,39 +300,50 @@ def build_library(source: str, directory: Path, name: str = "emu") -> ctypes.CDL
     return ctypes.CDLL(str(lib))
 
 
-def build_race_checked(source: str, directory: Path, name: str = "race") -> Path:
-    """Compile ``source`` (an emulation with a ``main``) into an executable under ThreadSanitizer: every emulated
-    GPU thread is a host thread and each barrier (``__syncthreads``, ``__syncwarp``, a warp collective) an
-    ``std::barrier``, so a missing barrier shows as a data race on the emulated shared memory. Skips (fails
-    where the toolchain is required) without a C++20 compiler and its ThreadSanitizer runtime."""
+SANITIZERS = {  # flags, and the line each report starts with
+    "thread": (["-fsanitize=thread", "-DLOMAR_RACE_CHECK"], "WARNING: ThreadSanitizer: data race"),
+    "address": (["-fsanitize=address,alignment", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
+                "ERROR: AddressSanitizer"),
+}
+
+
+def build_sanitized(source: str, directory: Path, sanitizer: str, name: str = "checked") -> Path:
+    """Compile ``source`` (an emulation with a ``main``) into an executable under a sanitizer. ``thread``: every
+    emulated GPU thread is a host thread and each barrier (``__syncthreads``, ``__syncwarp``) an ``std::barrier``,
+    while warp instructions order no memory (LOMAR_RACE_CHECK), so a missing barrier shows as a data race on the
+    emulated shared memory. ``address``: an access past a launch's shared memory (``emu_launch_sized``) or past a
+    buffer is reported. Skips (fails where the toolchain is required) without a C++20 compiler and the
+    sanitizer's runtime."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         missing_toolchain("no host C++ compiler for the kernel emulation")
     cpp, exe = directory / f"{name}.cpp", directory / name
     cpp.write_text(source)
-    r = subprocess.run([cxx, "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-DLOMAR_RACE_CHECK", "-o", str(exe), str(cpp),
-                        "-lpthread"],
+    flags = SANITIZERS[sanitizer][0]
+    r = subprocess.run([cxx, "-std=c++20", "-O1", "-g", *flags, "-o", str(exe), str(cpp), "-lpthread"],
                        capture_output=True, text=True)
-    if r.returncode != 0 and ("tsan" in r.stderr or "sanitize" in r.stderr or "barrier" in r.stderr):
-        missing_toolchain(f"no ThreadSanitizer build for the race check: {r.stderr[-300:]}")
+    if r.returncode != 0 and any(w in r.stderr for w in ("tsan", "asan", "sanitize", "barrier")):
+        missing_toolchain(f"no {sanitizer} sanitizer build for the kernel check: {r.stderr[-300:]}")
     assert r.returncode == 0, r.stderr[-3000:]
     return exe
 
 
-def run_race_checked(exe: Path, *args) -> tuple[int, str, int]:
-    """(exit status, output, data races reported) of a :func:`build_race_checked` executable; a status of 66
-    means ThreadSanitizer reported. Where the kernel's address-space layout does not suit ThreadSanitizer, the
-    run is repeated without address randomization."""
-    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=0 exitcode=66 report_signal_unsafe=0 history_size=2")
+def run_sanitized(exe: Path, sanitizer: str, *args) -> tuple[int, str, int]:
+    """(exit status, output, sanitizer reports) of a :func:`build_sanitized` executable; a status of 66 means the
+    sanitizer reported. Where the kernel's address-space layout does not suit the sanitizer, the run is repeated
+    without address randomization."""
+    opts = "halt_on_error=0 exitcode=66 report_signal_unsafe=0 history_size=2"
+    env = dict(os.environ, TSAN_OPTIONS=opts, ASAN_OPTIONS="exitcode=66 detect_leaks=0",
+               UBSAN_OPTIONS="halt_on_error=1 exitcode=66")
     cmd = [str(exe), *map(str, args)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if "unexpected memory mapping" in r.stderr and shutil.which("setarch"):
         r = subprocess.run(["setarch", os.uname().machine, "-R", *cmd], capture_output=True, text=True, env=env,
                            timeout=600)
     if "unexpected memory mapping" in r.stderr or "FATAL: ThreadSanitizer" in r.stderr:
-        missing_toolchain(f"ThreadSanitizer cannot run here: {r.stderr[-300:]}")
+        missing_toolchain(f"the {sanitizer} sanitizer cannot run here: {r.stderr[-300:]}")
     out = r.stdout + r.stderr
-    return r.returncode, out, out.count("WARNING: ThreadSanitizer: data race")
+    return r.returncode, out, out.count(SANITIZERS[sanitizer][1]) + out.count("runtime error:")
 
 
 def c_args(*xs):

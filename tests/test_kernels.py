@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_emulation import (ARCHS, DTYPES, build_library, build_race_checked, emulation_source, gpu_test, launched,
-                              missing_toolchain, run_race_checked)
+from kernel_emulation import (ARCHS, DTYPES, build_library, build_sanitized, emulation_source, gpu_test, launched,
+                              missing_toolchain, run_sanitized)
 from kernel_emulation import c_args as _c_args
 
 import lomar_fast.ops as ops_pkg
@@ -850,7 +850,7 @@ def test_emulated_window_gather_matches_reference(emu_lib, visible_only, norm_pi
     torch.testing.assert_close(targets, want_t, **TARGET_TOL)
 
 
-_RACE_ENTRY = r"""
+_CHECK_ENTRY = r"""
 #include <cstdio>
 #include <random>
 int main() {
@@ -865,9 +865,9 @@ int main() {
     for (auto& x : t) x = nd(rng);
     for (auto& x : g) x = nd(rng);
     for (auto& x : bk) x = rng() % NB;
-    emu_launch(2, 256, [&] { irpe_ns::irpe_fwd<float, D>(q.data(), (long long)h * L * D, (long long)L * D, D, 1, t.data(),
+    emu_launch_sized(2, 256, FWD_BYTES, [&] { irpe_ns::irpe_fwd<float, D>(q.data(), (long long)h * L * D, (long long)L * D, D, 1, t.data(),
                                                          bk.data(), out.data(), h, L, NB, Lp, M); });
-    emu_launch(2, 128, [&] { irpe_ns::irpe_bwd_reduce<float>(g.data(), (long long)h * L * L, (long long)L * L, L, 1,
+    emu_launch_sized(2, 128, BWD_BYTES, [&] { irpe_ns::irpe_bwd_reduce<float>(g.data(), (long long)h * L * L, (long long)L * L, L, 1,
                                                              bk.data(), G.data(), h, L, NB, M, rows, 128 / rows); });
     std::printf("irpe\n");
   }
@@ -878,7 +878,7 @@ int main() {
     std::vector<long long> win = {1, 0};
     std::vector<window_gather_ns::lomar_bf16> P((size_t)B * K * w * w * V);
     std::vector<float> T((size_t)B * K * nm * V);
-    emu_launch(B * K * w * w, 256, [&] {
+    emu_launch_sized(B * K * w * w, 256, 4 * V, [&] {
       window_gather_ns::window_gather<unsigned char, window_gather_ns::lomar_bf16>(
           img.data(), (long long)S * S * 3, 1, (long long)S * 3, 3, win.data(), masks.data(), P.data(), T.data(), K, p,
           w, nm, vis, 1, 0.485f, 0.456f, 0.406f, 0.229f, 0.224f, 0.225f);
@@ -890,15 +890,24 @@ int main() {
 """
 
 
-@pytest.mark.slow  # a ThreadSanitizer build and run
-def test_emulated_kernels_have_no_shared_memory_race(tmp_path):
-    """The iRPE forward and backward reduction and the window gather (both outputs), every emulated GPU thread a
-    host thread under ThreadSanitizer, read no shared memory another thread writes without a barrier between
-    (tests/test_window_attention.py shows the check finding a barrier taken out)."""
-    entry = _RACE_ENTRY.replace("LP", str(_irpe_cuda.padded_length(50))).replace("ROWS", str(_irpe_cuda._bwd_tile(50, 50)))
-    exe = build_race_checked(_emulation_source_with(entry), tmp_path)
-    status, out, races = run_race_checked(exe)
-    assert status == 0 and races == 0, out[-6000:]
+@pytest.mark.slow  # a sanitizer build and run
+@pytest.mark.parametrize("sanitizer", ["thread", "address"])
+def test_emulated_kernels_have_no_race_and_stay_inside_their_shared_memory(tmp_path, sanitizer):
+    """The iRPE forward and backward reduction and the window gather (both outputs), each launch given exactly the
+    dynamic shared memory the wrapper asks for: under ThreadSanitizer (every emulated GPU thread a host thread) no
+    thread reads shared memory another wrote without a barrier between them; under AddressSanitizer no access
+    falls past the shared memory or a buffer (tests/test_window_attention.py shows both checks finding a fault
+    put into a kernel)."""
+    length, nb, d = 50, 50, 64
+    rows = _irpe_cuda._bwd_tile(length, nb)
+    values = {"LP": _irpe_cuda.padded_length(length), "ROWS": rows, "FWD_BYTES": _irpe_cuda._fwd_shared_bytes(d, nb),
+              "BWD_BYTES": 4 * (2 * rows * (length | 1) + _irpe_cuda.BWD_THREADS * (nb | 1))}
+    entry = _CHECK_ENTRY
+    for name, value in values.items():
+        entry = entry.replace(name, str(value))
+    exe = build_sanitized(_emulation_source_with(entry), tmp_path, sanitizer)
+    status, out, reports = run_sanitized(exe, sanitizer)
+    assert status == 0 and reports == 0, out[-6000:]
     assert out.split() == ["irpe", "gather", "0", "gather", "1"], out[-3000:]
 
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_emulation import (ARCHS, DTYPES, SHARED_BYTES, build_library, build_race_checked, c_args,
-                              emulation_source, gpu_test, launched, missing_toolchain, run_race_checked)
+from kernel_emulation import (ARCHS, DTYPES, SHARED_BYTES, build_library, build_sanitized, c_args, emulation_source,
+                              gpu_test, launched, missing_toolchain, run_sanitized)
 
 from lomar_fast.models.irpe import bucket_ids
 from lomar_fast.models.vit import Attention
@@ -1085,22 +1085,22 @@ def test_emulated_mma_lse_and_bad_bucket(emu, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# races: the emulated kernels under ThreadSanitizer
+# races and shared-memory bounds: the emulated kernels under ThreadSanitizer and AddressSanitizer
 # ---------------------------------------------------------------------------------------------
-_RACE_ENTRY = r"""
+_CHECK_ENTRY = r"""
 #include <cstdio>
 #include <random>
 #include <string>
 // one forward and backward on random bf16 inputs (the dT reduction shares no memory between threads): q, k, v packed as a qkv projection's
 // (N, L, 3, H, D) output, dq, dk, dv into one such buffer; N = 1, H = 3 pairs over 2 blocks, so the first
 // block runs two pairs and a barrier missing between them shows too
-struct RaceIO {
-  int D, L, NB, H = 3, grid = 2;
+struct CheckIO {
+  int D, L, NB, H = 3, grid = 2, shrink = 0;  // shrink: bytes of shared memory fewer than the forward asks for
   long long sn, sh, si, on, oh, oi;
   std::vector<unsigned short> qkv, o, go, dqkv;
   std::vector<float> table, lse, part;
   std::vector<long long> bk;
-  RaceIO(int d, int l, int nb) : D(d), L(l), NB(nb) {
+  CheckIO(int d, int l, int nb) : D(d), L(l), NB(nb) {
     std::mt19937 rng(d * 131 + l);
     std::normal_distribution<float> nd(0.f, 1.f);
     auto bf = [&](float f) { unsigned u; std::memcpy(&u, &f, 4); return (unsigned short)(u >> 16); };
@@ -1116,39 +1116,49 @@ struct RaceIO {
   const unsigned short* k() const { return qkv.data() + H * D; }
   const unsigned short* v() const { return qkv.data() + 2 * H * D; }
 };
-#define RACE_RUNNERS(NS)                                                                                          \
-  template <int DD> void NS##_mma(RaceIO& x) {                                                                    \
-    emu_launch(x.grid, 128, [&] { NS::window_attention_mma_fwd<DD>(x.q(), x.sn, x.sh, x.si, x.k(), x.sn, x.sh, x.si, \
+#define CHECK_RUNNERS(NS)                                                                                          \
+  template <int DD> void NS##_mma(CheckIO& x) {                                                                    \
+    emu_launch_sized(x.grid, 128, NS::wm_fwd_shared_bytes(x.L, x.NB, DD) - x.shrink, [&] {                         \
+        NS::window_attention_mma_fwd<DD>(x.q(), x.sn, x.sh, x.si, x.k(), x.sn, x.sh, x.si, \
         x.v(), x.sn, x.sh, x.si, x.table.data(), x.bk.data(), x.o.data(), x.on, x.oh, x.oi, x.lse.data(), x.H, x.L, \
         x.NB, x.H, 0.125f); });                                                                                   \
-    emu_launch(x.grid, 128, [&] { NS::window_attention_mma_bwd<DD>(x.q(), x.sn, x.sh, x.si, x.k(), x.sn, x.sh, x.si, \
+    emu_launch_sized(x.grid, 128, NS::wm_bwd_shared_bytes(x.L, x.NB, DD), [&] {                                   \
+        NS::window_attention_mma_bwd<DD>(x.q(), x.sn, x.sh, x.si, x.k(), x.sn, x.sh, x.si, \
         x.v(), x.sn, x.sh, x.si, x.o.data(), x.on, x.oh, x.oi, x.go.data(), x.on, x.oh, x.oi, x.lse.data(),       \
         x.table.data(), x.bk.data(), x.dqkv.data(), x.dqkv.data() + x.H * DD, x.dqkv.data() + 2 * x.H * DD, x.sn,  \
         x.sh, x.si, x.part.data(), x.H, x.L, x.NB, x.H, 0.125f); });                                              \
   }                                                                                                               \
-  template <int DD, bool TC> void NS##_tiles(RaceIO& x) {                                                         \
-    emu_launch(x.grid, 256, [&] { NS::window_attention_fwd<DD, TC>(x.q(), x.sn, x.sh, x.si, x.k(), x.sn, x.sh,     \
+  template <int DD, bool TC> void NS##_tiles(CheckIO& x) {                                                         \
+    emu_launch_sized(x.grid, 256, NS::wa_fwd_shared_bytes(x.L, x.NB, DD), [&] {                                   \
+        NS::window_attention_fwd<DD, TC>(x.q(), x.sn, x.sh, x.si, x.k(), x.sn, x.sh,     \
         x.si, x.v(), x.sn, x.sh, x.si, x.table.data(), x.bk.data(), x.o.data(), x.on, x.oh, x.oi, x.lse.data(),    \
         x.H, x.L, x.NB, x.H, 0.125f, 1, 1); });                                                                   \
-    emu_launch(x.grid, 256, [&] { NS::window_attention_bwd<DD, TC>(x.q(), x.sn, x.sh, x.si, x.k(), x.sn, x.sh,     \
+    emu_launch_sized(x.grid, 256, NS::wa_bwd_shared_bytes(x.L, x.NB, DD), [&] {                                   \
+        NS::window_attention_bwd<DD, TC>(x.q(), x.sn, x.sh, x.si, x.k(), x.sn, x.sh,     \
         x.si, x.v(), x.sn, x.sh, x.si, x.o.data(), x.on, x.oh, x.oi, x.go.data(), x.on, x.oh, x.oi, x.lse.data(),  \
         x.table.data(), x.bk.data(), x.dqkv.data(), x.dqkv.data() + x.H * DD, x.dqkv.data() + 2 * x.H * DD, x.sn,  \
         x.sh, x.si, x.part.data(), x.H, x.L, x.NB, x.H, 0.125f, 1, 1); });                                        \
   }
-RACE_RUNNERS(wa_ns)
-RACE_RUNNERS(wa_cut)
-RACE_RUNNERS(wa_warp)
+CHECK_RUNNERS(wa_ns)
+#ifdef CHECK_BROKEN
+CHECK_RUNNERS(wa_cut)
+CHECK_RUNNERS(wa_warp)
+#endif
 int main(int argc, char** argv) {
   std::string which = argc > 1 ? argv[1] : "";
   if (which == "kernels") {
-    { RaceIO x(64, 50, 50); wa_ns_mma<64>(x); std::printf("mma 64 L=50\n"); }
-    { RaceIO x(80, 37, 13); wa_ns_mma<80>(x); std::printf("mma 80 L=37\n"); }
-    { RaceIO x(64, 50, 50); wa_ns_tiles<64, true>(x); std::printf("tiles 64 tc L=50\n"); }
-    { RaceIO x(32, 17, 50); wa_ns_tiles<32, false>(x); std::printf("tiles 32 L=17\n"); }
+    { CheckIO x(64, 50, 50); wa_ns_mma<64>(x); std::printf("mma 64 L=50\n"); }
+    { CheckIO x(80, 37, 13); wa_ns_mma<80>(x); std::printf("mma 80 L=37\n"); }
+    { CheckIO x(64, 50, 50); wa_ns_tiles<64, true>(x); std::printf("tiles 64 tc L=50\n"); }
+    { CheckIO x(32, 17, 50); wa_ns_tiles<32, false>(x); std::printf("tiles 32 L=17\n"); }
+#ifdef CHECK_BROKEN
   } else if (which == "cut") {
-    RaceIO x(64, 50, 50); wa_cut_mma<64>(x); std::printf("cut mma 64 L=50\n");
+    CheckIO x(64, 50, 50); wa_cut_mma<64>(x); std::printf("cut mma 64 L=50\n");
   } else if (which == "warp") {
-    RaceIO x(64, 50, 50); wa_warp_mma<64>(x); std::printf("warp mma 64 L=50\n");
+    CheckIO x(64, 50, 50); wa_warp_mma<64>(x); std::printf("warp mma 64 L=50\n");
+#endif
+  } else if (which == "short") {
+    CheckIO x(64, 50, 50); x.shrink = 16; wa_ns_mma<64>(x); std::printf("short mma 64 L=50\n");
   } else {
     return 2;
   }
@@ -1157,16 +1167,10 @@ int main(int argc, char** argv) {
 """
 
 
-@pytest.mark.slow  # a ThreadSanitizer build and run (about 30 s on 2 cores)
-def test_emulated_kernels_have_no_shared_memory_race(tmp_path):
-    """Every emulated GPU thread a host thread under ThreadSanitizer: the warp-tiled kernels (head_dim 64 at
-    L = 50, the LoMaR window, and 80 at L = 37) and the tile kernels (64 with tensor cores at L = 50, 32 at
-    L = 17), forward and backward, read no shared memory another thread wrote without a barrier between them.
-    Warp instructions (mma, ldmatrix, shuffles) order no memory here, as on a GPU, so a missing __syncwarp shows
-    as well as a missing __syncthreads. The check finds both: the warp-tiled forward without the barrier that
-    ends a pair (the next pair's k and v overwrite tiles other warps still read), or without the __syncwarp
-    between a warp's q T stores and its lanes' reads of them (only mma.sync collectives in between), reports
-    a race."""
+def _checked_build(tmp_path, sanitizer: str, broken: bool) -> Path:
+    """The kernel-check driver (``_CHECK_ENTRY``) under ``sanitizer``: the runtime source as ``wa_ns``, and with
+    ``broken`` two broken copies of it, ``wa_cut`` without the barrier that ends a pair in the warp-tiled forward
+    and ``wa_warp`` without the __syncwarp between a warp's q T stores and its lanes' reads of them."""
     source = cb.cuda_source(wac.SOURCE)
     start = source.index("window_attention_mma_fwd(const unsigned short*")
     end = source.index("window_attention_mma_bwd(const unsigned short*")
@@ -1176,15 +1180,43 @@ def test_emulated_kernels_have_no_shared_memory_race(tmp_path):
     logits = "    wm_syncwarp();\n    wm_logits(s, sqt, sbk, r0, L, scale);"
     assert source.count(logits) == 1
     warp = source.replace(logits, "    wm_logits(s, sqt, sbk, r0, L, scale);")
-    exe = build_race_checked(emulation_source(((wac.SOURCE, "wa_ns"), (wac.SOURCE, "wa_cut", cut),
-                                               (wac.SOURCE, "wa_warp", warp)), _RACE_ENTRY), tmp_path)
-    status, out, races = run_race_checked(exe, "kernels")
+    sources = ((wac.SOURCE, "wa_ns"), (wac.SOURCE, "wa_cut", cut), (wac.SOURCE, "wa_warp", warp))[:3 if broken else 1]
+    entry = ("#define CHECK_BROKEN 1\n" if broken else "") + _CHECK_ENTRY
+    return build_sanitized(emulation_source(sources, entry), tmp_path, sanitizer)
+
+
+@pytest.mark.slow  # a ThreadSanitizer build and run (about 25 s on 2 cores)
+def test_emulated_kernels_have_no_shared_memory_race(tmp_path):
+    """Every emulated GPU thread a host thread under ThreadSanitizer: the warp-tiled kernels (head_dim 64 at
+    L = 50, the LoMaR window, and 80 at L = 37) and the tile kernels (64 with tensor cores at L = 50, 32 at
+    L = 17), forward and backward, read no shared memory another thread wrote without a barrier between them.
+    Warp instructions (mma, ldmatrix, shuffles) order no memory here, as on a GPU, so a missing __syncwarp shows
+    as well as a missing __syncthreads. The check finds both: the warp-tiled forward without the barrier that
+    ends a pair (the next pair's k and v overwrite tiles other warps still read), or without the __syncwarp
+    between a warp's q T stores and its lanes' reads of them (only mma.sync collectives in between), reports
+    a race."""
+    exe = _checked_build(tmp_path, "thread", broken=True)
+    status, out, races = run_sanitized(exe, "thread", "kernels")
     assert status == 0 and races == 0, out[-6000:]
     assert out.count("\n") >= 4 and "tiles 32 L=17" in out
-    status, out, races = run_race_checked(exe, "cut")
+    status, out, races = run_sanitized(exe, "thread", "cut")
     assert status == 66 and races >= 1 and "wm_load_rows" in out, out[-3000:]  # the next pair's tile loads
-    status, out, races = run_race_checked(exe, "warp")
+    status, out, races = run_sanitized(exe, "thread", "warp")
     assert status == 66 and races >= 1 and "wm_logits" in out, out[-3000:]  # a lane reading another's q T
+
+
+@pytest.mark.slow  # an AddressSanitizer build and run
+def test_emulated_kernels_stay_inside_the_shared_memory_they_ask_for(tmp_path):
+    """Each launch gets exactly the dynamic shared memory the kernel's size function asks for (the wrapper's
+    formula, tested equal), under AddressSanitizer: no kernel reads or writes past it, which on a GPU is an
+    illegal address that ends the process's CUDA context, nor past any input or output. The warp-tiled forward
+    given 16 bytes fewer than it asks for is reported."""
+    exe = _checked_build(tmp_path, "address", broken=False)
+    status, out, reports = run_sanitized(exe, "address", "kernels")
+    assert status == 0 and reports == 0, out[-6000:]
+    assert "tiles 32 L=17" in out
+    status, out, reports = run_sanitized(exe, "address", "short")
+    assert status == 66 and reports >= 1 and "window_attention_mma_fwd" in out, out[-3000:]
 
 
 @pytest.mark.parametrize("choice", ["tiles", "mma"])
