@@ -1177,7 +1177,7 @@ __device__ __forceinline__ void wm_store_tile_f32(float* m, int ld, int r0, int 
 // of a thread's copies are in flight at once; wm_copies_wait() waits for them (then a barrier publishes them).
 __device__ __forceinline__ void wm_copy16(unsigned short* dst, const unsigned short* src) {
 #if defined(LOMAR_EMULATION)
-    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    emu_cp_async16(dst, src);  // lands at the thread's next wm_copies_wait()
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     unsigned int a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(dst));
@@ -1190,7 +1190,9 @@ __device__ __forceinline__ void wm_copy16(unsigned short* dst, const unsigned sh
 }
 
 __device__ __forceinline__ void wm_copies_wait() {
-#if !defined(LOMAR_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(LOMAR_EMULATION)
+    emu_cp_async_wait_all();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile("cp.async.wait_all;\n" ::: "memory");
 #endif
 }

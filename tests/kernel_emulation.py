@@ -196,6 +196,19 @@ inline void emu_mma_bf16_m16n8k16(float (&c)[4], const unsigned (&a)[4], unsigne
   EMU_QUIET_END();
 }
 inline void __syncwarp() { g_warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
+// cp.async (16 bytes, global to shared): a thread's copies wait in its queue until its cp.async.wait_all, as on a
+// GPU, where they land at some time before it; a tile read before the wait (and the barrier after it) holds the
+// previous pair's values, or the NaN of fresh shared memory. Both addresses must be 16-byte aligned.
+struct EmuCopy { void* dst; unsigned char bytes[16]; };
+static thread_local std::vector<EmuCopy> g_cp_async;
+inline void emu_cp_async16(void* dst, const void* src) {
+  if (reinterpret_cast<std::uintptr_t>(dst) % 16 || reinterpret_cast<std::uintptr_t>(src) % 16) std::abort();
+  EmuCopy c; c.dst = dst; std::memcpy(c.bytes, src, 16); g_cp_async.push_back(c);
+}
+inline void emu_cp_async_wait_all() {
+  for (const EmuCopy& c : g_cp_async) std::memcpy(c.dst, c.bytes, 16);
+  g_cp_async.clear();
+}
 // ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16 as a warp collective: lane l gives the address of row l % 8
 // of matrix l / 8 (16-byte aligned: a misaligned row aborts, as it faults on a GPU); register m of lane l
 // receives matrix m's (row l / 4, columns 2 (l % 4) + 0, 1), transposed: (rows 2 (l % 4) + 0, 1, column l / 4).

@@ -1112,6 +1112,14 @@ struct CheckIO {
     bk.resize((size_t)L * L); for (auto& x : bk) x = rng() % NB;
     sn = (long long)L * 3 * H * D; sh = D; si = 3LL * H * D; on = (long long)L * H * D; oh = D; oi = (long long)H * D;
   }
+  // NaN or infinite values among the outputs (out, lse, dq, dk, dv): a tile read before its copies landed
+  int nonfinite() const {
+    int bad = 0;
+    for (unsigned short x : o) bad += (x & 0x7f80u) == 0x7f80u;
+    for (unsigned short x : dqkv) bad += (x & 0x7f80u) == 0x7f80u;
+    for (float x : lse) bad += !std::isfinite(x);
+    return bad;
+  }
   const unsigned short* q() const { return qkv.data(); }
   const unsigned short* k() const { return qkv.data() + H * D; }
   const unsigned short* v() const { return qkv.data() + 2 * H * D; }
@@ -1143,19 +1151,22 @@ CHECK_RUNNERS(wa_ns)
 #ifdef CHECK_BROKEN
 CHECK_RUNNERS(wa_cut)
 CHECK_RUNNERS(wa_warp)
+CHECK_RUNNERS(wa_nowait)
 #endif
 int main(int argc, char** argv) {
   std::string which = argc > 1 ? argv[1] : "";
   if (which == "kernels") {
-    { CheckIO x(64, 50, 50); wa_ns_mma<64>(x); std::printf("mma 64 L=50\n"); }
-    { CheckIO x(80, 37, 13); wa_ns_mma<80>(x); std::printf("mma 80 L=37\n"); }
-    { CheckIO x(64, 50, 50); wa_ns_tiles<64, true>(x); std::printf("tiles 64 tc L=50\n"); }
-    { CheckIO x(32, 17, 50); wa_ns_tiles<32, false>(x); std::printf("tiles 32 L=17\n"); }
+    { CheckIO x(64, 50, 50); wa_ns_mma<64>(x); std::printf("mma 64 L=50: nonfinite %d\n", x.nonfinite()); }
+    { CheckIO x(80, 37, 13); wa_ns_mma<80>(x); std::printf("mma 80 L=37: nonfinite %d\n", x.nonfinite()); }
+    { CheckIO x(64, 50, 50); wa_ns_tiles<64, true>(x); std::printf("tiles 64 tc L=50: nonfinite %d\n", x.nonfinite()); }
+    { CheckIO x(32, 17, 50); wa_ns_tiles<32, false>(x); std::printf("tiles 32 L=17: nonfinite %d\n", x.nonfinite()); }
 #ifdef CHECK_BROKEN
   } else if (which == "cut") {
     CheckIO x(64, 50, 50); wa_cut_mma<64>(x); std::printf("cut mma 64 L=50\n");
   } else if (which == "warp") {
     CheckIO x(64, 50, 50); wa_warp_mma<64>(x); std::printf("warp mma 64 L=50\n");
+  } else if (which == "nowait") {
+    CheckIO x(64, 50, 50); wa_nowait_mma<64>(x); std::printf("nowait mma 64 L=50: nonfinite %d\n", x.nonfinite());
 #endif
   } else if (which == "short") {
     CheckIO x(64, 50, 50); x.shrink = 16; wa_ns_mma<64>(x); std::printf("short mma 64 L=50\n");
@@ -1170,7 +1181,8 @@ int main(int argc, char** argv) {
 def _checked_build(tmp_path, sanitizer: str, broken: bool) -> Path:
     """The kernel-check driver (``_CHECK_ENTRY``) under ``sanitizer``: the runtime source as ``wa_ns``, and with
     ``broken`` two broken copies of it, ``wa_cut`` without the barrier that ends a pair in the warp-tiled forward
-    and ``wa_warp`` without the __syncwarp between a warp's q T stores and its lanes' reads of them."""
+    and ``wa_warp`` without the __syncwarp between a warp's q T stores and its lanes' reads of them, ``wa_nowait``
+    without the wait for the forward's asynchronous tile copies (cp.async)."""
     source = cb.cuda_source(wac.SOURCE)
     start = source.index("window_attention_mma_fwd(const unsigned short*")
     end = source.index("window_attention_mma_bwd(const unsigned short*")
@@ -1180,7 +1192,10 @@ def _checked_build(tmp_path, sanitizer: str, broken: bool) -> Path:
     logits = "    wm_syncwarp();\n    wm_logits(s, sqt, sbk, r0, L, scale);"
     assert source.count(logits) == 1
     warp = source.replace(logits, "    wm_logits(s, sqt, sbk, r0, L, scale);")
-    sources = ((wac.SOURCE, "wa_ns"), (wac.SOURCE, "wa_cut", cut), (wac.SOURCE, "wa_warp", warp))[:3 if broken else 1]
+    copies = source[start:].index("        wm_copies_wait();\n") + start  # the forward's wait for its k, v tiles
+    nowait = source[:copies] + source[copies + len("        wm_copies_wait();\n"):]
+    sources = ((wac.SOURCE, "wa_ns"), (wac.SOURCE, "wa_cut", cut), (wac.SOURCE, "wa_warp", warp),
+               (wac.SOURCE, "wa_nowait", nowait))[:4 if broken else 1]
     entry = ("#define CHECK_BROKEN 1\n" if broken else "") + _CHECK_ENTRY
     return build_sanitized(emulation_source(sources, entry), tmp_path, sanitizer)
 
@@ -1198,11 +1213,15 @@ def test_emulated_kernels_have_no_shared_memory_race(tmp_path):
     exe = _checked_build(tmp_path, "thread", broken=True)
     status, out, races = run_sanitized(exe, "thread", "kernels")
     assert status == 0 and races == 0, out[-6000:]
-    assert out.count("\n") >= 4 and "tiles 32 L=17" in out
+    assert out.count(": nonfinite 0") == 4, out[-3000:]  # every tile landed before it was read
     status, out, races = run_sanitized(exe, "thread", "cut")
-    assert status == 66 and races >= 1 and "wm_load_rows" in out, out[-3000:]  # the next pair's tile loads
+    # the next pair's k, v tile copies, landing at the thread's wait
+    assert status == 66 and races >= 1 and "emu_cp_async_wait_all" in out, out[-3000:]
     status, out, races = run_sanitized(exe, "thread", "warp")
     assert status == 66 and races >= 1 and "wm_logits" in out, out[-3000:]  # a lane reading another's q T
+    # the copies emulated as on a GPU (queued until the thread's wait): without the wait the tiles are unset
+    status, out, races = run_sanitized(exe, "thread", "nowait")
+    assert "nowait mma 64 L=50: nonfinite 0" not in out and "nonfinite" in out, out[-3000:]
 
 
 @pytest.mark.slow  # an AddressSanitizer build and run
