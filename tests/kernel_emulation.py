@@ -269,7 +269,7 @@ SHARED_BYTES = 16 * (1 << 14)
 def host_source(filename: str, namespace: str, source: str | None = None) -> str:
     """The CUDA source ``filename`` (local headers inlined, explicit instantiations dropped), or ``source`` in its
     place, as host C++ inside ``namespace``, for the emulation layer."""
-    src = (cb.cuda_source(filename) if source is None else source).split("// Explicit instantiations")[0]
+    src = cb.runtime_source(filename) if source is None else source.split(cb.EXPLICIT_INSTANTIATIONS)[0]
     # the fp16 conversions in host arithmetic (emu_f16_to_f32 / emu_f32_to_f16 above)
     src = re.sub(r'asm\("cvt\.f32\.f16.*?\);', "f = emu_f16_to_f32(x.bits);", src)
     src = re.sub(r'asm\("cvt\.rn\.f16\.f32.*?\);', "r.bits = emu_f32_to_f16(x);", src)

@@ -152,7 +152,7 @@ def _nvrtc_compile(source: str, filename: str, name_expressions, arch: int):
 @pytest.mark.parametrize("mod", KERNEL_MODULES, ids=lambda m: m.SOURCE)
 def test_nvrtc_compiles_runtime_source(mod, arch):
     require_nvrtc()
-    ok, log, lowered = _nvrtc_compile(cb.cuda_source(mod.SOURCE), mod.SOURCE, mod.NAME_EXPRESSIONS, arch)
+    ok, log, lowered = _nvrtc_compile(cb.runtime_source(mod.SOURCE), mod.SOURCE, mod.NAME_EXPRESSIONS, arch)
     assert ok, f"NVRTC failed on {mod.SOURCE} for sm_{arch}:\n{log}"
     assert log == "", f"NVRTC log (warnings) for {mod.SOURCE} sm_{arch}:\n{log}"
     # every kernel the Python side can launch exists under its name expression
@@ -165,6 +165,43 @@ def test_nvrtc_reports_errors():
     require_nvrtc()
     ok, log, _ = _nvrtc_compile("__global__ void k() { undeclared(); }", "bad.cu", (), 90)
     assert not ok and "undeclared" in log
+
+
+def test_each_kernel_is_built_alone_at_its_first_launch(monkeypatch):
+    """A launch builds its kernel alone: a module of the source without the nvcc-only explicit instantiations and
+    with the one name expression, the shared NVRTC options plus the launch's, compiled once per device, kernel and
+    options (CuPy's RawModule, a stand-in here). A kernel the file does not have is one ValueError."""
+    import contextlib
+    import types
+
+    built, launched_ = [], []
+
+    class Module:
+        def __init__(self, code, options, name_expressions):
+            built.append((code, options, tuple(name_expressions)))
+            self.names = tuple(name_expressions)
+
+        def get_function(self, name):
+            assert name in self.names
+            return lambda grid, block, args, shared_mem=0: launched_.append((name, self.names, shared_mem))
+
+    fake = types.SimpleNamespace(RawModule=Module, cuda=types.SimpleNamespace(Device=lambda i: contextlib.nullcontext()))
+    monkeypatch.setattr(cb, "_import_cupy", lambda: fake)
+    monkeypatch.setattr(cb, "_external_stream", lambda cupy, stream, index: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index: types.SimpleNamespace(cuda_stream=0))
+    monkeypatch.setattr(cb, "_modules", {})
+    dev = torch.device("cuda", 0)
+    names = _irpe_cuda.NAME_EXPRESSIONS
+    for name, opts in ((names[0], ()), (names[1], ()), (names[0], ()), (names[0], ("-DX=1",))):
+        cb.launch(_irpe_cuda.SOURCE, names, name, dev, 1, 32, (), 0, options=opts)
+    assert [n for n, _, _ in launched_] == [names[0], names[1], names[0], names[0]]
+    assert [b[1:] for b in built] == [((*cb.NVRTC_OPTIONS,), (names[0],)), ((*cb.NVRTC_OPTIONS,), (names[1],)),
+                                      ((*cb.NVRTC_OPTIONS, "-DX=1"), (names[0],))]  # the third launch reused one
+    full = cb.cuda_source(_irpe_cuda.SOURCE)
+    assert cb.EXPLICIT_INSTANTIATIONS in full and built[0][0] == full.split(cb.EXPLICIT_INSTANTIATIONS)[0]
+    assert "template __global__" not in built[0][0]
+    with pytest.raises(ValueError, match="irpe.cu has no kernel 'irpe_fwd<double, 32>'"):
+        cb.launch(_irpe_cuda.SOURCE, names, "irpe_fwd<double, 32>", dev, 1, 32, ())
 
 
 def test_cuda_sources_found_via_env(tmp_path, monkeypatch):

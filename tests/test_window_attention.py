@@ -591,7 +591,7 @@ def _start_compiles(workdir: Path) -> None:
         job = workdir / f"nvrtc{arch}.json"
         # the runtime's source and options; CuPy appends -ftz=true and the architecture
         job.write_text(json.dumps({
-            "source": cb.cuda_source(wac.SOURCE), "filename": wac.SOURCE, "names": list(wac.NAME_EXPRESSIONS),
+            "source": cb.runtime_source(wac.SOURCE), "filename": wac.SOURCE, "names": list(wac.NAME_EXPRESSIONS),
             "options": [*cb.NVRTC_OPTIONS, "-ftz=true", f"--gpu-architecture=sm_{arch}"],
         }))
         _JOBS[f"nvrtc{arch}"] = None if not has_nvrtc else subprocess.Popen(
@@ -905,7 +905,7 @@ def _mma_forward_min_blocks(arch: int, options: tuple[str, ...]) -> dict[int, in
     except ImportError:
         missing_toolchain("cuda-python (cuda.bindings) missing")
     ok = nvrtc.nvrtcResult.NVRTC_SUCCESS
-    source = cb.cuda_source(wac.SOURCE).split("// Explicit instantiations")[0]
+    source = cb.runtime_source(wac.SOURCE)
     names = [wac.mma_kernel_name("fwd", d) for d in wac.HEAD_DIMS]
     err, prog = nvrtc.nvrtcCreateProgram(source.encode(), wac.SOURCE.encode(), 0, [], [])
     assert err == ok, err

@@ -217,7 +217,7 @@ _blocks_per_sm: dict[tuple[str, int, int, tuple[str, ...]], int] = {}
 
 
 def _function(kernel: str, device: torch.device):
-    return cb.get_module(SOURCE, NAME_EXPRESSIONS, device, module_options()).get_function(kernel)
+    return cb.get_module(SOURCE, (kernel,), device, module_options()).get_function(kernel)
 
 
 def _prepare(kernel: str, device: torch.device, shared: int) -> None:
