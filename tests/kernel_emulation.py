@@ -359,6 +359,46 @@ def run_sanitized(exe: Path, sanitizer: str, *args) -> tuple[int, str, int]:
     return r.returncode, out, out.count(SANITIZERS[sanitizer][1]) + out.count("runtime error:")
 
 
+def nvrtc_compile(source: str, filename: str, name_expressions, options, ptx: bool = False):
+    """Compile ``source`` with NVRTC (cuda.bindings) and ``options``: (compiled, log, name expression -> lowered
+    name, the PTX when ``ptx`` and the target is virtual (``compute_XX``), else None). Skips (fails where the
+    toolchain is required) without cuda-python."""
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError:
+        missing_toolchain("cuda-python (cuda.bindings) is not installed")
+    ok = nvrtc.nvrtcResult.NVRTC_SUCCESS
+    err, prog = nvrtc.nvrtcCreateProgram(source.encode(), filename.encode(), 0, [], [])
+    assert err == ok, err
+    try:
+        for name in name_expressions:
+            (err,) = nvrtc.nvrtcAddNameExpression(prog, name.encode())
+            assert err == ok, (name, err)
+        opts = [o.encode() for o in options]
+        (status,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        err, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        # a fresh mutable buffer: NVRTC writes into it (a bytes object such as b" " * 1 is a shared,
+        # immutable singleton that the write would corrupt for the whole interpreter)
+        buf = bytearray(size)
+        nvrtc.nvrtcGetProgramLog(prog, buf)
+        log = bytes(buf).rstrip(b"\x00 ").decode(errors="replace")
+        lowered, text = {}, None
+        if status == ok:
+            for name in name_expressions:
+                err, low = nvrtc.nvrtcGetLoweredName(prog, name.encode())
+                assert err == ok, (name, err)
+                lowered[name] = low
+            if ptx:
+                err, size = nvrtc.nvrtcGetPTXSize(prog)
+                assert err == ok, err
+                buf = bytearray(size)
+                nvrtc.nvrtcGetPTX(prog, buf)
+                text = bytes(buf).decode(errors="replace")
+        return status == ok, log, lowered, text
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
 def c_args(*xs):
     """ctypes arguments: tensors -> their data pointer, floats -> float, ("ll", x) -> long long, else int."""
     out = []

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_emulation import (ARCHS, DTYPES, build_library, build_sanitized, emulation_source, gpu_test, launched,
-                              missing_toolchain, run_sanitized)
+                              missing_toolchain, nvrtc_compile, run_sanitized)
 from kernel_emulation import c_args as _c_args
 
 import lomar_fast.ops as ops_pkg
@@ -118,33 +118,10 @@ def test_nvcc_compiles_without_warnings(nvcc_results, mod):
 
 
 def _nvrtc_compile(source: str, filename: str, name_expressions, arch: int):
-    from cuda.bindings import nvrtc
-
-    ok = nvrtc.nvrtcResult.NVRTC_SUCCESS
-    err, prog = nvrtc.nvrtcCreateProgram(source.encode(), filename.encode(), 0, [], [])
-    assert err == ok, err
-    try:
-        for name in name_expressions:
-            (err,) = nvrtc.nvrtcAddNameExpression(prog, name.encode())
-            assert err == ok, (name, err)
-        # the runtime's options; CuPy appends -ftz=true and the architecture
-        opts = [o.encode() for o in (*cb.NVRTC_OPTIONS, "-ftz=true", f"--gpu-architecture=sm_{arch}")]
-        (status,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        err, size = nvrtc.nvrtcGetProgramLogSize(prog)
-        # a fresh mutable buffer: NVRTC writes into it (a bytes object such as b" " * 1 is a shared,
-        # immutable singleton that the write would corrupt for the whole interpreter)
-        buf = bytearray(size)
-        nvrtc.nvrtcGetProgramLog(prog, buf)
-        log = bytes(buf).rstrip(b"\x00 ").decode(errors="replace")
-        lowered = {}
-        if status == ok:
-            for name in name_expressions:
-                err, low = nvrtc.nvrtcGetLoweredName(prog, name.encode())
-                assert err == ok, (name, err)
-                lowered[name] = low
-        return status == ok, log, lowered
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
+    # the runtime's options; CuPy appends -ftz=true and the architecture
+    ok, log, lowered, _ = nvrtc_compile(source, filename, name_expressions,
+                                        (*cb.NVRTC_OPTIONS, "-ftz=true", f"--gpu-architecture=sm_{arch}"))
+    return ok, log, lowered
 
 
 @pytest.mark.slow

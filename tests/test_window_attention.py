@@ -30,7 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_emulation import (ARCHS, DTYPES, SHARED_BYTES, build_library, build_sanitized, c_args, emulation_source,
-                              gpu_test, launched, missing_toolchain, run_sanitized)
+                              gpu_test, launched, missing_toolchain, nvrtc_compile, run_sanitized)
 
 from lomar_fast.models.irpe import bucket_ids
 from lomar_fast.models.vit import Attention
@@ -900,33 +900,15 @@ def _mma_forward_min_blocks(arch: int, options: tuple[str, ...]) -> dict[int, in
     makes of the runtime source with ``options`` for ``compute_{arch}`` (no instantiation but the four)."""
     import re
 
-    try:
-        from cuda.bindings import nvrtc
-    except ImportError:
-        missing_toolchain("cuda-python (cuda.bindings) missing")
-    ok = nvrtc.nvrtcResult.NVRTC_SUCCESS
-    source = cb.runtime_source(wac.SOURCE)
     names = [wac.mma_kernel_name("fwd", d) for d in wac.HEAD_DIMS]
-    err, prog = nvrtc.nvrtcCreateProgram(source.encode(), wac.SOURCE.encode(), 0, [], [])
-    assert err == ok, err
-    try:
-        for name in names:
-            assert nvrtc.nvrtcAddNameExpression(prog, name.encode())[0] == ok
-        opts = [o.encode() for o in (*cb.NVRTC_OPTIONS, *options, f"--gpu-architecture=compute_{arch}")]
-        (status,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        assert status == ok, status
-        err, size = nvrtc.nvrtcGetPTXSize(prog)
-        ptx = bytearray(size)
-        nvrtc.nvrtcGetPTX(prog, ptx)
-        ptx = bytes(ptx).decode(errors="replace")
-        blocks = {}
-        for d, name in zip(wac.HEAD_DIMS, names):
-            err, lowered = nvrtc.nvrtcGetLoweredName(prog, name.encode())
-            entry = ptx[ptx.index(f".entry {lowered.decode()}("):]
-            blocks[d] = int(re.search(r"\.minnctapersm (\d+)", entry[:entry.index("{")]).group(1))
-        return blocks
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
+    ok, log, lowered, ptx = nvrtc_compile(cb.runtime_source(wac.SOURCE), wac.SOURCE, names,
+                                          (*cb.NVRTC_OPTIONS, *options, f"--gpu-architecture=compute_{arch}"), ptx=True)
+    assert ok, log
+    blocks = {}
+    for d, name in zip(wac.HEAD_DIMS, names):
+        entry = ptx[ptx.index(f".entry {lowered[name].decode()}("):]
+        blocks[d] = int(re.search(r"\.minnctapersm (\d+)", entry[:entry.index("{")]).group(1))
+    return blocks
 
 
 def test_forward_blocks_setting_reaches_the_mma_forwards_launch_bounds(monkeypatch):

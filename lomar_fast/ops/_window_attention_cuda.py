@@ -100,7 +100,7 @@ def kernel_choice() -> str:
 
 def module_options() -> tuple[str, ...]:
     """The NVRTC options this module is built with beyond the shared ones: ``-DWM_FWD_BLOCKS=N`` where
-    ``$LOMAR_WM_FWD_BLOCKS`` sets N, else none. Each setting is its own compiled module (and CuPy cache entry)."""
+    ``$LOMAR_WM_FWD_BLOCKS`` sets N, else none. Each setting is its own compiled module."""
     raw = os.environ.get(FWD_BLOCKS_ENV, "").strip()
     if not raw:
         return ()
