@@ -11,6 +11,8 @@
 #   engine_modes    LoMaR at 224, compiled blocks, in DeepSpeed's bf16 mode and without DeepSpeed (the shipped
 #                   torch_autocast row is the throughput stage's);
 #   attention_math  the same step with the explicit-logits attention (LOMAR_ATTN_PATH=math);
+#   attention_flex  the same step with FlexAttention's kernels taking the iRPE term (LOMAR_ATTN_PATH=flex), compiled
+#                   blocks and the whole model compiled;
 #   attention_mma   the same step with the kernels on and the warp-tiled attention kernels (LOMAR_WA_KERNEL=mma),
 #                   compiled blocks and the whole model compiled;
 #   irpe_aligned    the same step (compiled blocks) with the iRPE bias in SDPA's aligned layout
@@ -30,9 +32,9 @@
 # the GPU's clocks, power and throttle reasons once a second into gpu_telemetry.csv, and each stage notes the
 # busiest host processes at its start (NAME.ps).
 # Everything goes under RESULTS (default: a new /tmp/lomar_gpu_check.XXXXXX); after every stage OUT (default
-# benchmarks/results/gpu_check) receives at most seven files: stages.txt, environment.txt, throughput.json,
-# kernels.json, attention_math.json, attention_mma.json and gpu_check.tgz (all of RESULTS: logs, tables, plots,
-# profiles, the other runs' JSON). A device call returns at most 8 files from its output folder, hence the archive.
+# benchmarks/results/gpu_check) receives at most eight files: stages.txt, environment.txt, throughput.json,
+# kernels.json, attention_math.json, attention_flex.json, attention_mma.json and gpu_check.tgz (all of RESULTS:
+# logs, tables, plots, profiles, the other runs' JSON). A device call returns at most 8 files from its output folder, hence the archive.
 # Without the kit (no .whl/, or its install failed) the GPU tests and the kernel benchmark still run; the
 # stages that need DeepSpeed are skipped and say so in stages.txt.
 # CHECK_CPU=1 rehearses the whole script on a CPU (DS_ACCELERATOR=cpu, tiny models at 224, 2 timed steps, the
@@ -45,8 +47,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
-ALL_STAGES="gpu_tests throughput engine_modes attention_math attention_mma irpe_aligned gradient_buffer batch512 kernels autotune"
-DS_STAGES="throughput engine_modes attention_math attention_mma irpe_aligned gradient_buffer batch512 autotune"  # need DeepSpeed; --no-throughput skips
+ALL_STAGES="gpu_tests throughput engine_modes attention_math attention_flex attention_mma irpe_aligned gradient_buffer batch512 kernels autotune"
+DS_STAGES="throughput engine_modes attention_math attention_flex attention_mma irpe_aligned gradient_buffer batch512 autotune"  # need DeepSpeed; --no-throughput skips
 no_tp=0
 [ "${1:-}" = "--no-throughput" ] && no_tp=1
 wanted=""
@@ -112,11 +114,11 @@ if command -v nvidia-smi > /dev/null 2>&1; then
   telemetry_pid=$!
 fi
 
-# OUT: copies of the summaries and one archive of RESULTS, rewritten after every stage (at most 6 files)
+# OUT: copies of the summaries and one archive of RESULTS, rewritten after every stage (at most 8 files)
 pack() {
   local f
   for f in stages.txt environment.txt throughput/throughput.json kernels/kernels.json \
-           throughput/attention_math.json throughput/attention_mma.json; do
+           throughput/attention_math.json throughput/attention_flex.json throughput/attention_mma.json; do
     if [ -f "$RESULTS/$f" ]; then
       local name; name=$(basename "$f")
       cp -f "$RESULTS/$f" "$OUT/$name.partial" && mv -f "$OUT/$name.partial" "$OUT/$name"
@@ -138,9 +140,11 @@ will_run() {
 }
 # the seconds a stage keeps from the stages before it; a stage's limit leaves the shares of the later stages that
 # run (reserve), so a stage not run (STAGES, --no-throughput, no DeepSpeed) holds no time back. With every stage
-# run: gpu_tests leaves 440 s, throughput 130, engine_modes 80, attention_math 60, attention_mma 40
+# run: gpu_tests leaves 480 s, throughput 170, engine_modes 120, attention_math 100, attention_flex 60,
+# attention_mma 40
 share() {
-  case $1 in throughput) echo 310;; engine_modes) echo 50;; attention_math) echo 20;; attention_mma) echo 20;;
+  case $1 in throughput) echo 310;; engine_modes) echo 50;; attention_math) echo 20;; attention_flex) echo 40;;
+    attention_mma) echo 20;;
     gradient_buffer) echo 40;; *) echo 0;; esac
 }
 reserve() {
@@ -213,6 +217,12 @@ if [ "$no_tp" != 1 ]; then
   ds_stage attention_math 80 "$(reserve attention_math)" env LOMAR_ATTN_PATH=math "$PY" -m benchmarks.throughput --quick --models lomar \
     --sizes 224 --variants compile --out "$RESULTS/throughput" --name attention_math \
     --time_budget "$(budget "$(reserve attention_math)" 40)" ${cpu_tp[@]+"${cpu_tp[@]}"}
+  # FlexAttention's fused kernels with the iRPE term as their score modification (no (N, H, L, L) bias), compiled
+  # blocks then the whole model compiled; the baselines are the throughput stage's lomar 224 compile and
+  # compile-model rows
+  ds_stage attention_flex 150 "$(reserve attention_flex)" env LOMAR_ATTN_PATH=flex "$PY" -m benchmarks.throughput --quick \
+    --models lomar --sizes 224 --variants compile compile-model --out "$RESULTS/throughput" \
+    --name attention_flex --time_budget "$(budget "$(reserve attention_flex)" 110)" ${cpu_tp[@]+"${cpu_tp[@]}"}
   # the kernels on, with the warp-tiled attention kernels (ldmatrix, scores and softmax in registers), in the
   # shipped step, compiled blocks then the whole model compiled; the baselines are the throughput stage's lomar
   # 224 compile and compile-model rows

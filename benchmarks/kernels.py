@@ -22,7 +22,9 @@ Cases at ViT-B shapes (B=256 images, K=4 windows of 7x7 patches, 224 px, p=16; 1
   (LOMAR_WA_TENSOR_CORES=0), and the ``[mma]`` rows (bf16) the warp-tiled tensor-core kernels
   (LOMAR_WA_KERNEL=mma), and the ``[mma 3 blocks]`` rows the same with the forward built for 3 blocks per SM
   (LOMAR_WM_FWD_BLOCKS=3, a 170-register cap, against 4 and 128 on sm_90); the ``[math path]`` and ``[compiled math path]`` rows put the pure-PyTorch
-  explicit-logits path (``LOMAR_ATTN_PATH=math``: batched GEMMs, fp32 softmax) in the kernel column.
+  explicit-logits path (``LOMAR_ATTN_PATH=math``: batched GEMMs, fp32 softmax) in the kernel column, and the
+  ``[flex path]`` rows (bf16) FlexAttention's compiled kernels with the iRPE term as a score modification
+  (``LOMAR_ATTN_PATH=flex``), with its own tiles and, ``[flex path 64]``, 64 x 64 ones (LOMAR_FLEX_BLOCK=64).
 
 Each case: median time over repeated runs (CUDA events, after warm-up), achieved GB/s from the bytes the
 operation must read and write (listed per case), as a fraction of the device-to-device copy bandwidth
@@ -141,7 +143,8 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
     from lomar_fast.ops import _window_gather_cuda as wgc
     from lomar_fast.ops import window_gather_ref as wgr
     from lomar_fast.ops.irpe_ref import SDPA_BIAS_ALIGN, irpe_key_bias_bmm, irpe_key_bias_reference
-    from lomar_fast.ops.window_attention import window_attention_math
+    from lomar_fast.ops import window_attention as wa_mod
+    from lomar_fast.ops.window_attention import window_attention_flex, window_attention_math
     from lomar_fast.ops.window_gather_ref import gather_windows_reference
 
     b, k, w, p = cfg["batch"], cfg["windows"], cfg["window_size"], cfg["patch_size"]
@@ -239,6 +242,10 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
     def math_attention(qq, k2, v2, tt):
         """The explicit-logits path: batched GEMMs and an fp32 softmax instead of SDPA's kernel."""
         return window_attention_math(qq, k2, v2, tt, buckets)
+
+    def flex_attention(qq, k2, v2, tt):
+        """FlexAttention with the iRPE term as its score modification (LOMAR_ATTN_PATH=flex), compiled."""
+        return window_attention_flex(qq, k2, v2, tt, buckets)
 
     def wattn_fwd(fn):
         return lambda: fn(qa, ka, va, table)
@@ -350,6 +357,19 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
              kernel=attention(aligned_bmm, compiled_sdpa=True),
              reference=attention(irpe_key_bias_bmm),
              compiled=lambda: attention(irpe_key_bias_bmm, compiled_sdpa=True)),
+        # FlexAttention (LOMAR_ATTN_PATH=flex; bf16 runs: it has no CPU backward) in the "kernel" column, with its
+        # own tiles and with 64 x 64 ones (LOMAR_FLEX_BLOCK=64: one tile per 50-token window)
+        *(dict(name=f"window_attention_{kind}[{label}]", bytes=nbytes, tol=3 * tol,
+               bytes_note=f"{note}; the kernel column is FlexAttention with the iRPE score modification{how}",
+               kernel=wrap(make(flex_attention)), reference=make(current_attention),
+               compiled=lambda make=make: make(torch.compile(current_attention)))
+          for label, wrap, how in (("flex path", lambda fn: fn, ""),
+                                   ("flex path 64", with_env(wa_mod.FLEX_BLOCK_ENV, "64"),
+                                    " (LOMAR_FLEX_BLOCK=64)"))
+          if dtype == torch.bfloat16
+          for kind, make, nbytes, note in (
+              ("fwd", wattn_fwd, 4 * q_bytes, "q, k, v read + out written"),
+              ("fwd_bwd", wattn_fwd_bwd, 12 * q_bytes, "as window_attention_fwd_bwd"))),
         # the explicit-logits path (LOMAR_ATTN_PATH=math) in the "kernel" column, against SDPA + the bias
         *(dict(name=f"window_attention_{kind}[{label}]", bytes=nbytes, tol=3 * tol,
                bytes_note=f"{note}; the kernel column is {how}(window_attention_math) (pure PyTorch)",

@@ -267,6 +267,11 @@ def test_benchmark_records_the_op_paths_its_rows_ran(tmp_path, bench, monkeypatc
     doc = json.loads((tmp_path / "paths.json").read_text())
     assert doc["config"]["paths"] == {"irpe": "bmm", "attention": "math", "window_attention_kernel": "mma"}
     assert "iRPE path bmm, attention path math, window-attention kernel mma" in (tmp_path / "paths.md").read_text()
+    monkeypatch.setenv("LOMAR_ATTN_PATH", "flex")
+    monkeypatch.setenv("LOMAR_FLEX_BLOCK", "64")
+    assert tp.op_paths() == {"irpe": "bmm", "attention": "flex", "window_attention_kernel": "mma", "flex_block": "64"}
+    monkeypatch.delenv("LOMAR_FLEX_BLOCK")
+    assert tp.op_paths()["flex_block"] == "auto"
 
 
 def _skipped_rows_report(bench, tmp_path: Path, name: str, *extra: str) -> dict:

@@ -11,11 +11,15 @@ when launched by the CUDA wrapper itself (its launch call redirected to the emul
 kernels (LOMAR_WA_KERNEL=mma: ldmatrix and mma.sync emulated), which the wrapper takes only for bf16 with
 16-byte aligned rows. The explicit-logits
 path (LOMAR_ATTN_PATH=math) matches the float64 formula in values and gradients, compiles to one graph, and
-the switch picks it only for windows.
+the switch picks it only for windows. The FlexAttention path (LOMAR_ATTN_PATH=flex) matches the float64 formula
+through FlexAttention's unfused implementation (values and gradients), compiled forward, and the switch picks it
+only for CUDA tensors.
 
 GPU (``-m gpu``, skipped without CUDA or CuPy): kernel vs float64 truth on odd and ViT-B shapes in every
 dtype (and the warp-tiled kernels of LOMAR_WA_KERNEL=mma in bf16), values and gradients, non-contiguous and unaligned inputs, a deterministic table gradient,
-torch.compile of an attention block, opcheck on CUDA; the explicit-logits path in bf16 at ViT-B shapes.
+torch.compile of an attention block, opcheck on CUDA; the explicit-logits path in bf16 at ViT-B shapes; the
+FlexAttention path compiled (odd shapes in fp32 and bf16, ViT-B shapes with each tile setting, and a compiled
+attention block against the SDPA path).
 """
 from __future__ import annotations
 
@@ -461,9 +465,10 @@ def test_math_path_gradcheck():
 
 def test_attention_path_switch(monkeypatch):
     """LOMAR_ATTN_PATH picks the pure-PyTorch path: sdpa by default, math for windows of up to
-    MATH_MAX_TOKENS tokens (longer sequences keep SDPA), anything else one error naming the variable."""
+    MATH_MAX_TOKENS tokens (longer sequences keep SDPA), flex for CUDA tensors (CPU ones keep SDPA), anything
+    else one error naming the variable."""
     calls = []
-    for name in ("window_attention_math", "window_attention_sdpa"):
+    for name in ("window_attention_math", "window_attention_sdpa", "window_attention_flex"):
         real = getattr(wa_mod, name)
         monkeypatch.setattr(wa_mod, name, lambda *a, _n=name, _r=real: calls.append(_n) or _r(*a))
     small = (*qkv_views(2, 3, 17, 8), random_table(8), window_buckets(4))
@@ -477,9 +482,85 @@ def test_attention_path_switch(monkeypatch):
     wa_mod.window_attention(*long)
     assert calls == ["window_attention_sdpa", "window_attention_math", "window_attention_sdpa"]
     torch.testing.assert_close(got, window_attention_reference(*small), rtol=2e-5, atol=2e-5)
+    calls.clear()
+    monkeypatch.setenv(wa_mod.ATTN_PATH_ENV, "flex")  # CUDA tensors only: FlexAttention has no CPU backward
+    wa_mod.window_attention(*small)
+    assert calls == ["window_attention_sdpa"]
     monkeypatch.setenv(wa_mod.ATTN_PATH_ENV, "flash")
-    with pytest.raises(ValueError, match="LOMAR_ATTN_PATH='flash' must be one of sdpa, math"):
+    with pytest.raises(ValueError, match="LOMAR_ATTN_PATH='flash' must be one of sdpa, math, flex"):
         wa_mod.window_attention(*small)
+
+
+# ---------------------------------------------------------------------------------------------
+# FlexAttention (LOMAR_ATTN_PATH=flex), CPU
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def flex_backward_on_cpu(monkeypatch):
+    """FlexAttention's unfused implementation with its CPU-backward refusal lifted: the dense math FlexAttention
+    defines its kernels by, run here to check the path's score modification and its gradients."""
+    import torch.nn.attention.flex_attention as fa
+
+    monkeypatch.setattr(fa, "_validate_device", lambda *args: None)
+    return fa.flex_attention
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("length,d,scale,rpe_scale", [(17, 16, None, None), (26, 80, 0.3, 0.25),
+                                                      (50, 64, None, 64**-0.5), (5, 3, 1.7, None)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_flex_path_matches_the_formula_values_and_gradients(flex_backward_on_cpu, length, d, scale, rpe_scale,
+                                                            dtype):
+    """The flex path's score modification (``qt[n, h, i, bucket(i, j)]`` added to the scaled score) is DESIGN.md's
+    attention: the float64 truth of the values and of the q, k, v and table gradients (FlexAttention
+    differentiates through ``qt``), on odd sizes, with and without the scales."""
+    side = {17: 4, 26: 5, 50: 7, 5: 2}[length]
+    buckets = window_buckets(side)
+    q, k, v = (x.detach().requires_grad_(True) for x in qkv_views(3, 5, length, d, dtype, seed=length))
+    table = random_table(d, dtype=torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_(True)
+    out = wa_mod.window_attention_flex(q, k, v, table, buckets, scale, rpe_scale, flex=flex_backward_on_cpu)
+    assert out.dtype == dtype and out.shape == q.shape
+    s = d**-0.5 if scale is None else scale
+    t = table if rpe_scale is None else table * rpe_scale
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    want, want_grads = truth_grads(q, k, v, t, buckets, s, go)
+    assert rel_err(out, want) <= OP_TOL[dtype] / 2
+    got = torch.autograd.grad(out, (q, k, v, table), go)
+    if rpe_scale is not None:  # d/dtable of (table * rpe_scale)
+        want_grads = (*want_grads[:3], want_grads[3] * rpe_scale)
+    for name, a, b in zip("q k v table".split(), got, want_grads):
+        # the fp32 table of the fp64 case: its gradient is rounded to fp32
+        tol = 1e-7 if dtype == torch.float64 and name == "table" else OP_TOL[dtype]
+        assert rel_err(a, b) <= tol, (name, rel_err(a, b))
+
+
+def test_flex_path_compiled_forward_on_cpu(monkeypatch):
+    """Called outside torch.compile, the path compiles FlexAttention (once) and passes its kernel options; on a
+    CPU that is inductor's C++ kernel, forward only: its values are the reference's."""
+    monkeypatch.delenv(wa_mod.FLEX_BLOCK_ENV, raising=False)
+    monkeypatch.setattr(wa_mod, "_compiled_flex", None)
+    buckets = window_buckets(4)
+    q, k, v = qkv_views(3, 2, 17, 16, seed=5)
+    table = random_table(16)
+    with torch.no_grad():
+        out = wa_mod.window_attention_flex(q, k, v, table, buckets, None, 0.125)
+    assert wa_mod._compiled_flex is not None
+    torch.testing.assert_close(out, window_attention_reference(q, k, v, table * 0.125, buckets), rtol=2e-5, atol=2e-5)
+
+
+def test_flex_kernel_options(monkeypatch):
+    """Always FlexAttention's general kernel (not its decoding kernel, which it picks for under 128 queries);
+    LOMAR_FLEX_BLOCK sets every tile side of the forward and backward, and a bad value is one error naming it."""
+    monkeypatch.delenv(wa_mod.FLEX_BLOCK_ENV, raising=False)
+    assert wa_mod.flex_kernel_options() == {"FORCE_USE_FLEX_ATTENTION": True}
+    monkeypatch.setenv(wa_mod.FLEX_BLOCK_ENV, " 64 ")
+    opts = wa_mod.flex_kernel_options()
+    assert opts.pop("FORCE_USE_FLEX_ATTENTION") is True
+    assert opts == {f"{p}_{n}": 64 for p, n in (("fwd", "BLOCK_M"), ("fwd", "BLOCK_N"), ("bwd", "BLOCK_M1"),
+                                                  ("bwd", "BLOCK_N1"), ("bwd", "BLOCK_M2"), ("bwd", "BLOCK_N2"))}
+    for bad in ("48", "256", "big"):
+        monkeypatch.setenv(wa_mod.FLEX_BLOCK_ENV, bad)
+        with pytest.raises(ValueError, match=f"LOMAR_FLEX_BLOCK='{bad}' must be one of 16, 32, 64, 128"):
+            wa_mod.flex_kernel_options()
 
 
 def test_math_path_compiles_without_graph_breaks_and_under_autocast():
@@ -1366,6 +1447,35 @@ def test_benchmark_kernel_variant_rows_switch_for_the_call_only(monkeypatch):
     assert not [c["name"] for c in fp32 if "[mma]" in c["name"]]
 
 
+def test_benchmark_flex_rows_run_the_flex_path_with_their_tiles(monkeypatch):
+    """The ``[flex path]`` rows (bf16 runs only) put the flex path in the kernel column, with FlexAttention's own
+    tiles and, ``[flex path 64]``, LOMAR_FLEX_BLOCK=64 during the call only (here the path is a stand-in that
+    records its options: FlexAttention has no CPU backward)."""
+    import argparse
+
+    from benchmarks import kernels as bench
+
+    monkeypatch.delenv(wa_mod.FLEX_BLOCK_ENV, raising=False)
+    seen = []
+
+    def stand_in(q, k, v, table, buckets, scale=None, rpe_scale=None):
+        seen.append(wa_mod.flex_kernel_options().get("fwd_BLOCK_M"))
+        return window_attention_reference(q, k, v, table, buckets, scale)
+
+    monkeypatch.setattr(wa_mod, "window_attention_flex", stand_in)
+    cfg = dict(bench.SMOKE_CONFIG, dtype="bfloat16")
+    cases = {c["name"]: c for c in bench.build_cases(bench.make_inputs(cfg, "cpu"), cfg, "cpu", with_kernels=False)}
+    for name, want in (("window_attention_fwd[flex path]", None), ("window_attention_fwd_bwd[flex path 64]", 64)):
+        rec = bench.run_case(cases[name], argparse.Namespace(warmup=0, repeats=1), False, None, False)
+        assert rec["correct"] is True, rec
+        assert seen and set(seen) == {want}, (name, seen)
+        seen.clear()
+    assert os.environ.get(wa_mod.FLEX_BLOCK_ENV) is None
+    fp32 = bench.build_cases(bench.make_inputs(dict(bench.SMOKE_CONFIG), "cpu"), dict(bench.SMOKE_CONFIG), "cpu",
+                             with_kernels=False)
+    assert not [c["name"] for c in fp32 if "flex" in c["name"]]
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: kernel vs float64 truth
 # ---------------------------------------------------------------------------------------------
@@ -1394,14 +1504,21 @@ def _check_gpu(q, k, v, table, buckets, scale=None, rpe_scale=None, go=None, ker
     with launched() as bwd:
         got = torch.autograd.grad(out, (q, k, v, table), go)
     assert f"{kernel}_bwd" in [n.split("<")[0] for n in bwd], bwd
-    s = d**-0.5 if scale is None else scale
+    _compare_with_truth(q, k, v, table, buckets, scale, rpe_scale, out, got, go, tol_out, tol_grad)
+
+
+def _compare_with_truth(q, k, v, table, buckets, scale, rpe_scale, out, got, go, tol_out, tol_grad):
+    """A GPU path's output and q, k, v, table gradients (``got``, for the output gradient ``go``) against the
+    float64 truth, each within its tolerance relative to the largest magnitude, the gradients in their inputs'
+    dtypes."""
+    s = q.shape[-1] ** -0.5 if scale is None else scale
     t = table if rpe_scale is None else table * rpe_scale
     want, truth = truth_grads(q, k, v, t, buckets.cpu(), s, go.cpu())
     assert rel_err(out.cpu(), want) <= tol_out, rel_err(out.cpu(), want)
     if rpe_scale is not None:
         truth = (*truth[:3], truth[3] * rpe_scale)
     for name, a, b in zip("q k v table".split(), got, truth):
-        assert a.dtype == (table.dtype if name == "table" else dtype)
+        assert a.dtype == (table.dtype if name == "table" else q.dtype)
         assert rel_err(a.cpu(), b) <= tol_grad, (name, rel_err(a.cpu(), b))
 
 
@@ -1483,6 +1600,91 @@ def test_gpu_math_path_at_vit_b_shapes(compiled):
         assert rel_err(a.cpu(), b) <= tol_grad, (name, rel_err(a.cpu(), b))
 
 
+def _check_gpu_flex(q, k, v, table, buckets, scale=None, rpe_scale=None, tol=None):
+    """The flex path on the GPU (LOMAR_ATTN_PATH=flex, kernels off: what window_attention dispatches to) against
+    the float64 truth, values and gradients; it must have run FlexAttention compiled, not its unfused fallback."""
+    dtype = q.dtype
+    tol_out, tol_grad = tol or GPU_TOL[dtype]
+    q, k, v, table = (x.detach().requires_grad_(True) for x in (q, k, v, table))
+    out = wa_mod.window_attention(q, k, v, table, buckets, scale, rpe_scale=rpe_scale)
+    assert wa_mod._compiled_flex is not None
+    assert out.dtype == dtype and out.shape == q.shape
+    go = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, table), go)
+    _compare_with_truth(q, k, v, table, buckets, scale, rpe_scale, out, got, go, tol_out, tol_grad)
+
+
+@pytest.fixture
+def flex_path(monkeypatch):
+    """LOMAR_ATTN_PATH=flex with the kernels off and FlexAttention's own tiles; exact fp32 products (no TF32), as
+    for the kernels, so that the fp32 tolerances stay tight. Each test compiles FlexAttention afresh: past
+    dynamo's recompile limit (8 shapes or option sets for one compiled function) it would run uncompiled."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(wa_mod, "_compiled_flex", None)
+    monkeypatch.setenv(wa_mod.ATTN_PATH_ENV, "flex")
+    monkeypatch.delenv(wa_mod.FLEX_BLOCK_ENV, raising=False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    set_kernels("off")
+    yield monkeypatch
+    set_kernels(None)
+
+
+# a few cases: each compiles FlexAttention's forward and backward kernels anew
+@gpu_test
+@pytest.mark.parametrize("length,d,dtype", [(17, 32, torch.float32), (26, 80, torch.bfloat16),
+                                            (64, 128, torch.bfloat16)])
+def test_gpu_flex_path_odd_shapes(flex_path, dtype, length, d):
+    buckets, (q, k, v) = _gpu_odd_inputs(length, d, dtype)
+    _check_gpu_flex(q, k, v, random_table(d, device="cuda"), buckets, scale=0.2 if length == 26 else None)
+
+
+@gpu_test
+@pytest.mark.parametrize("block,scaled_query", [(None, False), ("64", True)])
+def test_gpu_flex_path_vit_b_shapes(flex_path, block, scaled_query):
+    """bf16 at the pretraining shapes, with FlexAttention's tiles and with LOMAR_FLEX_BLOCK's."""
+    if block:
+        flex_path.setenv(wa_mod.FLEX_BLOCK_ENV, block)
+    torch.manual_seed(1)
+    buckets = window_buckets(7).cuda()
+    q, k, v = qkv_views(256, 12, 50, 64, torch.bfloat16, "cuda", seed=2)
+    _check_gpu_flex(q, k, v, random_table(64, device="cuda"), buckets, rpe_scale=0.125 if scaled_query else None)
+
+
+def _gpu_attention_block(side: int, n: int):
+    """(an iRPE attention block of width 192 on the GPU with a random table, its input (n, side^2 + 1, 192), the
+    window buckets)."""
+    torch.manual_seed(4)
+    attn = Attention(192, 3, rpe=True).cuda()
+    with torch.no_grad():
+        attn.rpe_k.lookup_table_weight.normal_(0, 0.3)
+    x = torch.randn(n, side * side + 1, 192, device="cuda", requires_grad=True)
+    return attn, x, window_buckets(side).cuda()
+
+
+@gpu_test
+def test_gpu_flex_path_in_a_compiled_attention_block(flex_path):
+    """An attention block on the flex path, compiled whole (FlexAttention traced inside it, no graph break),
+    equals the same block eager on the SDPA path under bf16 autocast, values and gradients."""
+    from torch._dynamo.utils import counters
+
+    attn, x, buckets = _gpu_attention_block(7, 40)
+    flex_path.setenv(wa_mod.ATTN_PATH_ENV, "sdpa")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = attn(x, buckets)
+    g_want = torch.autograd.grad(want.float().square().sum(), [x, *attn.parameters()])
+    flex_path.setenv(wa_mod.ATTN_PATH_ENV, "flex")
+    counters.clear()
+    compiled = torch.compile(attn, fullgraph=True, dynamic=False)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = compiled(x, buckets)
+    g_got = torch.autograd.grad(got.float().square().sum(), [x, *attn.parameters()])
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    tol_out, tol_grad = GPU_TOL[torch.bfloat16]
+    assert got.dtype == want.dtype and rel_err(got, want) <= tol_out, rel_err(got, want)
+    for a, b in zip(g_got, g_want):
+        assert rel_err(a, b) <= tol_grad, rel_err(a, b)
+
+
 @gpu_test
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_non_contiguous_and_unaligned(kernels_on, dtype):
@@ -1534,12 +1736,7 @@ def test_gpu_packed_qkv_matches_unpacked(kernels_on, monkeypatch, choice):
 
 @gpu_test
 def test_gpu_torch_compile_attention_block_matches_eager(kernels_on):
-    torch.manual_seed(4)
-    buckets = window_buckets(5).cuda()
-    attn = Attention(192, 3, rpe=True).cuda()
-    with torch.no_grad():
-        attn.rpe_k.lookup_table_weight.normal_(0, 0.3)
-    x = torch.randn(6, 26, 192, device="cuda", requires_grad=True)
+    attn, x, buckets = _gpu_attention_block(5, 6)
     want = attn(x, buckets)
     g_want = torch.autograd.grad(want.square().sum(), [x, *attn.parameters()])
     torch._dynamo.reset()

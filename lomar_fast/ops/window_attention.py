@@ -11,6 +11,9 @@ otherwise to a pure-PyTorch path chosen by ``$LOMAR_ATTN_PATH``:
   explicit products, summed and soft-maxed in fp32, then times v (:func:`window_attention_math`). For
   50-token windows the (L, L) logits are small, and the products run as batched GEMMs instead of SDPA's
   memory-efficient kernel, the only SDPA kernel that takes a bias with a gradient. Longer sequences keep SDPA.
+- ``flex``, for CUDA tensors: PyTorch's FlexAttention (:func:`window_attention_flex`), whose compiled Triton
+  kernels add the iRPE term inside the attention from the small (N, H, L, NB) projection ``q T``: no (N, H, L, L)
+  bias is written, read or differentiated. FlexAttention has no backward on CPU, so CPU tensors keep SDPA.
 
 The meaning is :func:`lomar_fast.ops.window_attention_ref.window_attention_reference`.
 """
@@ -32,14 +35,19 @@ AUTO_USES_KERNEL = False
 
 # The pure-PyTorch path when the kernel is not used. ``sdpa`` until a committed GPU result of the whole step
 # (benchmarks/gpu_check.sh, stage attention_math) shows ``math`` faster; $LOMAR_ATTN_PATH overrides.
-ATTENTION_PATHS = ("sdpa", "math")
+# ``flex`` likewise waits for a committed GPU result (stage attention_flex).
+ATTENTION_PATHS = ("sdpa", "math", "flex")
 DEFAULT_ATTENTION_PATH = "sdpa"
 ATTN_PATH_ENV = "LOMAR_ATTN_PATH"
 MATH_MAX_TOKENS = 64
+# FlexAttention's tile sides for the flex path: unset leaves them to PyTorch's heuristics (tiles of up to 128
+# rows for any length); a power of two from 16 to 128 sets every forward and backward tile side to it.
+FLEX_BLOCK_ENV = "LOMAR_FLEX_BLOCK"
+FLEX_BLOCKS = (16, 32, 64, 128)
 
 
 def attention_path() -> str:
-    """``sdpa`` or ``math``: ``$LOMAR_ATTN_PATH``, else the default; anything else is a ValueError."""
+    """``sdpa``, ``math`` or ``flex``: ``$LOMAR_ATTN_PATH``, else the default; anything else is a ValueError."""
     path = os.environ.get(ATTN_PATH_ENV, DEFAULT_ATTENTION_PATH).strip().lower()
     if path not in ATTENTION_PATHS:
         raise ValueError(f"{ATTN_PATH_ENV}={path!r} must be one of {', '.join(ATTENTION_PATHS)}")
@@ -84,6 +92,70 @@ def window_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tab
     return torch.matmul(probs, v)
 
 
+def flex_kernel_options() -> dict:
+    """FlexAttention's kernel options for the flex path (``$LOMAR_FLEX_BLOCK`` read here; a bad value is a
+    ValueError naming it).
+
+    Always the general kernel: for queries shorter than 128 FlexAttention would otherwise pick its decoding
+    kernel, which splits long key sequences for few queries; a window has as many queries as keys.
+    """
+    options: dict = {"FORCE_USE_FLEX_ATTENTION": True}
+    raw = os.environ.get(FLEX_BLOCK_ENV, "").strip()
+    if raw:
+        try:
+            block = int(raw)
+        except ValueError:
+            block = None
+        if block not in FLEX_BLOCKS:
+            raise ValueError(f"{FLEX_BLOCK_ENV}={raw!r} must be one of {', '.join(map(str, FLEX_BLOCKS))} "
+                             "(or unset for FlexAttention's own tiles)")
+        options.update(fwd_BLOCK_M=block, fwd_BLOCK_N=block, bwd_BLOCK_M1=block, bwd_BLOCK_N1=block,
+                       bwd_BLOCK_M2=block, bwd_BLOCK_N2=block)
+    return options
+
+
+_compiled_flex = None
+
+
+def _flex_attention():
+    """``flex_attention`` itself while torch.compile traces a caller, else one ``torch.compile`` of it, made on
+    first use (uncompiled, FlexAttention runs an unfused reference that writes the whole score matrix)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling():
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def window_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
+                          buckets: torch.Tensor, scale: float | None = None,
+                          rpe_scale: float | None = None, *, flex=None) -> torch.Tensor:
+    """The same attention through FlexAttention: the iRPE term enters as a score modification.
+
+    ``qt = (rpe_scale * q) T`` (N, H, L, NB) is one small batched matmul in q's dtype (bf16 under autocast, as
+    the other paths' bias), kept in the compute dtype (fp32; fp64 for fp64); the kernel adds
+    ``qt[n, h, i, buckets[i, j]]`` to each scaled score. FlexAttention differentiates through ``qt`` (its
+    backward scatters the score gradients into ``qt``'s with atomic adds), and autograd carries that on to q and
+    the table. Returns (N, H, L, D) in q's dtype.
+
+    ``flex`` is the FlexAttention function to call (tests pass the uncompiled one); None means
+    :func:`_flex_attention`, with :func:`flex_kernel_options`.
+    """
+    s = default_scale(q.shape[-1]) if scale is None else float(scale)
+    qr = q if rpe_scale is None else q * rpe_scale
+    qt = torch.matmul(qr, table.to(q.dtype)).to(compute_dtype(q.dtype))
+
+    def irpe_term(score, n, h, i, j):
+        return score + qt[n, h, i, buckets[i, j]]
+
+    if flex is None:
+        return _flex_attention()(q, k, v, score_mod=irpe_term, scale=s, kernel_options=flex_kernel_options())
+    return flex(q, k, v, score_mod=irpe_term, scale=s)
+
+
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
                      buckets: torch.Tensor, scale: float | None = None, *,
                      rpe_scale: float | None = None) -> torch.Tensor:
@@ -125,9 +197,13 @@ def _kernel_inputs(q, k, v, table, buckets, scale, rpe_scale):
 
 
 def _pytorch_path(q, k, v, table, buckets, scale, rpe_scale):
-    """The pure-PyTorch attention: ``math`` for windows where $LOMAR_ATTN_PATH asks for it, else ``sdpa``."""
-    if q.shape[-2] <= MATH_MAX_TOKENS and attention_path() == "math":
+    """The pure-PyTorch attention: ``math`` for windows and ``flex`` for CUDA tensors where $LOMAR_ATTN_PATH
+    asks for them, else ``sdpa``."""
+    path = attention_path()
+    if path == "math" and q.shape[-2] <= MATH_MAX_TOKENS:
         return window_attention_math(q, k, v, table, buckets, scale, rpe_scale)
+    if path == "flex" and q.is_cuda:
+        return window_attention_flex(q, k, v, table, buckets, scale, rpe_scale)
     return window_attention_sdpa(q, k, v, table, buckets, scale, rpe_scale)
 
 
