@@ -641,24 +641,49 @@ def test_normalize_images_copies_its_channel_stats_to_the_device_once():
     assert scale.grad is not None
 
 
-def test_lomar_loss_and_gradients_are_the_same_on_every_irpe_path(monkeypatch):
-    """$LOMAR_IRPE_PATH changes how the iRPE term is computed, not the model: loss and every gradient agree."""
+def _same_loss_and_gradients(monkeypatch, env: str, values: tuple[str, ...]):
+    """A tiny LoMaR's loss and every gradient with ``$env`` set to each of ``values`` in turn equal the first's;
+    returns the model."""
     torch.manual_seed(0)
     m = tiny_lomar(embed_dim=64, num_heads=2)
     g = torch.Generator().manual_seed(2)
     images = smooth_images(2, 64, g)
     windows, masks = m.sample(2, generator=g)
     results = {}
-    for path in ("reference", "bmm", "bmm_aligned"):
-        monkeypatch.setenv("LOMAR_IRPE_PATH", path)
+    for value in values:
+        monkeypatch.setenv(env, value)
         m.zero_grad()
         loss, _, _ = m(images, windows, masks)
         loss.backward()
-        results[path] = (loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None])
-    loss0, grads0 = results["reference"]
+        results[value] = (loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None])
+    loss0, grads0 = results[values[0]]
     assert len(grads0) == sum(1 for p in m.parameters() if p.requires_grad)
-    for path in ("bmm", "bmm_aligned"):
-        loss, grads = results[path]
+    for value in values[1:]:
+        loss, grads = results[value]
         torch.testing.assert_close(loss, loss0, rtol=1e-6, atol=1e-6)
         for a, b in zip(grads, grads0):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    return m
+
+
+def test_lomar_loss_and_gradients_are_the_same_on_every_attention_path(monkeypatch):
+    """$LOMAR_ATTN_PATH changes how the attention is computed, not the model: loss and every gradient agree. The
+    flex path runs here through FlexAttention's unfused implementation (it refuses a CPU backward; the refusal is
+    lifted for the test), the model's packed q, k, v views and table included."""
+    import torch.nn.attention.flex_attention as fa
+
+    from lomar_fast.ops import window_attention as wa_mod
+
+    monkeypatch.setattr(fa, "_validate_device", lambda *args: None)
+    monkeypatch.setattr(wa_mod, "FLEX_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(wa_mod, "_flex_attention", lambda: fa.flex_attention)
+    used = []
+    real_flex = wa_mod.window_attention_flex
+    monkeypatch.setattr(wa_mod, "window_attention_flex", lambda *a, **k: used.append(1) or real_flex(*a, **k))
+    m = _same_loss_and_gradients(monkeypatch, wa_mod.ATTN_PATH_ENV, ("sdpa", "math", "flex"))
+    assert len(used) == len(m.blocks)  # the flex run took the flex path in every block
+
+
+def test_lomar_loss_and_gradients_are_the_same_on_every_irpe_path(monkeypatch):
+    """$LOMAR_IRPE_PATH changes how the iRPE term is computed, not the model: loss and every gradient agree."""
+    _same_loss_and_gradients(monkeypatch, "LOMAR_IRPE_PATH", ("reference", "bmm", "bmm_aligned"))

@@ -506,14 +506,15 @@ def flex_backward_on_cpu(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("length,d,scale,rpe_scale", [(17, 16, None, None), (26, 80, 0.3, 0.25),
-                                                      (50, 64, None, 64**-0.5), (5, 3, 1.7, None)])
+                                                      (50, 64, None, 64**-0.5), (5, 3, 1.7, None),
+                                                      (82, 8, None, None)])  # a 9 x 9 grid: fine-tuning's layout
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_flex_path_matches_the_formula_values_and_gradients(flex_backward_on_cpu, length, d, scale, rpe_scale,
                                                             dtype):
     """The flex path's score modification (``qt[n, h, i, bucket(i, j)]`` added to the scaled score) is DESIGN.md's
     attention: the float64 truth of the values and of the q, k, v and table gradients (FlexAttention
     differentiates through ``qt``), on odd sizes, with and without the scales."""
-    side = {17: 4, 26: 5, 50: 7, 5: 2}[length]
+    side = {17: 4, 26: 5, 50: 7, 5: 2, 82: 9}[length]
     buckets = window_buckets(side)
     q, k, v = (x.detach().requires_grad_(True) for x in qkv_views(3, 5, length, d, dtype, seed=length))
     table = random_table(d, dtype=torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_(True)

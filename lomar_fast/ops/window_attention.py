@@ -44,6 +44,8 @@ MATH_MAX_TOKENS = 64
 # rows for any length); a power of two from 16 to 128 sets every forward and backward tile side to it.
 FLEX_BLOCK_ENV = "LOMAR_FLEX_BLOCK"
 FLEX_BLOCKS = (16, 32, 64, 128)
+# the devices the flex path runs on: FlexAttention has no CPU backward
+FLEX_DEVICES = ("cuda",)
 
 
 def attention_path() -> str:
@@ -202,7 +204,7 @@ def _pytorch_path(q, k, v, table, buckets, scale, rpe_scale):
     path = attention_path()
     if path == "math" and q.shape[-2] <= MATH_MAX_TOKENS:
         return window_attention_math(q, k, v, table, buckets, scale, rpe_scale)
-    if path == "flex" and q.is_cuda:
+    if path == "flex" and q.device.type in FLEX_DEVICES:
         return window_attention_flex(q, k, v, table, buckets, scale, rpe_scale)
     return window_attention_sdpa(q, k, v, table, buckets, scale, rpe_scale)
 
