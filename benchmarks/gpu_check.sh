@@ -8,24 +8,24 @@
 #   throughput      the issue-level rows, --quick: LoMaR (compiled blocks, the default, and the whole model
 #                   compiled) against MAE at its best (the whole model compiled), ViT-B/16 at 224/384/448 through
 #                   ds_configs/zero2.json, with a GPU-time profile of LoMaR 224 with the whole model compiled;
-#   engine_modes    LoMaR at 224, compiled blocks, in DeepSpeed's bf16 mode and without DeepSpeed (the shipped
-#                   torch_autocast row is the throughput stage's);
-#   attention_math  the same step with the explicit-logits attention (LOMAR_ATTN_PATH=math);
 #   attention_flex  the same step with FlexAttention's kernels taking the iRPE term (LOMAR_ATTN_PATH=flex), compiled
 #                   blocks and the whole model compiled;
 #   attention_mma   the same step with the kernels on and the warp-tiled attention kernels (LOMAR_WA_KERNEL=mma),
 #                   compiled blocks and the whole model compiled;
 #   irpe_aligned    the same step (compiled blocks) with the iRPE bias in SDPA's aligned layout
 #                   (LOMAR_IRPE_PATH=bmm_aligned);
+#   engine_modes    LoMaR at 224, compiled blocks, in DeepSpeed's bf16 mode and without DeepSpeed (the shipped
+#                   torch_autocast row is the throughput stage's);
+#   attention_math  LoMaR at 224, compiled blocks, with the explicit-logits attention (LOMAR_ATTN_PATH=math);
 #   gradient_buffer the same step with ZeRO's contiguous gradient buffer (one rank leaves it off by default);
 #   batch512        LoMaR at 224 at micro-batch 512, compiled blocks and the whole model compiled;
 #   kernels         the kernel benchmark, --quick (each kernel, and the explicit-logits path, vs its eager and
 #                   compiled reference); KERNEL_CASES (case names, comma-separated) runs only those cases;
 #   autotune        LoMaR at 224, compiled blocks in inductor's max-autotune mode (GEMMs against Triton templates
 #                   that take the bias/GELU epilogues); last, as it runs only in the time the others leave.
-# The order is what issue-level figures still need first: the 2026-11-27 H200 run (benchmarks/results/h200/
-# 2026-11-27/) measured the GPU tests, the kernels and the compiled-blocks rows, and ran out of time before
-# the rest. STAGES="engine_modes batch512" runs only the stages named (in the order above), e.g. for a second
+# The order is what issue-level figures still need first: the acceptance rows, then the levers that could move
+# them (FlexAttention, the warp-tiled kernels, the aligned iRPE bias), then the rows that explain the step (engine
+# modes, the explicit-logits attention, the gradient buffer, micro-batch 512), the kernels, max-autotune. STAGES="engine_modes batch512" runs only the stages named (in the order above), e.g. for a second
 # call on the same machine; a stage that does not run (not named, --no-throughput, no DeepSpeed) keeps no time
 # back from the stages before it. Naming a DeepSpeed stage with --no-throughput is an error.
 # Every benchmark rewrites its JSON after each row, so a stage cut short keeps what it measured. nvidia-smi logs
@@ -47,8 +47,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
-ALL_STAGES="gpu_tests throughput engine_modes attention_math attention_flex attention_mma irpe_aligned gradient_buffer batch512 kernels autotune"
-DS_STAGES="throughput engine_modes attention_math attention_flex attention_mma irpe_aligned gradient_buffer batch512 autotune"  # need DeepSpeed; --no-throughput skips
+ALL_STAGES="gpu_tests throughput attention_flex attention_mma irpe_aligned engine_modes attention_math gradient_buffer batch512 kernels autotune"
+DS_STAGES="throughput attention_flex attention_mma irpe_aligned engine_modes attention_math gradient_buffer batch512 autotune"  # need DeepSpeed; --no-throughput skips
 no_tp=0
 [ "${1:-}" = "--no-throughput" ] && no_tp=1
 wanted=""
@@ -140,8 +140,8 @@ will_run() {
 }
 # the seconds a stage keeps from the stages before it; a stage's limit leaves the shares of the later stages that
 # run (reserve), so a stage not run (STAGES, --no-throughput, no DeepSpeed) holds no time back. With every stage
-# run: gpu_tests leaves 480 s, throughput 170, engine_modes 120, attention_math 100, attention_flex 60,
-# attention_mma 40
+# run: gpu_tests leaves 480 s, throughput 170, attention_flex 130, attention_mma and irpe_aligned 110,
+# engine_modes 60, attention_math 40
 share() {
   case $1 in throughput) echo 310;; engine_modes) echo 50;; attention_math) echo 20;; attention_flex) echo 40;;
     attention_mma) echo 20;;
@@ -208,15 +208,6 @@ if [ "$no_tp" != 1 ]; then
   [ -n "${THROUGHPUT_ARGS:-}" ] && plan=(--profile)
   ds_stage throughput 430 "$(reserve throughput)" "$PY" -m benchmarks.throughput --quick --out "$RESULTS/throughput" \
     --name throughput "${plan[@]}" --time_budget "$(budget "$(reserve throughput)" 380)" ${THROUGHPUT_ARGS:-} ${cpu_tp[@]+"${cpu_tp[@]}"}
-  # the engine modes the shipped configs left: DeepSpeed's bf16 (bf16 weights, ZeRO's fp32 master copy) and none
-  ds_stage engine_modes 110 "$(reserve engine_modes)" "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
-    --engine_mode bf16 no_deepspeed --out "$RESULTS/throughput" --name engine_modes \
-    --time_budget "$(budget "$(reserve engine_modes)" 70)" ${cpu_tp[@]+"${cpu_tp[@]}"}
-  # the explicit-logits attention (batched GEMMs + fp32 softmax) in the shipped step; the baseline is the
-  # throughput stage's lomar 224 compile row, timed in this call
-  ds_stage attention_math 80 "$(reserve attention_math)" env LOMAR_ATTN_PATH=math "$PY" -m benchmarks.throughput --quick --models lomar \
-    --sizes 224 --variants compile --out "$RESULTS/throughput" --name attention_math \
-    --time_budget "$(budget "$(reserve attention_math)" 40)" ${cpu_tp[@]+"${cpu_tp[@]}"}
   # FlexAttention's fused kernels with the iRPE term as their score modification (no (N, H, L, L) bias), compiled
   # blocks then the whole model compiled; the baselines are the throughput stage's lomar 224 compile and
   # compile-model rows
@@ -235,6 +226,15 @@ if [ "$no_tp" != 1 ]; then
   ds_stage irpe_aligned 80 "$(reserve irpe_aligned)" env LOMAR_IRPE_PATH=bmm_aligned "$PY" -m benchmarks.throughput --quick \
     --models lomar --sizes 224 --variants compile --out "$RESULTS/throughput" --name irpe_aligned \
     --time_budget "$(budget "$(reserve irpe_aligned)" 40)" ${cpu_tp[@]+"${cpu_tp[@]}"}
+  # the engine modes the shipped configs left: DeepSpeed's bf16 (bf16 weights, ZeRO's fp32 master copy) and none
+  ds_stage engine_modes 110 "$(reserve engine_modes)" "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
+    --engine_mode bf16 no_deepspeed --out "$RESULTS/throughput" --name engine_modes \
+    --time_budget "$(budget "$(reserve engine_modes)" 70)" ${cpu_tp[@]+"${cpu_tp[@]}"}
+  # the explicit-logits attention (batched GEMMs + fp32 softmax) in the shipped step; the baseline is the
+  # throughput stage's lomar 224 compile row, timed in this call
+  ds_stage attention_math 80 "$(reserve attention_math)" env LOMAR_ATTN_PATH=math "$PY" -m benchmarks.throughput --quick --models lomar \
+    --sizes 224 --variants compile --out "$RESULTS/throughput" --name attention_math \
+    --time_budget "$(budget "$(reserve attention_math)" 40)" ${cpu_tp[@]+"${cpu_tp[@]}"}
   # the same with ZeRO's contiguous gradient buffer, which the shipped JSON leaves off on one rank
   ds_stage gradient_buffer 80 "$(reserve gradient_buffer)" "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 --variants compile \
     --contiguous_gradients true --out "$RESULTS/throughput" --name gradient_buffer --time_budget "$(budget "$(reserve gradient_buffer)" 40)" \

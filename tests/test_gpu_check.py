@@ -37,7 +37,7 @@ def stages(tmp_path: Path) -> dict[str, str]:
     return {line.split()[0]: line for line in lines if " rc=" in line or " skipped" in line}
 
 
-ORDER = ["gpu_tests", "throughput", "engine_modes", "attention_math", "attention_flex", "attention_mma", "irpe_aligned",
+ORDER = ["gpu_tests", "throughput", "attention_flex", "attention_mma", "irpe_aligned", "engine_modes", "attention_math",
          "gradient_buffer", "batch512", "kernels", "autotune"]
 
 
