@@ -25,7 +25,8 @@
 #                   that take the bias/GELU epilogues); last, as it runs only in the time the others leave.
 # The order is what issue-level figures still need first: the acceptance rows, then the levers that could move
 # them (FlexAttention, the warp-tiled kernels, the aligned iRPE bias), then the rows that explain the step (engine
-# modes, the explicit-logits attention, the gradient buffer, micro-batch 512), the kernels, max-autotune. STAGES="engine_modes batch512" runs only the stages named (in the order above), e.g. for a second
+# modes, the explicit-logits attention, the gradient buffer, micro-batch 512), the kernels, max-autotune.
+# STAGES="engine_modes batch512" runs only the stages named (in the order above), e.g. for a second
 # call on the same machine; a stage that does not run (not named, --no-throughput, no DeepSpeed) keeps no time
 # back from the stages before it. Naming a DeepSpeed stage with --no-throughput is an error.
 # Every benchmark rewrites its JSON after each row, so a stage cut short keeps what it measured. nvidia-smi logs
