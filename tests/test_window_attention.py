@@ -548,6 +548,25 @@ def test_flex_path_compiled_forward_on_cpu(monkeypatch):
     torch.testing.assert_close(out, window_attention_reference(q, k, v, table * 0.125, buckets), rtol=2e-5, atol=2e-5)
 
 
+def test_flex_path_projection_rows_are_padded_to_aligned_width():
+    """The q T the kernels read has its 50 buckets padded with zero columns to 56 (16-byte rows in bf16), in the
+    compute dtype, with rpe_scale folded into the table."""
+    seen = {}
+
+    def spy(q, k, v, score_mod, scale):
+        seen["qt"] = next(c.cell_contents for c in score_mod.__closure__ if isinstance(c.cell_contents, torch.Tensor)
+                          and c.cell_contents.dim() == 4)
+        return q
+
+    q, k, v = qkv_views(2, 3, 17, 8, torch.bfloat16)
+    table = random_table(8)
+    wa_mod.window_attention_flex(q, k, v, table, window_buckets(4), None, 0.5, flex=spy)
+    qt = seen["qt"]
+    assert qt.shape == (2, 3, 17, 56) and qt.dtype == torch.float32
+    assert not qt[..., 50:].any()
+    torch.testing.assert_close(qt[..., :50], (q.float() @ (table * 0.5)), rtol=2e-2, atol=2e-2)
+
+
 def test_flex_kernel_options(monkeypatch):
     """Always FlexAttention's general kernel (not its decoding kernel, which it picks for under 128 queries);
     LOMAR_FLEX_BLOCK sets every tile side of the forward and backward, and a bad value is one error naming it."""
