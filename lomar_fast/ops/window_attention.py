@@ -144,9 +144,8 @@ def window_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tab
     ``qt[n, h, i, buckets[i, j]]`` to each scaled score. The table gets zero columns up to a multiple of
     :data:`FLEX_QT_ALIGN` buckets (50 -> 56), so that the product's rows, and its gradients', are 16-byte aligned
     in bf16 (the rows of 50 took cuBLAS's 2-element-aligned kernels in the other paths' profile); no bucket id
-    reaches them. FlexAttention differentiates through ``qt`` (its
-    backward scatters the score gradients into ``qt``'s with atomic adds), and autograd carries that on to q and
-    the table. Returns (N, H, L, D) in q's dtype.
+    reaches them. FlexAttention differentiates through ``qt`` (its backward scatters the score gradients into
+    ``qt``'s with atomic adds), and autograd carries that on to q and the table. Returns (N, H, L, D) in q's dtype.
 
     ``flex`` is the FlexAttention function to call (tests pass the uncompiled one); None means
     :func:`_flex_attention`, with :func:`flex_kernel_options`.
