@@ -544,6 +544,8 @@ def main(argv=None) -> dict:
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         **_versions(),
         "argv": sys.argv[1:] if argv is None else list(argv),
+        # the switches the cases ran under (paths, kernel forms, FlexAttention options); rows that set one say so
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LOMAR_")},
         "config": {**cfg, "warmup": args.warmup, "repeats": args.repeats, "compiled_reference": compile_ref},
         "copy_bandwidth_GBps": copy_gbps,
         "wall_s": None,

@@ -445,14 +445,18 @@ def kernels_in_use(device: torch.device, kind: str = "lomar") -> list[str]:
 def op_paths() -> dict[str, str]:
     """The pure-PyTorch paths the rows ran (``$LOMAR_IRPE_PATH``, ``$LOMAR_ATTN_PATH``; the kernels follow the
     variant), and the form of the window-attention kernel where a variant runs it (``$LOMAR_WA_KERNEL``); on the
-    flex path, FlexAttention's tile side (``$LOMAR_FLEX_BLOCK``; ``auto``: its own)."""
+    flex path, FlexAttention's tile side (``$LOMAR_FLEX_BLOCK``; ``auto``: its own) and any other kernel options
+    given (``$LOMAR_FLEX_OPTIONS``)."""
     from lomar_fast.ops._window_attention_cuda import kernel_choice
     from lomar_fast.ops.irpe import irpe_path
-    from lomar_fast.ops.window_attention import attention_path, flex_kernel_options
+    from lomar_fast.ops.window_attention import FLEX_OPTIONS_ENV, attention_path, flex_kernel_options
 
     paths = {"irpe": irpe_path(), "attention": attention_path(), "window_attention_kernel": kernel_choice()}
     if paths["attention"] == "flex":
         paths["flex_block"] = str(flex_kernel_options().get("fwd_BLOCK_M", "auto"))
+        extra = os.environ.get(FLEX_OPTIONS_ENV, "").strip()
+        if extra:
+            paths["flex_options"] = extra
     return paths
 
 
@@ -882,6 +886,8 @@ def markdown(report: dict[str, Any]) -> str:
              + (f", window-attention kernel {c['paths']['window_attention_kernel']}"
                 if c.get("paths", {}).get("window_attention_kernel") else "")
              + (f", FlexAttention tiles {c['paths']['flex_block']}" if c.get("paths", {}).get("flex_block") else "")
+             + (f", FlexAttention options {c['paths']['flex_options']}" if c.get("paths", {}).get("flex_options")
+                else "")
              + ".", "",
              "| model | size | variant | engine | dtype | batch | img/s | step ms (median) | GFLOP/img | TFLOP/s | MFU | "
              "peak GiB | syncs/step | status |",

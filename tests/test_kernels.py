@@ -465,12 +465,14 @@ def test_benchmark_cpu_smoke(tmp_path, monkeypatch):
     assert (tmp_path / "kernels.md").read_text().startswith("#")
 
 
-def test_benchmark_cases_option_runs_the_named_cases_only(tmp_path):
+def test_benchmark_cases_option_runs_the_named_cases_only(tmp_path, monkeypatch):
     from benchmarks import kernels as bench
 
+    monkeypatch.setenv("LOMAR_FLEX_OPTIONS", '{"WRITE_DQ": false}')
     bench.main(["--cpu-smoke", "--out", str(tmp_path), "--cases", "irpe_fwd", "window_attention_fwd"])
     data = json.loads((tmp_path / "kernels.json").read_text())
     assert [r["name"] for r in data["results"]] == ["irpe_fwd", "window_attention_fwd"]  # the benchmark's order
+    assert data["env"]["LOMAR_FLEX_OPTIONS"] == '{"WRITE_DQ": false}'  # the report says what the run was under
     with pytest.raises(SystemExit, match=r"--cases: no case window_attention_fwd\[mma\] in this run"):
         bench.main(["--cpu-smoke", "--out", str(tmp_path), "--cases", "window_attention_fwd[mma]"])
 

@@ -271,7 +271,9 @@ def test_benchmark_records_the_op_paths_its_rows_ran(tmp_path, bench, monkeypatc
     monkeypatch.setenv("LOMAR_FLEX_BLOCK", "64")
     assert tp.op_paths() == {"irpe": "bmm", "attention": "flex", "window_attention_kernel": "mma", "flex_block": "64"}
     monkeypatch.delenv("LOMAR_FLEX_BLOCK")
-    assert tp.op_paths()["flex_block"] == "auto"
+    monkeypatch.setenv("LOMAR_FLEX_OPTIONS", '{"WRITE_DQ": false}')
+    paths = tp.op_paths()
+    assert paths["flex_block"] == "auto" and paths["flex_options"] == '{"WRITE_DQ": false}'
 
 
 def _skipped_rows_report(bench, tmp_path: Path, name: str, *extra: str) -> dict:

@@ -569,8 +569,10 @@ def test_flex_path_projection_rows_are_padded_to_aligned_width():
 
 def test_flex_kernel_options(monkeypatch):
     """Always FlexAttention's general kernel (not its decoding kernel, which it picks for under 128 queries);
-    LOMAR_FLEX_BLOCK sets every tile side of the forward and backward, and a bad value is one error naming it."""
+    LOMAR_FLEX_BLOCK sets every tile side of the forward and backward, LOMAR_FLEX_OPTIONS any option over it, and
+    a bad value of either is one error naming it."""
     monkeypatch.delenv(wa_mod.FLEX_BLOCK_ENV, raising=False)
+    monkeypatch.delenv(wa_mod.FLEX_OPTIONS_ENV, raising=False)
     assert wa_mod.flex_kernel_options() == {"FORCE_USE_FLEX_ATTENTION": True}
     monkeypatch.setenv(wa_mod.FLEX_BLOCK_ENV, " 64 ")
     opts = wa_mod.flex_kernel_options()
@@ -580,6 +582,21 @@ def test_flex_kernel_options(monkeypatch):
     for bad in ("48", "256", "big"):
         monkeypatch.setenv(wa_mod.FLEX_BLOCK_ENV, bad)
         with pytest.raises(ValueError, match=f"LOMAR_FLEX_BLOCK='{bad}' must be one of 16, 32, 64, 128"):
+            wa_mod.flex_kernel_options()
+    # LOMAR_FLEX_OPTIONS: any other kernel options, over LOMAR_FLEX_BLOCK's
+    monkeypatch.setenv(wa_mod.FLEX_BLOCK_ENV, "32")
+    monkeypatch.setenv(wa_mod.FLEX_OPTIONS_ENV, '{"WRITE_DQ": false, "fwd_BLOCK_M": 64, "num_warps": 4}')
+    opts = wa_mod.flex_kernel_options()
+    assert opts["WRITE_DQ"] is False and opts["fwd_BLOCK_M"] == 64 and opts["num_warps"] == 4
+    assert opts["bwd_BLOCK_M1"] == 32 and opts["FORCE_USE_FLEX_ATTENTION"] is True
+    monkeypatch.setenv(wa_mod.FLEX_OPTIONS_ENV, '{"BACKEND": "TRITON"}')  # the newer choice replaces the older
+    opts = wa_mod.flex_kernel_options()
+    assert opts["BACKEND"] == "TRITON" and "FORCE_USE_FLEX_ATTENTION" not in opts
+    for bad, match in (("{WRITE_DQ: 0}", "LOMAR_FLEX_OPTIONS is not JSON"),
+                       ("[1, 2]", "LOMAR_FLEX_OPTIONS='\\[1, 2\\]' must be a JSON object"),
+                       ('{"num_warps": [4]}', "integer, boolean or string values")):
+        monkeypatch.setenv(wa_mod.FLEX_OPTIONS_ENV, bad)
+        with pytest.raises(ValueError, match=match):
             wa_mod.flex_kernel_options()
 
 

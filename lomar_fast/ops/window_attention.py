@@ -19,6 +19,7 @@ The meaning is :func:`lomar_fast.ops.window_attention_ref.window_attention_refer
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -44,6 +45,8 @@ MATH_MAX_TOKENS = 64
 # rows for any length); a power of two from 16 to 128 sets every forward and backward tile side to it.
 FLEX_BLOCK_ENV = "LOMAR_FLEX_BLOCK"
 FLEX_BLOCKS = (16, 32, 64, 128)
+# any other FlexAttention kernel options, as a JSON object (e.g. {"WRITE_DQ": false, "num_warps": 4}), over the above
+FLEX_OPTIONS_ENV = "LOMAR_FLEX_OPTIONS"
 # the devices the flex path runs on: FlexAttention has no CPU backward
 FLEX_DEVICES = ("cuda",)
 # the flex path's q T has its bucket count padded to a multiple of this (16-byte rows in bf16)
@@ -97,8 +100,9 @@ def window_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tab
 
 
 def flex_kernel_options() -> dict:
-    """FlexAttention's kernel options for the flex path (``$LOMAR_FLEX_BLOCK`` read here; a bad value is a
-    ValueError naming it).
+    """FlexAttention's kernel options for the flex path: ``$LOMAR_FLEX_BLOCK``'s tiles, then the JSON object in
+    ``$LOMAR_FLEX_OPTIONS`` over them (names and values as FlexAttention's ``kernel_options``; it checks them). A
+    bad value of either is a ValueError naming the variable.
 
     Always the general kernel: for queries shorter than 128 FlexAttention would otherwise pick its decoding
     kernel, which splits long key sequences for few queries; a window has as many queries as keys.
@@ -115,6 +119,19 @@ def flex_kernel_options() -> dict:
                              "(or unset for FlexAttention's own tiles)")
         options.update(fwd_BLOCK_M=block, fwd_BLOCK_N=block, bwd_BLOCK_M1=block, bwd_BLOCK_N1=block,
                        bwd_BLOCK_M2=block, bwd_BLOCK_N2=block)
+    raw = os.environ.get(FLEX_OPTIONS_ENV, "").strip()
+    if raw:
+        try:
+            extra = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{FLEX_OPTIONS_ENV} is not JSON ({err}): give an object such as "
+                             '\'{"WRITE_DQ": false}\'') from None
+        if not isinstance(extra, dict) or not all(isinstance(v, (bool, int, str)) for v in extra.values()):
+            raise ValueError(f"{FLEX_OPTIONS_ENV}={raw!r} must be a JSON object of FlexAttention kernel options with "
+                             'integer, boolean or string values, such as {"WRITE_DQ": false, "num_warps": 4}')
+        if "BACKEND" in extra:  # FlexAttention's newer kernel choice, which it refuses beside the older one
+            options.pop("FORCE_USE_FLEX_ATTENTION")
+        options.update(extra)
     return options
 
 
