@@ -141,9 +141,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dict]:
     """Each case: name, bytes, tolerance, and callables kernel / reference (returning tensors to compare)."""
     from lomar_fast.ops import _window_gather_cuda as wgc
+    from lomar_fast.ops import window_attention as wa_mod
     from lomar_fast.ops import window_gather_ref as wgr
     from lomar_fast.ops.irpe_ref import SDPA_BIAS_ALIGN, irpe_key_bias_bmm, irpe_key_bias_reference
-    from lomar_fast.ops import window_attention as wa_mod
     from lomar_fast.ops.window_attention import window_attention_flex, window_attention_math
     from lomar_fast.ops.window_gather_ref import gather_windows_reference
 
