@@ -548,6 +548,34 @@ def test_flex_path_compiled_forward_on_cpu(monkeypatch):
     torch.testing.assert_close(out, window_attention_reference(q, k, v, table * 0.125, buckets), rtol=2e-5, atol=2e-5)
 
 
+def test_flex_path_traces_whole_inside_a_compiled_function(monkeypatch):
+    """Inside torch.compile the path calls FlexAttention itself (traced, not its own compiled copy), with the
+    options of both switches read while tracing: one graph (fullgraph), the reference's values (CPU, forward)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv(wa_mod.FLEX_BLOCK_ENV, "64")
+    monkeypatch.setenv(wa_mod.FLEX_OPTIONS_ENV, '{"WRITE_DQ": false}')
+    monkeypatch.setattr(wa_mod, "_compiled_flex", None)
+    buckets = window_buckets(4)
+    qkv = torch.randn(3, 17, 3, 2, 16, generator=torch.Generator().manual_seed(6))
+    table = random_table(16)
+
+    def attend(qkv, table):
+        return wa_mod.window_attention_flex(*qkv.permute(2, 0, 3, 1, 4).unbind(0), table, buckets)
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with torch.no_grad():
+            out = torch.compile(attend, fullgraph=True, dynamic=False)(qkv, table)
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    finally:
+        torch._dynamo.reset()
+    assert wa_mod._compiled_flex is None
+    want = window_attention_reference(*qkv.permute(2, 0, 3, 1, 4).unbind(0), table, buckets)
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+
+
 def test_flex_path_projection_rows_are_padded_to_aligned_width():
     """The q T the kernels read has its 50 buckets padded with zero columns to 56 (16-byte rows in bf16), in the
     compute dtype, with rpe_scale folded into the table."""

@@ -121,18 +121,25 @@ def flex_kernel_options() -> dict:
                        bwd_BLOCK_M2=block, bwd_BLOCK_N2=block)
     raw = os.environ.get(FLEX_OPTIONS_ENV, "").strip()
     if raw:
-        try:
-            extra = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{FLEX_OPTIONS_ENV} is not JSON ({err}): give an object such as "
-                             '\'{"WRITE_DQ": false}\'') from None
-        if not isinstance(extra, dict) or not all(isinstance(v, (bool, int, str)) for v in extra.values()):
-            raise ValueError(f"{FLEX_OPTIONS_ENV}={raw!r} must be a JSON object of FlexAttention kernel options with "
-                             'integer, boolean or string values, such as {"WRITE_DQ": false, "num_warps": 4}')
+        extra = dict(_extra_flex_options(raw))
         if "BACKEND" in extra:  # FlexAttention's newer kernel choice, which it refuses beside the older one
             options.pop("FORCE_USE_FLEX_ATTENTION")
         options.update(extra)
     return options
+
+
+@torch.compiler.assume_constant_result  # under torch.compile, called once while tracing: JSON parsing does not trace
+def _extra_flex_options(raw: str) -> tuple:
+    """``$LOMAR_FLEX_OPTIONS``'s JSON object as sorted (name, value) pairs; anything else is a ValueError."""
+    try:
+        extra = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{FLEX_OPTIONS_ENV} is not JSON ({err}): give an object such as "
+                         '\'{"WRITE_DQ": false}\'') from None
+    if not isinstance(extra, dict) or not all(isinstance(v, (bool, int, str)) for v in extra.values()):
+        raise ValueError(f"{FLEX_OPTIONS_ENV}={raw!r} must be a JSON object of FlexAttention kernel options with "
+                         'integer, boolean or string values, such as {"WRITE_DQ": false, "num_warps": 4}')
+    return tuple(sorted(extra.items()))
 
 
 _compiled_flex = None
