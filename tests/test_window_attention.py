@@ -538,6 +538,7 @@ def test_flex_path_compiled_forward_on_cpu(monkeypatch):
     """Called outside torch.compile, the path compiles FlexAttention (once) and passes its kernel options; on a
     CPU that is inductor's C++ kernel, forward only: its values are the reference's."""
     monkeypatch.delenv(wa_mod.FLEX_BLOCK_ENV, raising=False)
+    monkeypatch.delenv(wa_mod.FLEX_OPTIONS_ENV, raising=False)
     monkeypatch.setattr(wa_mod, "_compiled_flex", None)
     buckets = window_buckets(4)
     q, k, v = qkv_views(3, 2, 17, 16, seed=5)
@@ -1688,6 +1689,7 @@ def flex_path(monkeypatch):
     monkeypatch.setattr(wa_mod, "_compiled_flex", None)
     monkeypatch.setenv(wa_mod.ATTN_PATH_ENV, "flex")
     monkeypatch.delenv(wa_mod.FLEX_BLOCK_ENV, raising=False)
+    monkeypatch.delenv(wa_mod.FLEX_OPTIONS_ENV, raising=False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     set_kernels("off")
     yield monkeypatch
