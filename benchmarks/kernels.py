@@ -283,6 +283,18 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
         variants.append(("[mma 3 blocks]", mma3, "; the warp-tiled kernels, the forward built for 3 blocks per SM "
                                                  "(LOMAR_WM_FWD_BLOCKS=3; the default is 4 on sm_90, 3 on sm_80)"))
 
+    # the pure-PyTorch paths' rows: the explicit-logits path (LOMAR_ATTN_PATH=math), eager and compiled, and
+    # FlexAttention (LOMAR_ATTN_PATH=flex; bf16 runs only, as it has no CPU backward) with its own tiles and with
+    # 64 x 64 ones (LOMAR_FLEX_BLOCK=64: one tile per 50-token window); (label, kernel run from a make, what it is)
+    flex_what = "FlexAttention with the iRPE score modification"
+    path_rows = [("math path", lambda make: make(math_attention), "window_attention_math (pure PyTorch)"),
+                 ("compiled math path", lambda make: make(torch.compile(math_attention)),
+                  "torch.compile(window_attention_math) (pure PyTorch)")]
+    if dtype == torch.bfloat16:
+        path_rows += [("flex path", lambda make: make(flex_attention), flex_what),
+                      ("flex path 64", lambda make: with_env(wa_mod.FLEX_BLOCK_ENV, "64")(make(flex_attention)),
+                       f"{flex_what} (LOMAR_FLEX_BLOCK=64)")]
+
     gather_bytes = b * k * ww * vdim * 1 + b * k * ww * vdim * esize + b * k * n_mask * vdim * 4
     vis_bytes = b * k * ww * vdim * 1 + b * k * n_vis * vdim * esize + b * k * n_mask * vdim * 4
     q_bytes = n * h * length * d * esize
@@ -357,26 +369,12 @@ def build_cases(x: dict, cfg: dict, device: str, with_kernels: bool) -> list[dic
              kernel=attention(aligned_bmm, compiled_sdpa=True),
              reference=attention(irpe_key_bias_bmm),
              compiled=lambda: attention(irpe_key_bias_bmm, compiled_sdpa=True)),
-        # FlexAttention (LOMAR_ATTN_PATH=flex; bf16 runs: it has no CPU backward) in the "kernel" column, with its
-        # own tiles and with 64 x 64 ones (LOMAR_FLEX_BLOCK=64: one tile per 50-token window)
+        # the pure-PyTorch attention paths in the "kernel" column, against SDPA + the bias
         *(dict(name=f"window_attention_{kind}[{label}]", bytes=nbytes, tol=3 * tol,
-               bytes_note=f"{note}; the kernel column is FlexAttention with the iRPE score modification{how}",
-               kernel=wrap(make(flex_attention)), reference=make(current_attention),
+               bytes_note=f"{note}; the kernel column is {what}",
+               kernel=kernel_run(make), reference=make(current_attention),
                compiled=lambda make=make: make(torch.compile(current_attention)))
-          for label, wrap, how in (("flex path", lambda fn: fn, ""),
-                                   ("flex path 64", with_env(wa_mod.FLEX_BLOCK_ENV, "64"),
-                                    " (LOMAR_FLEX_BLOCK=64)"))
-          if dtype == torch.bfloat16
-          for kind, make, nbytes, note in (
-              ("fwd", wattn_fwd, 4 * q_bytes, "q, k, v read + out written"),
-              ("fwd_bwd", wattn_fwd_bwd, 12 * q_bytes, "as window_attention_fwd_bwd"))),
-        # the explicit-logits path (LOMAR_ATTN_PATH=math) in the "kernel" column, against SDPA + the bias
-        *(dict(name=f"window_attention_{kind}[{label}]", bytes=nbytes, tol=3 * tol,
-               bytes_note=f"{note}; the kernel column is {how}(window_attention_math) (pure PyTorch)",
-               kernel=make(wrap(math_attention)), reference=make(current_attention),
-               compiled=lambda make=make: make(torch.compile(current_attention)))
-          for label, wrap, how in (("math path", lambda fn: fn, ""),
-                                   ("compiled math path", torch.compile, "torch.compile"))
+          for label, kernel_run, what in path_rows
           for kind, make, nbytes, note in (
               ("fwd", wattn_fwd, 4 * q_bytes, "q, k, v read + out written"),
               ("fwd_bwd", wattn_fwd_bwd, 12 * q_bytes, "as window_attention_fwd_bwd"))),

@@ -23,6 +23,7 @@ attention block against the SDPA path).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -426,20 +427,38 @@ def test_packed_op_compiles_as_one_node_cpu():
 
 
 # ---------------------------------------------------------------------------------------------
-# the explicit-logits path (LOMAR_ATTN_PATH=math), CPU
+# the explicit-logits path (LOMAR_ATTN_PATH=math) and the flex path's formula, CPU
 # ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def flex_backward_on_cpu(monkeypatch):
+    """FlexAttention's unfused implementation with its CPU-backward refusal lifted: the dense math FlexAttention
+    defines its kernels by, run here to check the path's score modification and its gradients."""
+    import torch.nn.attention.flex_attention as fa
+
+    monkeypatch.setattr(fa, "_validate_device", lambda *args: None)
+    return fa.flex_attention
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("length,d,scale,rpe_scale", [(17, 16, None, None), (26, 80, 0.3, 0.25),
-                                                      (50, 64, None, 64**-0.5), (5, 3, 1.7, None)])
+                                                      (50, 64, None, 64**-0.5), (5, 3, 1.7, None),
+                                                      (82, 8, None, None)])  # a 9 x 9 grid: fine-tuning's layout
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_math_path_matches_the_formula_values_and_gradients(length, d, scale, rpe_scale, dtype):
-    """The explicit-logits path is DESIGN.md's attention: float64 truth of values and of the q, k, v and
-    table gradients, on odd sizes, with and without the scales; in bf16 within the tolerance the other
-    paths are held to."""
-    side = {17: 4, 26: 5, 50: 7, 5: 2}[length]
+@pytest.mark.parametrize("path", ["math", "flex"])
+def test_pytorch_paths_match_the_formula_values_and_gradients(request, path, length, d, scale, rpe_scale, dtype):
+    """The explicit-logits path, and the flex path's score modification (``qt[n, h, i, bucket(i, j)]`` added to the
+    scaled score, run through FlexAttention's unfused implementation), are DESIGN.md's attention: float64 truth of
+    values and of the q, k, v and table gradients (FlexAttention differentiates through ``qt``), on odd sizes, with
+    and without the scales; in bf16 within the tolerance the other paths are held to."""
+    if path == "math":
+        attend = wa_mod.window_attention_math
+    else:
+        attend = functools.partial(wa_mod.window_attention_flex, flex=request.getfixturevalue("flex_backward_on_cpu"))
+    side = {17: 4, 26: 5, 50: 7, 5: 2, 82: 9}[length]
     buckets = window_buckets(side)
     q, k, v = (x.detach().requires_grad_(True) for x in qkv_views(3, 5, length, d, dtype, seed=length))
     table = random_table(d, dtype=torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_(True)
-    out = wa_mod.window_attention_math(q, k, v, table, buckets, scale, rpe_scale)
+    out = attend(q, k, v, table, buckets, scale, rpe_scale)
     assert out.dtype == dtype and out.shape == q.shape
     s = d**-0.5 if scale is None else scale
     t = table if rpe_scale is None else table * rpe_scale
@@ -494,46 +513,6 @@ def test_attention_path_switch(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # FlexAttention (LOMAR_ATTN_PATH=flex), CPU
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture
-def flex_backward_on_cpu(monkeypatch):
-    """FlexAttention's unfused implementation with its CPU-backward refusal lifted: the dense math FlexAttention
-    defines its kernels by, run here to check the path's score modification and its gradients."""
-    import torch.nn.attention.flex_attention as fa
-
-    monkeypatch.setattr(fa, "_validate_device", lambda *args: None)
-    return fa.flex_attention
-
-
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("length,d,scale,rpe_scale", [(17, 16, None, None), (26, 80, 0.3, 0.25),
-                                                      (50, 64, None, 64**-0.5), (5, 3, 1.7, None),
-                                                      (82, 8, None, None)])  # a 9 x 9 grid: fine-tuning's layout
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_flex_path_matches_the_formula_values_and_gradients(flex_backward_on_cpu, length, d, scale, rpe_scale,
-                                                            dtype):
-    """The flex path's score modification (``qt[n, h, i, bucket(i, j)]`` added to the scaled score) is DESIGN.md's
-    attention: the float64 truth of the values and of the q, k, v and table gradients (FlexAttention
-    differentiates through ``qt``), on odd sizes, with and without the scales."""
-    side = {17: 4, 26: 5, 50: 7, 5: 2, 82: 9}[length]
-    buckets = window_buckets(side)
-    q, k, v = (x.detach().requires_grad_(True) for x in qkv_views(3, 5, length, d, dtype, seed=length))
-    table = random_table(d, dtype=torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_(True)
-    out = wa_mod.window_attention_flex(q, k, v, table, buckets, scale, rpe_scale, flex=flex_backward_on_cpu)
-    assert out.dtype == dtype and out.shape == q.shape
-    s = d**-0.5 if scale is None else scale
-    t = table if rpe_scale is None else table * rpe_scale
-    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
-    want, want_grads = truth_grads(q, k, v, t, buckets, s, go)
-    assert rel_err(out, want) <= OP_TOL[dtype] / 2
-    got = torch.autograd.grad(out, (q, k, v, table), go)
-    if rpe_scale is not None:  # d/dtable of (table * rpe_scale)
-        want_grads = (*want_grads[:3], want_grads[3] * rpe_scale)
-    for name, a, b in zip("q k v table".split(), got, want_grads):
-        # the fp32 table of the fp64 case: its gradient is rounded to fp32
-        tol = 1e-7 if dtype == torch.float64 and name == "table" else OP_TOL[dtype]
-        assert rel_err(a, b) <= tol, (name, rel_err(a, b))
-
-
 def test_flex_path_compiled_forward_on_cpu(monkeypatch):
     """Called outside torch.compile, the path compiles FlexAttention (once) and passes its kernel options; on a
     CPU that is inductor's C++ kernel, forward only: its values are the reference's."""
