@@ -48,6 +48,11 @@ CLASSES_FILE = "classes.json"
 IMAGE_FIELD = "image"
 LABEL_FIELD = "label"
 _MIN_PAGE = 1 << 21
+# restart markers: segments of about this many MCUs (4: 64 pixels wide in 4:2:0, the sampling written), and the
+# most --restart-mcus takes
+RESTART_MCUS = 4
+MAX_RESTART_MCUS = 64
+JPEG_MCU_WIDTH = 16  # 4:2:0
 MAX_SIDE = 16384  # --max-side at most this: a raw image of that side fits a 1 GiB page (FFCV allows < 4 GiB)
 
 
@@ -68,6 +73,9 @@ class WriteOptions:
     classes: keep only these class folders (labels are re-indexed 0..k-1 over them).
     max_per_class: keep at most this many images per class (the first ones by file name).
     seed: seeds the per-image choice of ``proportion`` mode (deterministic output).
+    restart_mcus: JPEGs get restart markers every about this many MCUs (64 pixels at 4, in 4:2:0), so that
+        the loader decodes only the part of each image its random crop reads (``lomar_fast.data.jpeg_region``);
+        the decoded pixels are the same. 0 writes none (the whole image is decoded).
     """
 
     max_side: int = 512
@@ -80,6 +88,7 @@ class WriteOptions:
     max_per_class: int | None = None
     force: bool = False
     seed: int = 0
+    restart_mcus: int = RESTART_MCUS
     progress: bool = True
 
     def validate(self) -> None:
@@ -96,6 +105,9 @@ class WriteOptions:
             raise DataPrepError(f"--chunk-size must be >= 1, got {self.chunk_size}")
         if self.max_per_class is not None and self.max_per_class < 1:
             raise DataPrepError(f"--max-per-class must be >= 1, got {self.max_per_class}")
+        if not 0 <= self.restart_mcus <= MAX_RESTART_MCUS:
+            raise DataPrepError(f"--restart-mcus must be in 0..{MAX_RESTART_MCUS} (0: no restart markers), "
+                                f"got {self.restart_mcus}")
 
 
 def usable_cores() -> int:
@@ -246,9 +258,42 @@ class FolderSamples:
 
 # ----------------------------------------------------------------------------- writing
 
+def restart_interval(width: int, target: int = RESTART_MCUS, mcu_width: int = JPEG_MCU_WIDTH) -> int:
+    """The restart interval, in MCUs, of an image ``width`` pixels wide whose MCUs are ``mcu_width`` wide: the
+    divisor of its MCUs per row from 2 to ``2 * target`` nearest ``target`` (the larger one on a tie), so that
+    the segments tile the rows and a crop can take whole columns of them; one segment per row where none is."""
+    mcus = -(-int(width) // int(mcu_width))
+    divisors = [d for d in range(2, min(mcus, 2 * target) + 1) if mcus % d == 0]
+    if not divisors:
+        return mcus
+    return min(divisors, key=lambda d: (abs(d - target), -d))
+
+
+def encode_jpeg(image: np.ndarray, quality: int, restart_mcus: int = RESTART_MCUS) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> JPEG bytes (uint8, 1-D): 4:2:0 at ``quality``, with a restart marker every
+    :func:`restart_interval` MCUs (none for ``restart_mcus`` 0). The markers change the entropy-coded bytes
+    alone: the decoded pixels are those of the same JPEG without them."""
+    import cv2
+
+    params = [int(cv2.IMWRITE_JPEG_QUALITY), int(quality),
+              int(cv2.IMWRITE_JPEG_SAMPLING_FACTOR), int(cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420)]
+    if restart_mcus:
+        params += [int(cv2.IMWRITE_JPEG_RST_INTERVAL), restart_interval(image.shape[1], restart_mcus)]
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise ValueError("the image could not be encoded as a JPEG")
+    return data.reshape(-1)
+
+
 def _writer_process(work_q, metadata_sm, metadata_type, fields, allocator, done, alloc_q,
-                    skip_q, dataset, seed):
+                    skip_q, dataset, seed, restart_mcus=RESTART_MCUS):
+    import functools
+
+    from ffcv.fields import rgb_image
     from ffcv.writer import handle_sample
+
+    # this forked writer's JPEGs: FFCV's image field encodes through its module's encode_jpeg(image, quality)
+    rgb_image.encode_jpeg = functools.partial(encode_jpeg, restart_mcus=restart_mcus)
 
     metadata = np.frombuffer(metadata_sm.buf, dtype=metadata_type)
     names = metadata_type.names
@@ -273,7 +318,8 @@ def _writer_process(work_q, metadata_sm, metadata_type, fields, allocator, done,
 
 def _write_beton(fname: str, dataset: FolderSamples, fields: dict, workers: int,
                  chunk_size: int, page_size: int, seed: int, desc: str,
-                 progress: bool, shown: str | None = None) -> list[tuple[int, str]]:
+                 progress: bool, shown: str | None = None,
+                 restart_mcus: int = RESTART_MCUS) -> list[tuple[int, str]]:
     """Writes ``dataset`` to ``fname``; returns [(source index, reason)] of skipped images. ``shown``: the name
     the errors give the file (the split's .beton, where ``fname`` is its temporary name).
 
@@ -303,7 +349,7 @@ def _write_beton(fname: str, dataset: FolderSamples, fields: dict, workers: int,
     allocator = MemoryAllocator(fname, writer.data_region_start, page_size)
     procs = [ctx.Process(target=_writer_process,
                          args=(work_q, writer.metadata_sm, writer.metadata_type, fields,
-                               allocator, done, alloc_q, skip_q, dataset, seed),
+                               allocator, done, alloc_q, skip_q, dataset, seed, restart_mcus),
                          daemon=True)
              for _ in range(workers)]
     skipped: dict[int, tuple[int, str]] = {}
@@ -492,6 +538,7 @@ def write_dataset(src: str | os.PathLike, out: str | os.PathLike,
                                    workers=max(1, min(workers, len(samples))),
                                    chunk_size=opts.chunk_size,
                                    page_size=_page_size_for(opts.max_side, opts.write_mode),
+                                   restart_mcus=opts.restart_mcus,
                                    seed=opts.seed, desc=split, progress=opts.progress, shown=str(target))
             os.replace(tmp, target)
         finally:
@@ -572,6 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-per-class", type=int, default=None,
                    help="keep at most N images per class, first by file name (default: all)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for --write-mode proportion (default 0)")
+    p.add_argument("--restart-mcus", type=int, default=d.restart_mcus,
+                   help=f"restart markers every about this many MCUs (default {d.restart_mcus}), so the loader "
+                        "decodes only the part of each JPEG a crop reads (same pixels); 0 writes none")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -589,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             workers=args.workers, chunk_size=args.chunk_size,
                             classes=_parse_classes(args.classes),
                             max_per_class=args.max_per_class, force=args.force,
-                            seed=args.seed, progress=not args.quiet)
+                            seed=args.seed, restart_mcus=args.restart_mcus, progress=not args.quiet)
         write_dataset(args.src, args.out, args.splits, opts)
     except DataPrepError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,7 +4,9 @@ which is what makes a resumed run reproduce the uninterrupted one.
 
 Both decoders decode a JPEG into one scratch buffer per decode thread (:class:`ThreadScratch`), made once per
 loader and not pinned, where FFCV's give every image of every batch slot its own pinned buffer of the largest
-image's size: 1 GB of pinned memory per rank for batches of 256 from a ``.beton`` of 512-px images.
+image's size: 1 GB of pinned memory per rank for batches of 256 from a ``.beton`` of 512-px images. The training
+crop decodes only the part of a JPEG its crop reads where the JPEG's restart markers allow it
+(:mod:`lomar_fast.data.jpeg_region`).
 
 FFCV's own RandomResizedCrop and RandomHorizontalFlip draw from numba's per-thread generators,
 which nothing seeds. Here every image reseeds the calling thread's generator from a hash of
@@ -13,6 +15,8 @@ which worker thread decodes which image. The epoch lives in a one-element array 
 pipeline reads through its address, so changing epochs needs no recompilation.
 """
 from __future__ import annotations
+
+import os
 
 import numba
 import numpy as np
@@ -26,6 +30,7 @@ from ffcv.pipeline.compiler import Compiler
 
 from lomar_fast.images import DEFAULT_INTERPOLATION, INTERPOLATIONS
 
+from .jpeg_region import region_into
 from .resample import (ORDER_HORIZONTAL_FIRST, ORDER_PIL13, ORDER_VERTICAL_FIRST, horizontal_first, resize_bicubic,
                        resize_crop_bicubic)
 
@@ -120,6 +125,18 @@ def _flip_rows(img):
                 img[r, w - 1 - x, ch] = t
 
 
+REGION_DECODE_ENV = "LOMAR_REGION_DECODE"
+
+
+def region_decode_enabled() -> bool:
+    """``$LOMAR_REGION_DECODE``: ``1`` (the default) or ``0``; anything else is a ValueError."""
+    value = os.environ.get(REGION_DECODE_ENV, "1").strip().lower()
+    if value not in ("0", "1"):
+        raise ValueError(f"{REGION_DECODE_ENV}={value!r} must be 1 (decode only a crop's region of JPEGs with "
+                         "restart markers) or 0 (decode every JPEG whole)")
+    return value == "1"
+
+
 class ThreadScratch:
     """For FFCV's crop decoders: JPEGs decode into one buffer per decode thread.
 
@@ -135,6 +152,7 @@ class ThreadScratch:
     """
 
     _scratch: np.ndarray | None = None
+    _streams: np.ndarray | None = None
 
     def declare_state_and_memory(self, previous_state):
         state, (output, _decode_buffer) = super().declare_state_and_memory(previous_state)
@@ -155,21 +173,42 @@ class ThreadScratch:
                              "give each loader its own decoder (lomar_fast.data's pipeline functions make new ones)")
         return _array_at(self._scratch)
 
+    def streams(self):
+        """One buffer per decode thread for the JPEG of a crop's region (:mod:`.jpeg_region`), as long as a
+        decode buffer: a JPEG longer than that is decoded whole. Made with the decode buffers, and like them only
+        resident where written."""
+        if self._streams is None:
+            self._streams = np.empty(self._scratch.shape, dtype=np.uint8)
+        return _array_at(self._streams)
+
 
 class SeededRandomResizedCrop(ThreadScratch, RandomResizedCropRGBImageDecoder):
     """RandomResizedCrop (scale, ratio) to ``output_size`` plus a flip with probability ``flip_prob``; the crop is
     resized with ``interpolation`` (``"area"`` or ``"bicubic"``, see the module doc).
 
+    With ``region_decode`` (default: ``$LOMAR_REGION_DECODE``, on unless ``0``), a JPEG whose restart markers
+    tile its rows (the ``.beton`` writer writes them) is decoded only over the rectangle of restart segments its
+    crop reads (:mod:`.jpeg_region`): the same pixels for less work. Other JPEGs are decoded whole. The choice is
+    made when the decoder is made (FFCV compiles the loader's pipeline when the loader is built).
+
     ``set_epoch(e)`` selects the epoch whose draws the next batches use.
     """
 
     def __init__(self, output_size, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), flip_prob: float = 0.5, seed: int = 0,
-                 interpolation: str = DEFAULT_INTERPOLATION):
+                 interpolation: str = DEFAULT_INTERPOLATION, region_decode: bool | None = None):
         super().__init__(output_size, scale=scale, ratio=ratio)
         self.interpolation = check_interpolation(interpolation)
         self.flip_prob = float(flip_prob)
         self.seed = int(seed) & 0xFFFFFFFF
+        self.region_decode = region_decode_enabled() if region_decode is None else bool(region_decode)
         self._epoch = np.zeros(1, dtype=np.int64)  # read by the compiled code through its address
+        # JPEGs decoded by their crop's region alone, per decode thread (written by the compiled code)
+        self._regions = np.zeros(max(int(numba.config.NUMBA_NUM_THREADS), 1), dtype=np.int64)
+
+    @property
+    def region_decodes(self) -> int:
+        """How many JPEGs this decoder decoded by their crop's region alone (:mod:`.jpeg_region`), not whole."""
+        return int(self._regions.sum())
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch[0] = int(epoch)
@@ -189,25 +228,43 @@ class SeededRandomResizedCrop(ThreadScratch, RandomResizedCropRGBImageDecoder):
         seed = self.seed
         epoch_at = _array_at(self._epoch)  # this object keeps the array alive
         scratch_at = self.scratch()
+        streams_at = self.streams()
+        region_c = region_into
+        region = self.region_decode
+        regions_at = _array_at(self._regions)
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination = my_storage
             epoch = epoch_at()[0]
             scratch = scratch_at()
+            streams = streams_at()
+            regions = regions_at()
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
                 image_data = mem_read(field['data_ptr'], storage_state)
                 height = np.uint32(field['height'])
                 width = np.uint32(field['width'])
-                if field['mode'] == jpg:
-                    buf = scratch[get_thread_id()]
-                    imdecode_c(image_data, buf, height, width, height, width, 0, 0, 1, 1, False, False)
-                    buf = buf.reshape(-1)[:3 * height * width].reshape(height, width, 3)
-                else:
-                    buf = image_data.reshape(height, width, 3)
                 i, j, h, w, flip = draw_c(seed, epoch, source_ix, height, width, scale, ratio, flip_prob)
-                resize_crop_c(buf, i, i + h, j, j + w, destination[dst_ix])
+                if field['mode'] == jpg:
+                    tid = get_thread_id()
+                    buf = scratch[tid]
+                    whole = True
+                    if region:  # the crop's region alone where the JPEG's restart markers allow it
+                        size, y0, x0, rh, rw = region_c(image_data, i, i + h, j, j + w, streams, tid)
+                        if size > 0:
+                            whole = imdecode_c(streams[tid][:size], buf, rh, rw, rh, rw, 0, 0, 1, 1, False,
+                                               False) != 0
+                        if not whole:
+                            regions[tid] += 1
+                            resize_crop_c(buf.reshape(-1)[:3 * rh * rw].reshape(rh, rw, 3), i - y0, i - y0 + h,
+                                          j - x0, j - x0 + w, destination[dst_ix])
+                    if whole:
+                        imdecode_c(image_data, buf, height, width, height, width, 0, 0, 1, 1, False, False)
+                        resize_crop_c(buf.reshape(-1)[:3 * height * width].reshape(height, width, 3), i, i + h, j,
+                                      j + w, destination[dst_ix])
+                else:
+                    resize_crop_c(image_data.reshape(height, width, 3), i, i + h, j, j + w, destination[dst_ix])
                 if flip:
                     flip_c(destination[dst_ix])
             return destination[:len(batch_indices)]
