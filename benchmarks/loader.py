@@ -15,7 +15,10 @@ decodes (FFCV's own decoder, one thread) and ``resize_only`` the crop+resize of 
 images, to show where the time goes. ``--pipeline finetune`` times the fine-tuning loader (scale 0.08..1, with
 labels) instead, and ``--interpolations`` the crop resizes to compare (``area``: FFCV's INTER_AREA, the default;
 ``bicubic``: PIL's, lomar_fast.data.resample); every (size, workers) runs each interpolation in turn, ``--rounds``
-times, so a change in the machine's load hits both. Results: ``benchmarks/results/loader_<host>.json``.
+times, so a change in the machine's load hits both. The dataset's JPEGs carry the writer's restart markers
+(``--restart-mcus``, 0 for none), and ``--region-decode on off`` runs the loader decoding only each crop's region
+(lomar_fast.data.jpeg_region) and decoding whole images, in turn; ``decode_only.region`` times the region decodes
+of the same random crops as ``resize_only``, one thread. Results: ``benchmarks/results/loader_<host>.json``.
 """
 from __future__ import annotations
 
@@ -57,14 +60,16 @@ def versions() -> dict:
             "numpy": np.__version__, "opencv": cv2.__version__}
 
 
-def build_dataset(cache_dir: Path, num_images: int, seed: int = 0) -> Path:
-    """ImageNet-like JPEG q90 .beton (max side 512) from the demo photos, cached."""
+def build_dataset(cache_dir: Path, num_images: int, seed: int = 0, restart_mcus: int | None = None) -> Path:
+    """ImageNet-like JPEG q90 .beton (max side 512) from the demo photos, cached; restart markers as the writer
+    puts them (``restart_mcus`` None: its default)."""
     from PIL import Image
 
     from data_prep.make_demo import available_photos, random_view
-    from data_prep.write_beton import WriteOptions, write_dataset
+    from data_prep.write_beton import RESTART_MCUS, WriteOptions, write_dataset
 
-    out = cache_dir / f"bench_{num_images}_500x375"
+    restart_mcus = RESTART_MCUS if restart_mcus is None else restart_mcus
+    out = cache_dir / (f"bench_{num_images}_500x375" + (f"_rst{restart_mcus}" if restart_mcus else ""))
     beton = out / "train.beton"
     if beton.exists():
         return beton
@@ -83,16 +88,19 @@ def build_dataset(cache_dir: Path, num_images: int, seed: int = 0) -> Path:
             random_view(photo, rng, side_range=(500, 500), ratio=(ar, ar)).save(
                 d / f"{i:05d}.jpg", quality=95)
             written += 1
-    write_dataset(src, out, ("train",), WriteOptions(max_side=512, write_mode="jpg",
-                                                     jpeg_quality=90, force=True, progress=False))
+    write_dataset(src, out, ("train",), WriteOptions(max_side=512, write_mode="jpg", jpeg_quality=90, force=True,
+                                                     progress=False, restart_mcus=restart_mcus))
     return beton
 
 
 def time_decode_and_resize(beton: Path, size: int, limit: int = 400,
                            interpolation: str = "area") -> tuple[dict, dict]:
-    """Single-thread libjpeg-turbo decode of whole images, then crop+resize to ``size``."""
+    """Single-thread libjpeg-turbo decode of whole images, of the random crops' regions alone, then crop+resize
+    to ``size``."""
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.reader import Reader
+
+    from lomar_fast.data.jpeg_region import jpeg_region
 
     if interpolation == "bicubic":
         from lomar_fast.data.resample import resize_crop_bicubic as resize_crop
@@ -112,34 +120,67 @@ def time_decode_and_resize(beton: Path, size: int, limit: int = 400,
             imdecode(b, o, h, w, h, w, 0, 0, 1, 1, False, False)
         dec = time.perf_counter() - t0
     rng = np.random.default_rng(0)
-    dst = np.empty((size, size, 3), np.uint8)
-    resize_crop(outs[0], 0, 8, 0, 8, dst)  # compiles the bicubic resize outside the timing
-    t0 = time.perf_counter()
-    for (h, w), o in zip(hw, outs):
+    boxes = []
+    for h, w in hw:
         area = h * w * rng.uniform(0.2, 1.0)
         ar = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
         cw, ch = min(w, int(round(np.sqrt(area * ar)))), min(h, int(round(np.sqrt(area / ar))))
         i, j = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        resize_crop(o, i, i + ch, j, j + cw, dst)
+        boxes.append((i, i + ch, j, j + cw))
+    # the crops' regions: the region JPEG is made and decoded inside the timing, as the loader does
+    stream = np.empty(max(b.size for b in blobs) + 2, np.uint8)
+    jpeg_region(blobs[0], 0, 1, 0, 1, stream)  # compiles outside the timing
+    regions, region_px = 0, 0
+    for _ in range(2):  # second pass is the timed one
+        regions, region_px = 0, 0
+        t0 = time.perf_counter()
+        for b, (h, w), o, (top, bottom, left, right) in zip(blobs, hw, outs, boxes):
+            made, _, _, rh, rw = jpeg_region(b, top, bottom, left, right, stream)
+            if made:
+                imdecode(stream[:made], o, rh, rw, rh, rw, 0, 0, 1, 1, False, False)
+                regions, region_px = regions + 1, region_px + rh * rw
+            else:
+                imdecode(b, o, h, w, h, w, 0, 0, 1, 1, False, False)
+        reg = time.perf_counter() - t0
+    for b, (h, w), o in zip(blobs, hw, outs):  # the whole images again, for the resize timing
+        imdecode(b, o, h, w, h, w, 0, 0, 1, 1, False, False)
+    dst = np.empty((size, size, 3), np.uint8)
+    resize_crop(outs[0], 0, 8, 0, 8, dst)  # compiles the bicubic resize outside the timing
+    t0 = time.perf_counter()
+    for o, (top, bottom, left, right) in zip(outs, boxes):
+        resize_crop(o, top, bottom, left, right, dst)
     rs = time.perf_counter() - t0
     n = len(blobs)
     mean_w, mean_h = float(np.mean([w for _, w in hw])), float(np.mean([h for h, _ in hw]))
     decode = {"images": n, "seconds": round(dec, 4), "images_per_sec": round(n / dec, 1),
               "ms_per_image": round(1e3 * dec / n, 3), "mean_width": round(mean_w, 1),
               "mean_height": round(mean_h, 1),
-              "mean_jpeg_kb": round(float(np.mean([len(b) for b in blobs])) / 1024, 1)}
+              "mean_jpeg_kb": round(float(np.mean([len(b) for b in blobs])) / 1024, 1),
+              "region": {"ms_per_image": round(1e3 * reg / n, 3), "images_per_sec": round(n / reg, 1),
+                         "speedup_over_whole": round(dec / reg, 3), "fraction_by_region": round(regions / n, 3),
+                         "mean_region_area_fraction": round(region_px / max(regions, 1) / float(
+                             np.mean([h * w for h, w in hw])), 3)}}
     resize = {"size": size, "interpolation": interpolation, "images": n, "seconds": round(rs, 4),
               "images_per_sec": round(n / rs, 1), "ms_per_image": round(1e3 * rs / n, 3)}
     return decode, resize
 
 
 def run_loader(beton: Path, size: int, workers: int, batch_size: int, epochs: int, pipeline: str = "pretrain",
-               interpolation: str = "area") -> dict:
+               interpolation: str = "area", region: bool = True) -> dict:
     from lomar_fast.data import build_finetune_loader, build_pretrain_loader
+    from lomar_fast.data.seeded_crop import REGION_DECODE_ENV
 
     build = build_pretrain_loader if pipeline == "pretrain" else build_finetune_loader
-    loader = build(beton, batch_size=batch_size, input_size=size, num_workers=workers, order="random", seed=0,
-                   interpolation=interpolation)
+    before = os.environ.get(REGION_DECODE_ENV)
+    os.environ[REGION_DECODE_ENV] = "1" if region else "0"  # read when the loader's decoder is made
+    try:
+        loader = build(beton, batch_size=batch_size, input_size=size, num_workers=workers, order="random", seed=0,
+                       interpolation=interpolation)
+    finally:
+        if before is None:
+            os.environ.pop(REGION_DECODE_ENV)
+        else:
+            os.environ[REGION_DECODE_ENV] = before
     t0 = time.perf_counter()
     for _ in loader:
         pass
@@ -152,7 +193,10 @@ def run_loader(beton: Path, size: int, workers: int, batch_size: int, epochs: in
             count += (x if pipeline == "pretrain" else x[0]).shape[0]
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
+    decoded = count * (epochs + 1)
     return {"size": size, "workers": workers, "pipeline": pipeline, "interpolation": interpolation,
+            "region_decode": region,
+            "decoded_by_region": round(loader.seeded_ops[0].region_decodes / max(decoded, 1), 3),
             "batches_per_epoch": len(loader),
             "images_per_epoch": count, "warmup_seconds": round(warmup, 3),
             "epoch_seconds": [round(t, 4) for t in times],
@@ -172,16 +216,19 @@ def pipeline_description(pipeline: str = "pretrain") -> str:
 def render(res: dict) -> str:
     rows = res["results"]
     interps = len({r.get("interpolation", "area") for r in rows}) > 1
-    if interps:  # the median over the rounds of each (size, workers, interpolation)
+    regions = len({r.get("region_decode", False) for r in rows}) > 1
+    if interps or regions:  # the median over the rounds of each (size, workers, interpolation, region decode)
         groups: dict = {}
         for r in rows:
-            groups.setdefault((r["size"], r["workers"], r["interpolation"]), []).append(r)
-        lines = ["| size | workers | interpolation | img/s (median of rounds) | img/s per core | rounds |",
-                 "|---|---|---|---|---|---|"]
-        for (size, workers, interp), rs in groups.items():
+            groups.setdefault((r["size"], r["workers"], r["interpolation"], r.get("region_decode", False)),
+                              []).append(r)
+        lines = ["| size | workers | interpolation | region decode | img/s (median of rounds) | img/s per core | "
+                 "rounds |", "|---|---|---|---|---|---|---|"]
+        for (size, workers, interp, region), rs in groups.items():
             ips = statistics.median(r["images_per_sec"] for r in rs)
             each = ", ".join(f"{r['images_per_sec']:.0f}" for r in rs)
-            lines.append(f"| {size} | {workers} | {interp} | {ips:.0f} | {ips / workers:.0f} | {each} |")
+            by = f"on ({rs[0]['decoded_by_region']:.0%} of images)" if region else "off"
+            lines.append(f"| {size} | {workers} | {interp} | {by} | {ips:.0f} | {ips / workers:.0f} | {each} |")
     else:
         lines = ["| size | workers | img/s | img/s per core |", "|---|---|---|---|"]
         for r in rows:
@@ -192,6 +239,11 @@ def render(res: dict) -> str:
                    for r in res["resize_only"])
     lines.append(f"\nfull JPEG decode only (1 thread, {d['mean_width']:.0f}x{d['mean_height']:.0f} "
                  f"mean): {d['images_per_sec']:.0f} img/s; crop+resize only: {rs}")
+    if "region" in d:
+        g = d["region"]
+        lines.append(f"the random crops' regions alone (1 thread): {g['images_per_sec']:.0f} img/s, "
+                     f"{g['speedup_over_whole']:.2f}x the whole-image decode; {g['fraction_by_region']:.0%} of the "
+                     f"images by region, the region {g['mean_region_area_fraction']:.0%} of the image on average")
     return "\n".join(lines)
 
 
@@ -211,6 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pipeline", choices=["pretrain", "finetune"], default="pretrain")
     p.add_argument("--interpolations", nargs="+", choices=["area", "bicubic"], default=["area"])
     p.add_argument("--rounds", type=int, default=1, help="times each (size, workers) runs every interpolation")
+    p.add_argument("--region-decode", nargs="+", choices=["on", "off"], default=["on", "off"],
+                   help="decode only each crop's region (on) and/or whole images (off), in turn (default both)")
+    p.add_argument("--restart-mcus", type=int, default=None,
+                   help="the built dataset's restart markers (default: the writer's; 0: none)")
     p.add_argument("--quick", action="store_true", help="tiny run (64 images, 224, 1 worker, 1 epoch)")
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/loader_<host>.json)")
     a = p.parse_args(argv)
@@ -219,7 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache = Path(a.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
                                              "lomar_fast"))
     cache.mkdir(parents=True, exist_ok=True)
-    beton = Path(a.data) if a.data else build_dataset(cache, a.num_images)
+    from data_prep.write_beton import RESTART_MCUS
+
+    a.restart_mcus_used = RESTART_MCUS if a.restart_mcus is None else a.restart_mcus
+    beton = Path(a.data) if a.data else build_dataset(cache, a.num_images, restart_mcus=a.restart_mcus_used)
     load_before = os.getloadavg()
     limit = 64 if a.quick else 400
     timed = [time_decode_and_resize(beton, size, limit, interp) for size in a.sizes for interp in a.interpolations]
@@ -229,10 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for w in a.workers:
             for _ in range(a.rounds):
                 for interp in a.interpolations:
-                    r = run_loader(beton, size, w, a.batch_size, a.epochs, a.pipeline, interp)
-                    results.append(r)
-                    print(f"size {size} workers {w} {interp}: {r['images_per_sec']:.0f} img/s "
-                          f"({r['images_per_sec_per_core']:.0f}/core)", file=sys.stderr)
+                    for region in a.region_decode:
+                        r = run_loader(beton, size, w, a.batch_size, a.epochs, a.pipeline, interp, region == "on")
+                        results.append(r)
+                        print(f"size {size} workers {w} {interp} region decode {region}: "
+                              f"{r['images_per_sec']:.0f} img/s ({r['images_per_sec_per_core']:.0f}/core)",
+                              file=sys.stderr)
     from lomar_fast.data import dataset_info
 
     info = dataset_info(beton)
@@ -244,11 +305,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "load_average_after": os.getloadavg()},
         "versions": versions(),
         "config": {"quick": a.quick, "pipeline": pipeline_description(a.pipeline),
-                   "interpolations": a.interpolations, "rounds": a.rounds, "batch_size": a.batch_size,
+                   "interpolations": a.interpolations, "region_decode": a.region_decode, "rounds": a.rounds,
+                   "batch_size": a.batch_size,
                    "epochs": a.epochs, "warmup_epochs": 1, "sizes": a.sizes, "workers": a.workers,
                    "order": "random", "os_cache": True},
         "dataset": {"path": str(beton), "num_images": info["num_images"], "max_side": info["max_side"],
-                    "jpeg_quality": 90, "jpeg_fraction": info["jpeg_fraction"]},
+                    "jpeg_quality": 90, "jpeg_fraction": info["jpeg_fraction"],
+                    "restart_mcus": None if a.data else a.restart_mcus_used},
         "results": results,
         "decode_only": decode,
         "resize_only": resize,
