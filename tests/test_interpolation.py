@@ -201,7 +201,8 @@ def images_within(loader, seconds: float = 120) -> np.ndarray:
 def test_training_crop_bicubic_equals_pil_with_the_same_draws(betons):
     """The fine-tuning decoder with 'bicubic' yields PIL's crop-then-resize of the box it drew, flipped when it drew
     a flip; with 'area' it yields FFCV's resize of the same box with the same flip: same draws, another resize.
-    Two decode threads share the JPEG decode buffers, one each (ThreadScratch)."""
+    Two decode threads share the JPEG decode buffers, one each (ThreadScratch); the JPEGs are decoded by their
+    crops' regions (lomar_fast/data/jpeg_region.py), and the reference from whole images."""
     from ffcv.libffcv import resize_crop
 
     from lomar_fast.data import FINETUNE_SCALE, RATIO, build_finetune_loader
@@ -229,6 +230,8 @@ def test_training_crop_bicubic_equals_pil_with_the_same_draws(betons):
         np.testing.assert_array_equal(got["area"][ix], area, err_msg=f"image {ix}")
     assert 0 < flips < len(images)  # both branches were exercised
     assert (got["area"] != got["bicubic"]).any()
+    # the writer's restart markers: most of these images were decoded by their crop's region alone
+    assert all(loaders[i].seeded_ops[0].region_decodes >= len(images) // 2 for i in loaders)
     # FFCV's pure-Python mode (its debugging switch) runs the same decode loop uncompiled, to the same pixels
     from ffcv.pipeline.compiler import Compiler
 

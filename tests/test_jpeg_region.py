@@ -161,7 +161,9 @@ def test_the_training_crop_decodes_regions_to_the_same_batches(tmp_path, monkeyp
     batches, decoders = {}, {}
     for name, beton, region in (("marked", "marked", "1"), ("plain", "plain", "1"), ("off", "marked", "0")):
         monkeypatch.setenv("LOMAR_REGION_DECODE", region)
-        loader = build_pretrain_loader(betons[beton], batch_size=12, input_size=64, num_workers=2, seed=3,
+        # one decode thread: its loop compiles in a third of the parallel one's time; tests/test_interpolation.py
+        # runs region decodes on two threads
+        loader = build_pretrain_loader(betons[beton], batch_size=12, input_size=64, num_workers=1, seed=3,
                                        order="sequential")
         decoders[name] = loader.seeded_ops[0]
         assert decoders[name].region_decode == (region == "1")
