@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Sequence
+from unittest import mock
 
 import numpy as np
 
@@ -127,23 +128,23 @@ def time_decode_and_resize(beton: Path, size: int, limit: int = 400,
         cw, ch = min(w, int(round(np.sqrt(area * ar)))), min(h, int(round(np.sqrt(area / ar))))
         i, j = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
         boxes.append((i, i + ch, j, j + cw))
-    # the crops' regions: the region JPEG is made and decoded inside the timing, as the loader does
+    # the crops' regions: the region JPEG is made and decoded inside the timing, as the loader does, into one
+    # buffer (the whole images in `outs` stay for the resize timing)
     stream = np.empty(max(b.size for b in blobs) + 2, np.uint8)
+    pixels = np.empty(max(o.size for o in outs), np.uint8)
     jpeg_region(blobs[0], 0, 1, 0, 1, stream)  # compiles outside the timing
     regions, region_px = 0, 0
     for _ in range(2):  # second pass is the timed one
         regions, region_px = 0, 0
         t0 = time.perf_counter()
-        for b, (h, w), o, (top, bottom, left, right) in zip(blobs, hw, outs, boxes):
+        for b, (h, w), (top, bottom, left, right) in zip(blobs, hw, boxes):
             made, _, _, rh, rw = jpeg_region(b, top, bottom, left, right, stream)
             if made:
-                imdecode(stream[:made], o, rh, rw, rh, rw, 0, 0, 1, 1, False, False)
+                imdecode(stream[:made], pixels, rh, rw, rh, rw, 0, 0, 1, 1, False, False)
                 regions, region_px = regions + 1, region_px + rh * rw
             else:
-                imdecode(b, o, h, w, h, w, 0, 0, 1, 1, False, False)
+                imdecode(b, pixels, h, w, h, w, 0, 0, 1, 1, False, False)
         reg = time.perf_counter() - t0
-    for b, (h, w), o in zip(blobs, hw, outs):  # the whole images again, for the resize timing
-        imdecode(b, o, h, w, h, w, 0, 0, 1, 1, False, False)
     dst = np.empty((size, size, 3), np.uint8)
     resize_crop(outs[0], 0, 8, 0, 8, dst)  # compiles the bicubic resize outside the timing
     t0 = time.perf_counter()
@@ -171,16 +172,9 @@ def run_loader(beton: Path, size: int, workers: int, batch_size: int, epochs: in
     from lomar_fast.data.seeded_crop import REGION_DECODE_ENV
 
     build = build_pretrain_loader if pipeline == "pretrain" else build_finetune_loader
-    before = os.environ.get(REGION_DECODE_ENV)
-    os.environ[REGION_DECODE_ENV] = "1" if region else "0"  # read when the loader's decoder is made
-    try:
+    with mock.patch.dict(os.environ, {REGION_DECODE_ENV: "1" if region else "0"}):  # read as the decoder is made
         loader = build(beton, batch_size=batch_size, input_size=size, num_workers=workers, order="random", seed=0,
                        interpolation=interpolation)
-    finally:
-        if before is None:
-            os.environ.pop(REGION_DECODE_ENV)
-        else:
-            os.environ[REGION_DECODE_ENV] = before
     t0 = time.perf_counter()
     for _ in loader:
         pass
@@ -248,7 +242,7 @@ def render(res: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from data_prep.write_beton import usable_cores
+    from data_prep.write_beton import RESTART_MCUS, usable_cores
 
     cores = usable_cores()
     p = argparse.ArgumentParser(prog="python -m benchmarks.loader", description=__doc__.split("\n")[0])
@@ -265,8 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="times each (size, workers) runs every interpolation")
     p.add_argument("--region-decode", nargs="+", choices=["on", "off"], default=["on", "off"],
                    help="decode only each crop's region (on) and/or whole images (off), in turn (default both)")
-    p.add_argument("--restart-mcus", type=int, default=None,
-                   help="the built dataset's restart markers (default: the writer's; 0: none)")
+    p.add_argument("--restart-mcus", type=int, default=RESTART_MCUS,
+                   help=f"the built dataset's restart markers (default {RESTART_MCUS}, the writer's; 0: none)")
     p.add_argument("--quick", action="store_true", help="tiny run (64 images, 224, 1 worker, 1 epoch)")
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/loader_<host>.json)")
     a = p.parse_args(argv)
@@ -275,10 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache = Path(a.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
                                              "lomar_fast"))
     cache.mkdir(parents=True, exist_ok=True)
-    from data_prep.write_beton import RESTART_MCUS
-
-    a.restart_mcus_used = RESTART_MCUS if a.restart_mcus is None else a.restart_mcus
-    beton = Path(a.data) if a.data else build_dataset(cache, a.num_images, restart_mcus=a.restart_mcus_used)
+    beton = Path(a.data) if a.data else build_dataset(cache, a.num_images, restart_mcus=a.restart_mcus)
     load_before = os.getloadavg()
     limit = 64 if a.quick else 400
     timed = [time_decode_and_resize(beton, size, limit, interp) for size in a.sizes for interp in a.interpolations]
@@ -311,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "order": "random", "os_cache": True},
         "dataset": {"path": str(beton), "num_images": info["num_images"], "max_side": info["max_side"],
                     "jpeg_quality": 90, "jpeg_fraction": info["jpeg_fraction"],
-                    "restart_mcus": None if a.data else a.restart_mcus_used},
+                    "restart_mcus": None if a.data else a.restart_mcus},
         "results": results,
         "decode_only": decode,
         "resize_only": resize,
