@@ -59,7 +59,8 @@ passed, 1 otherwise.
     throughput   model, size, variant, batch_size, images_per_sec, step_ms_median, mfu, peak_mem_gib,
                  host_syncs_in_step, model_kwargs
     loader       images_per_sec, images_per_sec_per_core, workers, size, warmup_seconds, decoded_by_region,
-                 images_per_sec_whole_decode, decode_only_images_per_sec, region_decode_only_images_per_sec
+                 images_per_sec_whole_decode, images_per_sec_static_schedule, decode_only_images_per_sec,
+                 region_decode_only_images_per_sec
     resume       reference, kill_signal, kill_at_step, last_logged_step, checkpoint_at_kill, replayed_steps [{step,
                  killed, resumed, rel_diff}], replay_rtol, epochs {epochs [{epoch, straight, resumed, rel_diff}],
                  max_rel_diff, rtol, equal}
@@ -657,12 +658,16 @@ def stage_loader(st: Stage) -> None:
     st.cmd("loader", python_m(run, "benchmarks.loader", "--data", run.ctx["train"], "--sizes", p.input_size,
                               "--workers", p.workers, "--batch-size", p.batch_size, "--epochs", 1, "--out", out))
     doc = json.loads(out.read_text())
-    r = doc["results"][0]  # decoding each crop's region (the loader's default), then whole images
-    whole = next((x for x in doc["results"] if x.get("region_decode") is False), None)
+    # the loader's defaults (each crop's region, the balanced schedule) first, then each changed alone
+    r = doc["results"][0]
+    whole = next((x for x in doc["results"] if x.get("region_decode") is False and x.get("schedule") == r.get(
+        "schedule")), None)
+    static = next((x for x in doc["results"] if x.get("region_decode") and x.get("schedule") == "static"), None)
     st.results.update(images_per_sec=r["images_per_sec"], images_per_sec_per_core=r["images_per_sec_per_core"],
                       workers=r["workers"], size=r["size"], warmup_seconds=r["warmup_seconds"],
                       decoded_by_region=r.get("decoded_by_region"),
                       images_per_sec_whole_decode=whole and whole["images_per_sec"],
+                      images_per_sec_static_schedule=static and static["images_per_sec"],
                       decode_only_images_per_sec=doc.get("decode_only", {}).get("images_per_sec"),
                       region_decode_only_images_per_sec=doc.get("decode_only", {}).get("region", {}).get(
                           "images_per_sec"))

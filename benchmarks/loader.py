@@ -18,7 +18,9 @@ labels) instead, and ``--interpolations`` the crop resizes to compare (``area``:
 times, so a change in the machine's load hits both. The dataset's JPEGs carry the writer's restart markers
 (``--restart-mcus``, 0 for none), and ``--region-decode on off`` runs the loader decoding only each crop's region
 (lomar_fast.data.jpeg_region) and decoding whole images, in turn; ``decode_only.region`` times the region decodes
-of the same random crops as ``resize_only``, one thread. Results: ``benchmarks/results/loader_<host>.json``.
+of the same random crops as ``resize_only``, one thread. ``--schedule balanced static`` runs the decode threads
+taking a batch's images from a queue, largest estimated cost first (the loader's default), and FFCV's equal,
+contiguous shares, in turn. Results: ``benchmarks/results/loader_<host>.json``.
 """
 from __future__ import annotations
 
@@ -94,26 +96,31 @@ def build_dataset(cache_dir: Path, num_images: int, seed: int = 0, restart_mcus:
     return beton
 
 
-def time_decode_and_resize(beton: Path, size: int, limit: int = 400,
-                           interpolation: str = "area") -> tuple[dict, dict]:
-    """Single-thread libjpeg-turbo decode of whole images, of the random crops' regions alone, then crop+resize
-    to ``size``."""
-    from ffcv.libffcv import imdecode, resize_crop
+def read_images(beton: Path, limit: int) -> tuple[list, list]:
+    """The first ``limit`` images of ``beton``: their stored bytes and (height, width)."""
     from ffcv.reader import Reader
-
-    from lomar_fast.data.jpeg_region import jpeg_region
-
-    if interpolation == "bicubic":
-        from lomar_fast.data.resample import resize_crop_bicubic as resize_crop
 
     r = Reader(str(beton))
     meta = r.metadata[r.metadata.dtype.names[r.field_names.index("image")]][:limit]
     table = r.alloc_table
     sizes = dict(zip(table["ptr"].tolist(), table["size"].tolist()))
     mm = np.memmap(beton, dtype=np.uint8, mode="r")
-    blobs = [np.array(mm[int(m["data_ptr"]):int(m["data_ptr"]) + sizes[int(m["data_ptr"])]])
-             for m in meta]
-    hw = [(int(m["height"]), int(m["width"])) for m in meta]
+    blobs = [np.array(mm[int(m["data_ptr"]):int(m["data_ptr"]) + sizes[int(m["data_ptr"])]]) for m in meta]
+    return blobs, [(int(m["height"]), int(m["width"])) for m in meta]
+
+
+def time_decode_and_resize(beton: Path, size: int, limit: int = 400,
+                           interpolation: str = "area") -> tuple[dict, dict]:
+    """Single-thread libjpeg-turbo decode of whole images, of the random crops' regions alone, then crop+resize
+    to ``size``."""
+    from ffcv.libffcv import imdecode, resize_crop
+
+    from lomar_fast.data.jpeg_region import jpeg_region
+
+    if interpolation == "bicubic":
+        from lomar_fast.data.resample import resize_crop_bicubic as resize_crop
+
+    blobs, hw = read_images(beton, limit)
     outs = [np.empty((h, w, 3), np.uint8) for h, w in hw]
     for _ in range(2):  # second pass is the timed one
         t0 = time.perf_counter()
@@ -166,13 +173,85 @@ def time_decode_and_resize(beton: Path, size: int, limit: int = 400,
     return decode, resize
 
 
+def schedule_model(beton: Path, size: int, threads: Sequence[int], batch_size: int, limit: int = 512,
+                   interpolation: str = "bicubic", trials: int = 200) -> dict:
+    """How evenly each schedule shares a batch among ``threads`` decode threads, from measured per-image times.
+
+    Each image's decode (its crop's region where the JPEG allows it) and crop resize, with the pretraining
+    loader's draws for epoch 0, is timed alone on one thread (the best of two). Random batches of those times
+    are then replayed through both schedules: ``static``, FFCV's equal, contiguous shares of the batch, and
+    ``balanced``, the queue in :func:`lomar_fast.data.seeded_crop.decode_cost` order, each thread taking the
+    next image when it is free. A schedule's efficiency is the batch's work over ``threads`` times its slowest
+    thread's. A model: what the threads share (memory bandwidth, caches, the serial part of a batch) is left out."""
+    import heapq
+
+    from ffcv.libffcv import imdecode, resize_crop
+
+    from lomar_fast.data import PRETRAIN_SCALE, RATIO
+    from lomar_fast.data.jpeg_region import jpeg_region
+    from lomar_fast.data.seeded_crop import decode_cost, draw_crop
+
+    if interpolation == "bicubic":
+        from lomar_fast.data.resample import resize_crop_bicubic as resize_crop
+
+    blobs, hw = read_images(beton, limit)
+    scale, ratio = np.array(PRETRAIN_SCALE, np.float64), np.array(RATIO, np.float64)
+    stream = np.empty(max(b.size for b in blobs) + 2, np.uint8)
+    pixels = np.empty(max(h * w for h, w in hw) * 3, np.uint8)
+    dst = np.empty((size, size, 3), np.uint8)
+
+    def one(k):
+        (h, w), blob = hw[k], blobs[k]
+        i, j, ch, cw, _ = draw_crop(0, 0, k, h, w, scale, ratio, 0.5)
+        made, y0, x0, rh, rw = jpeg_region(blob, i, i + ch, j, j + cw, stream)
+        if made and imdecode(stream[:made], pixels, rh, rw, rh, rw, 0, 0, 1, 1, False, False) == 0:
+            resize_crop(pixels[:rh * rw * 3].reshape(rh, rw, 3), i - y0, i - y0 + ch, j - x0, j - x0 + cw, dst)
+        else:
+            imdecode(blob, pixels, h, w, h, w, 0, 0, 1, 1, False, False)
+            resize_crop(pixels[:h * w * 3].reshape(h, w, 3), i, i + ch, j, j + cw, dst)
+        return decode_cost(blob.size, True, True, h, w, ch, cw)
+
+    one(0)  # compiles outside the timing
+    times, costs = np.empty(len(blobs)), np.empty(len(blobs))
+    for k in range(len(blobs)):
+        best = np.inf
+        for _ in range(2):
+            t0 = time.perf_counter()
+            costs[k] = one(k)
+            best = min(best, time.perf_counter() - t0)
+        times[k] = best
+    rng = np.random.default_rng(0)
+    batch = min(batch_size, len(blobs))
+    rows = []
+    for n in threads:
+        eff = {"static": [], "balanced": []}
+        for _ in range(trials):
+            pick = rng.choice(len(blobs), batch, replace=False)
+            t = times[pick]
+            eff["static"].append(t.sum() / n / max(c.sum() for c in np.array_split(t, n)))
+            free = [0.0] * n
+            for x in t[np.argsort(-costs[pick], kind="stable")]:
+                heapq.heappush(free, heapq.heappop(free) + x)
+            eff["balanced"].append(t.sum() / n / max(free))
+        st, ba = float(np.mean(eff["static"])), float(np.mean(eff["balanced"]))
+        rows.append({"threads": n, "batch_size": batch, "efficiency_static": round(st, 3),
+                     "efficiency_balanced": round(ba, 3), "speedup": round(ba / st, 3)})
+    ms = times * 1e3
+    return {"images": len(blobs), "size": size, "interpolation": interpolation, "trials": trials,
+            "ms_per_image": {"mean": round(float(ms.mean()), 3), "sd": round(float(ms.std()), 3),
+                             "p10": round(float(np.percentile(ms, 10)), 3),
+                             "p90": round(float(np.percentile(ms, 90)), 3)},
+            "cost_time_correlation": round(float(np.corrcoef(costs, times)[0, 1]), 3), "rows": rows}
+
+
 def run_loader(beton: Path, size: int, workers: int, batch_size: int, epochs: int, pipeline: str = "pretrain",
-               interpolation: str = "area", region: bool = True) -> dict:
+               interpolation: str = "area", region: bool = True, schedule: str = "balanced") -> dict:
     from lomar_fast.data import build_finetune_loader, build_pretrain_loader
-    from lomar_fast.data.seeded_crop import REGION_DECODE_ENV
+    from lomar_fast.data.seeded_crop import DECODE_SCHEDULE_ENV, REGION_DECODE_ENV
 
     build = build_pretrain_loader if pipeline == "pretrain" else build_finetune_loader
-    with mock.patch.dict(os.environ, {REGION_DECODE_ENV: "1" if region else "0"}):  # read as the decoder is made
+    switches = {REGION_DECODE_ENV: "1" if region else "0", DECODE_SCHEDULE_ENV: schedule}
+    with mock.patch.dict(os.environ, switches):  # read as the decoder is made
         loader = build(beton, batch_size=batch_size, input_size=size, num_workers=workers, order="random", seed=0,
                        interpolation=interpolation)
     t0 = time.perf_counter()
@@ -189,7 +268,7 @@ def run_loader(beton: Path, size: int, workers: int, batch_size: int, epochs: in
     med = statistics.median(times)
     decoded = count * (epochs + 1)
     return {"size": size, "workers": workers, "pipeline": pipeline, "interpolation": interpolation,
-            "region_decode": region,
+            "region_decode": region, "schedule": schedule,
             "decoded_by_region": round(loader.seeded_ops[0].region_decodes / max(decoded, 1), 3),
             "batches_per_epoch": len(loader),
             "images_per_epoch": count, "warmup_seconds": round(warmup, 3),
@@ -211,18 +290,20 @@ def render(res: dict) -> str:
     rows = res["results"]
     interps = len({r.get("interpolation", "area") for r in rows}) > 1
     regions = len({r.get("region_decode", False) for r in rows}) > 1
-    if interps or regions:  # the median over the rounds of each (size, workers, interpolation, region decode)
+    schedules = len({r.get("schedule", "static") for r in rows}) > 1
+    if interps or regions or schedules:  # the median over the rounds of each configuration
         groups: dict = {}
         for r in rows:
-            groups.setdefault((r["size"], r["workers"], r["interpolation"], r.get("region_decode", False)),
-                              []).append(r)
-        lines = ["| size | workers | interpolation | region decode | img/s (median of rounds) | img/s per core | "
-                 "rounds |", "|---|---|---|---|---|---|---|"]
-        for (size, workers, interp, region), rs in groups.items():
+            groups.setdefault((r["size"], r["workers"], r["interpolation"], r.get("region_decode", False),
+                               r.get("schedule", "static")), []).append(r)
+        lines = ["| size | workers | interpolation | region decode | schedule | img/s (median of rounds) | "
+                 "img/s per core | rounds |", "|---|---|---|---|---|---|---|---|"]
+        for (size, workers, interp, region, schedule), rs in groups.items():
             ips = statistics.median(r["images_per_sec"] for r in rs)
             each = ", ".join(f"{r['images_per_sec']:.0f}" for r in rs)
             by = f"on ({rs[0]['decoded_by_region']:.0%} of images)" if region else "off"
-            lines.append(f"| {size} | {workers} | {interp} | {by} | {ips:.0f} | {ips / workers:.0f} | {each} |")
+            lines.append(f"| {size} | {workers} | {interp} | {by} | {schedule} | {ips:.0f} | {ips / workers:.0f} | "
+                         f"{each} |")
     else:
         lines = ["| size | workers | img/s | img/s per core |", "|---|---|---|---|"]
         for r in rows:
@@ -238,6 +319,15 @@ def render(res: dict) -> str:
         lines.append(f"the random crops' regions alone (1 thread): {g['images_per_sec']:.0f} img/s, "
                      f"{g['speedup_over_whole']:.2f}x the whole-image decode; {g['fraction_by_region']:.0%} of the "
                      f"images by region, the region {g['mean_region_area_fraction']:.0%} of the image on average")
+    m = res.get("schedule_model")
+    if m:
+        lines.append(f"\nschedule model ({m['images']} images timed alone on one thread, {m['interpolation']} at "
+                     f"{m['size']}: {m['ms_per_image']['mean']:.2f} ms mean, sd {m['ms_per_image']['sd']:.2f}; "
+                     f"estimated cost against time: r = {m['cost_time_correlation']:.2f}), mean of {m['trials']} "
+                     "random batches:\n\n| threads | batch | static efficiency | balanced efficiency | speedup |\n"
+                     "|---|---|---|---|---|")
+        lines += [f"| {r['threads']} | {r['batch_size']} | {r['efficiency_static']:.3f} | "
+                  f"{r['efficiency_balanced']:.3f} | {r['speedup']:.3f}x |" for r in m["rows"]]
     return "\n".join(lines)
 
 
@@ -259,6 +349,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="times each (size, workers) runs every interpolation")
     p.add_argument("--region-decode", nargs="+", choices=["on", "off"], default=["on", "off"],
                    help="decode only each crop's region (on) and/or whole images (off), in turn (default both)")
+    p.add_argument("--schedule", nargs="+", choices=["balanced", "static"], default=["balanced", "static"],
+                   help="how the decode threads share a batch (LOMAR_DECODE_SCHEDULE): a queue, largest estimated "
+                        "cost first (balanced), and/or FFCV's equal shares (static), in turn (default both)")
+    p.add_argument("--schedule-model", type=int, nargs="*", default=None, metavar="THREADS",
+                   help="also model how evenly each schedule shares a batch among these thread counts (default 2 8 "
+                        "16 32), from per-image times measured on one thread")
     p.add_argument("--restart-mcus", type=int, default=RESTART_MCUS,
                    help=f"the built dataset's restart markers (default {RESTART_MCUS}, the writer's; 0: none)")
     p.add_argument("--quick", action="store_true", help="tiny run (64 images, 224, 1 worker, 1 epoch)")
@@ -274,17 +370,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     limit = 64 if a.quick else 400
     timed = [time_decode_and_resize(beton, size, limit, interp) for size in a.sizes for interp in a.interpolations]
     decode, resize = timed[0][0], [r for _, r in timed]
+    model = None
+    if a.schedule_model is not None:
+        model = schedule_model(beton, a.sizes[0], a.schedule_model or [2, 8, 16, 32], a.batch_size,
+                               limit=a.num_images, interpolation=a.interpolations[-1], trials=20 if a.quick else 200)
     results = []
     for size in a.sizes:
         for w in a.workers:
             for _ in range(a.rounds):
                 for interp in a.interpolations:
                     for region in a.region_decode:
-                        r = run_loader(beton, size, w, a.batch_size, a.epochs, a.pipeline, interp, region == "on")
-                        results.append(r)
-                        print(f"size {size} workers {w} {interp} region decode {region}: "
-                              f"{r['images_per_sec']:.0f} img/s ({r['images_per_sec_per_core']:.0f}/core)",
-                              file=sys.stderr)
+                        for schedule in a.schedule:
+                            r = run_loader(beton, size, w, a.batch_size, a.epochs, a.pipeline, interp,
+                                           region == "on", schedule)
+                            results.append(r)
+                            print(f"size {size} workers {w} {interp} region decode {region} {schedule}: "
+                                  f"{r['images_per_sec']:.0f} img/s ({r['images_per_sec_per_core']:.0f}/core)",
+                                  file=sys.stderr)
     from lomar_fast.data import dataset_info
 
     info = dataset_info(beton)
@@ -296,7 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "load_average_after": os.getloadavg()},
         "versions": versions(),
         "config": {"quick": a.quick, "pipeline": pipeline_description(a.pipeline),
-                   "interpolations": a.interpolations, "region_decode": a.region_decode, "rounds": a.rounds,
+                   "interpolations": a.interpolations, "region_decode": a.region_decode, "schedule": a.schedule,
+                   "rounds": a.rounds,
                    "batch_size": a.batch_size,
                    "epochs": a.epochs, "warmup_epochs": 1, "sizes": a.sizes, "workers": a.workers,
                    "order": "random", "os_cache": True},
@@ -306,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": results,
         "decode_only": decode,
         "resize_only": resize,
+        **({"schedule_model": model} if model else {}),
         "target_images_per_sec_per_core_224": TARGET_PER_CORE_224,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -448,6 +448,12 @@ def test_seeded_crops_replay_an_epoch_whatever_the_workers(tiny):
     epochs = [pixels(continued), pixels(continued)]  # epochs 1 and 2
     resumed = loader(1, workers=1)
     assert (epochs[0] == pixels(resumed)).all() and (epochs[1] == pixels(resumed)).all()
+    # FFCV's static shares of each batch instead of the queue: the same pixels
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOMAR_DECODE_SCHEDULE", "static")
+        static = loader(1, workers=2)
+    assert static.seeded_ops[0].schedule == "static" and continued.seeded_ops[0].schedule == "balanced"
+    assert (epochs[0] == pixels(static)).all()
     # an epoch left with `break` (no stop_epoch): the next iteration stops its thread first, and replays as well
     set_epoch(continued, 1)
     abandoned = iter(continued)
@@ -467,6 +473,54 @@ def test_seeded_crops_replay_an_epoch_whatever_the_workers(tiny):
     by_index = [{int(i): x for i, x in zip(epoch_order(continued, e), ep)} for e, ep in ((1, epochs[0]),
                                                                                           (2, epochs[1]))]
     assert all(not torch_equal(by_index[0][i], by_index[1][i]) for i in by_index[0])
+
+
+def test_the_decode_queue_hands_each_image_to_one_thread_largest_cost_first(monkeypatch):
+    """The balanced schedule's parts. claim() from every numba thread at once (a prange of one loop per thread, as
+    the decoders run it) hands each queue position to exactly one caller, and counts every call; FFCV's
+    pure-Python mode gets a plain counter. The order is the largest estimated cost first, ties in batch order
+    (batch order for the static schedule); the estimate counts a region-decoded crop's share of the JPEG's bytes
+    plus its pixels for the resize. A bad schedule name is one error naming the variable."""
+    import numba
+    from ffcv.pipeline.compiler import Compiler
+
+    from lomar_fast.data.seeded_crop import (RESIZE_WEIGHT, SeededRandomResizedCrop, claim_function, decode_cost,
+                                             decode_order)
+
+    claim = claim_function()
+
+    @numba.njit(parallel=True)
+    def take(n, queue, taken):
+        for _ in numba.prange(numba.get_num_threads()):
+            k = claim(queue)
+            while k < n:
+                taken[k] += 1
+                for _w in range(50):  # some work between claims, as a decode does
+                    taken[k] = taken[k] * 1
+                k = claim(queue)
+
+    n = 200_000
+    queue, taken = np.zeros(1, np.int64), np.zeros(n, np.int64)
+    take(n, queue, taken)
+    assert (taken == 1).all() and queue[0] == n + numba.get_num_threads()  # every thread's last claim: past n
+    Compiler.set_enabled(False)
+    try:
+        plain = claim_function()
+    finally:
+        Compiler.set_enabled(True)
+    q = np.zeros(1, np.int64)
+    assert plain is not claim and [plain(q) for _ in range(3)] == [0, 1, 2] and q[0] == 3
+
+    cost = np.array([1.0, 5.0, 0.5, 5.0, 3.0])
+    assert decode_order(cost, True).tolist() == [1, 3, 4, 0, 2]
+    assert decode_order(cost, False).tolist() == [0, 1, 2, 3, 4]
+    whole = decode_cost(40_000, True, False, 300, 400, 150, 200)
+    assert whole == pytest.approx(40_000 + RESIZE_WEIGHT * 30_000)
+    assert decode_cost(40_000, True, True, 300, 400, 150, 200) == pytest.approx(10_000 + RESIZE_WEIGHT * 30_000)
+    assert decode_cost(360_000, False, True, 300, 400, 150, 200) == pytest.approx(RESIZE_WEIGHT * 30_000)
+    monkeypatch.setenv("LOMAR_DECODE_SCHEDULE", "dynamic")
+    with pytest.raises(ValueError, match="LOMAR_DECODE_SCHEDULE='dynamic' must be one of balanced, static"):
+        SeededRandomResizedCrop((32, 32))
 
 
 def torch_cat(xs):
@@ -620,13 +674,20 @@ def test_loader_benchmark_quick(tmp_path):
     from benchmarks import loader as bench
 
     res_path = tmp_path / "loader_quick.json"
-    assert bench.main(["--quick", "--cache-dir", str(tmp_path / "cache"), "--out", str(res_path)]) == 0
+    assert bench.main(["--quick", "--cache-dir", str(tmp_path / "cache"), "--out", str(res_path), "--region-decode",
+                       "on", "--schedule", "balanced", "static", "--schedule-model", "2", "4"]) == 0
     res = json.loads(res_path.read_text())
     assert res["config"]["quick"] is True and res["cpu"]["cores"] >= 1
+    assert [(r["region_decode"], r["schedule"]) for r in res["results"]] == [(True, "balanced"), (True, "static")]
     run = res["results"][0]
     assert run["images_per_epoch"] == run["batches_per_epoch"] * res["config"]["batch_size"] > 0
     assert len(run["epoch_seconds"]) == res["config"]["epochs"]
     assert run["images_per_sec"] > 0 and res["decode_only"]["images_per_sec"] > 0
+    model = res["schedule_model"]
+    assert model["images"] == 64 and [r["threads"] for r in model["rows"]] == [2, 4]
+    for r in model["rows"]:  # the queue in cost order never does worse than the equal shares on these batches
+        assert 0 < r["efficiency_static"] <= r["efficiency_balanced"] + 1e-9 <= 1 + 1e-9
+    assert "| 4 | 16 |" in res["table"] and "balanced" in res["table"]
 
 
 def test_numba_dict_helpers_are_cached_and_a_read_only_machine_is_not_fatal(monkeypatch):
