@@ -160,16 +160,20 @@ def claim_function():
     return _claim_compiled if Compiler.is_enabled else _claim_python
 
 
+@njit(nogil=True)
+def _take_compiled(queue, otherwise, balanced):
+    return _claim_compiled(queue) if balanced else np.int64(otherwise)
+
+
+def _take_python(queue, otherwise, balanced):
+    return _claim_python(queue) if balanced else np.int64(otherwise)
+
+
 def take_function():
     """``take(queue, otherwise, balanced)``: ``claim(queue)`` where ``balanced``, else ``otherwise`` (a decode
     loop's own index, then the batch's end). A call, so that numba does not take the static loop's next position
     for its index."""
-    claim = claim_function()
-
-    def take(queue, otherwise, balanced):
-        return claim(queue) if balanced else np.int64(otherwise)
-
-    return njit(nogil=True)(take) if Compiler.is_enabled else take
+    return _take_compiled if Compiler.is_enabled else _take_python
 
 
 # the resize's time per crop pixel against the decode's per JPEG byte (about 3 ns against 20 ns on one core, for
@@ -463,7 +467,8 @@ class CenterCrop(ThreadScratch, CenterCropRGBImageDecoder):
             for slot in my_range(loops):  # as in SeededRandomResizedCrop
                 k = take_c(queue, slot, balanced)
                 while k < n:
-                    image_data, height, width, jpeg = read_c(metadata, batch_indices, order[k], storage_state)
+                    dst_ix = order[k]
+                    image_data, height, width, jpeg = read_c(metadata, batch_indices, dst_ix, storage_state)
                     if jpeg:
                         buf = scratch[get_thread_id()]
                         imdecode_c(image_data, buf, height, width, height, width, 0, 0, 1, 1, False, False)
@@ -472,10 +477,10 @@ class CenterCrop(ThreadScratch, CenterCropRGBImageDecoder):
                         buf = image_data.reshape(height, width, 3)
                     if bicubic:
                         top, bottom, left, right, passes = box_c(np.int64(height), np.int64(width), size, ratio)
-                        resize_bicubic(buf, top, bottom, left, right, destination[order[k]], passes)
+                        resize_bicubic(buf, top, bottom, left, right, destination[dst_ix], passes)
                     else:  # FFCV's center crop of side int(ratio * min(H, W)), INTER_AREA
                         i, j, h, w = center_c(height, width, 0.0, ratio)
-                        resize_crop_c(buf, i, i + h, j, j + w, destination[order[k]])
+                        resize_crop_c(buf, i, i + h, j, j + w, destination[dst_ix])
                     k = take_c(queue, n, balanced)
             return destination[:n]
 
