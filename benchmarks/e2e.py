@@ -14,7 +14,7 @@ data                  ``data_prep.make_synthetic`` (labelled photo-like JPEGs) t
 pretrain              ``deepspeed --num_gpus 1 lomar_fast/pretrain.py`` for a fixed number of steps; images/sec
                       per epoch and in the steady state (from log.jsonl), then ``lomar_fast.export``
 throughput            ``benchmarks.throughput``: the same model and DeepSpeed config on synthetic device batches
-loader                ``benchmarks.loader``: the pretraining pipeline alone at the same workers, size and batch
+loader                ``benchmarks.loader``: the pretraining pipeline alone at the same workers, size, batch and device
 resume                the pretraining command again, SIGKILLed (the whole process group) in the middle of
                       epoch 1, then ``--resume auto``: the replayed steps' losses must equal the killed run's,
                       and the per-epoch losses the uninterrupted run's
@@ -655,8 +655,10 @@ def stage_throughput(st: Stage) -> None:
 def stage_loader(st: Stage) -> None:
     run, p = st.run, st.run.plan
     out = run.out / "e2e" / "loader_benchmark.json"
+    # to the device the pretraining run feeds (on a GPU: the pinned buffers and the copy), the loaders' defaults
     st.cmd("loader", python_m(run, "benchmarks.loader", "--data", run.ctx["train"], "--sizes", p.input_size,
-                              "--workers", p.workers, "--batch-size", p.batch_size, "--epochs", 1, "--out", out))
+                              "--workers", p.workers, "--batch-size", p.batch_size, "--epochs", 1,
+                              "--device", "cuda" if p.mode == "gpu" else "cpu", "--out", out))
     doc = json.loads(out.read_text())
     # the loader's defaults (each crop's region, the balanced schedule) first, then each changed alone
     r = doc["results"][0]

@@ -13,18 +13,22 @@ runs one warm-up epoch (it includes Numba compilation), then ``--epochs`` timed 
 the reported rate is the median epoch. ``decode_only`` times libjpeg-turbo full-image
 decodes (FFCV's own decoder, one thread) and ``resize_only`` the crop+resize of decoded
 images, to show where the time goes. ``--pipeline finetune`` times the fine-tuning loader (scale 0.08..1, with
-labels) instead, and ``--interpolations`` the crop resizes to compare (``area``: FFCV's INTER_AREA, the default;
-``bicubic``: PIL's, lomar_fast.data.resample); every (size, workers) runs each interpolation in turn, ``--rounds``
+labels) instead, and ``--interpolations`` the crop resizes to compare (``bicubic``: PIL's, lomar_fast.data.resample,
+the loaders' default and this benchmark's; ``area``: FFCV's INTER_AREA); every (size, workers) runs each interpolation in turn, ``--rounds``
 times, so a change in the machine's load hits both. The dataset's JPEGs carry the writer's restart markers
 (``--restart-mcus``, 0 for none), and ``--region-decode on off`` runs the loader decoding only each crop's region
 (lomar_fast.data.jpeg_region) and decoding whole images, in turn; ``decode_only.region`` times the region decodes
 of the same random crops as ``resize_only``, one thread. ``--schedule balanced static`` runs the decode threads
 taking a batch's images from a queue, largest estimated cost first (the loader's default), and FFCV's equal,
-contiguous shares, in turn. Results: ``benchmarks/results/loader_<host>.json``.
+contiguous shares, in turn. ``--device`` is where the batches go (``cuda`` on a GPU host: FFCV's pinned buffers
+and the copy to the GPU, as in training); on the CPU the batch is the decoder's own buffer, and ``--cpu-copy on
+off`` also times it with FFCV's ``ToDevice`` copy to the CPU at the end, the pipeline before 2026-11-28, in turn.
+Results: ``benchmarks/results/loader_<host>.json``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -244,16 +248,26 @@ def schedule_model(beton: Path, size: int, threads: Sequence[int], batch_size: i
             "cost_time_correlation": round(float(np.corrcoef(costs, times)[0, 1]), 3), "rows": rows}
 
 
+def _with_cpu_copy(device):
+    """The pipelines' last step as it was before 2026-11-28: FFCV's ToDevice copy, to the CPU too."""
+    import torch
+    from ffcv.transforms import ToDevice
+
+    return [ToDevice(torch.device(device), non_blocking=False)]
+
+
 def run_loader(beton: Path, size: int, workers: int, batch_size: int, epochs: int, pipeline: str = "pretrain",
-               interpolation: str = "area", region: bool = True, schedule: str = "balanced") -> dict:
-    from lomar_fast.data import build_finetune_loader, build_pretrain_loader
+               interpolation: str = "bicubic", region: bool = True, schedule: str = "balanced",
+               device: str = "cpu", cpu_copy: bool = False) -> dict:
+    from lomar_fast.data import build_finetune_loader, build_pretrain_loader, loaders
     from lomar_fast.data.seeded_crop import DECODE_SCHEDULE_ENV, REGION_DECODE_ENV
 
     build = build_pretrain_loader if pipeline == "pretrain" else build_finetune_loader
     switches = {REGION_DECODE_ENV: "1" if region else "0", DECODE_SCHEDULE_ENV: schedule}
-    with mock.patch.dict(os.environ, switches):  # read as the decoder is made
+    copy = mock.patch.object(loaders, "_to_device", _with_cpu_copy) if cpu_copy else contextlib.nullcontext()
+    with mock.patch.dict(os.environ, switches), copy:  # read as the decoder and the pipelines are made
         loader = build(beton, batch_size=batch_size, input_size=size, num_workers=workers, order="random", seed=0,
-                       interpolation=interpolation)
+                       interpolation=interpolation, device=device)
     t0 = time.perf_counter()
     for _ in loader:
         pass
@@ -268,7 +282,7 @@ def run_loader(beton: Path, size: int, workers: int, batch_size: int, epochs: in
     med = statistics.median(times)
     decoded = count * (epochs + 1)
     return {"size": size, "workers": workers, "pipeline": pipeline, "interpolation": interpolation,
-            "region_decode": region, "schedule": schedule,
+            "region_decode": region, "schedule": schedule, "device": device, "cpu_copy": cpu_copy,
             "decoded_by_region": round(loader.seeded_ops[0].region_decodes / max(decoded, 1), 3),
             "batches_per_epoch": len(loader),
             "images_per_epoch": count, "warmup_seconds": round(warmup, 3),
@@ -277,13 +291,13 @@ def run_loader(beton: Path, size: int, workers: int, batch_size: int, epochs: in
             "images_per_sec_per_core": round(count / med / workers, 1)}
 
 
-def pipeline_description(pipeline: str = "pretrain") -> str:
+def pipeline_description(pipeline: str = "pretrain", device: str = "cpu") -> str:
     from lomar_fast.data import FINETUNE_SCALE, PRETRAIN_SCALE, RATIO, finetune_pipelines, pretrain_pipelines
 
     pipes, scale = (pretrain_pipelines, PRETRAIN_SCALE) if pipeline == "pretrain" else (finetune_pipelines,
                                                                                          FINETUNE_SCALE)
-    ops = " -> ".join(type(op).__name__ for op in pipes(224)["image"])
-    return f"{pipeline}: {ops} (scale {scale}, ratio {RATIO[0]:.3f}-{RATIO[1]:.3f}, device cpu)"
+    ops = " -> ".join(type(op).__name__ for op in pipes(224, device)["image"])
+    return f"{pipeline}: {ops} (scale {scale}, ratio {RATIO[0]:.3f}-{RATIO[1]:.3f}, device {device})"
 
 
 def render(res: dict) -> str:
@@ -291,19 +305,20 @@ def render(res: dict) -> str:
     interps = len({r.get("interpolation", "area") for r in rows}) > 1
     regions = len({r.get("region_decode", False) for r in rows}) > 1
     schedules = len({r.get("schedule", "static") for r in rows}) > 1
-    if interps or regions or schedules:  # the median over the rounds of each configuration
+    copies = len({r.get("cpu_copy", True) for r in rows}) > 1
+    if interps or regions or schedules or copies:  # the median over the rounds of each configuration
         groups: dict = {}
         for r in rows:
             groups.setdefault((r["size"], r["workers"], r["interpolation"], r.get("region_decode", False),
-                               r.get("schedule", "static")), []).append(r)
-        lines = ["| size | workers | interpolation | region decode | schedule | img/s (median of rounds) | "
-                 "img/s per core | rounds |", "|---|---|---|---|---|---|---|---|"]
-        for (size, workers, interp, region, schedule), rs in groups.items():
+                               r.get("schedule", "static"), r.get("cpu_copy", True)), []).append(r)
+        lines = ["| size | workers | interpolation | region decode | schedule | copy to the CPU | "
+                 "img/s (median of rounds) | img/s per core | rounds |", "|---|---|---|---|---|---|---|---|---|"]
+        for (size, workers, interp, region, schedule, copy), rs in groups.items():
             ips = statistics.median(r["images_per_sec"] for r in rs)
             each = ", ".join(f"{r['images_per_sec']:.0f}" for r in rs)
             by = f"on ({rs[0]['decoded_by_region']:.0%} of images)" if region else "off"
-            lines.append(f"| {size} | {workers} | {interp} | {by} | {schedule} | {ips:.0f} | {ips / workers:.0f} | "
-                         f"{each} |")
+            lines.append(f"| {size} | {workers} | {interp} | {by} | {schedule} | {'on' if copy else 'off'} | "
+                         f"{ips:.0f} | {ips / workers:.0f} | {each} |")
     else:
         lines = ["| size | workers | img/s | img/s per core |", "|---|---|---|---|"]
         for r in rows:
@@ -333,6 +348,7 @@ def render(res: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from data_prep.write_beton import RESTART_MCUS, usable_cores
+    from lomar_fast.images import DEFAULT_INTERPOLATION
 
     cores = usable_cores()
     p = argparse.ArgumentParser(prog="python -m benchmarks.loader", description=__doc__.split("\n")[0])
@@ -345,7 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=5, help="timed epochs after one warm-up epoch")
     p.add_argument("--pipeline", choices=["pretrain", "finetune"], default="pretrain")
-    p.add_argument("--interpolations", nargs="+", choices=["area", "bicubic"], default=["area"])
+    p.add_argument("--interpolations", nargs="+", choices=["area", "bicubic"], default=[DEFAULT_INTERPOLATION],
+                   help=f"the crop resizes to time, in turn (default {DEFAULT_INTERPOLATION}, the loaders')")
     p.add_argument("--rounds", type=int, default=1, help="times each (size, workers) runs every interpolation")
     p.add_argument("--region-decode", nargs="+", choices=["on", "off"], default=["on", "off"],
                    help="decode only each crop's region (on) and/or whole images (off), in turn (default both)")
@@ -355,11 +372,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--schedule-model", type=int, nargs="*", default=None, metavar="THREADS",
                    help="also model how evenly each schedule shares a batch among these thread counts (default 2 8 "
                         "16 32), from per-image times measured on one thread")
+    p.add_argument("--device", default="cpu", help="where the batches go: cpu (default) or cuda, as in training")
+    p.add_argument("--cpu-copy", nargs="+", choices=["on", "off"], default=["off"],
+                   help="on the CPU, also time the pipeline with FFCV's ToDevice copy at its end (on), the "
+                        "pipeline before 2026-11-28, in turn with the loaders' (off, the default alone)")
     p.add_argument("--restart-mcus", type=int, default=RESTART_MCUS,
                    help=f"the built dataset's restart markers (default {RESTART_MCUS}, the writer's; 0: none)")
     p.add_argument("--quick", action="store_true", help="tiny run (64 images, 224, 1 worker, 1 epoch)")
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/loader_<host>.json)")
     a = p.parse_args(argv)
+    if "on" in a.cpu_copy and a.device != "cpu":
+        p.error(f"--cpu-copy on times a copy to the CPU; it needs --device cpu, not {a.device!r}")
     if a.quick:
         a.num_images, a.sizes, a.workers, a.epochs, a.batch_size = 64, [224], [1], 1, 16
     cache = Path(a.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
@@ -381,12 +404,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for interp in a.interpolations:
                     for region in a.region_decode:
                         for schedule in a.schedule:
-                            r = run_loader(beton, size, w, a.batch_size, a.epochs, a.pipeline, interp,
-                                           region == "on", schedule)
-                            results.append(r)
-                            print(f"size {size} workers {w} {interp} region decode {region} {schedule}: "
-                                  f"{r['images_per_sec']:.0f} img/s ({r['images_per_sec_per_core']:.0f}/core)",
-                                  file=sys.stderr)
+                            for copy in a.cpu_copy:
+                                r = run_loader(beton, size, w, a.batch_size, a.epochs, a.pipeline, interp,
+                                               region == "on", schedule, a.device, copy == "on")
+                                results.append(r)
+                                print(f"size {size} workers {w} {interp} region decode {region} {schedule} "
+                                      f"{a.device}{' with the CPU copy' if copy == 'on' else ''}: "
+                                      f"{r['images_per_sec']:.0f} img/s ({r['images_per_sec_per_core']:.0f}/core)",
+                                      file=sys.stderr)
     from lomar_fast.data import dataset_info
 
     info = dataset_info(beton)
@@ -397,8 +422,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpu": {"model": cpu_model(), "cores": cores, "load_average_before": load_before,
                 "load_average_after": os.getloadavg()},
         "versions": versions(),
-        "config": {"quick": a.quick, "pipeline": pipeline_description(a.pipeline),
+        "config": {"quick": a.quick, "pipeline": pipeline_description(a.pipeline, a.device),
                    "interpolations": a.interpolations, "region_decode": a.region_decode, "schedule": a.schedule,
+                   "device": a.device, "cpu_copy": a.cpu_copy,
                    "rounds": a.rounds,
                    "batch_size": a.batch_size,
                    "epochs": a.epochs, "warmup_epochs": 1, "sizes": a.sizes, "workers": a.workers,

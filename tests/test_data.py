@@ -721,5 +721,29 @@ def test_batches_reach_a_gpu_through_copies_that_finish_in_the_loader_thread():
     for device in ("cuda", "cuda:1", "cpu"):
         built = [pretrain_pipelines(32, device), finetune_pipelines(32, device), val_pipelines(32, device)]
         copies = [op for pipes in built for ops in pipes.values() if ops for op in ops if isinstance(op, ToDevice)]
-        assert len(copies) == 5  # the three image pipelines and two label pipelines end on the device
+        # the three image pipelines and two label pipelines end on a GPU; on the CPU without a copy
+        assert len(copies) == (0 if device == "cpu" else 5)
         assert all(op.device == torch.device(device) and op.non_blocking is False for op in copies)
+
+
+def test_a_cpu_batch_is_the_decoders_buffer_and_holds_until_the_next_is_taken(tiny):
+    """On the CPU a batch is the decoder's output buffer itself (no copy at the end of the pipeline). FFCV's ring
+    of batches_ahead + 2 buffers per stage keeps the batch a consumer holds intact while the loader decodes as far
+    ahead as its queue allows; the buffer is reused only after the next batch is taken."""
+    import time
+
+    import torch
+
+    _, out = tiny
+    loader = build_pretrain_loader(out / "train.beton", batch_size=2, input_size=32, num_workers=1,
+                                   order="sequential", batches_ahead=1)  # a ring of 3 buffers, 12 batches
+    held, kept = [], []
+    for x in loader:
+        copy = x.clone()
+        time.sleep(0.05)  # the loader thread fills its queue and decodes the batch after it meanwhile
+        assert torch.equal(x, copy)
+        held.append(x)
+        kept.append(copy)
+    assert len(held) == 12
+    assert len({x.data_ptr() for x in held}) == 3  # the ring's buffers, not a copy per batch
+    assert any(not torch.equal(x, c) for x, c in zip(held, kept))  # and reused: held too long, a batch changes

@@ -100,14 +100,16 @@ def _pass(src, r0, c0, first, count, weights, out):
     sums as PIL's loop over pixels, added in another order. ``src`` and ``out`` are C-contiguous."""
     n = out.shape[1] * 3
     acc = np.empty(n, np.int32)
+    rows = src.reshape(src.shape[0], src.shape[1] * 3)  # once: a reshape in the loop is a call per row
+    lines = out.reshape(out.shape[0], n)
     for o in range(out.shape[0]):
         acc[:] = 1 << (PRECISION_BITS - 1)
         for t in range(count[o]):
             k = weights[o, t]
-            row = src[r0 + first[o] + t].reshape(-1)[3 * c0:3 * c0 + n]
+            row = rows[r0 + first[o] + t, 3 * c0:3 * c0 + n]
             for q in range(n):
                 acc[q] += np.int32(row[q]) * k
-        line = out[o].reshape(-1)
+        line = lines[o]
         for q in range(n):
             line[q] = _clip8(acc[q])
 
