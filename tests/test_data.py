@@ -683,6 +683,9 @@ def test_loader_benchmark_quick(tmp_path):
     assert run["images_per_epoch"] == run["batches_per_epoch"] * res["config"]["batch_size"] > 0
     assert len(run["epoch_seconds"]) == res["config"]["epochs"]
     assert run["images_per_sec"] > 0 and res["decode_only"]["images_per_sec"] > 0
+    assert res["config"]["interpolations"] == ["bicubic"] and res["config"]["device"] == "cpu"  # the loaders'
+    assert res["resize_only"][0]["pil"]["images_per_sec"] > 0  # PIL on the same crops, the same pixels
+    assert "PIL's crop and resize" in res["table"]
     model = res["schedule_model"]
     assert model["images"] == 64 and [r["threads"] for r in model["rows"]] == [2, 4]
     for r in model["rows"]:  # the queue in cost order never does worse than the equal shares on these batches

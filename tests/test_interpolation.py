@@ -87,6 +87,25 @@ def test_resampler_equals_pil_on_random_noise():
     assert cases == 120
 
 
+def test_the_passes_transpose_moves_each_pixel_once_whole():
+    """The transpose between the passes (four source rows at a time as 32-bit words, the last column and the
+    leftover rows byte by byte) against NumPy's, for boxes of any offset and size, one pixel and one row included;
+    the bytes around the output are not touched."""
+    from lomar_fast.data.resample import _transpose
+
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        h, w = (int(v) for v in rng.integers(1, 40, size=2))
+        src = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        r0, c0 = int(rng.integers(0, h)), int(rng.integers(0, w))
+        rows, cols = int(rng.integers(1, h - r0 + 1)), int(rng.integers(1, w - c0 + 1))
+        guard = np.full(cols * rows * 3 + 8, 7, np.uint8)
+        out = guard[4:4 + cols * rows * 3].reshape(cols, rows, 3)
+        _transpose(src, r0, c0, out)
+        np.testing.assert_array_equal(out, src[r0:r0 + rows, c0:c0 + cols].transpose(1, 0, 2))
+        assert (guard[:4] == 7).all() and (guard[-4:] == 7).all()
+
+
 def test_resampler_equals_pil_on_photos(photos):
     """RandomResizedCrop-like boxes of photos to 224 and 160 (the demo), the whole image, thin crops, and
     enlargements; odd output sizes too."""
@@ -444,3 +463,22 @@ def test_entry_points_pass_the_flag_to_the_loaders(betons, tmp_path, monkeypatch
             knn.main(["--checkpoint", beton, "--train", beton, "--val", beton, "--interpolation", interp,
                       "--device", "cpu"])
         assert seen == [("pretrain", interp), ("val", interp), ("finetune", interp), ("knn", interp)]
+
+
+def test_resample_benchmark_times_the_tree_against_pil_and_a_revision(tmp_path):
+    """benchmarks.resample: every implementation gives this tree's pixels, and each gets its time per crop and its
+    ratio to this tree's (a revision from git where the tree is a checkout)."""
+    import json
+    from pathlib import Path
+
+    from benchmarks import resample as bench
+
+    root = Path(bench.__file__).resolve().parent.parent
+    against = ["HEAD"] if (root / ".git").exists() else []
+    out = tmp_path / "resample.json"
+    assert bench.main(["--crops", "6", "--rounds", "2", "--size", "64", "--out", str(out), "--against", *against]) == 0
+    res = json.loads(out.read_text())
+    names = [r["implementation"] for r in res["results"]]
+    assert names == ["this tree", *against, "PIL"]
+    assert res["results"][0]["time_over_this_tree"] == 1.0
+    assert all(r["us_per_crop"] > 0 and len(r["rounds_us"]) == 2 for r in res["results"])

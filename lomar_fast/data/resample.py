@@ -29,7 +29,9 @@ pass therefore works on a transposed copy of the pixels it reads.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 PRECISION_BITS = 22  # fractional bits of the fixed-point weights (PIL: 32 - 8 - 2)
 SUPPORT = 2.0  # the bicubic kernel's half-width, in output pixels
@@ -114,44 +116,78 @@ def _pass(src, r0, c0, first, count, weights, out):
             line[q] = _clip8(acc[q])
 
 
+@intrinsic
+def _load_u32(typingctx, array, index):
+    """The 4 bytes of a uint8 array from ``index`` on, as one little-endian word (unaligned load), in a uint64."""
+    if not (isinstance(array, types.Array) and array.dtype == types.uint8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        word = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(32).as_pointer())
+        return builder.zext(builder.load(word, align=1), ir.IntType(64))
+
+    return types.uint64(array, types.intp), codegen
+
+
+@intrinsic
+def _store_u32(typingctx, array, index, value):
+    """Writes the low 4 bytes of ``value`` (uint64) into a uint8 array from ``index`` on (unaligned store)."""
+    if not (isinstance(array, types.Array) and array.dtype == types.uint8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        word = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(32).as_pointer())
+        builder.store(builder.trunc(args[2], ir.IntType(32)), word, align=1)
+        return context.get_dummy_value()
+
+    return types.void(array, types.intp, types.uint64), codegen
+
+
+_LOW3 = np.uint64(0xFFFFFF)
+_LOW2 = np.uint64(0xFFFF)
+_LOW1 = np.uint64(0xFF)
+
+
 @njit(nogil=True, cache=True)
 def _transpose(src, r0, c0, out):
     """``out[c, r] = src[r0 + r, c0 + c]`` (pixels of 3 bytes) for ``out`` of shape (cols, rows, 3); both arrays
-    C-contiguous. Four source rows at a time, so each output row gets 12 contiguous bytes per visit."""
+    C-contiguous. Four source rows at a time: each output row gets the 12 bytes of 4 pixels as three 32-bit
+    stores, made of one 32-bit load per pixel (its 3 bytes and the next pixel's first, inside the row for every
+    column but the last, which is copied byte by byte)."""
     cols, rows = out.shape[0], out.shape[1]
-    s2 = src.reshape(src.shape[0], src.shape[1] * 3)
-    o2 = out.reshape(cols, rows * 3)
+    width = src.shape[1] * 3
+    s1 = src.reshape(-1)
+    o1 = out.reshape(-1)
+    stride = rows * 3
     r = 0
     while r + 4 <= rows:
-        a = s2[r0 + r]
-        b = s2[r0 + r + 1]
-        c = s2[r0 + r + 2]
-        d = s2[r0 + r + 3]
-        q = 3 * r
-        for x in range(cols):
-            p = 3 * (c0 + x)
-            line = o2[x]
-            line[q] = a[p]
-            line[q + 1] = a[p + 1]
-            line[q + 2] = a[p + 2]
-            line[q + 3] = b[p]
-            line[q + 4] = b[p + 1]
-            line[q + 5] = b[p + 2]
-            line[q + 6] = c[p]
-            line[q + 7] = c[p + 1]
-            line[q + 8] = c[p + 2]
-            line[q + 9] = d[p]
-            line[q + 10] = d[p + 1]
-            line[q + 11] = d[p + 2]
+        p = (r0 + r) * width + 3 * c0
+        o = 3 * r
+        for _ in range(cols - 1):
+            a = _load_u32(s1, p)
+            b = _load_u32(s1, p + width)
+            c = _load_u32(s1, p + 2 * width)
+            d = _load_u32(s1, p + 3 * width)
+            _store_u32(o1, o, (a & _LOW3) | (b << np.uint64(24)))
+            _store_u32(o1, o + 4, ((b >> np.uint64(8)) & _LOW2) | (c << np.uint64(16)))
+            _store_u32(o1, o + 8, ((c >> np.uint64(16)) & _LOW1) | (d << np.uint64(8)))
+            p += 3
+            o += stride
+        for k in range(4):  # the last column
+            for ch in range(3):
+                o1[o + 3 * k + ch] = s1[p + k * width + ch]
         r += 4
     while r < rows:
-        a = s2[r0 + r]
-        q = 3 * r
-        for x in range(cols):
-            p = 3 * (c0 + x)
-            o2[x, q] = a[p]
-            o2[x, q + 1] = a[p + 1]
-            o2[x, q + 2] = a[p + 2]
+        p = (r0 + r) * width + 3 * c0
+        o = 3 * r
+        for _ in range(cols):
+            o1[o] = s1[p]
+            o1[o + 1] = s1[p + 1]
+            o1[o + 2] = s1[p + 2]
+            p += 3
+            o += stride
         r += 1
 
 
