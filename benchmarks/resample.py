@@ -11,7 +11,10 @@ resized to ``--size`` on one thread by ``resize_crop_bicubic`` and by PIL's ``cr
 ``git show``, compiled beside this tree's; asserted equal too). Every implementation runs once per round, in an
 order that alternates between rounds, so a change in the machine's load hits all of them; the result is the
 median over ``--rounds`` of the microseconds per crop, and each one's ratio to this tree's (median of the
-per-round ratios).
+per-round ratios). ``--flip`` mirrors every crop left to right, as the training crops' flip does: this tree's
+resize mirrors as it resizes (``flip=True``); the revisions, and a row of this tree's resize without it, resize
+then run the decoders' separate flip pass (``_flip_rows``, what the decoders did before 2026-11-28); PIL
+transposes after resizing.
 """
 from __future__ import annotations
 
@@ -67,30 +70,46 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from benchmarks.loader import cpu_model
     from lomar_fast.data import resample
+    from lomar_fast.data.seeded_crop import _flip_rows
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.resample", description=__doc__.split("\n")[0])
     p.add_argument("--against", nargs="*", default=[], metavar="REV", help="git revisions to time beside this tree")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--crops", type=int, default=200)
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--flip", action="store_true", help="mirror every crop left to right (see above)")
     p.add_argument("--out", default=None, help="result JSON (default: print only)")
     a = p.parse_args(argv)
     crops = random_crops(a.crops)
     dst = np.empty((a.size, a.size, 3), np.uint8)
     with tempfile.TemporaryDirectory() as tmp:
-        impls = {"this tree": resample.resize_crop_bicubic}
+        def then_flip(resize):
+            def resize_then_flip(*crop):
+                resize(*crop)
+                _flip_rows(crop[-1])
+
+            return resize_then_flip
+
+        def mirrored(img, top, bottom, left, right, out):
+            resample.resize_crop_bicubic(img, top, bottom, left, right, out, resample.ORDER_PIL13, True)
+
+        ours = mirrored if a.flip else resample.resize_crop_bicubic
+        impls = {"this tree": ours}
+        if a.flip:
+            impls["this tree, then a flip pass"] = then_flip(resample.resize_crop_bicubic)
         for rev in a.against:
-            impls[rev] = load_revision(rev, Path(tmp)).resize_crop_bicubic
+            theirs = load_revision(rev, Path(tmp)).resize_crop_bicubic
+            impls[rev] = then_flip(theirs) if a.flip else theirs
         pil_images = {id(img): Image.fromarray(img) for img, *_ in crops}
 
         def pil(img, top, bottom, left, right, out):
-            out[...] = np.asarray(pil_images[id(img)].crop((left, top, right, bottom)).resize(
-                (a.size, a.size), Image.BICUBIC))
+            im = pil_images[id(img)].crop((left, top, right, bottom)).resize((a.size, a.size), Image.BICUBIC)
+            out[...] = np.asarray(im.transpose(Image.FLIP_LEFT_RIGHT) if a.flip else im)
 
         impls["PIL"] = pil
         expected = np.empty_like(dst)
         for crop in crops:  # compiles each outside the timing, and checks they agree
-            resample.resize_crop_bicubic(*crop, expected)
+            ours(*crop, expected)
             for name, fn in impls.items():
                 fn(*crop, dst)
                 if not np.array_equal(dst, expected):
@@ -108,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [{"implementation": name, "us_per_crop": round(statistics.median(t), 1),
              "time_over_this_tree": round(float(np.median(np.array(t) / ours)), 3),
              "rounds_us": [round(x, 1) for x in t]} for name, t in times.items()]
-    res = {"benchmark": "resample", "size": a.size, "crops": a.crops, "rounds": a.rounds,
+    res = {"benchmark": "resample", "size": a.size, "crops": a.crops, "rounds": a.rounds, "flip": a.flip,
            "cpu": cpu_model(), "python": platform.python_version(),
            "numba": __import__("numba").__version__, "pillow": Image.__version__,
            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": rows}

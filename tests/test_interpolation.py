@@ -87,6 +87,27 @@ def test_resampler_equals_pil_on_random_noise():
     assert cases == 120
 
 
+def test_the_mirrored_resize_is_pils_resize_then_flip():
+    """``flip=True`` gives the unmirrored resize flipped left to right, in both pass orders, shrinking and
+    enlarging, on noise; in the installed Pillow's order, that is PIL's crop-then-resize (and box resize)
+    followed by ``FLIP_LEFT_RIGHT``."""
+    rng = np.random.default_rng(3)
+    for k in range(80):
+        h, w = (int(v) for v in rng.integers(1, 90, size=2))
+        img = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        box = random_box(rng, h, w)
+        size = tuple(int(v) for v in rng.integers(1, 80, size=2))
+        order = (PIL_ORDER, ORDER_HORIZONTAL_FIRST)[k % 2]
+        for resize, ours, pil in ((resize_crop_bicubic, ours_crop, pil_crop), (resize_bicubic, ours_box, pil_box)):
+            (l, t, r, b), (ow, oh) = box, size
+            dst = np.empty((oh, ow, 3), np.uint8)
+            resize(img, t, b, l, r, dst, order, True)
+            np.testing.assert_array_equal(dst, np.flip(ours(img, size, box, order), axis=1), err_msg=f"{box} {size}")
+            if order == PIL_ORDER:
+                mirrored = Image.fromarray(pil(img, size, box)).transpose(Image.FLIP_LEFT_RIGHT)
+                np.testing.assert_array_equal(dst, np.asarray(mirrored), err_msg=f"{img.shape} {box} {size}")
+
+
 def test_the_passes_transpose_moves_each_pixel_once_whole():
     """The transpose between the passes (four source rows at a time as 32-bit words, the last column and the
     leftover rows byte by byte) against NumPy's, for boxes of any offset and size, one pixel and one row included;
@@ -482,3 +503,8 @@ def test_resample_benchmark_times_the_tree_against_pil_and_a_revision(tmp_path):
     assert names == ["this tree", *against, "PIL"]
     assert res["results"][0]["time_over_this_tree"] == 1.0
     assert all(r["us_per_crop"] > 0 and len(r["rounds_us"]) == 2 for r in res["results"])
+    # mirrored crops: the resize that mirrors against the resize then the decoders' former flip pass (and PIL's)
+    assert bench.main(["--crops", "4", "--rounds", "2", "--size", "48", "--out", str(out), "--flip"]) == 0
+    res = json.loads(out.read_text())
+    assert res["flip"] is True
+    assert [r["implementation"] for r in res["results"]] == ["this tree", "this tree, then a flip pass", "PIL"]

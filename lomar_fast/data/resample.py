@@ -209,18 +209,23 @@ _horizontal_first_jit = njit(nogil=True, cache=True)(horizontal_first)
 
 
 @njit(nogil=True, cache=True)
-def _resample(src, y_off, x_off, in_h, in_w, top, bottom, left, right, dst, order):
-    """Resize box (top, bottom, left, right) of the (in_h, in_w) image that starts at src[y_off, x_off]. The
-    entry points pass a C-contiguous ``src`` and canonical argument types, so this compiles once.
+def _resample(src, y_off, x_off, in_h, in_w, top, bottom, left, right, dst, order, flip):
+    """Resize box (top, bottom, left, right) of the (in_h, in_w) image that starts at src[y_off, x_off], mirrored
+    left to right where ``flip``. The entry points pass a C-contiguous ``src`` and canonical argument types, so
+    this compiles once.
 
     Both passes run along the first axis of their input (see ``_pass``), so the horizontal one works on a
-    transposed copy; only the pixels the passes read are copied."""
+    transposed copy; only the pixels the passes read are copied. The mirror costs nothing: the horizontal pass
+    takes its output columns' taps in reverse order, so column ``x`` gets exactly the sums unmirrored column
+    ``out_w - 1 - x`` would have."""
     out_h, out_w = dst.shape[0], dst.shape[1]
     xfirst, xcount, xw = bicubic_coeffs(in_w, left, right, out_w)
     yfirst, ycount, yw = bicubic_coeffs(in_h, top, bottom, out_h)
     r0, c0 = yfirst[0], xfirst[0]
     rows = yfirst[out_h - 1] + ycount[out_h - 1] - r0  # the source rows and columns any output reads
     cols = xfirst[out_w - 1] + xcount[out_w - 1] - c0
+    if flip:
+        xfirst, xcount, xw = xfirst[::-1].copy(), xcount[::-1].copy(), xw[::-1].copy()
     if _horizontal_first_jit(in_h, in_w, out_h, out_w, order):
         src_t = np.empty((cols, rows, 3), np.uint8)
         _transpose(src, y_off + r0, x_off + c0, src_t)
@@ -240,23 +245,26 @@ def _resample(src, y_off, x_off, in_h, in_w, top, bottom, left, right, dst, orde
 
 
 @njit(nogil=True, cache=True)
-def resize_bicubic(src, top, bottom, left, right, dst, order=ORDER_PIL13):
+def resize_bicubic(src, top, bottom, left, right, dst, order=ORDER_PIL13, flip=False):
     """PIL's ``Image.resize((W, H), BICUBIC, box=(left, top, right, bottom))`` of ``src`` (uint8 (h, w, 3)) into
     ``dst`` (uint8 (H, W, 3)): the filter reads the pixels around the box too. The box must lie inside ``src``.
 
     ``order`` picks whose pass order to follow: ``ORDER_PIL13`` (Pillow >= 13: vertical first when the image's
     height shrinks by more than twice its width, in pixels) or ``ORDER_HORIZONTAL_FIRST`` (Pillow <= 12). The
-    two differ only where the rounding and clipping of the uint8 intermediate differ."""
+    two differ only where the rounding and clipping of the uint8 intermediate differ. ``flip`` mirrors the
+    result left to right (``transpose(FLIP_LEFT_RIGHT)`` after the resize), at no cost."""
     _resample(np.ascontiguousarray(src), np.int64(0), np.int64(0), np.int64(src.shape[0]), np.int64(src.shape[1]),
-              np.float64(top), np.float64(bottom), np.float64(left), np.float64(right), dst, np.int64(order))
+              np.float64(top), np.float64(bottom), np.float64(left), np.float64(right), dst, np.int64(order),
+              bool(flip))
 
 
 @njit(nogil=True, cache=True)
-def resize_crop_bicubic(src, top, bottom, left, right, dst, order=ORDER_PIL13):
+def resize_crop_bicubic(src, top, bottom, left, right, dst, order=ORDER_PIL13, flip=False):
     """PIL's ``Image.crop((left, top, right, bottom)).resize((W, H), BICUBIC)`` of ``src`` into ``dst``: the
     filter stops at the crop's edges (torchvision's and timm's RandomResizedCrop). Same arguments as
-    ``ffcv.libffcv.resize_crop``'s box (rows ``top:bottom``, columns ``left:right``)."""
+    ``ffcv.libffcv.resize_crop``'s box (rows ``top:bottom``, columns ``left:right``). ``flip`` mirrors the result
+    left to right (RandomHorizontalFlip after the crop), at no cost."""
     h = np.int64(bottom - top)
     w = np.int64(right - left)
     _resample(np.ascontiguousarray(src), np.int64(top), np.int64(left), h, w, np.float64(0), np.float64(h),
-              np.float64(0), np.float64(w), dst, np.int64(order))
+              np.float64(0), np.float64(w), dst, np.int64(order), bool(flip))

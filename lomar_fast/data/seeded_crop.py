@@ -335,10 +335,22 @@ class SeededRandomResizedCrop(ThreadScratch, RandomResizedCropRGBImageDecoder):
         read_c = image_reader(self.memory_read)
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
-        # both take (image, top, bottom, left, right, destination) and resize that crop alone
-        resize_crop_c = resize_crop_bicubic if self.interpolation == "bicubic" else Compiler.compile(resize_crop)
-        draw_c = draw_crop
+        area_c = Compiler.compile(resize_crop)
         flip_c = _flip_rows
+        bicubic = self.interpolation == "bicubic"
+
+        def resize_crop_c(image, top, bottom, left, right, destination, flip):
+            """That crop of ``image`` alone, resized into ``destination`` and mirrored where ``flip``: the bicubic
+            resize mirrors as it resizes; FFCV's INTER_AREA resize is mirrored after."""
+            if bicubic:
+                resize_crop_bicubic(image, top, bottom, left, right, destination, ORDER_PIL13, flip)
+            else:
+                area_c(image, top, bottom, left, right, destination)
+                if flip:
+                    flip_c(destination)
+
+        resize_crop_c = Compiler.compile(resize_crop_c)
+        draw_c = draw_crop
         cost_c = decode_cost
         plan_c = plan_batch
         take_c = take_function()
@@ -377,6 +389,7 @@ class SeededRandomResizedCrop(ThreadScratch, RandomResizedCropRGBImageDecoder):
                     dst_ix = order[k]
                     image_data, height, width, jpeg = read_c(metadata, batch_indices, dst_ix, storage_state)
                     i, j, h, w = boxes[dst_ix, 0], boxes[dst_ix, 1], boxes[dst_ix, 2], boxes[dst_ix, 3]
+                    flip = boxes[dst_ix, 4] != 0
                     if jpeg:
                         tid = get_thread_id()
                         buf = scratch[tid]
@@ -389,16 +402,14 @@ class SeededRandomResizedCrop(ThreadScratch, RandomResizedCropRGBImageDecoder):
                             if not whole:
                                 regions[tid] += 1
                                 resize_crop_c(buf.reshape(-1)[:3 * rh * rw].reshape(rh, rw, 3), i - y0,
-                                              i - y0 + h, j - x0, j - x0 + w, destination[dst_ix])
+                                              i - y0 + h, j - x0, j - x0 + w, destination[dst_ix], flip)
                         if whole:
                             imdecode_c(image_data, buf, height, width, height, width, 0, 0, 1, 1, False, False)
                             resize_crop_c(buf.reshape(-1)[:3 * height * width].reshape(height, width, 3), i, i + h,
-                                          j, j + w, destination[dst_ix])
+                                          j, j + w, destination[dst_ix], flip)
                     else:
                         resize_crop_c(image_data.reshape(height, width, 3), i, i + h, j, j + w,
-                                      destination[dst_ix])
-                    if boxes[dst_ix, 4]:
-                        flip_c(destination[dst_ix])
+                                      destination[dst_ix], flip)
                     k = take_c(queue, n, balanced)
             return destination[:n]
 
