@@ -750,3 +750,43 @@ def test_a_cpu_batch_is_the_decoders_buffer_and_holds_until_the_next_is_taken(ti
     assert len(held) == 12
     assert len({x.data_ptr() for x in held}) == 3  # the ring's buffers, not a copy per batch
     assert any(not torch.equal(x, c) for x, c in zip(held, kept))  # and reused: held too long, a batch changes
+
+
+def test_a_loader_hit_by_cpythons_ast_race_is_made_again(tiny, monkeypatch):
+    """CPython <= 3.11.7 can fail FFCV's parse of a loader's pipeline with "AST constructor recursion depth
+    mismatch" when another thread does AST work meanwhile (gh-106905): the loader is made again, with new
+    pipelines, and works; any other SystemError, or the race every time, is raised."""
+    import ast
+    import types
+
+    import ffcv.pipeline.graph as graph
+
+    from lomar_fast.data import loaders
+    from lomar_fast.data.shard import build_shard
+
+    _, out = tiny
+    calls = []
+
+    def failing(fail, message=loaders.AST_RACE):
+        def parse(source, *args, **kwargs):  # FFCV's parse of the pipeline's source
+            calls.append(source)
+            if len(calls) in fail:
+                raise SystemError(f"{message} (before=150, after=172)")
+            return ast.parse(source, *args, **kwargs)
+
+        calls.clear()
+        monkeypatch.setattr(graph, "ast", types.SimpleNamespace(**{**vars(ast), "parse": parse}))
+
+    failing(fail=(1,))
+    loader = build_pretrain_loader(out / "train.beton", batch_size=4, input_size=32, num_workers=1)
+    assert sum(x.shape[0] for x in loader) == 24 and len(calls) > 1
+    failing(fail=(1,))
+    shard = build_shard(out / "val.beton", batch_size=4, input_size=32, device="cpu", rank=0, world=1)
+    assert sum(int((y >= 0).sum()) for _, y in shard.batches()) == shard.n > 0 and len(calls) > 1
+    failing(fail=(1,), message="other")
+    with pytest.raises(SystemError, match="other"):
+        build_pretrain_loader(out / "train.beton", batch_size=4, input_size=32, num_workers=1)
+    failing(fail=range(1, 1000))
+    with pytest.raises(SystemError, match="recursion depth mismatch"):
+        build_pretrain_loader(out / "train.beton", batch_size=4, input_size=32, num_workers=1)
+    assert len(calls) == 3  # three attempts

@@ -253,7 +253,27 @@ def _loader_class(image_only: bool):
     return SeededLoader
 
 
-def _build(path, fields, pipelines, batch_size, num_workers, distributed, seed, order, os_cache,
+AST_RACE = "AST constructor recursion depth mismatch"
+
+
+def construct_loader(make, attempts: int = 3):
+    """``make()``, a new FFCV loader, made again (with new pipelines) where it failed on CPython 3.11's AST race.
+
+    FFCV writes each loader's pipeline as Python source and parses it with ``ast``. Up to CPython 3.11.7 the AST
+    constructor kept its recursion depth in one global: a garbage collection inside it that lets another thread
+    run AST work (numba compiling another loader's first batch parses its functions' source) makes the depth
+    count wrong, and ``ast.parse`` raises ``SystemError: AST constructor recursion depth mismatch`` (CPython
+    gh-106905, fixed in 3.11.8 and 3.12). Nothing is wrong with the pipeline then, and the next attempt parses
+    it. Any other error is raised at once."""
+    for attempt in range(attempts):
+        try:
+            return make()
+        except SystemError as e:
+            if AST_RACE not in str(e) or attempt == attempts - 1:
+                raise
+
+
+def _build(path, fields, make_pipelines, batch_size, num_workers, distributed, seed, order, os_cache,
            batches_ahead, drop_last, start_epoch, image_only=False):
 
     if batch_size < 1:
@@ -265,17 +285,23 @@ def _build(path, fields, pipelines, batch_size, num_workers, distributed, seed, 
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("distributed=True needs torch.distributed to be initialized "
                              "(init_process_group) before the loader is built")
-    # Disable every stored field the pipelines do not use.
-    full = {name: None for name in fields}
-    full.update({k: v for k, v in pipelines.items() if k in fields})
     cls = _loader_class(image_only)
-    # collected before FFCV takes the lists apart
-    seeded = [op for ops in pipelines.values() if ops for op in ops if hasattr(op, "set_epoch")]
-    loader = cls(str(path), batch_size=batch_size,
-                 num_workers=loader_workers(num_workers),
-                 os_cache=os_cache, order=order, distributed=distributed,
-                 seed=int(seed), pipelines=full, drop_last=drop_last, batches_ahead=batches_ahead)
-    loader.seeded_ops = seeded
+
+    def make():
+        pipelines = make_pipelines()
+        # Disable every stored field the pipelines do not use.
+        full = {name: None for name in fields}
+        full.update({k: v for k, v in pipelines.items() if k in fields})
+        # collected before FFCV takes the lists apart
+        seeded = [op for ops in pipelines.values() if ops for op in ops if hasattr(op, "set_epoch")]
+        loader = cls(str(path), batch_size=batch_size,
+                     num_workers=loader_workers(num_workers),
+                     os_cache=os_cache, order=order, distributed=distributed,
+                     seed=int(seed), pipelines=full, drop_last=drop_last, batches_ahead=batches_ahead)
+        loader.seeded_ops = seeded
+        return loader
+
+    loader = construct_loader(make)
     set_epoch(loader, start_epoch)
     return loader
 
@@ -293,7 +319,7 @@ def build_pretrain_loader(path: str | os.PathLike, batch_size: int, input_size: 
     order/distributed combo or interpolation.
     """
     info = check_beton(path, need_label=False, input_size=input_size)
-    return _build(path, info["fields"], pretrain_pipelines(input_size, device, seed, interpolation), batch_size,
+    return _build(path, info["fields"], lambda: pretrain_pipelines(input_size, device, seed, interpolation), batch_size,
                   num_workers, distributed, seed, order, os_cache, batches_ahead, drop_last, start_epoch,
                   image_only=True)
 
@@ -308,7 +334,7 @@ def build_finetune_loader(path: str | os.PathLike, batch_size: int, input_size: 
     RandomResizedCrop (scale 0.08..1, ratio 3/4..4/3) + horizontal flip, resized with ``interpolation``.
     """
     info = check_beton(path, need_label=True, input_size=input_size)
-    return _build(path, info["fields"], finetune_pipelines(input_size, device, seed, interpolation), batch_size,
+    return _build(path, info["fields"], lambda: finetune_pipelines(input_size, device, seed, interpolation), batch_size,
                   num_workers, distributed, seed, order, os_cache, batches_ahead, drop_last, start_epoch)
 
 
@@ -325,8 +351,8 @@ def build_val_loader(path: str | os.PathLike, batch_size: int, input_size: int =
     FFCV's sampler pads the last shard with repeated images, as DistributedSampler does).
     """
     info = check_beton(path, need_label=True, input_size=input_size)
-    return _build(path, info["fields"], val_pipelines(input_size, device, interpolation), batch_size, num_workers,
-                  distributed, seed, order, os_cache, batches_ahead, drop_last, start_epoch)
+    return _build(path, info["fields"], lambda: val_pipelines(input_size, device, interpolation), batch_size,
+                  num_workers, distributed, seed, order, os_cache, batches_ahead, drop_last, start_epoch)
 
 
 def stop_epoch(batches) -> None:

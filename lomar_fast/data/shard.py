@@ -59,7 +59,7 @@ def build_shard(path: str | os.PathLike, batch_size: int, input_size: int, devic
     from ffcv.loader import OrderOption
 
     from .beton import check_beton
-    from .loaders import _loader_class, loader_workers, val_pipelines
+    from .loaders import _loader_class, construct_loader, loader_workers, val_pipelines
 
     if rank is None or world is None:
         rank, world = rank_world()
@@ -71,12 +71,15 @@ def build_shard(path: str | os.PathLike, batch_size: int, input_size: int, devic
     start, stop = shard_bounds(total, rank, world)
     loader = None
     if stop > start:
-        pipes = {name: None for name in info["fields"]}
-        pipes.update(val_pipelines(input_size, device, interpolation))
-        # the package's loader class: a new pass stops one left unfinished (a consumer that raised mid-shard)
-        loader = _loader_class(image_only=False)(str(path), batch_size=batch_size,
-                                                 num_workers=loader_workers(num_workers),
-                                                 os_cache=os_cache, order=OrderOption.SEQUENTIAL, distributed=False,
-                                                 indices=np.arange(start, stop), pipelines=pipes, drop_last=False,
-                                                 batches_ahead=batches_ahead)
+        def make():
+            pipes = {name: None for name in info["fields"]}
+            pipes.update(val_pipelines(input_size, device, interpolation))
+            # the package's loader class: a new pass stops one left unfinished (a consumer that raised mid-shard)
+            return _loader_class(image_only=False)(str(path), batch_size=batch_size,
+                                                   num_workers=loader_workers(num_workers),
+                                                   os_cache=os_cache, order=OrderOption.SEQUENTIAL,
+                                                   distributed=False, indices=np.arange(start, stop), pipelines=pipes,
+                                                   drop_last=False, batches_ahead=batches_ahead)
+
+        loader = construct_loader(make)
     return Shard(loader, stop - start, total, num_batches, batch_size, input_size, device)
