@@ -27,6 +27,9 @@ DEMO_ARGS    ?= --input_size 160 --window_size 5 --num_window 3 --batch_size 32 
                 --warmup_epochs 1 --blr 2e-3 --num_workers 2 --log_every 4 --save_every 4
 DS_ACCEL     ?= $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 PYTEST_ARGS  ?=
+# the suite's parallel workers (pytest-xdist): one per core, at most 8; TEST_JOBS=0 runs it in this process
+TEST_JOBS    ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 8 ? n : 8 )))
+PYTEST_XDIST := -n $(TEST_JOBS) --dist loadgroup
 PYTHON312    ?=
 VIS_IMAGE    ?=
 # make bench: the quick GPU run, or the tiny-model smoke run of the same code on a CPU
@@ -79,10 +82,10 @@ setup: apt-deps $(STAMP)
 	@echo "setup ok: $(VENV)"
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 demo-data: setup
 	$(PY) -m data_prep.make_demo --out $(DATA_DIR)/demo

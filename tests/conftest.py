@@ -25,6 +25,11 @@ PRETRAIN_SMALL = ["--model", "lomar_vit_tiny_patch16", "--input_size", "64", "--
 PRETRAIN_RANKS = 2
 
 
+# the suite's groups on pytest-xdist's workers (``make test``) and the data built once per run
+from xdist_groups import (built_once, pytest_collection_finish, pytest_collection_modifyitems,  # noqa: E402,F401
+                          pytest_configure, pytest_configure_node, pytest_xdist_make_scheduler)
+
+
 @pytest.fixture
 def kernels_on():
     """LOMAR_KERNELS=on for the test; exact fp32 matmuls (no TF32) so fp32 tolerances stay tight."""
@@ -46,7 +51,7 @@ def seed() -> int:
 
 
 @pytest.fixture(scope="session")
-def small_demo(tmp_path_factory) -> dict:
+def small_demo(request, tmp_path_factory) -> dict:
     """The demo dataset at 16 train + 4 val images per class (128 + 32), built once per session, plus a
     val set of 29 images (an odd count, not a multiple of any batch or rank count, so a padded or dropped
     tail would change what evaluation counts)."""
@@ -55,25 +60,27 @@ def small_demo(tmp_path_factory) -> dict:
     from data_prep.make_demo import make_demo
     from data_prep.write_beton import WriteOptions, write_dataset
 
-    root = tmp_path_factory.mktemp("demo")
-    make_demo(root, train_per_class=16, val_per_class=4, quiet=True)
-    src = root / "odd_src"
-    shutil.copytree(root / "imagefolder" / "val", src / "val")
-    for d in sorted((src / "val").iterdir())[:3]:
-        sorted(d.iterdir())[0].unlink()
-    write_dataset(src, root / "odd", ("val",), WriteOptions(max_side=256, workers=2, force=True, progress=False))
+    def build(root):
+        make_demo(root, train_per_class=16, val_per_class=4, quiet=True)
+        src = root / "odd_src"
+        shutil.copytree(root / "imagefolder" / "val", src / "val")
+        for d in sorted((src / "val").iterdir())[:3]:
+            sorted(d.iterdir())[0].unlink()
+        write_dataset(src, root / "odd", ("val",), WriteOptions(max_side=256, workers=2, force=True, progress=False))
+
+    root = built_once(request, tmp_path_factory, "demo", build)
     return {"root": root, "train": root / "train.beton", "val": root / "odd" / "val.beton", "n_train": 128,
             "n_val": 29}
 
 
 @pytest.fixture(scope="session")
-def mini_demo(tmp_path_factory) -> dict:
+def mini_demo(request, tmp_path_factory) -> dict:
     """The demo dataset at 2 train + 1 val image per class (16 + 8, 8 classes): for the tests that only need
     valid labelled .beton files (bad-input checks, k-NN plumbing), quicker to build than ``small_demo``."""
     from data_prep.make_demo import make_demo
 
-    root = tmp_path_factory.mktemp("mini_demo")
-    make_demo(root, train_per_class=2, val_per_class=1, quiet=True)
+    root = built_once(request, tmp_path_factory, "mini_demo",
+                      lambda root: make_demo(root, train_per_class=2, val_per_class=1, quiet=True))
     return {"root": root, "train": root / "train.beton", "val": root / "val.beton", "n_train": 16, "n_val": 8}
 
 

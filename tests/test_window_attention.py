@@ -734,8 +734,10 @@ def _start_compiles(workdir: Path) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def _compile_in_background(request, tmp_path_factory):
     """Start the compiler checks when the module starts (they run while the other tests do), if any
-    selected test needs them."""
-    if any("compile_job" in getattr(item, "fixturenames", ()) for item in request.session.items):
+    selected test needs them. Under pytest-xdist each worker collects every test but runs only some: there the
+    first test that needs them starts them, on the one worker that runs them all (their xdist group)."""
+    if not hasattr(request.config, "workerinput") and any(
+            "compile_job" in getattr(item, "fixturenames", ()) for item in request.session.items):
         _start_compiles(tmp_path_factory.mktemp("nvrtc"))
     yield
     for proc in _JOBS.values():
@@ -746,9 +748,11 @@ def _compile_in_background(request, tmp_path_factory):
 
 
 @pytest.fixture
-def compile_job(request):
+def compile_job(request, tmp_path_factory):
     """(returncode, stdout, stderr) of the background compile job named by the (indirect) parameter."""
     name = request.param
+    if not _JOBS:
+        _start_compiles(tmp_path_factory.mktemp("nvrtc"))
     proc = _JOBS.get(name)
     if proc is None:
         missing_toolchain("nvcc not found on PATH" if name.startswith("nvcc") else "cuda-python (cuda.bindings) missing")
