@@ -47,12 +47,13 @@ def pytest_configure_node(node):
 
 
 def pytest_collection_modifyitems(config, items):
+    if _worker_folder(config) is None:  # one process (or another --dist): no groups to keep
+        return
     for item in items:
         if (group := group_of(item)) is not None:
             item.add_marker(pytest.mark.xdist_group(group))
-    if _worker_folder(config) is not None:
-        rank = {name: i for i, name in enumerate(SHARED_FIXTURES)}
-        items.sort(key=lambda item: rank.get(group_of(item), len(rank)))  # stable: the rest keep their order
+    rank = {name: i for i, name in enumerate(SHARED_FIXTURES)}
+    items.sort(key=lambda item: rank.get(group_of(item), len(rank)))  # stable: the rest keep their order
 
 
 @pytest.hookimpl(tryfirst=True)  # before the worker reports its collection
