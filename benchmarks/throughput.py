@@ -955,7 +955,8 @@ def bar_chart(report: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(sizes)), [f"{s}px" for s in sizes])
     ax.set_ylabel("images / sec (training step)")
     ax.set_title(f"LoMaR vs MAE, ViT-{report['config']['arch']}/16, {report['device'].get('name')}")
-    ax.legend(fontsize=8)
+    if series:  # no measured row, no legend
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

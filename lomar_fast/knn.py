@@ -147,9 +147,8 @@ _SHARDS: dict[tuple, Shard] = {}
 def _shard(path: str | os.PathLike, batch_size: int, input_size: int, device: torch.device,
            num_workers: int | None, interpolation: str) -> Shard:
     """This rank's shard of ``path``, built once per process and setting: a new loader compiles its decode loop
-    (seconds), and the pretraining monitor reads the same two files every time it runs. The loaders are kept,
-    never freed: freeing one while numba compiles another pipeline races numba's finalizer with the compiler.
-    A rewritten file (another size or modification time) gets a new loader."""
+    (seconds), and the pretraining monitor reads the same two files every time it runs, so the loaders are kept
+    for the rest of the process. A rewritten file (another size or modification time) gets a new loader."""
     try:
         st = os.stat(path)
     except OSError:  # build_shard says what is wrong with the path

@@ -752,6 +752,40 @@ def test_a_cpu_batch_is_the_decoders_buffer_and_holds_until_the_next_is_taken(ti
     assert any(not torch.equal(x, c) for x, c in zip(held, kept))  # and reused: held too long, a batch changes
 
 
+def test_loaders_leave_numbas_shared_array_types_as_they_were(tiny):
+    """FFCV's page-cache reader set ``mutable = False`` on the type object ``numba.uint8[::1]`` returns, which numba
+    shares with every writable uint8 array of the process: it turned them read-only and changed the hash of a key
+    that compiled functions hold, so such a function could no longer list its signatures (a KeyError, printed by
+    numba's finalizer when a freed loader's ``imdecode`` went). Two loaders later, the type is as it was."""
+    import gc
+
+    import numba
+
+    from lomar_fast.data.ffcv_reader import _state_type
+
+    _, out = tiny
+
+    @numba.njit
+    def total(a):
+        return a.sum()
+
+    writable = numba.uint8[::1]
+    assert writable.mutable, "an earlier loader of this process turned numba's uint8 array type read-only"
+    assert total(np.ones(3, np.uint8)) == 3  # a signature that holds the shared type
+    key = hash(writable)
+    for seed in (0, 1):
+        loader = build_pretrain_loader(out / "train.beton", batch_size=4, input_size=32, num_workers=1, seed=seed)
+        assert next(iter(loader)).shape == (4, 32, 32, 3)
+        del loader
+        gc.collect()
+    assert numba.uint8[::1] is writable and writable.mutable and hash(writable) == key
+    assert [tuple(s.args) for s in total.nopython_signatures] == [(writable,)]
+    assert total(np.ones(4, np.uint8)) == 4
+    # the reader's own state type: the stored bytes read-only, the tables writable (FFCV's signature)
+    data, addresses, sizes = _state_type().types
+    assert not data.mutable and data.dtype == numba.uint8 and addresses.mutable and sizes == addresses
+
+
 def test_a_loader_hit_by_cpythons_ast_race_is_made_again(tiny, monkeypatch):
     """CPython <= 3.11.7 can fail FFCV's parse of a loader's pipeline with "AST constructor recursion depth
     mismatch" when another thread does AST work meanwhile (gh-106905): the loader is made again, with new

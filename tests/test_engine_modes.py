@@ -235,7 +235,7 @@ def test_one_rank_without_the_gradient_buffer_accumulates_alike(stage, in_proces
                     loss, _, _ = engine(images[half], windows[half], masks[half], validate=False)
                     engine.backward(loss)
                     engine.step()
-                    losses.append(float(loss))
+                    losses.append(float(loss.detach()))
             engine.destroy()
         runs.append(losses)
     assert runs[0] == runs[1] and len(set(runs[0])) == len(runs[0])

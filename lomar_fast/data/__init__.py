@@ -13,6 +13,10 @@ from .numba_cache import cache_typed_dict_helpers
 
 cache_typed_dict_helpers()  # before the first FFCV import below: a second start skips ~3.5 s of numba compiles
 
+from .ffcv_reader import type_os_cache_reader_apart  # noqa: E402
+
+type_os_cache_reader_apart()  # FFCV's own reader makes numba's uint8 array type read-only for the whole process
+
 from .beton import BetonError, check_beton, dataset_info  # noqa: E402
 from lomar_fast.images import eval_crop_pct
 
