@@ -90,7 +90,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def nvcc_results():
-    """Compile every .cu with nvcc for sm_80 and sm_90 (in parallel, once per session)."""
+    """Compile every .cu with nvcc to PTX for sm_80 and sm_90 (in parallel, once per session): the front end's and
+    the host compiler's warnings are errors. ptxas's warnings for each architecture are in NVRTC's log, which
+    test_nvrtc_compiles_runtime_source requires empty (test_nvrtc_log_holds_ptxas_warnings)."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         missing_toolchain("nvcc not found on PATH: cannot check the CUDA sources offline")
@@ -98,9 +100,8 @@ def nvcc_results():
     for mod in KERNEL_MODULES:
         cmd = [nvcc, "-std=c++17"]
         for arch in ARCHS:
-            cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-        cmd += ["-c", str(cb.cuda_source_path(mod.SOURCE)), "-o", "/dev/null",
-                "-Werror", "all-warnings", "-Xptxas", "-Werror"]
+            cmd += ["-gencode", f"arch=compute_{arch},code=compute_{arch}"]
+        cmd += ["-c", str(cb.cuda_source_path(mod.SOURCE)), "-o", "/dev/null", "-Werror", "all-warnings"]
         procs[mod.SOURCE] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     results = {}
     for name, proc in procs.items():
@@ -142,6 +143,15 @@ def test_nvrtc_reports_errors():
     require_nvrtc()
     ok, log, _ = _nvrtc_compile("__global__ void k() { undeclared(); }", "bad.cu", (), 90)
     assert not ok and "undeclared" in log
+
+
+def test_nvrtc_log_holds_ptxas_warnings():
+    """The empty-log check above covers ptxas (NVRTC assembles for sm_XX itself): a launch bound ptxas ignores on
+    sm_80 (more threads per SM than it has) is a ptxas warning in NVRTC's log, and the compile still succeeds."""
+    require_nvrtc()
+    src = 'extern "C" __global__ void __launch_bounds__(1024, 3) k(int* o) { o[threadIdx.x] = 1; }'
+    ok, log, _ = _nvrtc_compile(src, "bounds.cu", (), 80)
+    assert ok and "ptxas warning" in log, log
 
 
 def test_each_kernel_is_built_alone_at_its_first_launch(monkeypatch):

@@ -676,7 +676,8 @@ def test_modules_import_without_cupy_and_without_a_loop():
 
 
 # ---------------------------------------------------------------------------------------------
-# compile checks (CPU): nvcc and NVRTC, sm_80 and sm_90, started together in the background
+# compile checks (CPU): nvcc (to PTX) and NVRTC (to code: its log holds ptxas's warnings), sm_80 and sm_90,
+# started together in the background
 # ---------------------------------------------------------------------------------------------
 # Run in a separate process (so the two architectures and nvcc compile in parallel): argv is a JSON file
 # with the source, the name expressions and the options; prints a JSON result.
@@ -713,8 +714,8 @@ def _start_compiles(workdir: Path) -> None:
     src = str(cb.cuda_source_path(wac.SOURCE))
     for arch in ARCHS:
         _JOBS[f"nvcc{arch}"] = None if nvcc is None else subprocess.Popen(
-            [nvcc, "-std=c++17", "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-c", src, "-o", "/dev/null",
-             "-Werror", "all-warnings", "-Xptxas", "-Werror"],
+            [nvcc, "-std=c++17", "-gencode", f"arch=compute_{arch},code=compute_{arch}", "-c", src, "-o", "/dev/null",
+             "-Werror", "all-warnings"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     import importlib.util
 
