@@ -1,6 +1,7 @@
 """The command-line wrapper of the entry points."""
 from __future__ import annotations
 
+import gc
 import sys
 from typing import Callable
 
@@ -10,9 +11,15 @@ from lomar_fast.errors import InputError, NonFiniteLoss
 def run_cli(main: Callable[[], object]) -> None:
     """Run an entry point. The project's own input errors (:class:`~lomar_fast.errors.InputError`: a flag,
     a file or a combination that cannot work) exit 2 with their one-line message; a non-finite loss exits
-    3; anything else keeps its traceback."""
+    3; anything else keeps its traceback.
+
+    After ``main`` returns, every object left is moved out of the cyclic collector's reach (``gc.freeze``): the
+    interpreter's exit otherwise spends most of its time in the collector, walking every object of a process that
+    holds torch, DeepSpeed and numba (a tiny CPU run's exit took 2.3-3 s, 0.6 s frozen, on 2 cores). Files and
+    logs are closed by then; what is left is freed when the process ends."""
     try:
         main()
+        gc.freeze()
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
