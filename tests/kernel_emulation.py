@@ -359,6 +359,15 @@ def run_sanitized(exe: Path, sanitizer: str, *args) -> tuple[int, str, int]:
     return r.returncode, out, out.count(SANITIZERS[sanitizer][1]) + out.count("runtime error:")
 
 
+def nvcc_check(nvcc: str, source: str | Path, archs: Iterable[int]) -> list[str]:
+    """The nvcc command that checks ``source``: PTX for each of ``archs``, the front end's and the host compiler's
+    warnings as errors. ptxas's warnings are checked through NVRTC, whose log holds them."""
+    cmd = [nvcc, "-std=c++17"]
+    for arch in archs:
+        cmd += ["-gencode", f"arch=compute_{arch},code=compute_{arch}"]
+    return [*cmd, "-c", str(source), "-o", "/dev/null", "-Werror", "all-warnings"]
+
+
 def nvrtc_compile(source: str, filename: str, name_expressions, options, ptx: bool = False):
     """Compile ``source`` with NVRTC (cuda.bindings) and ``options``: (compiled, log, name expression -> lowered
     name, the PTX when ``ptx`` and the target is virtual (``compute_XX``), else None). Skips (fails where the

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_emulation import (ARCHS, DTYPES, build_library, build_sanitized, emulation_source, gpu_test, launched,
-                              missing_toolchain, nvrtc_compile, run_sanitized)
+                              missing_toolchain, nvcc_check, nvrtc_compile, run_sanitized)
 from kernel_emulation import c_args as _c_args
 
 import lomar_fast.ops as ops_pkg
@@ -98,11 +98,8 @@ def nvcc_results():
         missing_toolchain("nvcc not found on PATH: cannot check the CUDA sources offline")
     procs = {}
     for mod in KERNEL_MODULES:
-        cmd = [nvcc, "-std=c++17"]
-        for arch in ARCHS:
-            cmd += ["-gencode", f"arch=compute_{arch},code=compute_{arch}"]
-        cmd += ["-c", str(cb.cuda_source_path(mod.SOURCE)), "-o", "/dev/null", "-Werror", "all-warnings"]
-        procs[mod.SOURCE] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs[mod.SOURCE] = subprocess.Popen(nvcc_check(nvcc, cb.cuda_source_path(mod.SOURCE), ARCHS),
+                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     results = {}
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=300)

@@ -35,7 +35,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_emulation import (ARCHS, DTYPES, SHARED_BYTES, build_library, build_sanitized, c_args, emulation_source,
-                              gpu_test, launched, missing_toolchain, nvrtc_compile, run_sanitized)
+                              gpu_test, launched, missing_toolchain, nvcc_check, nvrtc_compile,
+                              run_sanitized)
 
 from lomar_fast.models.irpe import bucket_ids
 from lomar_fast.models.vit import Attention
@@ -714,9 +715,7 @@ def _start_compiles(workdir: Path) -> None:
     src = str(cb.cuda_source_path(wac.SOURCE))
     for arch in ARCHS:
         _JOBS[f"nvcc{arch}"] = None if nvcc is None else subprocess.Popen(
-            [nvcc, "-std=c++17", "-gencode", f"arch=compute_{arch},code=compute_{arch}", "-c", src, "-o", "/dev/null",
-             "-Werror", "all-warnings"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            nvcc_check(nvcc, src, (arch,)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     import importlib.util
 
     has_nvrtc = importlib.util.find_spec("cuda") is not None and importlib.util.find_spec("cuda.bindings") is not None
