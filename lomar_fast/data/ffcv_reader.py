@@ -15,8 +15,6 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-_done = False
-
 
 def _state_type(_manager=None):
     """The page-cache state the reader takes: (the file's bytes, read-only; the sorted sample addresses; their
@@ -40,10 +38,8 @@ def _compile_reader(manager):
 
 
 def type_os_cache_reader_apart() -> None:
-    """Replace ``OSCacheManager``'s ``state_type`` and ``compile_reader`` (see the module doc); once per process."""
-    global _done
-    if _done:
-        return
+    """Replace ``OSCacheManager``'s ``state_type`` and ``compile_reader`` (see the module doc); doing it again
+    changes nothing."""
     try:
         from ffcv.memory_managers.os_cache import OSCacheManager
     except ImportError:  # without FFCV no loader is built (the loaders say so); a host that only benchmarks runs on
@@ -51,4 +47,3 @@ def type_os_cache_reader_apart() -> None:
 
     OSCacheManager.state_type = property(_state_type)
     OSCacheManager.compile_reader = _compile_reader
-    _done = True
