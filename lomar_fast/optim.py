@@ -40,22 +40,55 @@ def build_adamw(groups: list[dict], lr: float, betas=(0.9, 0.95), device: torch.
 
 
 def place_steps(optimizer: torch.optim.Optimizer) -> int:
-    """Put the ``step`` of each fused (or capturable) AdamW parameter on that parameter's device as fp32, as
-    ``Optimizer.load_state_dict`` does; returns how many it moved. DeepSpeed's universal-checkpoint load assigns
-    the CPU tensor it read instead, and the fused GPU kernel reads its step on the device."""
+    """Give each parameter's Adam state a ``step`` tensor of its own, and for a fused (or capturable) AdamW put
+    it on that parameter's device as fp32, as ``Optimizer.load_state_dict`` does; returns how many it replaced.
+    DeepSpeed's universal-checkpoint load assigns the tensor it read instead: on the host, or on the device of
+    the rank that saved it, which the fused GPU kernel cannot read. Its ZeRO-3 load assigns one tensor to every
+    flat partition, and each AdamW group increments its step in place, so each step of two groups counted two.
+    A state whose parameter is in no group (ZeRO-3 puts its partition into a group only for the time of its
+    step) follows the optimizer's groups."""
+    owner = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    any_fused = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    seen: set[int] = set()
     moved = 0
-    for group in optimizer.param_groups:
-        if not (group.get("fused") or group.get("capturable")):
+    for p, state in optimizer.state.items():
+        step = state.get("step")
+        if step is None:
             continue
-        for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            step = state.get("step")
-            if step is None:
-                continue
-            if not torch.is_tensor(step) or step.device != p.device or step.dtype != torch.float32:
-                state["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device)
-                moved += 1
+        group = owner.get(id(p))
+        on_device = any_fused if group is None else bool(group.get("fused") or group.get("capturable"))
+        shared = torch.is_tensor(step) and id(step) in seen
+        if on_device and (not torch.is_tensor(step) or step.device != p.device or step.dtype != torch.float32):
+            state["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device)
+            moved += 1
+        elif shared:
+            state["step"] = step.clone()
+            moved += 1
+        if torch.is_tensor(state["step"]):
+            seen.add(id(state["step"]))
     return moved
+
+
+def restore_group_settings(optimizer: torch.optim.Optimizer, saved_groups: list[dict]) -> int:
+    """Set each parameter group's settings (everything but its parameters) to those of the saved group at its
+    index, as ``Optimizer.load_state_dict`` does; returns how many values changed. DeepSpeed 0.19.8's ZeRO-3
+    universal-checkpoint load gives every group the settings of the first, which turns weight decay off for the
+    decay group (and gives every group the first layer-decay ``lr_scale``)."""
+    groups = optimizer.param_groups
+    if len(saved_groups) != len(groups):
+        raise RuntimeError(f"the checkpoint holds {len(saved_groups)} optimizer parameter group(s), this optimizer "
+                           f"{len(groups)}: it was written by another model or optimizer setup")
+    changed = 0
+    for group, saved in zip(groups, saved_groups):
+        for key, value in saved.items():
+            if key == "params":
+                continue
+            now = group.get(key)
+            if not (key in group and (now is value or not (torch.is_tensor(now) or torch.is_tensor(value))
+                                      and now == value)):
+                changed += 1
+            group[key] = value
+    return changed
 
 
 def effective_lr(blr: float, lr: float | None, effective_batch: int) -> float:

@@ -306,10 +306,9 @@ def check_resume(saved: dict[str, Any], now: dict[str, Any], model_keys: tuple[s
     ``saved`` and ``now`` hold ``world_size``, ``micro_batch``, ``accum_iter``, ``zero_stage`` and ``config``
     (a dict of settings). A different model setting or global batch changes what a step means (the lr schedule
     keys on the epoch and the step in it, the window/mask stream on the step): ConfigError saying what differs. So does another
-    ZeRO stage, and another rank count under ZeRO-3. The same global batch on another split of ranks,
-    micro-batch and accumulation continues; the returned note says what changed (None when nothing did).
-    Under ZeRO-1/2 another rank count goes through DeepSpeed's universal checkpoint (:func:`needs_universal`,
-    :func:`convert_universal`).
+    ZeRO stage. The same global batch on another split of ranks, micro-batch and accumulation continues; the
+    returned note says what changed (None when nothing did). Under ZeRO-1/2/3 another rank count goes through
+    DeepSpeed's universal checkpoint (:func:`needs_universal`, :func:`convert_universal`).
     """
     old_cfg, new_cfg = saved.get("config") or {}, now["config"]
     diffs = [f"{k}: saved {old_cfg[k]!r}, now {new_cfg.get(k)!r}" for k in model_keys
@@ -326,14 +325,6 @@ def check_resume(saved: dict[str, Any], now: dict[str, Any], model_keys: tuple[s
         raise ConfigError(f"--resume: the checkpoint was written under ZeRO-{stage_old}, this run uses ZeRO-{stage_new}; "
                           f"DeepSpeed loads a checkpoint under the stage that wrote it: pass --zero_stage {stage_old} "
                           f"or start a new --output_dir")
-    if shape_old[0] != shape_new[0] and int(stage_old or 0) >= 3:
-        # DeepSpeed 0.19.8's universal checkpoint restores ZeRO-3 weights but not its optimizer state exactly:
-        # a 2-rank ZeRO-3 checkpoint resumed on 1 rank was 4e-3 off the 2-rank run's loss one step later,
-        # ZeRO-1/2 1e-5 (tests/test_engine_modes.py)
-        raise ConfigError(f"--resume: the checkpoint was written by {shape_old[0]} rank(s) under ZeRO-3, which splits "
-                          f"the parameters and optimizer state into one file per rank; this run has {shape_new[0]}. "
-                          f"Resume on {shape_old[0]} rank(s), or start a new --output_dir (ZeRO-1/2 runs move "
-                          f"between rank counts)")
     g_old, g_new = shape_old[0] * shape_old[1] * shape_old[2], shape_new[0] * shape_new[1] * shape_new[2]
     what = "world size {} x micro-batch {} x accum_iter {}"
     if g_old != g_new:
@@ -342,7 +333,8 @@ def check_resume(saved: dict[str, Any], now: dict[str, Any], model_keys: tuple[s
                           f"window/mask stream are per step, so keep the global batch {g_old} (e.g. --batch_size "
                           f"{max(1, g_old // (shape_new[0] * shape_new[2]))}) or start a new --output_dir")
     if shape_old != shape_new:
-        via = (f"; its ZeRO-{stage_old} optimizer state, one file per saved rank, is converted into DeepSpeed's "
+        held = "weights and optimizer state are" if int(stage_old or 0) == 3 else "optimizer state is"
+        via = (f"; its ZeRO-{stage_old} {held} one file per saved rank, converted into DeepSpeed's "
                f"universal checkpoint first" if needs_universal(saved, now) else "")
         return (f"resuming a run of {what.format(*shape_old)} as {what.format(*shape_new)}: the same {g_new} images "
                 f"per step and the same lr schedule; the per-rank data shards and window/mask streams differ from "
@@ -352,12 +344,24 @@ def check_resume(saved: dict[str, Any], now: dict[str, Any], model_keys: tuple[s
 
 def needs_universal(saved: dict[str, Any], now: dict[str, Any]) -> bool:
     """Whether resuming ``saved`` as ``now`` (see :func:`check_resume`) needs DeepSpeed's universal checkpoint:
-    another rank count under ZeRO-1/2, whose optimizer state DeepSpeed splits into one file per rank and loads
-    as it is only on the rank count that wrote it."""
+    another rank count under ZeRO-1/2/3, whose optimizer state (and under ZeRO-3 the weights) DeepSpeed splits
+    into one file per rank and loads as it is only on the rank count that wrote it."""
     if "world_size" not in saved:
         return False
     stage = max(int(saved.get("zero_stage") or 0), int(now.get("zero_stage") or 0))
-    return stage in (1, 2) and int(saved["world_size"]) != int(now["world_size"])
+    return stage in (1, 2, 3) and int(saved["world_size"]) != int(now["world_size"])
+
+
+def universal_param_groups(tag_dir: Path) -> list[dict]:
+    """The optimizer's parameter groups (settings and parameter ids) as the run that wrote the universal
+    checkpoint ``tag_dir`` had them: ``zero/optimizer_state.pt``, read without loading the tensors it also holds."""
+    import torch
+
+    path = Path(tag_dir, "zero", "optimizer_state.pt")
+    if not path.is_file():
+        raise ConfigError(f"--resume: {path} is missing from the universal checkpoint of {tag_dir}; delete "
+                          f"{Path(tag_dir).parent} so that the next start converts the tag again")
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["param_groups"]
 
 
 def convert_universal(tag_dir: Path, out_dir: Path, python: str = sys.executable, timeout: float = 3600) -> Path:

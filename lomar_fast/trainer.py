@@ -36,7 +36,7 @@ from lomar_fast.ds_config import load_ds_config, one_rank_engine, resolve_ds_con
 from lomar_fast.precision import compute_dtype, param_dtype, resolve_precision
 from lomar_fast.errors import CompileFailed, ConfigError, NonFiniteLoss
 from lomar_fast.logging_utils import RunLogger
-from lomar_fast.optim import build_adamw, effective_lr, lr_at, place_steps, set_lr
+from lomar_fast.optim import build_adamw, effective_lr, lr_at, place_steps, restore_group_settings, set_lr
 
 
 def plan_run(cfg: RunConfig, extra_ds: dict[str, Any] | None = None) -> tuple[torch.device, dict[str, Any], int]:
@@ -194,7 +194,7 @@ class Trainer:
             saved = json.loads(Path(str(self.resume_point), run_dir.COMPLETE).read_text()).get("run", {})
             now = self.run_shape()
             self.resume_note = run_dir.check_resume(saved, now, type(cfg).MODEL_KEYS)
-            # another rank count under ZeRO-1/2: load the tag converted into DeepSpeed's universal checkpoint
+            # another rank count under ZeRO-1/2/3: load the tag converted into DeepSpeed's universal checkpoint
             self.universal = run_dir.needs_universal(saved, now)
             if self.universal:
                 self.ds_cfg["checkpoint"] = {**self.ds_cfg.get("checkpoint", {}), "load_universal": True}
@@ -269,7 +269,10 @@ class Trainer:
                                                    load_optimizer_states=not module_only,
                                                    load_lr_scheduler_states=not module_only)
         if self.universal:
-            place_steps(getattr(self.engine.optimizer, "optimizer", self.engine.optimizer))
+            base = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+            if not module_only:
+                restore_group_settings(base, run_dir.universal_param_groups(Path(root, point.tag)))
+            place_steps(base)
             barrier()  # every rank has read its part; the next save is in this rank count's own layout
             if self.rank == 0:
                 shutil.rmtree(root, ignore_errors=True)

@@ -1,6 +1,8 @@
 """ZeRO-1/2/3 in the shipped engine mode on CPU ranks: losses, exact resume, sharding and host syncs.
 
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/engine_modes_ranks.py --out DIR [--stages 1 2 3]
+        [--resume_from ONE_RANK_DIR]
+    DS_ACCELERATOR=cpu python tests/engine_modes_ranks.py --out ONE_RANK_DIR --no_probes   (one rank)
 
 For each stage, every rank builds the same tiny LoMaR engine from the shipped ``ds_configs/zero<stage>.json``
 (precision section as shipped) around a fused AdamW, and trains ``STEPS`` steps on fixed synthetic batches,
@@ -170,6 +172,29 @@ def run_stage(stage: int, out: Path, rank: int, world: int) -> dict:
             "syncs": events, "counted_step": COUNTED_STEP, "sharding": shards}
 
 
+def resume_from_other_ranks(stage: int, source: Path, rank: int, world: int) -> list[float]:
+    """Load the ``RESUME_AT`` checkpoint another rank count wrote under ``stage`` (``source/zero<stage>``) through
+    DeepSpeed's universal checkpoint, as the trainer does (rank 0 converts; every rank loads its share, then the
+    groups' settings and Adam steps are set right), into an engine built from other weights, and train the
+    remaining steps; returns their global losses."""
+    from lomar_fast import run_dir
+    from lomar_fast.optim import place_steps, restore_group_settings
+
+    tag = f"step{RESUME_AT}"
+    univ = source / "universal" / f"zero{stage}"
+    if rank == 0:
+        run_dir.convert_universal(source / f"zero{stage}" / tag, univ / tag)
+    torch.distributed.barrier()
+    engine, optimizer, _ = _engine(stage, seed=1234, world=world, extra={"checkpoint": {"load_universal": True}})
+    _, client = engine.load_checkpoint(str(univ), tag=tag)
+    base = engine.optimizer.optimizer
+    restore_group_settings(base, run_dir.universal_param_groups(univ / tag))
+    place_steps(base)
+    losses, _ = _train(engine, optimizer, range(int(client["step"]), STEPS), rank, world)
+    engine.destroy()
+    return losses
+
+
 def probe_counter(rank: int, world: int) -> dict:
     """Show that the step's sync count can fail: DeepSpeed's own syncs come back with gradient clipping on (ZeRO-2
     then computes the global norm and checks it on the host), and one ``.item()`` inserted into DeepSpeed's ZeRO
@@ -205,6 +230,9 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
+    p.add_argument("--resume_from", help="--out of a run on another rank count: each stage also resumes its "
+                                          "checkpoint (the result's 'from_other_ranks')")
+    p.add_argument("--no_probes", action="store_true", help="skip the host-sync counter's probes")
     args = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
@@ -216,9 +244,11 @@ def main() -> None:
     stages = {}
     for stage in args.stages:
         stages[str(stage)] = run_stage(stage, out, rank, world)
+        if args.resume_from:
+            stages[str(stage)]["from_other_ranks"] = resume_from_other_ranks(stage, Path(args.resume_from), rank, world)
         stages[str(stage)]["seconds"] = time.perf_counter() - t0
     result = {"world": world, "global_batch": GLOBAL_BATCH, "steps": STEPS, "stages": stages,
-              "probes": probe_counter(rank, world), "seconds": time.perf_counter() - t0}
+              "probes": {} if args.no_probes else probe_counter(rank, world), "seconds": time.perf_counter() - t0}
     if rank == 0:
         (out / "result.json").write_text(json.dumps(result, indent=1))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -339,13 +340,19 @@ def test_gpu_like_accelerator_counts_waits_and_blocking_copies():
 # ------------------------------------------------------------------------------------------ two CPU ranks
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> dict:
-    """tests/engine_modes_ranks.py on two CPU ranks (gloo): ZeRO-1, 2 and 3 from the shipped configs."""
+    """tests/engine_modes_ranks.py on two CPU ranks (gloo): ZeRO-1, 2 and 3 from the shipped configs, each also
+    resuming the checkpoint the same script wrote first on one rank (``one``: that run's result)."""
+    one = tmp_path_factory.mktemp("engine_modes_one_rank")
+    proc = subprocess.run([sys.executable, "tests/engine_modes_ranks.py", "--out", str(one), "--no_probes"], cwd=REPO,
+                          env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     out = tmp_path_factory.mktemp("engine_modes")
     cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "tests/engine_modes_ranks.py", "--out", str(out)]
+           "tests/engine_modes_ranks.py", "--out", str(out), "--resume_from", str(one)]
     proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return {**json.loads((out / "result.json").read_text()), "out": out}
+    return {**json.loads((out / "result.json").read_text()), "out": out,
+            "one": json.loads((one / "result.json").read_text())}
 
 
 # A few steps of the same model on the whole batch in one process differ from two ranks only by rounding: each
@@ -375,15 +382,20 @@ def test_two_ranks_match_one_process_and_resume_exactly(two_ranks, reference, st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["1", "2"])
+@pytest.mark.parametrize("stage", ["1", "2", "3"])
 def test_a_two_rank_checkpoint_resumes_on_one_rank_through_the_universal_checkpoint(two_ranks, stage, tmp_path,
                                                                                    in_process_world):
-    """The two ranks' ZeRO-1/2 checkpoint (one optimizer-state file per rank), converted by
-    run_dir.convert_universal and loaded by one process into an engine built from other weights, continues as
-    the two ranks did: measured 1e-5 apart. Weights alone would not do: zeroed Adam moments put the second step
-    3e-3 off, a wrong Adam step count 6e-3. (ZeRO-3 was 4e-3 off, so run_dir refuses it another rank count.)"""
+    """The two ranks' ZeRO-1/2/3 checkpoint (one optimizer-state file per rank; under ZeRO-3 the weights too),
+    converted by run_dir.convert_universal and loaded by one process into an engine built from other weights,
+    continues as the two ranks did: measured 1e-5 apart. Weights alone would not do: zeroed Adam moments put the
+    second step 3e-3 off, a wrong Adam step count 6e-3. DeepSpeed 0.19.8's ZeRO-3 load gives every parameter group
+    the first group's settings (weight decay 0 for the decay group) and one step tensor to all of them, which each
+    group's AdamW then increments (the decay group's step counted twice: 4e-3 off); the trainer sets the settings
+    back from the checkpoint and gives each state its own step (optim.restore_group_settings, place_steps), as
+    this test does."""
     from lomar_fast import run_dir
     from lomar_fast.distributed import init_distributed
+    from lomar_fast.optim import place_steps, restore_group_settings
 
     init_distributed(CPU)
     tag = f"step{ranks.RESUME_AT}"
@@ -393,11 +405,39 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_through_the_universal_checkpo
     engine, optimizer, _ = ranks._engine(int(stage), seed=1234, world=1, extra={"checkpoint": {"load_universal": True}})
     _, client = engine.load_checkpoint(str(univ.parent), tag=tag)
     assert client["step"] == ranks.RESUME_AT
+    base = engine.optimizer.optimizer
+    wrong = restore_group_settings(base, run_dir.universal_param_groups(univ))
+    assert wrong == (1 if stage == "3" else 0)  # ZeRO-3: the decay group's weight decay; ZeRO-1/2 load it right
+    assert [g["weight_decay"] for g in base.param_groups] == [0.0, 0.05]
+    steps = [s["step"] for s in base.state.values()]
+    shared = len(steps) - len({id(t) for t in steps})
+    assert shared == (len(steps) - 1 if stage == "3" else 0)  # ZeRO-3: one step tensor for every partition
+    place_steps(base)
+    assert len({id(s["step"]) for s in base.state.values()}) == len(steps)
+    assert all(float(s["step"]) == ranks.RESUME_AT for s in base.state.values())
     resumed, _ = ranks._train(engine, optimizer, range(ranks.RESUME_AT, ranks.STEPS), rank=0, world=1)
+    engine.save_checkpoint(str(tmp_path / "after"), tag="next")  # the next save: this rank count's own layout
     engine.destroy()
+    saved = torch.load(tmp_path / "after" / "next" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    inner = saved["optimizer_state_dict"]
+    groups = inner.get("base_optimizer_state", inner.get("optimizer_state_dict", {})).get("param_groups")
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.05]
     two = two_ranks["stages"][stage]["losses"][ranks.RESUME_AT:]
     assert resumed[0] == pytest.approx(two[0], abs=1e-6)  # the weights: the same loss before any step
     assert max(abs(a - b) for a, b in zip(resumed, two)) < 3e-4, (resumed, two)  # the rank split's rounding only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["1", "2", "3"])
+def test_a_one_rank_checkpoint_resumes_on_two_ranks_through_the_universal_checkpoint(two_ranks, stage):
+    """The other way: one rank's ZeRO-1/2/3 checkpoint, converted and loaded by two ranks as the trainer does it
+    (engine_modes_ranks.resume_from_other_ranks), continues as the one rank did, up to the rank split's rounding."""
+    one = two_ranks["one"]
+    assert one["world"] == 1
+    straight = one["stages"][stage]["losses"][ranks.RESUME_AT:]
+    resumed = two_ranks["stages"][stage]["from_other_ranks"]
+    assert resumed[0] == pytest.approx(straight[0], abs=1e-6)  # the weights: the same loss before any step
+    assert max(abs(a - b) for a, b in zip(resumed, straight)) < 3e-4, (resumed, straight)
 
 
 def test_fused_adamw_steps_go_back_to_their_parameters_device():
@@ -416,6 +456,25 @@ def test_fused_adamw_steps_go_back_to_their_parameters_device():
     step = opt.state[on_dev]["step"]
     assert step.device.type == "meta" and step.dtype == torch.float32
     assert opt.state[plain]["step"].device.type == "cpu"  # not fused: torch's own rule keeps it on the host
+
+
+def test_each_adam_state_gets_a_step_of_its_own():
+    """DeepSpeed's ZeRO-3 universal load gives every flat partition one step tensor; AdamW increments each
+    group's steps in place, so two groups would count each step twice. place_steps gives each state its own,
+    in groups that hold their parameters and for states whose parameter is in no group (ZeRO-3 between steps)."""
+    from lomar_fast.optim import place_steps
+
+    a, b, c = (torch.nn.Parameter(torch.ones(2)) for _ in range(3))
+    opt = torch.optim.AdamW([{"params": [a]}, {"params": [b]}], lr=0.1)
+    one = torch.tensor(2.0)
+    for p in (a, b, c):  # c: a state whose parameter is in no group
+        opt.state[p] = {"step": one, "exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(2)}
+    assert place_steps(opt) == 2 and place_steps(opt) == 0
+    assert len({id(s["step"]) for s in opt.state.values()}) == 3
+    for p in (a, b):
+        p.grad = torch.ones(2)
+    opt.step()
+    assert [float(opt.state[p]["step"]) for p in (a, b, c)] == [3.0, 3.0, 2.0]
 
 
 @pytest.mark.slow
