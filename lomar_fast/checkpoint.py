@@ -184,3 +184,20 @@ def module_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
         with deepspeed.zero.GatheredParameters(params):
             return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def load_module_weights(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load the full weights ``state`` into a live model exactly, ZeRO-3 partitions included (call on every rank
+    with the same ``state``). Raises CheckpointMismatch listing every missing, unexpected or misshaped key."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        load_checkpoint(module, state)
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):  # rank 0's values are kept, on every rank
+        problems = compare_keys(module.state_dict(), state)
+        if not problems:
+            module.load_state_dict(state, strict=True)
+    if problems:
+        raise CheckpointMismatch("checkpoint does not fit the model: " + "; ".join(problems))

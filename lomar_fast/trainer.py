@@ -35,6 +35,7 @@ from lomar_fast.distributed import all_reduce, barrier, init_distributed, pick_d
 from lomar_fast.ds_config import load_ds_config, one_rank_engine, resolve_ds_config, zero_stage_of
 from lomar_fast.precision import compute_dtype, param_dtype, resolve_precision
 from lomar_fast.errors import CompileFailed, ConfigError, NonFiniteLoss
+from lomar_fast.checkpoint import load_module_weights
 from lomar_fast.logging_utils import RunLogger
 from lomar_fast.optim import build_adamw, effective_lr, lr_at, place_steps, restore_group_settings, set_lr
 
@@ -258,6 +259,14 @@ class Trainer:
         if point is None:
             return None
         root = point.root
+        if module_only and zero_stage_of(self.ds_cfg) == 3:
+            # DeepSpeed 0.19.8's module-only ZeRO-3 load reads the weights of the tag the folder's `latest` names,
+            # whatever tag it is given, and fails on another rank count: consolidate the tag's partitions instead
+            from lomar_fast.export import consolidate
+
+            load_module_weights(self.engine.module, consolidate(str(root), point.tag)[0])
+            self.resumed = point
+            return point
         if self.universal:  # rank 0 converts (once per tag), every rank loads its new partition of the whole state
             root = str(self.root / run_dir.UNIVERSAL)
             if self.rank == 0:

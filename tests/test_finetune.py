@@ -294,6 +294,15 @@ def test_two_ranks_zero3_autocast_evaluates_each_val_image_once_keeps_lr_scale(d
     assert torch.nn.functional.linear is TORCH_LINEAR
     assert one["top1"] == pytest.approx(best["val_top1"], abs=0.01)
     assert one["loss"] == pytest.approx(best["val_loss"], rel=2e-3)
+    # --eval --resume of the run's best tag on one rank: the two ranks' ZeRO-3 partitions consolidated. DeepSpeed's
+    # own module-only load failed on another rank count, and read the tag `latest` names whatever tag it was given
+    (out / "latest").write_text("a_tag_that_is_not_there")
+    finetune.main(["--eval", "--resume", str(out / "best"), "--val_path", str(demo["val"]), "--batch_size", "7",
+                   "--num_workers", "1", "--deepspeed_config", "ds_configs/zero3.json"])
+    tag = _eval_line(capsys.readouterr().out)
+    assert "best_epoch" in tag["line"], tag["line"]
+    assert tag["top1"] == pytest.approx(best["val_top1"], abs=0.01)
+    assert tag["loss"] == pytest.approx(best["val_loss"], rel=2e-3)
 
 
 def test_bad_inputs_stop_before_any_work(mini_demo, tmp_path, monkeypatch):
