@@ -337,8 +337,8 @@ def check_resume(saved: dict[str, Any], now: dict[str, Any], model_keys: tuple[s
         via = (f"; its ZeRO-{stage_old} {held} one file per saved rank, converted into DeepSpeed's "
                f"universal checkpoint first" if needs_universal(saved, now) else "")
         return (f"resuming a run of {what.format(*shape_old)} as {what.format(*shape_new)}: the same {g_new} images "
-                f"per step and the same lr schedule; the per-rank data shards and window/mask streams differ from "
-                f"an uninterrupted run's{via}")
+                f"per step and the same lr schedule; the per-rank data shards and random draws (windows and masks, or "
+                f"augmentations) differ from an uninterrupted run's{via}")
     return None
 
 
