@@ -186,18 +186,27 @@ def module_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def load_module_weights(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Load the full weights ``state`` into a live model exactly, ZeRO-3 partitions included (call on every rank
-    with the same ``state``). Raises CheckpointMismatch listing every missing, unexpected or misshaped key."""
+def load_module_weights(module: nn.Module, state: Mapping[str, torch.Tensor] | None) -> None:
+    """Load the full weights ``state`` into a live model exactly. Under ZeRO-3 (partitioned parameters) call it on
+    every rank: rank 0's ``state`` is loaded and broadcast with the buffers, the other ranks may pass None, so only
+    rank 0 holds the whole model in host memory. Raises CheckpointMismatch, on every rank, listing every missing,
+    unexpected or misshaped key."""
     params = [p for p in module.parameters() if hasattr(p, "ds_id")]
     if not params:
         load_checkpoint(module, state)
         return
     import deepspeed
+    import torch.distributed as dist
 
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):  # rank 0's values are kept, on every rank
-        problems = compare_keys(module.state_dict(), state)
-        if not problems:
-            module.load_state_dict(state, strict=True)
-    if problems:
-        raise CheckpointMismatch("checkpoint does not fit the model: " + "; ".join(problems))
+    rank = dist.get_rank()
+    problems = [None]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):  # rank 0's values go to every rank's partition
+        if rank == 0:
+            problems[0] = compare_keys(module.state_dict(), state)
+            if not problems[0]:
+                module.load_state_dict(state, strict=True)
+    dist.broadcast_object_list(problems, src=0)
+    if problems[0]:
+        raise CheckpointMismatch("checkpoint does not fit the model: " + "; ".join(problems[0]))
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)

@@ -264,7 +264,7 @@ class Trainer:
             # whatever tag it is given, and fails on another rank count: consolidate the tag's partitions instead
             from lomar_fast.export import consolidate
 
-            load_module_weights(self.engine.module, consolidate(str(root), point.tag)[0])
+            load_module_weights(self.engine.module, consolidate(str(root), point.tag)[0] if self.rank == 0 else None)
             self.resumed = point
             return point
         if self.universal:  # rank 0 converts (once per tag), every rank loads its new partition of the whole state

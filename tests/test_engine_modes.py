@@ -458,6 +458,29 @@ def test_fused_adamw_steps_go_back_to_their_parameters_device():
     assert opt.state[plain]["step"].device.type == "cpu"  # not fused: torch's own rule keeps it on the host
 
 
+def test_full_weights_load_into_a_zero3_model_or_name_what_does_not_fit(in_process_world):
+    """checkpoint.load_module_weights: full weights into a live ZeRO-3 model's partitions (what --eval --resume of a
+    ZeRO-3 tag does), exactly; a state that does not fit is refused key by key and changes nothing."""
+    from lomar_fast.checkpoint import CheckpointMismatch, load_module_weights, module_state_dict
+    from lomar_fast.distributed import init_distributed
+
+    init_distributed(CPU)
+    engine, _, _ = ranks._engine(3, seed=1234, world=1)
+    assert any(hasattr(p, "ds_id") for p in engine.module.parameters())
+    before = module_state_dict(engine.module)
+    want = ranks.build_model(seed=5).state_dict()
+    bad = {k: v for k, v in want.items() if k != "norm.bias"}
+    bad["blocks.0.mlp.fc1.weight"] = bad["blocks.0.mlp.fc1.weight"][:-1]
+    with pytest.raises(CheckpointMismatch) as refused:
+        load_module_weights(engine.module, bad)
+    assert "norm.bias" in str(refused.value) and "blocks.0.mlp.fc1.weight" in str(refused.value)
+    assert all(torch.equal(v, before[k]) for k, v in module_state_dict(engine.module).items())
+    load_module_weights(engine.module, want)
+    got = module_state_dict(engine.module)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k].float()) for k in want)
+    engine.destroy()
+
+
 def test_each_adam_state_gets_a_step_of_its_own():
     """DeepSpeed's ZeRO-3 universal load gives every flat partition one step tensor; AdamW increments each
     group's steps in place, so two groups would count each step twice. place_steps gives each state its own,
