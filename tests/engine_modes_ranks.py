@@ -165,11 +165,26 @@ def run_stage(stage: int, out: Path, rank: int, world: int) -> dict:
         fresh, fresh_opt, _ = _engine(stage, seed=1234, world=world)  # other initial weights: the load must restore
         _, client = fresh.load_checkpoint(str(ckpt), tag=f"step{RESUME_AT}")
         resumed, _ = _train(fresh, fresh_opt, range(int(client["step"]), STEPS), rank, world)
+        loads = full_weights_load(fresh, rank) if stage == 3 else None
         fresh.destroy()
     shards = [None] * world
     torch.distributed.all_gather_object(shards, sharding)
     return {"mode": engine_mode(ds), "losses": straight, "resumed": resumed, "resume_at": RESUME_AT,
-            "syncs": events, "counted_step": COUNTED_STEP, "sharding": shards}
+            "syncs": events, "counted_step": COUNTED_STEP, "sharding": shards, "full_weights_load": loads}
+
+
+def full_weights_load(engine, rank: int) -> list[bool]:
+    """checkpoint.load_module_weights as ``--eval --resume`` of a ZeRO-3 tag calls it: rank 0 passes the whole
+    weights, the others None. Whether each rank then gathers exactly those weights (one bool per rank)."""
+    from lomar_fast.checkpoint import load_module_weights, module_state_dict
+
+    want = build_model(seed=5).state_dict()
+    load_module_weights(engine.module, want if rank == 0 else None)
+    got = module_state_dict(engine.module)
+    same = set(got) == set(want) and all(torch.equal(got[k], want[k].float()) for k in want)
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, same)
+    return every
 
 
 def resume_from_other_ranks(stage: int, source: Path, rank: int, world: int) -> list[float]:

@@ -458,6 +458,13 @@ def test_fused_adamw_steps_go_back_to_their_parameters_device():
     assert opt.state[plain]["step"].device.type == "cpu"  # not fused: torch's own rule keeps it on the host
 
 
+@pytest.mark.slow
+def test_full_weights_reach_every_ranks_zero3_partitions_from_rank_0(two_ranks):
+    """Under ZeRO-3 only rank 0 reads and passes the whole weights (``--eval --resume``); both ranks then gather
+    exactly them."""
+    assert two_ranks["stages"]["3"]["full_weights_load"] == [True, True]
+
+
 def test_full_weights_load_into_a_zero3_model_or_name_what_does_not_fit(in_process_world):
     """checkpoint.load_module_weights: full weights into a live ZeRO-3 model's partitions (what --eval --resume of a
     ZeRO-3 tag does), exactly; a state that does not fit is refused key by key and changes nothing."""
