@@ -190,7 +190,8 @@ def load_module_weights(module: nn.Module, state: Mapping[str, torch.Tensor] | N
     """Load the full weights ``state`` into a live model exactly. Under ZeRO-3 (partitioned parameters) call it on
     every rank: rank 0's ``state`` is loaded and broadcast with the buffers, the other ranks may pass None, so only
     rank 0 holds the whole model in host memory. Raises CheckpointMismatch, on every rank, listing every missing,
-    unexpected or misshaped key."""
+    unexpected or misshaped key. For evaluation: a ZeRO-3 optimizer's own fp32 master partitions keep their old
+    values, and its next step would write them back."""
     params = [p for p in module.parameters() if hasattr(p, "ds_id")]
     if not params:
         load_checkpoint(module, state)
