@@ -19,13 +19,17 @@
 #   attention_math  LoMaR at 224, compiled blocks, with the explicit-logits attention (LOMAR_ATTN_PATH=math);
 #   gradient_buffer the same step with ZeRO's contiguous gradient buffer (one rank leaves it off by default);
 #   batch512        LoMaR at 224 at micro-batch 512, compiled blocks and the whole model compiled;
+#   combined        LoMaR at 224 with every lever that beat its baseline in the stages before, together
+#                   (benchmarks/combine.py; its choice in throughput/combined_plan.json), when no stage measured
+#                   that combination already;
 #   kernels         the kernel benchmark, --quick (each kernel, and the explicit-logits path, vs its eager and
 #                   compiled reference); KERNEL_CASES (case names, comma-separated) runs only those cases;
 #   autotune        LoMaR at 224, compiled blocks in inductor's max-autotune mode (GEMMs against Triton templates
 #                   that take the bias/GELU epilogues); last, as it runs only in the time the others leave.
 # The order is what issue-level figures still need first: the acceptance rows, then the levers that could move
 # them (FlexAttention, the warp-tiled kernels, the aligned iRPE bias), then the rows that explain the step (engine
-# modes, the explicit-logits attention, the gradient buffer, micro-batch 512), the kernels, max-autotune.
+# modes, the explicit-logits attention, the gradient buffer, micro-batch 512), the winners together, the kernels,
+# max-autotune.
 # STAGES="engine_modes batch512" runs only the stages named (in the order above), e.g. for a second
 # call on the same machine; a stage that does not run (not named, --no-throughput, no DeepSpeed) keeps no time
 # back from the stages before it. Naming a DeepSpeed stage with --no-throughput is an error.
@@ -48,8 +52,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
-ALL_STAGES="gpu_tests throughput attention_flex attention_mma irpe_aligned engine_modes attention_math gradient_buffer batch512 kernels autotune"
-DS_STAGES="throughput attention_flex attention_mma irpe_aligned engine_modes attention_math gradient_buffer batch512 autotune"  # need DeepSpeed; --no-throughput skips
+ALL_STAGES="gpu_tests throughput attention_flex attention_mma irpe_aligned engine_modes attention_math gradient_buffer batch512 combined kernels autotune"
+DS_STAGES="throughput attention_flex attention_mma irpe_aligned engine_modes attention_math gradient_buffer batch512 combined autotune"  # need DeepSpeed; --no-throughput skips
 no_tp=0
 [ "${1:-}" = "--no-throughput" ] && no_tp=1
 wanted=""
@@ -243,6 +247,23 @@ if [ "$no_tp" != 1 ]; then
   ds_stage batch512 150 "$(reserve batch512)" "$PY" -m benchmarks.throughput --quick --models lomar --sizes 224 \
     --variants compile compile-model --lomar_batch 512 --out "$RESULTS/throughput" --name batch512 \
     --time_budget "$(budget "$(reserve batch512)" 110)" ${cpu_tp[@]+"${cpu_tp[@]}"}
+  # the levers that beat their baselines in the stages before, together (benchmarks/combine.py): one more row,
+  # unless a stage measured that combination already (one lever won, or none)
+  if will_run combined; then
+    combo=()
+    mapfile -t combo < <("$PY" -m benchmarks.combine --results "$RESULTS/throughput" \
+      --plan "$RESULTS/throughput/combined_plan.json" 2>> "$RESULTS/combine.log")
+    if [ "${#combo[@]}" = 2 ]; then
+      read -r -a combo_env <<< "${combo[0]}"
+      read -r -a combo_args <<< "${combo[1]}"
+      ds_stage combined 150 "$(reserve combined)" env ${combo_env[@]+"${combo_env[@]}"} "$PY" -m benchmarks.throughput \
+        --quick "${combo_args[@]}" --out "$RESULTS/throughput" --name combined \
+        --time_budget "$(budget "$(reserve combined)" 110)" ${cpu_tp[@]+"${cpu_tp[@]}"}
+    else
+      echo "combined skipped: $("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["skip"])' \
+        "$RESULTS/throughput/combined_plan.json" 2>/dev/null || echo "no plan: see combine.log")" | tee -a "$RESULTS/stages.txt"
+    fi
+  fi
 fi
 
 # KERNEL_CASES: names with spaces and brackets (e.g. "irpe_attention[compiled aligned bmm path]"), so commas part them

@@ -38,7 +38,7 @@ def stages(tmp_path: Path) -> dict[str, str]:
 
 
 ORDER = ["gpu_tests", "throughput", "attention_flex", "attention_mma", "irpe_aligned", "engine_modes", "attention_math",
-         "gradient_buffer", "batch512", "kernels", "autotune"]
+         "gradient_buffer", "batch512", "combined", "kernels", "autotune"]
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,13 @@ def test_every_stage_parses_and_the_output_is_what_a_device_call_returns(full_ch
     assert tuned["plan"] == ["lomar:224:compile-autotune:torch_autocast"]
     big = next(c for c in bench if "batch512" in c["argv"])
     assert big["plan"] == ["lomar:224:compile:torch_autocast", "lomar:224:compile-model:torch_autocast"]
+    # the stub's rates (gpu_check_stub.stub_rate): FlexAttention, the whole model compiled and micro-batch 512 win
+    combined = next(c for c in bench if "combined" in c["argv"])
+    assert combined["env"] == {"LOMAR_ATTN_PATH": "flex", "LOMAR_WA_KERNEL": None, "LOMAR_IRPE_PATH": None}
+    assert combined["plan"] == ["lomar:224:compile-model:torch_autocast"]
+    assert combined["argv"][combined["argv"].index("--lomar_batch") + 1] == "512"
+    plan = json.loads((tmp_path / "results" / "throughput" / "combined_plan.json").read_text())
+    assert plan["choice"] == {"attention": "flex", "irpe": "bmm", "scope": "model", "batch": 512}
     # with the whole deadline left, each stage's own cap lets its first row start
     assert all(b["first_row_fits"] for b in bench), [(b["argv"][-8:], b["budget"]) for b in bench]
     tests = next(c for c in calls if c["argv"][:2] == ["-m", "pytest"])

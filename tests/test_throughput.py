@@ -466,3 +466,68 @@ def test_contiguous_gradients_flag_sets_the_json_and_the_one_rank_rule_gives_way
     args = tp.resolve_defaults(tp.parse_args(["--tiny", "--device", "cpu"]), cpu)
     assert tp.contiguous_gradients(tp.plan_run(args, cpu)[0], 2, 4) is True  # several ranks: DeepSpeed's default
     assert tp.contiguous_gradients(tp.plan_run(args, cpu)[0], 3, 1) is None
+
+
+# ------------------------------------------------------------------------------------------ benchmarks.combine
+def _reports(folder, rows_by_stage: dict) -> None:
+    """Throughput reports as the lever stages write them: {stage: [(variant, batch, images/sec, status)]}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stage, rows in rows_by_stage.items():
+        results = [{"kind": "lomar", "size": 224, "variant": v, "batch_size": b, "images_per_sec": ips, "status": st}
+                   for v, b, ips, st in rows]
+        results.append({"kind": "mae", "size": 224, "variant": "compile-model", "batch_size": 256,
+                        "images_per_sec": 9999.0, "status": "ok"})  # another model: not a LoMaR lever
+        (folder / f"{stage}.json").write_text(json.dumps({"results": results}))
+
+
+def _combine(tmp_path, rows_by_stage: dict) -> tuple[dict, list[str]]:
+    """benchmarks.combine on those reports: (its plan, the lines it printed)."""
+    import contextlib
+    import io
+
+    from benchmarks import combine
+
+    _reports(tmp_path / "r", rows_by_stage)
+    plan_file = tmp_path / "plan.json"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert combine.main(["--results", str(tmp_path / "r"), "--plan", str(plan_file)]) == 0
+    return json.loads(plan_file.read_text()), printed.getvalue().splitlines()
+
+
+BASE = {"throughput": [("compile", 256, 3400.0, "ok"), ("compile-model", 256, 3500.0, "ok")]}
+
+
+def test_combine_runs_the_winning_levers_together(tmp_path):
+    plan, lines = _combine(tmp_path, {**BASE,
+                                      "attention_flex": [("compile", 256, 3450.0, "ok"), ("compile-model", 256, 3700.0, "ok")],
+                                      "attention_mma": [("compile+kernels", 256, 3300.0, "ok"),
+                                                        ("compile-model+kernels", 256, 3600.0, "ok")],
+                                      "irpe_aligned": [("compile", 256, 3450.0, "ok")],
+                                      "batch512": [("compile", 512, 3380.0, "ok"), ("compile-model", 512, 3600.0, "ok")]})
+    # FlexAttention with the whole model compiled is the fastest row; micro-batch 512 beat 256 with the whole model
+    # compiled; the aligned iRPE bias does not apply to FlexAttention
+    assert plan["skip"] is None and plan["choice"] == {"attention": "flex", "irpe": "bmm", "scope": "model", "batch": 512}
+    assert lines == ["LOMAR_ATTN_PATH=flex", "--models lomar --sizes 224 --variants compile-model --lomar_batch 512"]
+
+
+def test_combine_keeps_sdpas_aligned_bias_and_names_the_kernel_variants(tmp_path):
+    from benchmarks import combine
+
+    plan, lines = _combine(tmp_path, {**BASE, "irpe_aligned": [("compile", 256, 3450.0, "ok")],
+                                      "batch512": [("compile-model", 512, 3550.0, "ok")]})
+    assert plan["choice"] == {"attention": "sdpa", "irpe": "bmm_aligned", "scope": "model", "batch": 512}
+    assert lines == ["LOMAR_IRPE_PATH=bmm_aligned",
+                     "--models lomar --sizes 224 --variants compile-model --lomar_batch 512"]
+    assert combine.command({"attention": "mma", "irpe": "bmm", "scope": "blocks", "batch": 256}) == (
+        ["LOMAR_WA_KERNEL=mma"], ["--models", "lomar", "--sizes", "224", "--variants", "compile+kernels",
+                                  "--lomar_batch", "256"])
+
+
+def test_combine_runs_nothing_a_stage_measured_already_or_without_a_baseline(tmp_path):
+    # only FlexAttention won: its own row is the combination; a failed row does not count
+    plan, lines = _combine(tmp_path / "a", {**BASE, "attention_flex": [("compile-model", 256, 3600.0, "ok")],
+                                            "batch512": [("compile-model", 512, 9000.0, "error")]})
+    assert lines == [] and plan["skip"].startswith("measured already: flex, iRPE bmm, model compiled, micro-batch 256")
+    plan, lines = _combine(tmp_path / "b", {"attention_flex": [("compile-model", 256, 3600.0, "ok")]})
+    assert lines == [] and "no baseline row" in plan["skip"]
