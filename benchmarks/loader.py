@@ -13,7 +13,7 @@ runs one warm-up epoch (it includes Numba compilation), then ``--epochs`` timed 
 the reported rate is the median epoch. ``decode_only`` times libjpeg-turbo full-image
 decodes (FFCV's own decoder, one thread) and ``resize_only`` the crop+resize of decoded
 images, to show where the time goes. ``--pipeline finetune`` times the fine-tuning loader (scale 0.08..1, with
-labels) instead, and ``--interpolations`` the crop resizes to compare (``bicubic``: PIL's, lomar_fast.data.resample,
+labels) instead, ``--pipeline val`` the evaluation loader (center crop, with labels), and ``--interpolations`` the crop resizes to compare (``bicubic``: PIL's, lomar_fast.data.resample,
 the loaders' default and this benchmark's; ``area``: FFCV's INTER_AREA); every (size, workers) runs each interpolation in turn, ``--rounds``
 times, so a change in the machine's load hits both. The dataset's JPEGs carry the writer's restart markers
 (``--restart-mcus``, 0 for none), and ``--region-decode on off`` runs the loader decoding only each crop's region
@@ -277,10 +277,10 @@ def _with_cpu_copy(device):
 def run_loader(beton: Path, size: int, workers: int, batch_size: int, epochs: int, pipeline: str = "pretrain",
                interpolation: str = "bicubic", region: bool = True, schedule: str = "balanced",
                device: str = "cpu", cpu_copy: bool = False) -> dict:
-    from lomar_fast.data import build_finetune_loader, build_pretrain_loader, loaders
+    from lomar_fast.data import build_finetune_loader, build_pretrain_loader, build_val_loader, loaders
     from lomar_fast.data.seeded_crop import DECODE_SCHEDULE_ENV, REGION_DECODE_ENV
 
-    build = build_pretrain_loader if pipeline == "pretrain" else build_finetune_loader
+    build = {"pretrain": build_pretrain_loader, "finetune": build_finetune_loader, "val": build_val_loader}[pipeline]
     switches = {REGION_DECODE_ENV: "1" if region else "0", DECODE_SCHEDULE_ENV: schedule}
     copy = mock.patch.object(loaders, "_to_device", _with_cpu_copy) if cpu_copy else contextlib.nullcontext()
     with mock.patch.dict(os.environ, switches), copy:  # read as the decoder and the pipelines are made
@@ -301,7 +301,7 @@ def run_loader(beton: Path, size: int, workers: int, batch_size: int, epochs: in
     decoded = count * (epochs + 1)
     return {"size": size, "workers": workers, "pipeline": pipeline, "interpolation": interpolation,
             "region_decode": region, "schedule": schedule, "device": device, "cpu_copy": cpu_copy,
-            "decoded_by_region": round(loader.seeded_ops[0].region_decodes / max(decoded, 1), 3),
+            "decoded_by_region": round(loader.decoders[0].region_decodes / max(decoded, 1), 3),
             "batches_per_epoch": len(loader),
             "images_per_epoch": count, "warmup_seconds": round(warmup, 3),
             "epoch_seconds": [round(t, 4) for t in times],
@@ -310,8 +310,12 @@ def run_loader(beton: Path, size: int, workers: int, batch_size: int, epochs: in
 
 
 def pipeline_description(pipeline: str = "pretrain", device: str = "cpu") -> str:
-    from lomar_fast.data import FINETUNE_SCALE, PRETRAIN_SCALE, RATIO, finetune_pipelines, pretrain_pipelines
+    from lomar_fast.data import (FINETUNE_SCALE, PRETRAIN_SCALE, RATIO, eval_crop_pct, finetune_pipelines,
+                                 pretrain_pipelines, val_pipelines)
 
+    if pipeline == "val":
+        ops = " -> ".join(type(op).__name__ for op in val_pipelines(224, device)["image"])
+        return f"val: {ops} (center crop of {eval_crop_pct(224):.3f} of the short side, device {device})"
     pipes, scale = (pretrain_pipelines, PRETRAIN_SCALE) if pipeline == "pretrain" else (finetune_pipelines,
                                                                                          FINETUNE_SCALE)
     ops = " -> ".join(type(op).__name__ for op in pipes(224, device)["image"])
@@ -379,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=list(range(1, cores + 1)))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=5, help="timed epochs after one warm-up epoch")
-    p.add_argument("--pipeline", choices=["pretrain", "finetune"], default="pretrain")
+    p.add_argument("--pipeline", choices=["pretrain", "finetune", "val"], default="pretrain")
     p.add_argument("--interpolations", nargs="+", choices=["area", "bicubic"], default=[DEFAULT_INTERPOLATION],
                    help=f"the crop resizes to time, in turn (default {DEFAULT_INTERPOLATION}, the loaders')")
     p.add_argument("--rounds", type=int, default=1, help="times each (size, workers) runs every interpolation")

@@ -395,6 +395,32 @@ def test_eval_box_matches_the_resize_then_crop_on_odd_sizes():
         assert diff.max() <= 1, (h, w, size, pct, diff.max())
 
 
+def test_a_part_of_the_image_around_the_box_resizes_to_the_whole_images_pixels():
+    """resize_bicubic_part (the evaluation crop's region decode): a part holding the box plus bicubic_margin pixels
+    on each side gives resize_bicubic's pixels of the whole image, in both pass orders, boxes at the image's edges
+    included."""
+    from lomar_fast.data.resample import ORDER_VERTICAL_FIRST, bicubic_margin, resize_bicubic_part
+
+    rng = np.random.default_rng(3)
+    for k in range(30):
+        h, w = int(rng.integers(30, 200)), int(rng.integers(30, 200))
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        size = int(rng.integers(8, 40))
+        top, left = float(rng.uniform(0, h / 3)), float(rng.uniform(0, w / 3))
+        bottom, right = float(rng.uniform(top + 1, h)), float(rng.uniform(left + 1, w))
+        if k % 5 == 0:
+            top, left, bottom, right = 0.0, 0.0, float(h), float(w)  # the whole image: no room around the box
+        order = ORDER_HORIZONTAL_FIRST if k % 2 else ORDER_VERTICAL_FIRST
+        want = np.empty((size, size, 3), np.uint8)
+        resize_bicubic(img, top, bottom, left, right, want, order)
+        my, mx = bicubic_margin(bottom - top, size), bicubic_margin(right - left, size)
+        y0, y1 = max(int(top) - my, 0), min(int(bottom) + my, h)
+        x0, x1 = max(int(left) - mx, 0), min(int(right) + mx, w)
+        got = np.empty_like(want)
+        resize_bicubic_part(np.ascontiguousarray(img[y0:y1, x0:x1]), y0, x0, h, w, top, bottom, left, right, got, order)
+        np.testing.assert_array_equal(got, want, err_msg=str((h, w, size, top, bottom, left, right)))
+
+
 def test_pretrain_pipeline_and_bad_values():
     from lomar_fast.data import finetune_pipelines, pretrain_pipelines, val_pipelines
     from lomar_fast.data.seeded_crop import INTERPOLATIONS, CenterCrop, SeededRandomResizedCrop

@@ -175,3 +175,39 @@ def test_the_training_crop_decodes_regions_to_the_same_batches(tmp_path, monkeyp
     monkeypatch.setenv("LOMAR_REGION_DECODE", "yes")
     with pytest.raises(ValueError, match="LOMAR_REGION_DECODE='yes' must be 1"):
         build_pretrain_loader(betons["marked"], batch_size=12, input_size=64, num_workers=1)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "area"])
+def test_the_evaluation_crop_decodes_regions_to_the_same_batches(tmp_path, monkeypatch, interpolation):
+    """The evaluation loader's center crop decodes JPEGs with restart markers by region too: the crop's segments
+    and, for the bicubic resize, the pixels its filter reads around the box. The batches equal those of the same
+    .beton decoded whole and of one written without markers."""
+    from PIL import Image
+
+    from data_prep import write_beton
+    from data_prep.write_beton import write_dataset
+    from lomar_fast.data import build_val_loader
+
+    rng = np.random.default_rng(7)
+    for k in range(10):  # wide and tall images: the center crop leaves out much of the long side
+        d = tmp_path / "src" / "val" / f"c{k % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        short, long = int(rng.integers(120, 200)), int(rng.integers(300, 420))
+        hw = (short, long) if k % 3 else (long, short)
+        Image.fromarray(photo_like(rng, *hw)).save(d / f"{k}.png")
+    write_dataset(tmp_path / "src", tmp_path / "marked", ("val",), WriteOptions(workers=1, progress=False))
+    assert write_beton.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "plain"), "--splits", "val",
+                             "--quiet", "--workers", "1", "--restart-mcus", "0"]) == 0
+    batches, decoders = {}, {}
+    for name, beton, region in (("marked", "marked", "1"), ("plain", "plain", "1"), ("off", "marked", "0")):
+        monkeypatch.setenv("LOMAR_REGION_DECODE", region)
+        loader = build_val_loader(tmp_path / beton / "val.beton", batch_size=5, input_size=64, num_workers=1,
+                                  interpolation=interpolation)
+        decoders[name] = loader.decoders[0]
+        assert decoders[name].region_decode == (region == "1")
+        batches[name] = np.concatenate([np.asarray(images) for images, _ in loader])
+    assert batches["marked"].shape == (10, 64, 64, 3)
+    np.testing.assert_array_equal(batches["marked"], batches["plain"])
+    np.testing.assert_array_equal(batches["marked"], batches["off"])
+    assert decoders["plain"].region_decodes == 0 and decoders["off"].region_decodes == 0
+    assert decoders["marked"].region_decodes >= 5, decoders["marked"].region_decodes

@@ -499,15 +499,15 @@ BASE = {"throughput": [("compile", 256, 3400.0, "ok"), ("compile-model", 256, 35
 
 
 def test_combine_runs_the_winning_levers_together(tmp_path):
-    plan, lines = _combine(tmp_path, {**BASE,
-                                      "attention_flex": [("compile", 256, 3450.0, "ok"), ("compile-model", 256, 3700.0, "ok")],
-                                      "attention_mma": [("compile+kernels", 256, 3300.0, "ok"),
-                                                        ("compile-model+kernels", 256, 3600.0, "ok")],
-                                      "irpe_aligned": [("compile", 256, 3450.0, "ok")],
-                                      "batch512": [("compile", 512, 3380.0, "ok"), ("compile-model", 512, 3600.0, "ok")]})
+    plan, lines = _combine(tmp_path, {
+        **BASE, "attention_flex": [("compile", 256, 3450.0, "ok"), ("compile-model", 256, 3700.0, "ok")],
+        "attention_mma": [("compile+kernels", 256, 3300.0, "ok"), ("compile-model+kernels", 256, 3600.0, "ok")],
+        "irpe_aligned": [("compile", 256, 3450.0, "ok")],
+        "batch512": [("compile", 512, 3380.0, "ok"), ("compile-model", 512, 3600.0, "ok")]})
     # FlexAttention with the whole model compiled is the fastest row; micro-batch 512 beat 256 with the whole model
     # compiled; the aligned iRPE bias does not apply to FlexAttention
-    assert plan["skip"] is None and plan["choice"] == {"attention": "flex", "irpe": "bmm", "scope": "model", "batch": 512}
+    assert plan["skip"] is None
+    assert plan["choice"] == {"attention": "flex", "irpe": "bmm", "scope": "model", "batch": 512}
     assert "fastest row: flex, iRPE bmm, model compiled, micro-batch 256, 3700 img/s" in plan["why"]
     assert lines == ["LOMAR_ATTN_PATH=flex", "--models lomar --sizes 224 --variants compile-model --lomar_batch 512"]
 

@@ -294,11 +294,13 @@ def _build(path, fields, make_pipelines, batch_size, num_workers, distributed, s
         full.update({k: v for k, v in pipelines.items() if k in fields})
         # collected before FFCV takes the lists apart
         seeded = [op for ops in pipelines.values() if ops for op in ops if hasattr(op, "set_epoch")]
+        decoders = [op for ops in pipelines.values() if ops for op in ops if hasattr(op, "region_decodes")]
         loader = cls(str(path), batch_size=batch_size,
                      num_workers=loader_workers(num_workers),
                      os_cache=os_cache, order=order, distributed=distributed,
                      seed=int(seed), pipelines=full, drop_last=drop_last, batches_ahead=batches_ahead)
         loader.seeded_ops = seeded
+        loader.decoders = decoders  # the image decoders (their region_decodes counts)
         return loader
 
     loader = construct_loader(make)

@@ -259,6 +259,23 @@ def resize_bicubic(src, top, bottom, left, right, dst, order=ORDER_PIL13, flip=F
 
 
 @njit(nogil=True, cache=True)
+def bicubic_margin(extent, out_size):
+    """How many pixels beyond a box edge the bicubic resize of a box ``extent`` pixels long to ``out_size`` reads:
+    the kernel's support, 2 output pixels (stretched by the shrink factor), plus the rounding of the taps."""
+    return int(SUPPORT * max(extent / out_size, 1.0)) + 2
+
+
+@njit(nogil=True, cache=True)
+def resize_bicubic_part(src, y0, x0, height, width, top, bottom, left, right, dst, order=ORDER_PIL13):
+    """:func:`resize_bicubic` of a (height, width) image of which ``src`` holds only the part from row ``y0`` and
+    column ``x0`` on; the box is in the whole image's coordinates. The same pixels as from the whole image when
+    ``src`` holds every pixel the filter reads: the box plus :func:`bicubic_margin` pixels on each side, within
+    the image (the weights are those of the whole image, clipped at its edges)."""
+    _resample(np.ascontiguousarray(src), -np.int64(y0), -np.int64(x0), np.int64(height), np.int64(width),
+              np.float64(top), np.float64(bottom), np.float64(left), np.float64(right), dst, np.int64(order), False)
+
+
+@njit(nogil=True, cache=True)
 def resize_crop_bicubic(src, top, bottom, left, right, dst, order=ORDER_PIL13, flip=False):
     """PIL's ``Image.crop((left, top, right, bottom)).resize((W, H), BICUBIC)`` of ``src`` into ``dst``: the
     filter stops at the crop's edges (torchvision's and timm's RandomResizedCrop). Same arguments as

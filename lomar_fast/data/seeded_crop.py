@@ -36,8 +36,8 @@ from ffcv.pipeline.compiler import Compiler
 from lomar_fast.images import DEFAULT_INTERPOLATION, INTERPOLATIONS
 
 from .jpeg_region import region_into
-from .resample import (ORDER_HORIZONTAL_FIRST, ORDER_PIL13, ORDER_VERTICAL_FIRST, horizontal_first, resize_bicubic,
-                       resize_crop_bicubic)
+from .resample import (ORDER_HORIZONTAL_FIRST, ORDER_PIL13, ORDER_VERTICAL_FIRST, bicubic_margin,
+                       horizontal_first, resize_bicubic_part, resize_crop_bicubic)
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 
@@ -213,6 +213,27 @@ def plan_batch(cost, balanced, threads):
     return decode_order(cost, balanced), queue, threads if balanced else cost.shape[0]
 
 
+def jpeg_decoder():
+    """``decode(data, height, width, top, bottom, left, right, buf, streams, tid, region, regions)``: (pixels, y0,
+    x0), the JPEG ``data`` (height, width) decoded into decode thread ``tid``'s buffer ``buf``. With ``region``,
+    where its restart markers allow, only the rectangle of restart segments that holds rows ``top:bottom`` and
+    columns ``left:right`` (:mod:`.jpeg_region`; counted in ``regions[tid]``), the pixels from image row ``y0`` and
+    column ``x0`` on; else the whole image (0, 0). Compiled as FFCV compiles a decoder's helpers."""
+    imdecode_c = Compiler.compile(imdecode)
+    region_c = region_into
+
+    def decode(data, height, width, top, bottom, left, right, buf, streams, tid, region, regions):
+        if region:
+            size, y0, x0, rh, rw = region_c(data, top, bottom, left, right, streams, tid)
+            if size > 0 and imdecode_c(streams[tid][:size], buf, rh, rw, rh, rw, 0, 0, 1, 1, False, False) == 0:
+                regions[tid] += 1
+                return buf.reshape(-1)[:3 * rh * rw].reshape(rh, rw, 3), y0, x0
+        imdecode_c(data, buf, height, width, height, width, 0, 0, 1, 1, False, False)
+        return buf.reshape(-1)[:3 * height * width].reshape(height, width, 3), np.int64(0), np.int64(0)
+
+    return Compiler.compile(decode)
+
+
 def image_reader(mem_read):
     """``read(metadata, batch_indices, k, storage_state)``: (stored bytes, height, width, is a JPEG) of a batch's
     ``k``-th image, compiled as FFCV compiles a decoder's helpers."""
@@ -270,6 +291,17 @@ class ThreadScratch:
     _scratch: np.ndarray | None = None
     _streams: np.ndarray | None = None
 
+    def init_region_decode(self, region_decode: bool | None) -> None:
+        """The region switch (default: ``$LOMAR_REGION_DECODE``) and the per-thread count of JPEGs decoded by region
+        alone (written by the compiled code)."""
+        self.region_decode = region_decode_enabled() if region_decode is None else bool(region_decode)
+        self._regions = np.zeros(max(int(numba.config.NUMBA_NUM_THREADS), 1), dtype=np.int64)
+
+    @property
+    def region_decodes(self) -> int:
+        """How many JPEGs this decoder decoded by their crop's region alone (:mod:`.jpeg_region`), not whole."""
+        return int(self._regions.sum())
+
     def declare_state_and_memory(self, previous_state):
         state, (output, _decode_buffer) = super().declare_state_and_memory(previous_state)
         return state, output
@@ -317,16 +349,9 @@ class SeededRandomResizedCrop(ThreadScratch, RandomResizedCropRGBImageDecoder):
         self.interpolation = check_interpolation(interpolation)
         self.flip_prob = float(flip_prob)
         self.seed = int(seed) & 0xFFFFFFFF
-        self.region_decode = region_decode_enabled() if region_decode is None else bool(region_decode)
+        self.init_region_decode(region_decode)
         self.schedule = decode_schedule()
         self._epoch = np.zeros(1, dtype=np.int64)  # read by the compiled code through its address
-        # JPEGs decoded by their crop's region alone, per decode thread (written by the compiled code)
-        self._regions = np.zeros(max(int(numba.config.NUMBA_NUM_THREADS), 1), dtype=np.int64)
-
-    @property
-    def region_decodes(self) -> int:
-        """How many JPEGs this decoder decoded by their crop's region alone (:mod:`.jpeg_region`), not whole."""
-        return int(self._regions.sum())
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch[0] = int(epoch)
@@ -334,7 +359,7 @@ class SeededRandomResizedCrop(ThreadScratch, RandomResizedCropRGBImageDecoder):
     def generate_code(self):
         read_c = image_reader(self.memory_read)
         my_range = Compiler.get_iterator()
-        imdecode_c = Compiler.compile(imdecode)
+        jpeg_c = jpeg_decoder()
         area_c = Compiler.compile(resize_crop)
         flip_c = _flip_rows
         bicubic = self.interpolation == "bicubic"
@@ -362,7 +387,6 @@ class SeededRandomResizedCrop(ThreadScratch, RandomResizedCropRGBImageDecoder):
         epoch_at = _array_at(self._epoch)  # this object keeps the array alive
         scratch_at = self.scratch()
         streams_at = self.streams()
-        region_c = region_into
         region = self.region_decode
         regions_at = _array_at(self._regions)
 
@@ -390,23 +414,11 @@ class SeededRandomResizedCrop(ThreadScratch, RandomResizedCropRGBImageDecoder):
                     image_data, height, width, jpeg = read_c(metadata, batch_indices, dst_ix, storage_state)
                     i, j, h, w = boxes[dst_ix, 0], boxes[dst_ix, 1], boxes[dst_ix, 2], boxes[dst_ix, 3]
                     flip = boxes[dst_ix, 4] != 0
-                    if jpeg:
+                    if jpeg:  # the crop's region alone where the JPEG's restart markers allow it
                         tid = get_thread_id()
-                        buf = scratch[tid]
-                        whole = True
-                        if region:  # the crop's region alone where the JPEG's restart markers allow it
-                            size, y0, x0, rh, rw = region_c(image_data, i, i + h, j, j + w, streams, tid)
-                            if size > 0:
-                                whole = imdecode_c(streams[tid][:size], buf, rh, rw, rh, rw, 0, 0, 1, 1, False,
-                                                   False) != 0
-                            if not whole:
-                                regions[tid] += 1
-                                resize_crop_c(buf.reshape(-1)[:3 * rh * rw].reshape(rh, rw, 3), i - y0,
-                                              i - y0 + h, j - x0, j - x0 + w, destination[dst_ix], flip)
-                        if whole:
-                            imdecode_c(image_data, buf, height, width, height, width, 0, 0, 1, 1, False, False)
-                            resize_crop_c(buf.reshape(-1)[:3 * height * width].reshape(height, width, 3), i, i + h,
-                                          j, j + w, destination[dst_ix], flip)
+                        pixels, y0, x0 = jpeg_c(image_data, height, width, i, i + h, j, j + w, scratch[tid],
+                                                streams, tid, region, regions)
+                        resize_crop_c(pixels, i - y0, i - y0 + h, j - x0, j - x0 + w, destination[dst_ix], flip)
                     else:
                         resize_crop_c(image_data.reshape(height, width, 3), i, i + h, j, j + w,
                                       destination[dst_ix], flip)
@@ -442,20 +454,27 @@ class CenterCrop(ThreadScratch, CenterCropRGBImageDecoder):
     """The evaluation crop resized to ``output_size`` with ``interpolation``. ``"area"`` gives FFCV's decoder's
     pixels (a center crop of side ``int(ratio * min(H, W))``, INTER_AREA); ``"bicubic"`` is MAE's transform,
     ``Resize(int(output_size / ratio), BICUBIC)`` then ``CenterCrop(output_size)`` (torchvision on PIL images),
-    computed as one PIL bicubic resize of the matching box of the whole image (:func:`eval_box`)."""
+    computed as one PIL bicubic resize of the matching box of the whole image (:func:`eval_box`).
 
-    def __init__(self, output_size, ratio: float, interpolation: str = DEFAULT_INTERPOLATION):
+    With ``region_decode`` (as :class:`SeededRandomResizedCrop`'s), a JPEG with restart markers is decoded only
+    over the segments that hold the crop and, for the bicubic resize, the pixels its filter reads around the box:
+    the same pixels for less work."""
+
+    def __init__(self, output_size, ratio: float, interpolation: str = DEFAULT_INTERPOLATION,
+                 region_decode: bool | None = None):
         super().__init__(output_size, ratio)
         self.interpolation = check_interpolation(interpolation)
         self.schedule = decode_schedule()
+        self.init_region_decode(region_decode)
 
     def generate_code(self):
         read_c = image_reader(self.memory_read)
         my_range = Compiler.get_iterator()
-        imdecode_c = Compiler.compile(imdecode)
-        resize_crop_c = Compiler.compile(resize_crop)
+        jpeg_c = jpeg_decoder()
+        area_c = Compiler.compile(resize_crop)
         center_c = _center_crop_c
         box_c = _eval_box_c
+        margin_c = bicubic_margin
         cost_c = decode_cost
         plan_c = plan_batch
         take_c = take_function()
@@ -464,34 +483,60 @@ class CenterCrop(ThreadScratch, CenterCropRGBImageDecoder):
         size = int(self.output_size[0])
         bicubic = self.interpolation == "bicubic"
         scratch_at = self.scratch()
+        streams_at = self.streams()
+        region = self.region_decode
+        regions_at = _array_at(self._regions)
+
+        def crop_box(height, width):
+            """(top, bottom, left, right, passes) of the resize in image coordinates, and the rows and columns
+            (t, b, l, r) its pixels come from: the bicubic filter also reads pixels around the box."""
+            if bicubic:
+                top, bottom, left, right, passes = box_c(np.int64(height), np.int64(width), size, ratio)
+                my, mx = margin_c(bottom - top, size), margin_c(right - left, size)
+                return (top, bottom, left, right, passes, max(int(top) - my, 0), min(int(bottom) + my, height),
+                        max(int(left) - mx, 0), min(int(right) + mx, width))
+            i, j, h, w = center_c(height, width, 0.0, ratio)  # FFCV's center crop of side int(ratio * min(H, W))
+            return (np.float64(i), np.float64(i + h), np.float64(j), np.float64(j + w), np.int64(0), np.int64(i),
+                    np.int64(i + h), np.int64(j), np.int64(j + w))
+
+        crop_box = Compiler.compile(crop_box)
+
+        def resize_c(pixels, y0, x0, height, width, top, bottom, left, right, passes, destination):
+            """The box (image coordinates) of the image whose pixels from (y0, x0) on ``pixels`` holds."""
+            if bicubic:
+                resize_bicubic_part(pixels, y0, x0, height, width, top, bottom, left, right, destination, passes)
+            else:
+                area_c(pixels, int(top) - y0, int(bottom) - y0, int(left) - x0, int(right) - x0, destination)
+
+        resize_c = Compiler.compile(resize_c)
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination = my_storage
             scratch = scratch_at()
+            streams = streams_at()
+            regions = regions_at()
             n = len(batch_indices)
             cost = np.empty(n, np.float64)
             for p in range(n):
                 image_data, height, width, jpeg = read_c(metadata, batch_indices, p, storage_state)
-                side = min(height, width)
-                cost[p] = cost_c(image_data.shape[0], jpeg, False, height, width, side, side)
+                side = int(ratio * min(height, width))
+                cost[p] = cost_c(image_data.shape[0], jpeg, region, height, width, side, side)
             order, queue, loops = plan_c(cost, balanced, numba.get_num_threads())
             for slot in my_range(loops):  # as in SeededRandomResizedCrop
                 k = take_c(queue, slot, balanced)
                 while k < n:
                     dst_ix = order[k]
                     image_data, height, width, jpeg = read_c(metadata, batch_indices, dst_ix, storage_state)
+                    top, bottom, left, right, passes, t, b, l, r = crop_box(height, width)
                     if jpeg:
-                        buf = scratch[get_thread_id()]
-                        imdecode_c(image_data, buf, height, width, height, width, 0, 0, 1, 1, False, False)
-                        buf = buf.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                        tid = get_thread_id()
+                        pixels, y0, x0 = jpeg_c(image_data, height, width, t, b, l, r, scratch[tid], streams, tid,
+                                                region, regions)
+                        resize_c(pixels, y0, x0, height, width, top, bottom, left, right, passes,
+                                 destination[dst_ix])
                     else:
-                        buf = image_data.reshape(height, width, 3)
-                    if bicubic:
-                        top, bottom, left, right, passes = box_c(np.int64(height), np.int64(width), size, ratio)
-                        resize_bicubic(buf, top, bottom, left, right, destination[dst_ix], passes)
-                    else:  # FFCV's center crop of side int(ratio * min(H, W)), INTER_AREA
-                        i, j, h, w = center_c(height, width, 0.0, ratio)
-                        resize_crop_c(buf, i, i + h, j, j + w, destination[dst_ix])
+                        resize_c(image_data.reshape(height, width, 3), 0, 0, height, width, top, bottom, left, right,
+                                 passes, destination[dst_ix])
                     k = take_c(queue, n, balanced)
             return destination[:n]
 
