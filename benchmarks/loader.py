@@ -6,23 +6,23 @@ Usage::
     python -m benchmarks.loader --quick --out /tmp/loader.json
     python -m benchmarks.loader --pipeline finetune --sizes 224 --workers 1 --interpolations area bicubic
 
-The dataset is built once into ``--cache-dir``: random views of the scikit-image demo
-photos at ImageNet-like sizes (500x375, a quarter of them 375x500 portrait), written as
-JPEG q90 with max side 512 by data_prep.write_beton. For each (size, workers) the loader
-runs one warm-up epoch (it includes Numba compilation), then ``--epochs`` timed epochs;
-the reported rate is the median epoch. ``decode_only`` times libjpeg-turbo full-image
-decodes (FFCV's own decoder, one thread) and ``resize_only`` the crop+resize of decoded
-images, to show where the time goes. ``--pipeline finetune`` times the fine-tuning loader (scale 0.08..1, with
-labels) instead, ``--pipeline val`` the evaluation loader (center crop, with labels), and ``--interpolations`` the crop resizes to compare (``bicubic``: PIL's, lomar_fast.data.resample,
-the loaders' default and this benchmark's; ``area``: FFCV's INTER_AREA); every (size, workers) runs each interpolation in turn, ``--rounds``
-times, so a change in the machine's load hits both. The dataset's JPEGs carry the writer's restart markers
-(``--restart-mcus``, 0 for none), and ``--region-decode on off`` runs the loader decoding only each crop's region
-(lomar_fast.data.jpeg_region) and decoding whole images, in turn; ``decode_only.region`` times the region decodes
-of the same random crops as ``resize_only``, one thread. ``--schedule balanced static`` runs the decode threads
-taking a batch's images from a queue, largest estimated cost first (the loader's default), and FFCV's equal,
-contiguous shares, in turn. ``--device`` is where the batches go (``cuda`` on a GPU host: FFCV's pinned buffers
-and the copy to the GPU, as in training); on the CPU the batch is the decoder's own buffer, and ``--cpu-copy on
-off`` also times it with FFCV's ``ToDevice`` copy to the CPU at the end, the pipeline before 2026-11-28, in turn.
+The dataset is built once into ``--cache-dir``: random views of the scikit-image demo photos at ImageNet-like sizes
+(500x375, a quarter of them 375x500 portrait), written as JPEG q90 with max side 512 by data_prep.write_beton. For
+each (size, workers) the loader runs one warm-up epoch (it includes Numba compilation), then ``--epochs`` timed
+epochs; the reported rate is the median epoch. ``decode_only`` times libjpeg-turbo full-image decodes (FFCV's own
+decoder, one thread) and ``resize_only`` the crop+resize of decoded images, to show where the time goes.
+``--pipeline finetune`` times the fine-tuning loader (scale 0.08..1, with labels) instead, ``--pipeline val`` the
+evaluation loader (center crop, with labels), and ``--interpolations`` the crop resizes to compare (``bicubic``:
+PIL's, lomar_fast.data.resample, the loaders' default and this benchmark's; ``area``: FFCV's INTER_AREA); every
+(size, workers) runs each interpolation in turn, ``--rounds`` times, so a change in the machine's load hits both.
+The dataset's JPEGs carry the writer's restart markers (``--restart-mcus``, 0 for none), and ``--region-decode on
+off`` runs the loader decoding only each crop's region (lomar_fast.data.jpeg_region) and decoding whole images, in
+turn; ``decode_only.region`` times the region decodes of the same random crops as ``resize_only``, one thread.
+``--schedule balanced static`` runs the decode threads taking a batch's images from a queue, largest estimated cost
+first (the loader's default), and FFCV's equal, contiguous shares, in turn. ``--device`` is where the batches go
+(``cuda`` on a GPU host: FFCV's pinned buffers and the copy to the GPU, as in training); on the CPU the batch is the
+decoder's own buffer, and ``--cpu-copy on off`` also times it with FFCV's ``ToDevice`` copy to the CPU at the end,
+the pipeline before 2026-11-28, in turn.
 Results: ``benchmarks/results/loader_<host>.json``.
 """
 from __future__ import annotations

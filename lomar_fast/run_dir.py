@@ -364,6 +364,17 @@ def universal_param_groups(tag_dir: Path) -> list[dict]:
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["param_groups"]
 
 
+def settle_universal_load(optimizer, tag_dir: Path) -> None:
+    """After DeepSpeed 0.19.8 loaded the universal checkpoint ``tag_dir`` into ``optimizer`` (the engine's base
+    optimizer): each parameter group's settings as the checkpoint has them, and each Adam state a step of its
+    own, on its parameter's device where the optimizer is fused (lomar_fast.optim's ``restore_group_settings``
+    and ``place_steps`` say what DeepSpeed's load gets wrong)."""
+    from lomar_fast.optim import place_steps, restore_group_settings
+
+    restore_group_settings(optimizer, universal_param_groups(tag_dir))
+    place_steps(optimizer)
+
+
 def convert_universal(tag_dir: Path, out_dir: Path, python: str = sys.executable, timeout: float = 3600) -> Path:
     """Convert the complete DeepSpeed tag ``tag_dir`` into a universal checkpoint at ``out_dir`` (DeepSpeed's
     ``ds_to_universal``: each parameter's fp32 weights and Adam moments whole, loadable on any rank count).

@@ -37,7 +37,7 @@ from lomar_fast.precision import compute_dtype, param_dtype, resolve_precision
 from lomar_fast.errors import CompileFailed, ConfigError, NonFiniteLoss
 from lomar_fast.checkpoint import load_module_weights
 from lomar_fast.logging_utils import RunLogger
-from lomar_fast.optim import build_adamw, effective_lr, lr_at, place_steps, restore_group_settings, set_lr
+from lomar_fast.optim import build_adamw, effective_lr, lr_at, set_lr
 
 
 def plan_run(cfg: RunConfig, extra_ds: dict[str, Any] | None = None) -> tuple[torch.device, dict[str, Any], int]:
@@ -278,10 +278,9 @@ class Trainer:
                                                    load_optimizer_states=not module_only,
                                                    load_lr_scheduler_states=not module_only)
         if self.universal:
-            base = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
             if not module_only:
-                restore_group_settings(base, run_dir.universal_param_groups(Path(root, point.tag)))
-            place_steps(base)
+                run_dir.settle_universal_load(getattr(self.engine.optimizer, "optimizer", self.engine.optimizer),
+                                              Path(root, point.tag))
             barrier()  # every rank has read its part; the next save is in this rank count's own layout
             if self.rank == 0:
                 shutil.rmtree(root, ignore_errors=True)

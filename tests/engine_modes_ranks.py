@@ -193,7 +193,6 @@ def resume_from_other_ranks(stage: int, source: Path, rank: int, world: int) -> 
     groups' settings and Adam steps are set right), into an engine built from other weights, and train the
     remaining steps; returns their global losses."""
     from lomar_fast import run_dir
-    from lomar_fast.optim import place_steps, restore_group_settings
 
     tag = f"step{RESUME_AT}"
     univ = source / "universal" / f"zero{stage}"
@@ -202,9 +201,7 @@ def resume_from_other_ranks(stage: int, source: Path, rank: int, world: int) -> 
     torch.distributed.barrier()
     engine, optimizer, _ = _engine(stage, seed=1234, world=world, extra={"checkpoint": {"load_universal": True}})
     _, client = engine.load_checkpoint(str(univ), tag=tag)
-    base = engine.optimizer.optimizer
-    restore_group_settings(base, run_dir.universal_param_groups(univ / tag))
-    place_steps(base)
+    run_dir.settle_universal_load(engine.optimizer.optimizer, univ / tag)
     losses, _ = _train(engine, optimizer, range(int(client["step"]), STEPS), rank, world)
     engine.destroy()
     return losses
