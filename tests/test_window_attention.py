@@ -461,6 +461,10 @@ def test_pytorch_paths_match_the_formula_values_and_gradients(request, path, len
     buckets = window_buckets(side)
     q, k, v = (x.detach().requires_grad_(True) for x in qkv_views(3, 5, length, d, dtype, seed=length))
     table = random_table(d, dtype=torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_(True)
+    if path == "flex" and wa_mod.flex_refuses_head_dim(d):  # torch <= 2.7: powers of two only
+        with pytest.raises(ValueError, match=f"head dims only, and this model's is {d}: use torch 2.8 or newer"):
+            attend(q, k, v, table, buckets, scale, rpe_scale)
+        return
     out = attend(q, k, v, table, buckets, scale, rpe_scale)
     assert out.dtype == dtype and out.shape == q.shape
     s = d**-0.5 if scale is None else scale
@@ -582,6 +586,27 @@ def test_flex_path_projection_rows_are_padded_to_aligned_width():
     assert qt.shape == (2, 3, 17, 56) and qt.dtype == torch.float32
     assert not qt[..., 50:].any()
     torch.testing.assert_close(qt[..., :50], (q.float() @ (table * 0.5)), rtol=2e-2, atol=2e-2)
+
+
+def test_flex_path_names_the_way_out_where_flexattention_refuses_the_head_dim(monkeypatch):
+    """Up to torch 2.7 FlexAttention takes power-of-two head dims only (its module holds the check's helper):
+    there the path stops with one error naming the variable, the head dim and the ways out, before any work;
+    from torch 2.8 on (no helper) it refuses none."""
+    import torch.nn.attention.flex_attention as fa
+
+    calls = []
+    q, k, v = qkv_views(2, 3, 17, 80)
+    monkeypatch.setattr(fa, "_supported_head_dim", lambda n: n in (16, 32, 64, 128), raising=False)
+    assert wa_mod.flex_refuses_head_dim(80) and not wa_mod.flex_refuses_head_dim(64)
+    with pytest.raises(ValueError, match=r"LOMAR_ATTN_PATH=flex: torch .*'s FlexAttention takes power-of-two head "
+                                         r"dims only, and this model's is 80: use torch 2.8 or newer, or "
+                                         r"LOMAR_ATTN_PATH=sdpa \(the default\)"):
+        wa_mod.window_attention_flex(q, k, v, random_table(80), window_buckets(4), flex=lambda *a, **kw: calls.append(a))
+    assert not calls
+    monkeypatch.delattr(fa, "_supported_head_dim")
+    assert not wa_mod.flex_refuses_head_dim(80) and not wa_mod.flex_refuses_head_dim(3)
+    wa_mod.window_attention_flex(q, k, v, random_table(80), window_buckets(4), flex=lambda *a, **kw: calls.append(a))
+    assert len(calls) == 1
 
 
 def test_flex_kernel_options(monkeypatch):
@@ -1693,6 +1718,10 @@ def flex_path(monkeypatch):
                                             (64, 128, torch.bfloat16)])
 def test_gpu_flex_path_odd_shapes(flex_path, dtype, length, d):
     buckets, (q, k, v) = _gpu_odd_inputs(length, d, dtype)
+    if wa_mod.flex_refuses_head_dim(d):  # torch <= 2.7: powers of two only
+        with pytest.raises(ValueError, match=f"this model's is {d}: use torch 2.8 or newer"):
+            wa_mod.window_attention(q, k, v, random_table(d, device="cuda"), buckets)
+        return
     _check_gpu_flex(q, k, v, random_table(d, device="cuda"), buckets, scale=0.2 if length == 26 else None)
 
 

@@ -14,6 +14,8 @@ otherwise to a pure-PyTorch path chosen by ``$LOMAR_ATTN_PATH``:
 - ``flex``, for CUDA tensors: PyTorch's FlexAttention (:func:`window_attention_flex`), whose compiled Triton
   kernels add the iRPE term inside the attention from the small (N, H, L, NB) projection ``q T``: no (N, H, L, L)
   bias is written, read or differentiated. FlexAttention has no backward on CPU, so CPU tensors keep SDPA.
+  Before torch 2.8 FlexAttention takes power-of-two head dims only: there the path refuses others (ViT-H's 80)
+  with one error naming the way out.
 
 The meaning is :func:`lomar_fast.ops.window_attention_ref.window_attention_reference`.
 """
@@ -142,6 +144,15 @@ def _extra_flex_options(raw: str) -> tuple:
     return tuple(sorted(extra.items()))
 
 
+def flex_refuses_head_dim(d: int) -> bool:
+    """Whether this torch's FlexAttention refuses head dim ``d``: up to torch 2.7 it took powers of two only
+    (ViT-H's 80 among those refused); from 2.8 on, any."""
+    import torch.nn.attention.flex_attention as fa
+
+    supported = getattr(fa, "_supported_head_dim", None)  # the check's helper, gone from 2.8's module
+    return supported is not None and not supported(d)
+
+
 _compiled_flex = None
 
 
@@ -174,6 +185,10 @@ def window_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tab
     ``flex`` is the FlexAttention function to call (tests pass the uncompiled one); None means
     :func:`_flex_attention`, with :func:`flex_kernel_options`.
     """
+    if flex_refuses_head_dim(q.shape[-1]):
+        raise ValueError(f"{ATTN_PATH_ENV}=flex: torch {torch.__version__}'s FlexAttention takes power-of-two head "
+                         f"dims only, and this model's is {q.shape[-1]}: use torch 2.8 or newer, or "
+                         f"{ATTN_PATH_ENV}=sdpa (the default)")
     s = default_scale(q.shape[-1]) if scale is None else float(scale)
     t = table if rpe_scale is None else table * rpe_scale
     t = F.pad(t.to(q.dtype), (0, -t.shape[1] % FLEX_QT_ALIGN))
