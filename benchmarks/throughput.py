@@ -1161,3 +1161,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    from lomar_fast.distributed import shutdown_distributed
+
+    shutdown_distributed()

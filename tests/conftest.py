@@ -108,13 +108,12 @@ def in_process_world():
     ``python -m`` start makes it), then take the process group and the launcher variables away again."""
     import deepspeed.comm.comm as ds_comm
 
+    from lomar_fast.distributed import shutdown_distributed
+
     keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
     saved = {k: os.environ.pop(k) for k in keys if k in os.environ}
     yield
-    if ds_comm.cdb is not None and torch.distributed.is_initialized():
-        ds_comm.destroy_process_group()  # also drops DeepSpeed's cached groups (data/sequence parallel)
-    elif torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    shutdown_distributed()  # also drops DeepSpeed's cached groups (data/sequence parallel)
     ds_comm.cdb = None
     for k in keys:  # what the entry point set (not through monkeypatch, which would put it back afterwards)
         os.environ.pop(k, None)

@@ -248,7 +248,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
-    from lomar_fast.distributed import init_distributed
+    from lomar_fast.distributed import init_distributed, shutdown_distributed
 
     rank, world, _ = init_distributed(torch.device("cpu"))
     out = Path(args.out)
@@ -263,6 +263,7 @@ def main() -> None:
               "probes": {} if args.no_probes else probe_counter(rank, world), "seconds": time.perf_counter() - t0}
     if rank == 0:
         (out / "result.json").write_text(json.dumps(result, indent=1))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -467,6 +467,30 @@ def test_run_cli_hands_a_finished_entry_points_objects_to_the_exit_uncollected(m
     assert frozen == [True]
 
 
+def test_run_cli_takes_the_process_group_down_once_the_entry_point_has_finished(in_process_world, monkeypatch):
+    """A finished entry point leaves no process group to the interpreter's exit (under torch 2.11, gloo's threads
+    could then abort a rank that had done its work); one that stops on an error leaves it: the other ranks may
+    never reach the teardown's barrier."""
+    import gc
+
+    import deepspeed.comm.comm as ds_comm
+
+    from lomar_fast.distributed import init_distributed
+
+    monkeypatch.setattr(gc, "freeze", lambda: None)
+
+    def bad_flag():
+        init_distributed(torch.device("cpu"))
+        raise ConfigError("--epochs 0 must be positive")
+
+    with pytest.raises(SystemExit):
+        run_cli(bad_flag)
+    assert torch.distributed.is_initialized()
+    run_cli(lambda: init_distributed(torch.device("cpu")))
+    assert not torch.distributed.is_initialized() and ds_comm.cdb is None
+    run_cli(lambda: None)  # nothing to take down
+
+
 # ---------------------------------------------------------------------------------------- import graph
 # Parsed in a fresh interpreter: CPython 3.11.7's ast.parse can fail with "AST constructor recursion depth
 # mismatch" in a process where a RecursionError happened before (some other test's library code).
