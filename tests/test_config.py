@@ -467,9 +467,11 @@ def test_run_cli_hands_a_finished_entry_points_objects_to_the_exit_uncollected(m
     assert frozen == [True]
 
 
-def test_run_cli_takes_the_process_group_down_once_the_entry_point_has_finished(in_process_world, monkeypatch):
-    """A finished entry point leaves no process group to the interpreter's exit (under torch 2.11, gloo's threads
-    could then abort a rank that had done its work); one that stops on an error leaves it: the other ranks may
+def test_run_cli_takes_the_process_group_down_after_a_finished_run_or_a_non_finite_loss(in_process_world,
+                                                                                         monkeypatch):
+    """A finished entry point, and one that stopped on a non-finite loss (every rank raises it at the same
+    read-back), leave no process group to the interpreter's exit (under torch 2.11, gloo's threads could then
+    abort a rank: exit -6 in place of 0 or 3); one that stops on an input error leaves it: the other ranks may
     never reach the teardown's barrier."""
     import gc
 
@@ -479,13 +481,18 @@ def test_run_cli_takes_the_process_group_down_once_the_entry_point_has_finished(
 
     monkeypatch.setattr(gc, "freeze", lambda: None)
 
-    def bad_flag():
-        init_distributed(torch.device("cpu"))
-        raise ConfigError("--epochs 0 must be positive")
+    def failing(error):
+        def main():
+            init_distributed(torch.device("cpu"))
+            raise error
+        return main
 
-    with pytest.raises(SystemExit):
-        run_cli(bad_flag)
-    assert torch.distributed.is_initialized()
+    with pytest.raises(SystemExit) as e:
+        run_cli(failing(ConfigError("--epochs 0 must be positive")))
+    assert e.value.code == 2 and torch.distributed.is_initialized()
+    with pytest.raises(SystemExit) as e:
+        run_cli(failing(NonFiniteLoss("loss became nan")))
+    assert e.value.code == 3 and not torch.distributed.is_initialized() and ds_comm.cdb is None
     run_cli(lambda: init_distributed(torch.device("cpu")))
     assert not torch.distributed.is_initialized() and ds_comm.cdb is None
     run_cli(lambda: None)  # nothing to take down
