@@ -82,8 +82,8 @@ def shutdown_distributed() -> None:
     ``deepspeed`` launcher kill the other ranks, whatever they were still writing. Under torch 2.11, 9 of 30
     2-rank CPU runs of ``tests/engine_modes_ranks.py`` ended so, and 8 of 20 of a 2-rank stop on a NaN loss
     (none of 27 and none of 20 with this teardown). On GPUs, NCCL warned at every exit that
-    ``destroy_process_group()`` was not called. The barrier also keeps a rank from
-    leaving while another still works."""
+    ``destroy_process_group()`` was not called (this teardown has not run on a GPU yet). The barrier also keeps a
+    rank from leaving while another still works."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     import deepspeed.comm.comm as ds_comm
