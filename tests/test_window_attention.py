@@ -552,7 +552,7 @@ def test_flex_path_traces_whole_inside_a_compiled_function(monkeypatch):
 
     torch._dynamo.reset()
     counters.clear()
-    try:  # q, k, v are views of one buffer, which torch 2.11's CPU lowering refuses unless the path copies them
+    try:  # q, k, v are views of one buffer, which torch 2.6-2.11's CPU lowering refuses unless the path copies them
         with torch.no_grad():
             out = torch.compile(attend, fullgraph=True, dynamic=False)(qkv, table)
         assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]

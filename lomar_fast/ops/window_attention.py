@@ -198,7 +198,7 @@ def window_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tab
         return score + qt[n, h, i, buckets[i, j]]
 
     if flex is None:
-        if q.device.type == "cpu":  # torch 2.11's CPU lowering refuses q, k, v views of one buffer (the packed qkv's)
+        if q.device.type == "cpu":  # torch 2.6-2.11's CPU lowering refuses q, k, v views of one buffer (packed qkv)
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return _flex_attention()(q, k, v, score_mod=irpe_term, scale=s, kernel_options=flex_kernel_options())
     return flex(q, k, v, score_mod=irpe_term, scale=s)
